@@ -1,0 +1,259 @@
+//! Framing and decoding: Confluent wire format and Avro single-object encoding.
+//!
+//! Pure and synchronous: the codec never does I/O. Schema ids learnt from a
+//! Schema Registry are handed to it ([`Codec::add_registry_schema`],
+//! [`Codec::set_write_id`]) by the async layer in [`crate::registry`], so the hot
+//! path is a hash lookup.
+//!
+//! Decoding takes one of two paths. When the writer schema is the compiled-in one
+//! (same fingerprint), the body is read directly into the typed record. Otherwise
+//! (an older or newer writer) apache-avro resolves the writer's data to the
+//! compiled-in reader schema per the Avro resolution rules, and the resolved value
+//! is then read the same way.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Once, RwLock};
+
+use crate::error::{DecodeError, EncodeError};
+use crate::record::{CompiledSchema, Record};
+use crate::topic::Topic;
+use crate::wire::Reader;
+
+/// First byte of the Confluent wire format.
+pub const CONFLUENT_MAGIC: u8 = 0;
+/// First two bytes of Avro single-object encoding.
+pub const SINGLE_OBJECT_MAGIC: [u8; 2] = [0xC3, 0x01];
+/// Largest allocation apache-avro may make while resolving a foreign writer schema.
+const MAX_ALLOCATION_BYTES: usize = 16 << 20;
+
+/// How this process frames the records it writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WriteFraming {
+    /// Avro single-object encoding with the compiled-in schemas (no registry).
+    SingleObject,
+    /// Confluent wire format with ids from a Schema Registry.
+    Confluent,
+}
+
+/// The framing found at the start of a payload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Framing {
+    Confluent { schema_id: u32 },
+    SingleObject { fingerprint: u64 },
+}
+
+impl Framing {
+    /// Reads the framing header; returns it and the body that follows.
+    pub fn split(payload: &[u8]) -> Result<(Framing, &[u8]), DecodeError> {
+        match payload {
+            [] => Err(DecodeError::Empty),
+            [CONFLUENT_MAGIC, rest @ ..] => {
+                if rest.len() < 4 {
+                    return Err(DecodeError::TruncatedHeader {
+                        framing: "Confluent",
+                        len: payload.len(),
+                        need: 5,
+                    });
+                }
+                let (id, body) = rest.split_at(4);
+                let schema_id = u32::from_be_bytes([id[0], id[1], id[2], id[3]]);
+                Ok((Framing::Confluent { schema_id }, body))
+            }
+            [0xC3, 0x01, rest @ ..] => {
+                if rest.len() < 8 {
+                    return Err(DecodeError::TruncatedHeader {
+                        framing: "single-object",
+                        len: payload.len(),
+                        need: 10,
+                    });
+                }
+                let (fp, body) = rest.split_at(8);
+                let mut le = [0u8; 8];
+                le.copy_from_slice(fp);
+                Ok((
+                    Framing::SingleObject {
+                        fingerprint: u64::from_le_bytes(le),
+                    },
+                    body,
+                ))
+            }
+            [0xC3] => Err(DecodeError::TruncatedHeader {
+                framing: "single-object",
+                len: 1,
+                need: 10,
+            }),
+            _ => Err(DecodeError::UnknownFraming {
+                prefix: payload
+                    .iter()
+                    .take(2)
+                    .map(|b| format!("{b:#04x}"))
+                    .collect::<Vec<_>>()
+                    .join(" "),
+            }),
+        }
+    }
+}
+
+/// Encodes records in the configured framing and decodes records in either.
+#[derive(Debug)]
+pub struct Codec {
+    /// How records are framed when written.
+    framing: WriteFraming,
+    /// Writer schemas known by fingerprint: the compiled-in ones and their history.
+    by_fingerprint: HashMap<u64, Arc<CompiledSchema>>,
+    /// Writer schemas known by registry id, filled by the registry layer.
+    by_id: RwLock<HashMap<u32, Arc<CompiledSchema>>>,
+    /// The registry id to write each record with, by record name.
+    write_ids: RwLock<HashMap<&'static str, u32>>,
+}
+
+impl Codec {
+    /// A codec that writes single-object encoding and knows every compiled-in
+    /// schema, including released older versions.
+    pub fn new(framing: WriteFraming) -> Self {
+        static LIMIT: Once = Once::new();
+        LIMIT.call_once(|| {
+            apache_avro::util::max_allocation_bytes(MAX_ALLOCATION_BYTES);
+        });
+        let mut by_fingerprint = HashMap::new();
+        for topic in Topic::ALL {
+            let s = topic.schema();
+            by_fingerprint.insert(
+                s.fingerprint,
+                Arc::new(CompiledSchema::parse(&s.json).unwrap_or_else(|e| panic!("{}: {e}", s.name))),
+            );
+        }
+        for old in crate::history::released() {
+            by_fingerprint.insert(old.fingerprint, Arc::new(old));
+        }
+        Codec {
+            framing,
+            by_fingerprint,
+            by_id: RwLock::default(),
+            write_ids: RwLock::default(),
+        }
+    }
+
+    /// How this codec frames what it writes.
+    pub fn framing(&self) -> WriteFraming {
+        self.framing
+    }
+
+    /// Learns a writer schema fetched from the registry. Returns its full name.
+    pub fn add_registry_schema(&self, id: u32, schema_json: &str) -> Result<String, apache_avro::Error> {
+        let compiled = CompiledSchema::parse(schema_json)?;
+        let name = compiled.name.clone();
+        self.by_id
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id, Arc::new(compiled));
+        Ok(name)
+    }
+
+    /// Whether a registry id is already known (so no HTTP call is needed).
+    pub fn knows_id(&self, id: u32) -> bool {
+        self.by_id.read().unwrap_or_else(|p| p.into_inner()).contains_key(&id)
+    }
+
+    /// Sets the registry id that records named `name` are written with.
+    pub fn set_write_id(&self, name: &'static str, id: u32) {
+        self.write_ids
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(name, id);
+    }
+
+    /// Appends the framed record to `out`.
+    pub fn encode_into<R: Record>(&self, record: &R, out: &mut Vec<u8>) -> Result<(), EncodeError> {
+        match self.framing {
+            WriteFraming::SingleObject => {
+                out.extend_from_slice(&SINGLE_OBJECT_MAGIC);
+                out.extend_from_slice(&R::compiled().fingerprint.to_le_bytes());
+            }
+            WriteFraming::Confluent => {
+                let id = self
+                    .write_ids
+                    .read()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .get(R::NAME)
+                    .copied()
+                    .ok_or(EncodeError::NotRegistered(R::NAME))?;
+                out.push(CONFLUENT_MAGIC);
+                out.extend_from_slice(&id.to_be_bytes());
+            }
+        }
+        record.write_body(out)
+    }
+
+    /// The framed record.
+    pub fn encode<R: Record>(&self, record: &R) -> Result<Vec<u8>, EncodeError> {
+        let mut out = Vec::with_capacity(128);
+        self.encode_into(record, &mut out)?;
+        Ok(out)
+    }
+
+    /// Decodes a framed record of type `R`, resolving the writer schema if it is
+    /// not the compiled-in one.
+    pub fn decode<R: Record>(&self, payload: &[u8]) -> Result<R, DecodeError> {
+        let (framing, body) = Framing::split(payload)?;
+        let writer = match framing {
+            Framing::Confluent { schema_id } => self
+                .by_id
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(&schema_id)
+                .cloned()
+                .ok_or(DecodeError::UnknownSchemaId(schema_id))?,
+            Framing::SingleObject { fingerprint } => {
+                if fingerprint == R::compiled().fingerprint {
+                    return read_exact::<R>(body);
+                }
+                self.by_fingerprint
+                    .get(&fingerprint)
+                    .cloned()
+                    .ok_or(DecodeError::UnknownFingerprint(fingerprint))?
+            }
+        };
+        if writer.name != R::NAME {
+            return Err(DecodeError::WrongRecord {
+                expected: R::NAME,
+                found: writer.name.clone(),
+            });
+        }
+        if writer.fingerprint == R::compiled().fingerprint {
+            return read_exact::<R>(body);
+        }
+        resolve::<R>(&writer, body)
+    }
+}
+
+/// Reads a body written with `R`'s own schema; every byte must be used.
+fn read_exact<R: Record>(body: &[u8]) -> Result<R, DecodeError> {
+    let mut r = Reader::new(body);
+    let rec = R::read_body(&mut r)?;
+    match r.remaining() {
+        0 => Ok(rec),
+        count => Err(DecodeError::TrailingBytes { record: R::NAME, count }),
+    }
+}
+
+/// Reads a body written with another version of `R`'s schema.
+fn resolve<R: Record>(writer: &CompiledSchema, body: &[u8]) -> Result<R, DecodeError> {
+    let reader = R::compiled();
+    let err = |detail: String| DecodeError::Resolution {
+        record: R::NAME,
+        writer: format!("{:#018x}", writer.fingerprint),
+        detail,
+    };
+    let mut cursor = body;
+    let value = apache_avro::from_avro_datum(&writer.schema, &mut cursor, Some(&reader.schema))
+        .map_err(|e| err(e.to_string()))?;
+    if !cursor.is_empty() {
+        return Err(DecodeError::TrailingBytes {
+            record: R::NAME,
+            count: cursor.len(),
+        });
+    }
+    let reencoded = apache_avro::to_avro_datum(&reader.schema, value).map_err(|e| err(e.to_string()))?;
+    read_exact::<R>(&reencoded)
+}

@@ -1,0 +1,191 @@
+//! The `Record` trait that ties a Rust struct to its compiled-in `.avsc`, and the
+//! macros that write the field-by-field codec for each record and enum.
+
+use std::sync::OnceLock;
+
+use apache_avro::rabin::Rabin;
+use apache_avro::Schema;
+
+use crate::error::{DecodeError, EncodeError};
+use crate::wire::Reader;
+
+/// A parsed schema with the identities the framings need.
+#[derive(Debug)]
+pub struct CompiledSchema {
+    /// Full name, e.g. `tickpipe.Trade`.
+    pub name: String,
+    /// The schema text as shipped (with docs), as registered in a Schema Registry.
+    pub json: String,
+    /// Parsed form, for resolving older or newer writer schemas.
+    pub schema: Schema,
+    /// CRC-64-AVRO of the Parsing Canonical Form, as single-object encoding uses it.
+    pub fingerprint: u64,
+}
+
+impl CompiledSchema {
+    /// Parses a schema; returns an error message naming what is wrong.
+    pub fn parse(json: &str) -> Result<Self, apache_avro::Error> {
+        let schema = Schema::parse_str(json)?;
+        let name = match &schema {
+            Schema::Record(r) => r.name.fullname(None),
+            other => format!("{:?}", apache_avro::schema::SchemaKind::from(other)),
+        };
+        Ok(CompiledSchema {
+            name,
+            json: json.to_owned(),
+            fingerprint: fingerprint(&schema),
+            schema,
+        })
+    }
+}
+
+/// CRC-64-AVRO (Rabin) fingerprint of a schema's Parsing Canonical Form.
+pub fn fingerprint(schema: &Schema) -> u64 {
+    let fp = schema.fingerprint::<Rabin>();
+    let mut le = [0u8; 8];
+    le.copy_from_slice(&fp.bytes[..8]);
+    u64::from_le_bytes(le)
+}
+
+/// A typed record with a compiled-in schema and a hand-written Avro body codec.
+pub trait Record: Sized + Send + Sync + 'static {
+    /// Full Avro name, e.g. `tickpipe.Trade`.
+    const NAME: &'static str;
+    /// The `.avsc` text compiled into the binary.
+    const SCHEMA_JSON: &'static str;
+    /// Field names in schema order (checked against the `.avsc` by a test).
+    const FIELDS: &'static [&'static str];
+
+    /// The parsed compiled-in schema (parsed once).
+    fn compiled() -> &'static CompiledSchema;
+
+    /// The Kafka message key, per the data contract.
+    fn key(&self) -> String;
+
+    /// Appends the Avro binary body (no framing).
+    fn write_body(&self, out: &mut Vec<u8>) -> Result<(), EncodeError>;
+
+    /// Reads one Avro binary body written with exactly this record's schema.
+    fn read_body(r: &mut Reader<'_>) -> Result<Self, DecodeError>;
+}
+
+/// Parses a compiled-in schema once. A parse failure is a bug in the `.avsc` files,
+/// caught by every test, so it panics with the schema's name.
+pub(crate) fn compile_once(cell: &'static OnceLock<CompiledSchema>, json: &str, file: &str) -> &'static CompiledSchema {
+    cell.get_or_init(|| {
+        CompiledSchema::parse(json).unwrap_or_else(|e| panic!("compiled-in schema {file} is invalid: {e}"))
+    })
+}
+
+/// Declares a record struct whose field order is the `.avsc` field order and
+/// implements [`Record`] for it.
+macro_rules! avro_record {
+    (
+        $(#[$meta:meta])*
+        pub struct $name:ident : $file:literal, key = |$this:ident| $key:expr;
+        {
+            $( $(#[$fmeta:meta])* pub $field:ident : $ty:ty, )*
+        }
+    ) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, PartialEq)]
+        pub struct $name {
+            $( $(#[$fmeta])* pub $field: $ty, )*
+        }
+
+        impl $crate::record::Record for $name {
+            const NAME: &'static str = concat!("tickpipe.", stringify!($name));
+            const SCHEMA_JSON: &'static str = include_str!(concat!("../avro/", $file));
+            const FIELDS: &'static [&'static str] = &[$(stringify!($field)),*];
+
+            fn compiled() -> &'static $crate::record::CompiledSchema {
+                static CELL: std::sync::OnceLock<$crate::record::CompiledSchema> = std::sync::OnceLock::new();
+                $crate::record::compile_once(&CELL, Self::SCHEMA_JSON, $file)
+            }
+
+            fn key(&self) -> String {
+                let $this = self;
+                $key
+            }
+
+            #[inline]
+            fn write_body(&self, out: &mut Vec<u8>) -> Result<(), $crate::error::EncodeError> {
+                $(
+                    $crate::field::AvroField::write(&self.$field, out).map_err(|source| {
+                        $crate::error::EncodeError::Decimal { record: Self::NAME, field: stringify!($field), source }
+                    })?;
+                )*
+                Ok(())
+            }
+
+            #[inline]
+            fn read_body(r: &mut $crate::wire::Reader<'_>) -> Result<Self, $crate::error::DecodeError> {
+                Ok($name {
+                    $(
+                        $field: $crate::field::AvroField::read(r).map_err(|e| {
+                            $crate::error::DecodeError::body(Self::NAME, stringify!($field), e)
+                        })?,
+                    )*
+                })
+            }
+        }
+    };
+}
+
+/// Declares an Avro enum: Rust variants in symbol order.
+macro_rules! avro_enum {
+    (
+        $(#[$meta:meta])*
+        pub enum $name:ident { $( $(#[$vmeta:meta])* $variant:ident = $symbol:literal, )* }
+    ) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        pub enum $name { $( $(#[$vmeta])* $variant, )* }
+
+        impl $name {
+            /// Every symbol, in schema order.
+            pub const SYMBOLS: &'static [&'static str] = &[$($symbol),*];
+            const ALL: &'static [$name] = &[$($name::$variant),*];
+
+            /// The Avro symbol.
+            pub fn as_str(self) -> &'static str {
+                match self { $( $name::$variant => $symbol, )* }
+            }
+        }
+
+        impl std::fmt::Display for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+
+        impl std::str::FromStr for $name {
+            type Err = String;
+            fn from_str(s: &str) -> Result<Self, String> {
+                match s {
+                    $( $symbol => Ok($name::$variant), )*
+                    other => Err(format!("unknown {} {:?}; expected one of {:?}", stringify!($name), other, Self::SYMBOLS)),
+                }
+            }
+        }
+
+        impl $crate::field::AvroField for $name {
+            #[inline]
+            fn write(&self, out: &mut Vec<u8>) -> Result<(), $crate::decimal::DecimalError> {
+                $crate::wire::put_long(out, *self as i64);
+                Ok(())
+            }
+            #[inline]
+            fn read(r: &mut $crate::wire::Reader<'_>) -> Result<Self, $crate::wire::WireError> {
+                let at = r.position();
+                let idx = r.long()?;
+                usize::try_from(idx)
+                    .ok()
+                    .and_then(|i| Self::ALL.get(i).copied())
+                    .ok_or_else(|| $crate::wire::WireError::invalid(at, format!("{} index {idx} out of range", stringify!($name))))
+            }
+        }
+    };
+}
+
+pub(crate) use {avro_enum, avro_record};

@@ -1,0 +1,54 @@
+//! Where the services of the local stack are, read from the environment that
+//! `deploy/local/stack.sh env` prints (the Makefile exports it for tests).
+//!
+//! A test that needs a service calls one of these and then connects; if the
+//! service is not there the connection fails loudly. Nothing here skips a test.
+
+use std::path::PathBuf;
+
+fn var(name: &str, default: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| default.to_owned())
+}
+
+/// Kafka bootstrap servers (tansu or a real cluster).
+pub fn kafka_brokers() -> String {
+    var("TICKPIPE_KAFKA_BROKERS", "127.0.0.1:9092")
+}
+
+/// A libpq URL of a database the tests may create databases from.
+pub fn postgres_admin_url() -> String {
+    var("TICKPIPE_POSTGRES_URL", "postgres://postgres@127.0.0.1:5432/postgres")
+}
+
+/// The BigQuery emulator's REST endpoint.
+pub fn bigquery_rest_url() -> String {
+    var("TICKPIPE_BIGQUERY_REST", "http://127.0.0.1:9050")
+}
+
+/// The BigQuery emulator's project id.
+pub fn bigquery_project() -> String {
+    var("TICKPIPE_BIGQUERY_PROJECT", "tickpipe-local")
+}
+
+/// The Python interpreter of the project's interop virtualenv.
+pub fn interop_python() -> PathBuf {
+    PathBuf::from(var("TICKPIPE_INTEROP_PYTHON", "python3"))
+}
+
+/// The folder of real recorded market data (`../shared/data/real` by default).
+pub fn real_data_dir() -> PathBuf {
+    match std::env::var("TICKPIPE_REAL_DATA") {
+        Ok(p) => PathBuf::from(p),
+        Err(_) => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/real"),
+    }
+}
+
+/// A name no other test run uses, for databases, topics and datasets.
+pub fn unique_name(prefix: &str) -> String {
+    use std::time::{SystemTime, UNIX_EPOCH};
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    format!("{prefix}_{}_{nanos}", std::process::id())
+}
