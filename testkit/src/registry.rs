@@ -7,8 +7,9 @@
 //! schema not found, 409 incompatible, 42201 invalid schema, 42202 invalid version,
 //! 42203 invalid compatibility level). Ids are global and stable: the same schema
 //! (by Parsing Canonical Form) gets the same id under every subject. Compatibility
-//! is checked with apache-avro's schema resolution rules; the default level is
-//! BACKWARD, as in Confluent's server.
+//! is checked with apache-avro's schema resolution rules on the underlying types,
+//! ignoring logical types as Java Avro's `SchemaCompatibility` (which Confluent's
+//! server uses) does; the default level is BACKWARD, as in Confluent's server.
 //!
 //! Only AVRO schemas without references are supported; anything else is refused
 //! with 42201, as a server without that schema type would.
@@ -157,6 +158,28 @@ fn check_content_type(headers: &HeaderMap) -> Result<(), Response> {
     }
 }
 
+/// The schema with logical-type annotations removed, for the compatibility check
+/// (apache-avro's checker cannot compare `decimal` schemas; Java Avro's checker
+/// compares the underlying types).
+fn underlying(schema: &Schema) -> Schema {
+    fn strip(v: &mut Value) {
+        match v {
+            Value::Object(map) => {
+                if map.remove("logicalType").is_some() {
+                    map.remove("precision");
+                    map.remove("scale");
+                }
+                map.values_mut().for_each(strip);
+            }
+            Value::Array(items) => items.iter_mut().for_each(strip),
+            _ => {}
+        }
+    }
+    let mut json: Value = serde_json::from_str(&schema.canonical_form()).unwrap_or(Value::Null);
+    strip(&mut json);
+    Schema::parse(&json).unwrap_or_else(|_| schema.clone())
+}
+
 /// Reads `{"schema": "...", "schemaType"?, "references"?}` and parses the schema.
 fn parse_request(headers: &HeaderMap, body: &Bytes) -> Result<(String, Schema), Response> {
     check_content_type(headers)?;
@@ -228,7 +251,10 @@ fn incompatibilities(inner: &Inner, subject: &str, new: &Schema, level: &str) ->
         live.last().copied().into_iter().collect()
     };
     let mut reasons = Vec::new();
+    let new = underlying(new);
     for old in against {
+        let old = underlying(old);
+        let (old, new) = (&old, &new);
         let backward = || {
             SchemaCompatibility::can_read(old, new)
                 .err()
