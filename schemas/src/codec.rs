@@ -245,8 +245,19 @@ fn resolve<R: Record>(writer: &CompiledSchema, body: &[u8]) -> Result<R, DecodeE
         writer: format!("{:#018x}", writer.fingerprint),
         detail,
     };
+    // A decimal whose scale or precision changed has different bytes for the same
+    // number: refuse rather than misread.
+    for (path, precision, scale) in &writer.decimals {
+        if let Some((_, p, s)) = reader.decimals.iter().find(|(rp, _, _)| rp == path) {
+            if (p, s) != (precision, scale) {
+                return Err(err(format!(
+                    "{path} is decimal({precision}, {scale}) in the writer and decimal({p}, {s}) here"
+                )));
+            }
+        }
+    }
     let mut cursor = body;
-    let value = apache_avro::from_avro_datum(&writer.schema, &mut cursor, Some(&reader.schema))
+    let value = apache_avro::from_avro_datum(&writer.underlying, &mut cursor, Some(&reader.underlying))
         .map_err(|e| err(e.to_string()))?;
     if !cursor.is_empty() {
         return Err(DecodeError::TrailingBytes {
@@ -254,6 +265,6 @@ fn resolve<R: Record>(writer: &CompiledSchema, body: &[u8]) -> Result<R, DecodeE
             count: cursor.len(),
         });
     }
-    let reencoded = apache_avro::to_avro_datum(&reader.schema, value).map_err(|e| err(e.to_string()))?;
+    let reencoded = apache_avro::to_avro_datum(&reader.underlying, value).map_err(|e| err(e.to_string()))?;
     read_exact::<R>(&reencoded)
 }

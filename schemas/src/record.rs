@@ -20,6 +20,11 @@ pub struct CompiledSchema {
     pub schema: Schema,
     /// CRC-64-AVRO of the Parsing Canonical Form, as single-object encoding uses it.
     pub fingerprint: u64,
+    /// The same schema without logical-type annotations, for resolution (see
+    /// [`underlying_json`]).
+    pub underlying: Schema,
+    /// `(field path, precision, scale)` of every decimal in the schema.
+    pub decimals: Vec<(String, u64, u64)>,
 }
 
 impl CompiledSchema {
@@ -30,12 +35,65 @@ impl CompiledSchema {
             Schema::Record(r) => r.name.fullname(None),
             other => format!("{:?}", apache_avro::schema::SchemaKind::from(other)),
         };
+        let (underlying, decimals) = match serde_json::from_str::<serde_json::Value>(json) {
+            Ok(mut v) => {
+                let mut decimals = Vec::new();
+                strip_logical_types(&mut v, "", &mut decimals);
+                (Schema::parse(&v)?, decimals)
+            }
+            Err(_) => (schema.clone(), Vec::new()),
+        };
         Ok(CompiledSchema {
             name,
             json: json.to_owned(),
             fingerprint: fingerprint(&schema),
             schema,
+            underlying,
+            decimals,
         })
+    }
+}
+
+/// The schema text with every logical-type annotation removed, defaults and docs
+/// kept.
+///
+/// Resolution runs on these underlying types: the bytes of a `decimal` are the
+/// bytes of its `bytes`, and of a `timestamp-micros` those of its `long`. Java
+/// Avro's `SchemaCompatibility` compares underlying types the same way. The
+/// reason to do it here is that apache-avro 0.21 refuses to resolve a
+/// bytes-backed decimal whose value is shorter than the largest value its
+/// precision allows, and cannot check decimal schemas for compatibility at all.
+/// Decimal annotations are compared separately ([`CompiledSchema::decimals`]).
+pub fn underlying_json(json: &str) -> Result<String, serde_json::Error> {
+    let mut v: serde_json::Value = serde_json::from_str(json)?;
+    strip_logical_types(&mut v, "", &mut Vec::new());
+    Ok(v.to_string())
+}
+
+fn strip_logical_types(v: &mut serde_json::Value, path: &str, decimals: &mut Vec<(String, u64, u64)>) {
+    use serde_json::Value;
+    match v {
+        Value::Object(map) => {
+            if let Some(Value::String(kind)) = map.remove("logicalType") {
+                if kind == "decimal" {
+                    let num = |k: &str| map.get(k).and_then(Value::as_u64).unwrap_or(0);
+                    decimals.push((path.to_owned(), num("precision"), num("scale")));
+                }
+                map.remove("precision");
+                map.remove("scale");
+            }
+            let here = match map.get("name").and_then(Value::as_str) {
+                Some(n) if map.contains_key("type") && !map.contains_key("fields") => format!("{path}.{n}"),
+                _ => path.to_owned(),
+            };
+            for (k, child) in map.iter_mut() {
+                if k != "default" {
+                    strip_logical_types(child, &here, decimals);
+                }
+            }
+        }
+        Value::Array(items) => items.iter_mut().for_each(|i| strip_logical_types(i, path, decimals)),
+        _ => {}
     }
 }
 

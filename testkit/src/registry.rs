@@ -35,7 +35,8 @@ const CONTENT_TYPE: &str = "application/vnd.schemaregistry.v1+json";
 
 #[derive(Default)]
 struct Inner {
-    /// Schema text by id - 1, with its canonical form.
+    /// Schema text by id - 1, with its identity (normalised JSON) and its underlying-type
+    /// schema (what compatibility is judged on).
     schemas: Vec<(String, String, Schema)>,
     /// Versions of each subject: `None` marks a deleted version.
     subjects: BTreeMap<String, Vec<Option<u32>>>,
@@ -158,30 +159,16 @@ fn check_content_type(headers: &HeaderMap) -> Result<(), Response> {
     }
 }
 
-/// The schema with logical-type annotations removed, for the compatibility check
-/// (apache-avro's checker cannot compare `decimal` schemas; Java Avro's checker
-/// compares the underlying types).
-fn underlying(schema: &Schema) -> Schema {
-    fn strip(v: &mut Value) {
-        match v {
-            Value::Object(map) => {
-                if map.remove("logicalType").is_some() {
-                    map.remove("precision");
-                    map.remove("scale");
-                }
-                map.values_mut().for_each(strip);
-            }
-            Value::Array(items) => items.iter_mut().for_each(strip),
-            _ => {}
-        }
-    }
-    let mut json: Value = serde_json::from_str(&schema.canonical_form()).unwrap_or(Value::Null);
-    strip(&mut json);
-    Schema::parse(&json).unwrap_or_else(|_| schema.clone())
+/// The schema on its underlying types (see `tickpipe_schemas::record::underlying_json`).
+fn underlying(text: &str) -> Schema {
+    tickpipe_schemas::record::underlying_json(text)
+        .ok()
+        .and_then(|t| Schema::parse_str(&t).ok())
+        .unwrap_or(Schema::Null)
 }
 
 /// Reads `{"schema": "...", "schemaType"?, "references"?}` and parses the schema.
-fn parse_request(headers: &HeaderMap, body: &Bytes) -> Result<(String, Schema), Response> {
+fn parse_request(headers: &HeaderMap, body: &Bytes) -> Result<(String, String, Schema), Response> {
     check_content_type(headers)?;
     let v: Value = serde_json::from_slice(body).map_err(|e| {
         error(
@@ -213,14 +200,20 @@ fn parse_request(headers: &HeaderMap, body: &Bytes) -> Result<(String, Schema), 
             "Schema references are not supported by this registry",
         ));
     }
-    let schema = Schema::parse_str(text).map_err(|e| {
+    let invalid = |e: String| {
         error(
             StatusCode::UNPROCESSABLE_ENTITY,
             42201,
             &format!("Invalid schema {text}, details: {e}"),
         )
-    })?;
-    Ok((text.to_owned(), schema))
+    };
+    Schema::parse_str(text).map_err(|e| invalid(e.to_string()))?;
+    // Identity is the parsed JSON (keys sorted, whitespace gone): equal schemas
+    // get one id, but docs, defaults and logical types still tell versions apart.
+    let identity = serde_json::from_str::<Value>(text)
+        .map_err(|e| invalid(e.to_string()))?
+        .to_string();
+    Ok((text.to_owned(), identity, underlying(text)))
 }
 
 fn level_of(inner: &Inner, subject: &str) -> String {
@@ -232,7 +225,7 @@ fn level_of(inner: &Inner, subject: &str) -> String {
         .unwrap_or_else(|| "BACKWARD".to_owned())
 }
 
-/// Checks `new` against the subject's live versions under `level`; returns the
+/// Checks `new` (underlying types) against the subject's live versions under `level`; returns the
 /// reasons it is incompatible (empty when compatible).
 fn incompatibilities(inner: &Inner, subject: &str, new: &Schema, level: &str) -> Vec<String> {
     let live: Vec<&Schema> = inner
@@ -251,10 +244,7 @@ fn incompatibilities(inner: &Inner, subject: &str, new: &Schema, level: &str) ->
         live.last().copied().into_iter().collect()
     };
     let mut reasons = Vec::new();
-    let new = underlying(new);
     for old in against {
-        let old = underlying(old);
-        let (old, new) = (&old, &new);
         let backward = || {
             SchemaCompatibility::can_read(old, new)
                 .err()
@@ -294,11 +284,10 @@ async fn list_subjects(State(s): State<Shared>) -> Response {
 }
 
 async fn register(State(s): State<Shared>, Path(subject): Path<String>, headers: HeaderMap, body: Bytes) -> Response {
-    let (text, schema) = match parse_request(&headers, &body) {
+    let (text, canonical, schema) = match parse_request(&headers, &body) {
         Ok(x) => x,
         Err(r) => return r,
     };
-    let canonical = schema.canonical_form();
     let mut inner = lock(&s);
     let existing = inner
         .schemas
@@ -334,11 +323,10 @@ async fn register(State(s): State<Shared>, Path(subject): Path<String>, headers:
 }
 
 async fn lookup(State(s): State<Shared>, Path(subject): Path<String>, headers: HeaderMap, body: Bytes) -> Response {
-    let (_, schema) = match parse_request(&headers, &body) {
+    let (_, canonical, _) = match parse_request(&headers, &body) {
         Ok(x) => x,
         Err(r) => return r,
     };
-    let canonical = schema.canonical_form();
     let inner = lock(&s);
     let Some(versions) = inner.subjects.get(&subject) else {
         return subject_not_found(&subject);
@@ -484,7 +472,7 @@ async fn compatibility(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let (_, schema) = match parse_request(&headers, &body) {
+    let (_, _, schema) = match parse_request(&headers, &body) {
         Ok(x) => x,
         Err(r) => return r,
     };
