@@ -220,7 +220,7 @@ impl Codec {
                 found: writer.name.clone(),
             });
         }
-        if writer.fingerprint == R::compiled().fingerprint {
+        if writer.same_encoding(R::compiled()) {
             return read_exact::<R>(body);
         }
         resolve::<R>(&writer, body)

@@ -18,7 +18,8 @@ pub struct CompiledSchema {
     pub json: String,
     /// Parsed form, for resolving older or newer writer schemas.
     pub schema: Schema,
-    /// CRC-64-AVRO of the Parsing Canonical Form, as single-object encoding uses it.
+    /// CRC-64-AVRO of the Parsing Canonical Form, as single-object encoding uses it
+    /// (checked against fastavro by the interop test).
     pub fingerprint: u64,
     /// The same schema without logical-type annotations, for resolution (see
     /// [`underlying_json`]).
@@ -43,14 +44,26 @@ impl CompiledSchema {
             }
             Err(_) => (schema.clone(), Vec::new()),
         };
+        // The Parsing Canonical Form strips logical types; apache-avro 0.21 keeps
+        // their attributes and the `{"type": "long"}` wrapping, so it is taken from
+        // the underlying schema, which fastavro and Java agree with.
         Ok(CompiledSchema {
             name,
             json: json.to_owned(),
-            fingerprint: fingerprint(&schema),
+            fingerprint: fingerprint(&underlying),
             schema,
             underlying,
             decimals,
         })
+    }
+}
+
+impl CompiledSchema {
+    /// Whether data written with `self` can be read as written with `other`
+    /// byte for byte: same canonical form and same decimal annotations (the
+    /// canonical form, and so the fingerprint, ignores logical types).
+    pub fn same_encoding(&self, other: &CompiledSchema) -> bool {
+        self.fingerprint == other.fingerprint && self.decimals == other.decimals
     }
 }
 

@@ -92,7 +92,7 @@ fn fingerprint_is_crc64_avro_of_the_canonical_form() {
     let string = Schema::parse_str(r#""string""#).unwrap();
     assert_eq!(tickpipe_schemas::record::fingerprint(&string), 0x8f01_4872_6345_03c7);
     // And the header carries it little-endian, as apache-avro's own digest does.
-    let fp = Trade::compiled().schema.fingerprint::<Rabin>();
+    let fp = Trade::compiled().underlying.fingerprint::<Rabin>();
     assert_eq!(fp.bytes, Trade::compiled().fingerprint.to_le_bytes());
 }
 
