@@ -256,6 +256,20 @@ fn resolve<R: Record>(writer: &CompiledSchema, body: &[u8]) -> Result<R, DecodeE
             }
         }
     }
+    // Every length in the body is checked against the input before apache-avro,
+    // which allocates declared lengths up front, reads it.
+    crate::skim::check(&writer.underlying, body).map_err(|e| match e {
+        crate::wire::WireError::Truncated { .. } => DecodeError::Truncated {
+            record: R::NAME,
+            field: "(writer schema)",
+            detail: e.to_string(),
+        },
+        crate::wire::WireError::Invalid { .. } => DecodeError::InvalidBody {
+            record: R::NAME,
+            field: "(writer schema)",
+            detail: e.to_string(),
+        },
+    })?;
     let mut cursor = body;
     let value = apache_avro::from_avro_datum(&writer.underlying, &mut cursor, Some(&reader.underlying))
         .map_err(|e| err(e.to_string()))?;

@@ -12,6 +12,7 @@ pub mod history;
 pub mod record;
 pub mod records;
 pub mod registry;
+pub mod skim;
 pub mod topic;
 pub mod wire;
 

@@ -106,6 +106,15 @@ impl<'a> Reader<'a> {
         }
     }
 
+    /// Skips `n` bytes of fixed size.
+    pub fn skip(&mut self, n: usize) -> Result<(), WireError> {
+        if n > self.remaining() {
+            return Err(self.truncated());
+        }
+        self.pos += n;
+        Ok(())
+    }
+
     /// A length-prefixed byte string, borrowed from the input.
     #[inline]
     pub fn bytes(&mut self) -> Result<&'a [u8], WireError> {
