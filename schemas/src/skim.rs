@@ -31,10 +31,8 @@ pub fn check(schema: &Schema, body: &[u8]) -> Result<(), WireError> {
 
 fn collect_names<'a>(schema: &'a Schema, names: &mut HashMap<&'a Name, &'a Schema>) {
     match schema {
-        Schema::Record(r) => {
-            if names.insert(&r.name, schema).is_none() {
-                r.fields.iter().for_each(|f| collect_names(&f.schema, names));
-            }
+        Schema::Record(r) if names.insert(&r.name, schema).is_none() => {
+            r.fields.iter().for_each(|f| collect_names(&f.schema, names));
         }
         Schema::Enum(e) => {
             names.insert(&e.name, schema);
