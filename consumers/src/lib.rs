@@ -4,4 +4,5 @@
 //! Today this holds the Kafka settings every consumer shares; the binaries arrive
 //! with their own work.
 
+pub mod candles;
 pub mod kafka;

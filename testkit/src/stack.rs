@@ -35,12 +35,37 @@ pub fn interop_python() -> PathBuf {
     PathBuf::from(var("TICKPIPE_INTEROP_PYTHON", "python3"))
 }
 
-/// The folder of real recorded market data (`../shared/data/real` by default).
+/// The folder of real recorded market data: `$TICKPIPE_REAL_DATA`, else the
+/// first `shared/data/real` found beside this checkout or above it (the
+/// workplace keeps it at `../shared/data/real`).
 pub fn real_data_dir() -> PathBuf {
-    match std::env::var("TICKPIPE_REAL_DATA") {
-        Ok(p) => PathBuf::from(p),
-        Err(_) => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/real"),
+    if let Ok(p) = std::env::var("TICKPIPE_REAL_DATA") {
+        return PathBuf::from(p);
     }
+    let here = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    here.ancestors()
+        .map(|a| a.join("shared/data/real"))
+        .find(|p| p.is_dir())
+        .unwrap_or_else(|| here.join("../../shared/data/real"))
+}
+
+/// A sub-folder of the real data, for the real-data suites. Missing data fails
+/// the test when `CI=true`; elsewhere the test says loudly that it did not run
+/// and how to point it at the data, and returns `None`.
+pub fn real_data(sub: &str) -> Option<PathBuf> {
+    let dir = real_data_dir().join(sub);
+    if dir.is_dir() {
+        return Some(dir);
+    }
+    let msg = format!(
+        "REAL-DATA TEST NOT RUN: {} is missing; set TICKPIPE_REAL_DATA to the folder of recorded market data",
+        dir.display()
+    );
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("{msg}");
+    }
+    eprintln!("\n*** {msg} ***\n");
+    None
 }
 
 /// A name no other test run uses, for databases, topics and datasets.

@@ -1,0 +1,10 @@
+//! The `candles` stage: OHLCV candles from trades, in event time.
+//!
+//! `aggregate` is the pure core (trades in, candles out); the binary around it
+//! reads `trades` and writes `candles`.
+
+pub mod aggregate;
+pub mod interval;
+
+pub use aggregate::{aggregate, CandleBuilder, CandleConfig, Output};
+pub use interval::Interval;

@@ -1,0 +1,188 @@
+//! The event-time rules of the candle builder, one scripted case each.
+
+use std::str::FromStr;
+
+use tickpipe_consumers::candles::{aggregate, CandleBuilder, CandleConfig, Output};
+use tickpipe_schemas::{Candle, Decimal, Source, Trade, TradeKind};
+
+const S: i64 = 1_000_000;
+
+fn dec(s: &str) -> Decimal {
+    Decimal::from_str(s).unwrap()
+}
+
+/// A trade of `symbol` at `secs` seconds: id, price, quantity, taker sold?
+fn t(symbol: &str, secs: f64, id: i64, price: &str, qty: &str, buyer_is_maker: bool) -> Trade {
+    Trade {
+        venue: "binance".into(),
+        symbol: symbol.into(),
+        kind: TradeKind::Trade,
+        trade_id: id,
+        price: dec(price),
+        quantity: dec(qty),
+        buyer_is_maker,
+        first_trade_id: None,
+        last_trade_id: None,
+        source: Source::Simulator,
+        event_time: (secs * S as f64) as i64,
+        ingest_time: 0,
+    }
+}
+
+fn cfg(intervals: &[&str], lateness_secs: i64, fill_empty: bool) -> CandleConfig {
+    CandleConfig {
+        intervals: intervals.iter().map(|i| i.parse().unwrap()).collect(),
+        allowed_lateness: lateness_secs * S,
+        fill_empty,
+    }
+}
+
+/// A candle as (interval, open second, O, H, L, C, volume, count, closed).
+fn short(c: &Candle) -> (String, i64, String, String, String, String, String, i64, bool) {
+    (
+        c.interval.clone(),
+        c.open_time / S,
+        c.open.to_string(),
+        c.high.to_string(),
+        c.low.to_string(),
+        c.close.to_string(),
+        c.volume.to_string(),
+        c.trade_count,
+        c.closed,
+    )
+}
+
+/// Feeds `trades` in order and compares every output with `expected`, written
+/// as candles in `short` form, `late <id> <interval>` or `invalid <id>`.
+fn check(config: CandleConfig, trades: &[Trade], expected: &[&str]) {
+    let got: Vec<String> = aggregate(trades, config)
+        .iter()
+        .map(|o| match o {
+            Output::Candle(c) => {
+                let (i, open, o, h, l, cl, v, n, closed) = short(c);
+                format!(
+                    "{i} {open} {o} {h} {l} {cl} v{v} n{n}{}",
+                    if closed { "" } else { " open" }
+                )
+            }
+            Output::Late { trade, interval, .. } => format!("late {} {interval}", trade.trade_id),
+            Output::Invalid { trade, .. } => format!("invalid {}", trade.trade_id),
+        })
+        .collect();
+    assert_eq!(got, expected);
+}
+
+#[test]
+fn a_window_closes_when_a_later_trade_arrives_and_gaps_are_filled() {
+    check(
+        cfg(&["1s"], 0, true),
+        &[
+            t("A", 0.1, 1, "10", "1", false),
+            t("A", 0.5, 2, "12", "2", true),
+            t("A", 0.9, 3, "11", "1", false),
+            t("A", 3.2, 4, "9", "1", false),
+        ],
+        &[
+            "1s 0 10 12 10 11 v4 n3",
+            "1s 1 11 11 11 11 v0 n0",
+            "1s 2 11 11 11 11 v0 n0",
+            "1s 3 9 9 9 9 v1 n1 open",
+        ],
+    );
+}
+
+#[test]
+fn without_filling_empty_windows_are_skipped() {
+    check(
+        cfg(&["1s"], 0, false),
+        &[t("A", 0.1, 1, "10", "1", false), t("A", 3.2, 2, "9", "1", false)],
+        &["1s 0 10 10 10 10 v1 n1", "1s 3 9 9 9 9 v1 n1 open"],
+    );
+}
+
+#[test]
+fn a_late_trade_within_the_lateness_corrects_the_candle() {
+    check(
+        cfg(&["1s"], 2, true),
+        &[
+            t("A", 0.5, 2, "12", "1", false),
+            t("A", 1.1, 3, "13", "1", false),
+            // Earlier than trade 2 by event time, arriving after the window
+            // was published: it becomes the open, and the candle is published again.
+            t("A", 0.2, 1, "10", "1", false),
+            t("A", 2.5, 4, "14", "1", false),
+        ],
+        &[
+            "1s 0 12 12 12 12 v1 n1",
+            "1s 0 10 12 10 12 v2 n2",
+            "1s 1 13 13 13 13 v1 n1",
+            "1s 2 14 14 14 14 v1 n1 open",
+        ],
+    );
+}
+
+#[test]
+fn a_trade_behind_the_watermark_is_late() {
+    check(
+        cfg(&["1s", "1m"], 1, true),
+        &[
+            t("A", 0.5, 1, "10", "1", false),
+            t("A", 5.0, 2, "11", "1", false),
+            t("A", 0.7, 3, "99", "1", false),
+        ],
+        // The 1s window of second 0 is final (watermark 4 s); the 1m window is not.
+        &[
+            "1s 0 10 10 10 10 v1 n1",
+            "1s 1 10 10 10 10 v0 n0",
+            "1s 2 10 10 10 10 v0 n0",
+            "1s 3 10 10 10 10 v0 n0",
+            "1s 4 10 10 10 10 v0 n0",
+            "late 3 1s",
+            "1s 5 11 11 11 11 v1 n1 open",
+            "1m 0 10 99 10 11 v3 n3 open",
+        ],
+    );
+}
+
+#[test]
+fn symbols_are_independent_and_bad_prices_are_refused() {
+    check(
+        cfg(&["1s"], 0, true),
+        &[
+            t("A", 0.1, 1, "10", "1", false),
+            t("B", 0.2, 1, "20", "1", false),
+            t("B", 0.3, 2, "0", "1", false),
+            t("A", 1.5, 2, "11", "1", false),
+        ],
+        &[
+            "invalid 2",
+            "1s 0 10 10 10 10 v1 n1",
+            "1s 1 11 11 11 11 v1 n1 open",
+            "1s 0 20 20 20 20 v1 n1 open",
+        ],
+    );
+}
+
+#[test]
+fn sums_are_exact_and_taker_volumes_follow_the_maker_flag() {
+    let trades = [
+        t("A", 0.1, 1, "0.1", "0.3", false), // taker bought
+        t("A", 0.2, 2, "0.2", "0.7", true),  // taker sold
+    ];
+    let mut b = CandleBuilder::new(cfg(&["1m"], 0, true));
+    let mut out = Vec::new();
+    for tr in &trades {
+        b.push(tr, &mut out);
+    }
+    b.finish(&mut out);
+    let Output::Candle(c) = &out[0] else { panic!("{out:?}") };
+    assert_eq!(c.quote_volume, dec("0.17"));
+    assert_eq!(c.volume, dec("1.0"));
+    assert_eq!(
+        (c.taker_buy_base_volume, c.taker_buy_quote_volume),
+        (dec("0.3"), dec("0.03"))
+    );
+    assert_eq!((c.first_trade_id, c.last_trade_id), (Some(1), Some(2)));
+    assert_eq!(c.close_time - c.open_time, 59_999_000);
+    assert_eq!(b.watermark("binance", "A"), Some(200_000));
+}
