@@ -33,3 +33,4 @@ test: lint stack-up ## the whole test suite against the real local stack
 .PHONY: bench
 bench: ## print the benchmark figures (ratios against baselines run alongside)
 	cargo bench --locked -p tickpipe-schemas --bench codec
+	cargo bench --locked -p tickpipe-consumers --bench candles

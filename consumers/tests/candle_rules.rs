@@ -34,6 +34,7 @@ fn cfg(intervals: &[&str], lateness_secs: i64, fill_empty: bool) -> CandleConfig
         intervals: intervals.iter().map(|i| i.parse().unwrap()).collect(),
         allowed_lateness: lateness_secs * S,
         fill_empty,
+        max_fill: 100_000,
     }
 }
 
@@ -185,4 +186,24 @@ fn sums_are_exact_and_taker_volumes_follow_the_maker_flag() {
     assert_eq!((c.first_trade_id, c.last_trade_id), (Some(1), Some(2)));
     assert_eq!(c.close_time - c.open_time, 59_999_000);
     assert_eq!(b.watermark("binance", "A"), Some(200_000));
+}
+
+#[test]
+fn a_gap_longer_than_the_fill_limit_is_not_filled() {
+    let mut config = cfg(&["1s"], 0, true);
+    config.max_fill = 2;
+    check(
+        config,
+        &[
+            t("A", 0.1, 1, "10", "1", false),
+            t("A", 2.5, 2, "11", "1", false),
+            t("A", 9.5, 3, "12", "1", false),
+        ],
+        &[
+            "1s 0 10 10 10 10 v1 n1",
+            "1s 1 10 10 10 10 v0 n0",
+            "1s 2 11 11 11 11 v1 n1",
+            "1s 9 12 12 12 12 v1 n1 open",
+        ],
+    );
 }

@@ -2,12 +2,11 @@
 //! the same minutes, field for field, with exact decimals (see the README of the
 //! real-data folder for where the recordings come from).
 
-use std::path::Path;
 use std::str::FromStr;
 
 use tickpipe_consumers::candles::{aggregate, CandleConfig, Interval, Output};
-use tickpipe_schemas::{Candle, Decimal, Source, Trade, TradeKind};
-use tickpipe_testkit::stack;
+use tickpipe_schemas::{Candle, Decimal, Trade};
+use tickpipe_testkit::{real, stack};
 
 fn dec(s: &str) -> Decimal {
     Decimal::from_str(s).unwrap_or_else(|e| panic!("{s:?}: {e}"))
@@ -18,6 +17,7 @@ fn config(intervals: &[&str]) -> CandleConfig {
         intervals: intervals.iter().map(|i| i.parse().unwrap()).collect(),
         allowed_lateness: 0,
         fill_empty: true,
+        max_fill: 100_000,
     }
 }
 
@@ -34,41 +34,12 @@ fn final_candles(out: &[Output], interval: &str) -> Vec<Candle> {
     by_open.into_values().collect()
 }
 
-fn read(path: &Path) -> String {
-    std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
-}
-
-/// data.binance.vision aggTrades rows: id, price, qty, first id, last id, time
-/// (ms), is buyer maker, is best match.
-fn agg_trades(path: &Path) -> Vec<Trade> {
-    read(path)
-        .lines()
-        .map(|line| {
-            let f: Vec<&str> = line.split(',').collect();
-            Trade {
-                venue: "binance".into(),
-                symbol: "XRPETH".into(),
-                kind: TradeKind::AggTrade,
-                trade_id: f[0].parse().unwrap(),
-                price: dec(f[1]),
-                quantity: dec(f[2]),
-                buyer_is_maker: f[6] == "True",
-                first_trade_id: Some(f[3].parse().unwrap()),
-                last_trade_id: Some(f[4].parse().unwrap()),
-                source: Source::Replay,
-                event_time: f[5].parse::<i64>().unwrap() * 1000,
-                ingest_time: 0,
-            }
-        })
-        .collect()
-}
-
 #[test]
 fn spot_xrpeth_1m_and_5m_candles_equal_binance_klines() {
     let Some(dir) = stack::real_data("binance_spot_xrpeth_2019-10-11") else {
         return;
     };
-    let trades = agg_trades(&dir.join("XRPETH-aggTrades-2019-10-11_2019-10-13.csv"));
+    let trades = real::agg_trades_csv(&dir.join("XRPETH-aggTrades-2019-10-11_2019-10-13.csv"), "XRPETH");
     assert_eq!(trades.len(), 12_477);
     let out = aggregate(&trades, config(&["1m", "5m"]));
     assert!(
@@ -81,11 +52,7 @@ fn spot_xrpeth_1m_and_5m_candles_equal_binance_klines() {
         ("5m", "XRPETH-5m-2019-10-11_2019-10-13.csv", 712, 6),
     ] {
         let ours = final_candles(&out, interval);
-        let klines: Vec<Vec<String>> = read(&dir.join(file))
-            .lines()
-            .skip(1)
-            .map(|l| l.split(',').map(str::to_owned).collect())
-            .collect();
+        let klines = real::csv_rows(&dir.join(file));
         assert_eq!(klines.len(), rows);
         assert_eq!(ours.len(), rows, "{interval}: one candle per kline");
         for (c, k) in ours.iter().zip(&klines) {
@@ -110,40 +77,15 @@ fn spot_xrpeth_1m_and_5m_candles_equal_binance_klines() {
     assert_eq!(minutes[0].first_trade_id, Some(15_373_518));
 }
 
-/// The recorder's flattened `@trade` stream: receive time, stream, event type,
-/// event time, trade time, symbol, trade id, price, quantity, buyer is maker
-/// (0/1), X (order type).
-fn usdm_trades(path: &Path) -> Vec<(Trade, String)> {
-    read(path)
-        .lines()
-        .skip(1)
-        .map(|line| {
-            let f: Vec<&str> = line.split(',').collect();
-            let trade = Trade {
-                venue: "binance-usdm".into(),
-                symbol: f[5].into(),
-                kind: TradeKind::Trade,
-                trade_id: f[6].parse().unwrap(),
-                price: dec(f[7]),
-                quantity: dec(f[8]),
-                buyer_is_maker: f[9] == "1",
-                first_trade_id: None,
-                last_trade_id: None,
-                source: Source::Replay,
-                event_time: f[4].parse::<i64>().unwrap() * 1000,
-                ingest_time: f[0].parse::<i64>().unwrap() * 1000,
-            };
-            (trade, f[10].to_owned())
-        })
-        .collect()
-}
-
 #[test]
 fn usdm_trxusdt_minutes_equal_binance_klines_on_all_fields() {
     let Some(dir) = stack::real_data("binance_trxusdt_2025-03-04") else {
         return;
     };
-    let rows = usdm_trades(&dir.join("usdm_futures_TRXUSDT_trade_stream_2025-03-04.csv"));
+    let rows = real::trade_stream_csv(
+        &dir.join("usdm_futures_TRXUSDT_trade_stream_2025-03-04.csv"),
+        "binance-usdm",
+    );
     assert_eq!(rows.len(), 10_000);
     let non_market: Vec<i64> = rows
         .iter()
@@ -165,11 +107,7 @@ fn usdm_trxusdt_minutes_equal_binance_klines_on_all_fields() {
     assert_eq!(invalid, [548_331_095]);
 
     let ours = final_candles(&out, "1m");
-    let klines: Vec<Vec<String>> = read(&dir.join("usdm_futures_TRXUSDT-1m-2025-03-04_0000-0016.csv"))
-        .lines()
-        .skip(1)
-        .map(|l| l.split(',').map(str::to_owned).collect())
-        .collect();
+    let klines = real::csv_rows(&dir.join("usdm_futures_TRXUSDT-1m-2025-03-04_0000-0016.csv"));
     assert_eq!(klines.len(), 17);
     // 00:00 to 00:15 are complete in the recording; 00:16 is cut off at 00:16:44.
     for (c, k) in ours.iter().zip(&klines).take(16) {

@@ -4,13 +4,11 @@
 //! Input: the real Binance spot BTCUSDT and ETHUSDT trade captures in
 //! `$TICKPIPE_REAL_DATA/binance_ws_raw_2024-08-08` (default `../shared/data/real`).
 
-use std::io::{BufRead, BufReader};
-use std::path::PathBuf;
-use std::str::FromStr;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use tickpipe_schemas::*;
+use tickpipe_testkit::{real, stack};
 
 /// The same record for the serde_json baseline (decimals as strings, as JSON
 /// pipelines carry them).
@@ -32,60 +30,25 @@ struct JsonTrade {
     ingest_time: i64,
 }
 
-fn real_data() -> PathBuf {
-    std::env::var("TICKPIPE_REAL_DATA")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/real"))
-}
-
-/// Trades from raw WebSocket capture lines `<receive ns> <combined-stream JSON>`.
+/// The real spot trades of the 2024-08-08/09 BTCUSDT and ETHUSDT captures.
 fn load_trades() -> Vec<Trade> {
-    let dir = real_data().join("binance_ws_raw_2024-08-08");
-    let mut out = Vec::new();
-    for name in [
-        "spot_btcusdt_20240808.ts_json.txt.gz",
-        "spot_btcusdt_20240809.ts_json.txt.gz",
-        "spot_ethusdt_20240808.ts_json.txt.gz",
-        "spot_ethusdt_20240809.ts_json.txt.gz",
-    ] {
-        let path = dir.join(name);
-        let file = std::fs::File::open(&path).unwrap_or_else(|e| {
-            panic!(
-                "cannot read {} ({e}); set TICKPIPE_REAL_DATA to the real-data folder",
-                path.display()
-            )
-        });
-        for line in BufReader::new(flate2::read::GzDecoder::new(file)).lines() {
-            let line = line.expect("gzip text");
-            let Some((recv_ns, json)) = line.split_once(' ') else {
-                continue;
-            };
-            let v: serde_json::Value = match serde_json::from_str(json) {
-                Ok(v) => v,
-                Err(_) => continue,
-            };
-            let d = &v["data"];
-            if d["e"] != "trade" {
-                continue;
-            }
-            out.push(Trade {
-                venue: "binance".into(),
-                symbol: d["s"].as_str().unwrap_or_default().to_owned(),
-                kind: TradeKind::Trade,
-                trade_id: d["t"].as_i64().unwrap_or_default(),
-                price: Decimal::from_str(d["p"].as_str().unwrap_or("0")).unwrap_or_default(),
-                quantity: Decimal::from_str(d["q"].as_str().unwrap_or("0")).unwrap_or_default(),
-                buyer_is_maker: d["m"].as_bool().unwrap_or_default(),
-                first_trade_id: None,
-                last_trade_id: None,
-                source: Source::Replay,
-                event_time: d["T"].as_i64().unwrap_or_default() * 1000,
-                ingest_time: recv_ns.parse::<i64>().unwrap_or_default() / 1000,
-            });
-        }
-    }
-    assert!(out.len() > 30_000, "expected the recorded trades, found {}", out.len());
-    out
+    let dir = stack::real_data_dir().join("binance_ws_raw_2024-08-08");
+    let trades: Vec<Trade> = [
+        "spot_btcusdt_20240808",
+        "spot_btcusdt_20240809",
+        "spot_ethusdt_20240808",
+        "spot_ethusdt_20240809",
+    ]
+    .iter()
+    .flat_map(|name| real::ws_capture_trades(&dir.join(format!("{name}.ts_json.txt.gz")), "binance"))
+    .collect();
+    assert!(
+        trades.len() > 30_000,
+        "expected the recorded trades in {}, found {}",
+        dir.display(),
+        trades.len()
+    );
+    trades
 }
 
 fn to_json(t: &Trade) -> JsonTrade {

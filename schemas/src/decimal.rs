@@ -91,23 +91,31 @@ pub fn unscaled_from_bytes(raw: &[u8]) -> Option<i128> {
 
 /// The decimal for an unscaled integer at scale 18, with trailing zeros removed.
 #[inline]
-pub fn from_unscaled(mut v: i128) -> Option<Decimal> {
+pub fn from_unscaled(v: i128) -> Option<Decimal> {
     if v >= LIMIT || v <= -LIMIT {
         return None;
     }
-    let mut scale = SCALE;
     if v == 0 {
         return Some(Decimal::ZERO);
     }
-    while scale >= 8 && v % POW10[8] == 0 {
-        v /= POW10[8];
-        scale -= 8;
-    }
-    while scale > 0 && v % 10 == 0 {
-        v /= 10;
-        scale -= 1;
-    }
-    Decimal::try_from_i128_with_scale(v, scale).ok()
+    // One 128-bit division splits off the fraction; the trailing zeros are then
+    // stripped with 64-bit arithmetic, which is far cheaper.
+    let negative = v < 0;
+    let abs = v.unsigned_abs();
+    let int = abs / POW10[18] as u128;
+    let mut frac = (abs % POW10[18] as u128) as u64;
+    let (mantissa, scale) = if frac == 0 {
+        (int, 0)
+    } else {
+        let mut scale = SCALE;
+        while frac % 10 == 0 {
+            frac /= 10;
+            scale -= 1;
+        }
+        (int * POW10[scale as usize] as u128 + u128::from(frac), scale)
+    };
+    let m = i128::try_from(mantissa).ok()?;
+    Decimal::try_from_i128_with_scale(if negative { -m } else { m }, scale).ok()
 }
 
 #[cfg(test)]

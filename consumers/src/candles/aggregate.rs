@@ -33,6 +33,10 @@ pub struct CandleConfig {
     pub allowed_lateness: i64,
     /// Whether windows without trades get Binance-style empty candles.
     pub fill_empty: bool,
+    /// The longest run of empty windows filled at once; a longer gap (a symbol
+    /// back after a long halt, or a wild timestamp) is left unfilled rather than
+    /// flooding the topic, and the next candle simply follows the gap.
+    pub max_fill: usize,
 }
 
 /// What the builder hands back.
@@ -155,6 +159,9 @@ struct Series {
     /// Open time and close of the newest window published so far, for filling
     /// gaps.
     last_published: Option<(i64, i128)>,
+    /// The window of the previous trade, `[open, end)`: most trades fall in it,
+    /// which saves a division.
+    current: (i64, i64),
 }
 
 #[derive(Debug)]
@@ -236,7 +243,7 @@ impl CandleBuilder {
         };
         let si = self.state_of(trade);
         let lateness = self.config.allowed_lateness;
-        let fill = self.config.fill_empty;
+        let fill = self.config.fill_empty.then_some(self.config.max_fill);
         let state = &mut self.symbols[si];
         state.source = trade.source;
         let t = trade.event_time;
@@ -244,7 +251,13 @@ impl CandleBuilder {
         let watermark = state.max_event.saturating_sub(lateness);
         for (k, interval) in self.config.intervals.iter().enumerate() {
             let series = &mut state.series[k];
-            let open = interval.open_of(t);
+            let open = if series.current.0 <= t && t < series.current.1 {
+                series.current.0
+            } else {
+                let open = interval.open_of(t);
+                series.current = (open, open + interval.micros());
+                open
+            };
             if series.final_upto.is_some_and(|f| open <= f) {
                 out.push(Output::Late {
                     trade: trade.clone(),
@@ -266,7 +279,7 @@ impl CandleBuilder {
 
     /// Publishes every window still open, as not closed (end of input).
     pub fn finish(&mut self, out: &mut Vec<Output>) {
-        let fill = self.config.fill_empty;
+        let fill = self.config.fill_empty.then_some(self.config.max_fill);
         for state in &mut self.symbols {
             for (k, interval) in self.config.intervals.iter().enumerate() {
                 let series = &mut state.series[k];
@@ -362,13 +375,14 @@ impl Target<'_> {
 
     /// Emits empty candles after the newest published window, for every window
     /// opening before `until`, when filling is on.
-    fn fill(&self, series: &mut Series, until: i64, fill: bool, ingest_time: i64, out: &mut Vec<Output>) {
-        if !fill {
-            return;
-        }
+    fn fill(&self, series: &mut Series, until: i64, fill: Option<usize>, ingest_time: i64, out: &mut Vec<Output>) {
+        let Some(max_fill) = fill else { return };
         let len = self.interval.micros();
         if let Some((mut open, close)) = series.last_published {
             open += len;
+            if (until - open) / len > max_fill as i64 {
+                return;
+            }
             while open < until {
                 let mut empty = Acc::empty(open, close);
                 empty.ingest_time = ingest_time;
@@ -397,10 +411,21 @@ fn emit_ready(
     series: &mut Series,
     max_event: i64,
     watermark: i64,
-    fill: bool,
+    fill: Option<usize>,
     out: &mut Vec<Output>,
 ) {
     let len = target.interval.micros();
+    // The common case: the oldest window still holds the newest trade, so
+    // nothing is complete; at most the empty windows before it are due.
+    if let Some(front) = series.windows.front() {
+        if front.open_time + len > max_event {
+            if series.last_published.is_some_and(|(o, _)| o + len < front.open_time) {
+                let (open, ingest) = (front.open_time, front.ingest_time);
+                target.fill(series, open, fill, ingest, out);
+            }
+            return;
+        }
+    }
     let mut i = 0;
     while i < series.windows.len() && series.windows[i].open_time + len <= max_event {
         let (open, dirty, ingest) = {

@@ -1,0 +1,138 @@
+//! Loaders for the recorded real market data (`../shared/data/real`), for tests
+//! and benchmarks. They read the recorders' own formats, so they live here and
+//! not in the services; a malformed line is a broken recording and panics with
+//! its position.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::str::FromStr;
+
+use rust_decimal::Decimal;
+use tickpipe_schemas::{Source, Trade, TradeKind};
+
+fn dec(s: &str, at: &str) -> Decimal {
+    Decimal::from_str(s).unwrap_or_else(|e| panic!("{at}: {s:?} is not a decimal: {e}"))
+}
+
+fn int(s: &str, at: &str) -> i64 {
+    s.parse()
+        .unwrap_or_else(|e| panic!("{at}: {s:?} is not an integer: {e}"))
+}
+
+fn lines(path: &Path) -> Vec<String> {
+    let file = std::fs::File::open(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let reader: Box<dyn std::io::Read> = if path.extension().is_some_and(|e| e == "gz") {
+        Box::new(flate2::read::GzDecoder::new(file))
+    } else {
+        Box::new(file)
+    };
+    BufReader::new(reader)
+        .lines()
+        .map(|l| l.unwrap_or_else(|e| panic!("{}: {e}", path.display())))
+        .collect()
+}
+
+/// `@trade` messages of a raw WebSocket capture (`<receive ns> <combined-stream
+/// JSON>` per line); other streams are skipped. Event time is the trade time.
+pub fn ws_capture_trades(path: &Path, venue: &str) -> Vec<Trade> {
+    let mut out = Vec::new();
+    for (n, line) in lines(path).iter().enumerate() {
+        let at = format!("{}:{}", path.display(), n + 1);
+        let Some((recv_ns, json)) = line.split_once(' ') else {
+            continue;
+        };
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(json) else {
+            continue;
+        };
+        let d = &v["data"];
+        if d["e"] != "trade" {
+            continue;
+        }
+        let s = |k: &str| d[k].as_str().unwrap_or_else(|| panic!("{at}: no {k}"));
+        let i = |k: &str| d[k].as_i64().unwrap_or_else(|| panic!("{at}: no {k}"));
+        out.push(Trade {
+            venue: venue.into(),
+            symbol: s("s").into(),
+            kind: TradeKind::Trade,
+            trade_id: i("t"),
+            price: dec(s("p"), &at),
+            quantity: dec(s("q"), &at),
+            buyer_is_maker: d["m"].as_bool().unwrap_or_else(|| panic!("{at}: no m")),
+            first_trade_id: None,
+            last_trade_id: None,
+            source: Source::Replay,
+            event_time: i("T") * 1000,
+            ingest_time: int(recv_ns, &at) / 1000,
+        });
+    }
+    out
+}
+
+/// data.binance.vision aggTrades rows (no header): id, price, quantity, first
+/// trade id, last trade id, time (ms), is buyer maker, is best match.
+pub fn agg_trades_csv(path: &Path, symbol: &str) -> Vec<Trade> {
+    lines(path)
+        .iter()
+        .enumerate()
+        .map(|(n, line)| {
+            let at = format!("{}:{}", path.display(), n + 1);
+            let f: Vec<&str> = line.split(',').collect();
+            assert!(f.len() >= 7, "{at}: expected 8 columns");
+            Trade {
+                venue: "binance".into(),
+                symbol: symbol.into(),
+                kind: TradeKind::AggTrade,
+                trade_id: int(f[0], &at),
+                price: dec(f[1], &at),
+                quantity: dec(f[2], &at),
+                buyer_is_maker: f[6].eq_ignore_ascii_case("true"),
+                first_trade_id: Some(int(f[3], &at)),
+                last_trade_id: Some(int(f[4], &at)),
+                source: Source::Replay,
+                event_time: int(f[5], &at) * 1000,
+                ingest_time: 0,
+            }
+        })
+        .collect()
+}
+
+/// A recorder's flattened `@trade` stream CSV with header: receive time, stream,
+/// event type, event time, trade time, symbol, trade id, price, quantity, buyer
+/// is maker (0/1), then the order type `X` (futures) or `M` (spot). Times in ms.
+/// Returns each trade with its last column.
+pub fn trade_stream_csv(path: &Path, venue: &str) -> Vec<(Trade, String)> {
+    lines(path)
+        .iter()
+        .enumerate()
+        .skip(1)
+        .map(|(n, line)| {
+            let at = format!("{}:{}", path.display(), n + 1);
+            let f: Vec<&str> = line.split(',').collect();
+            assert!(f.len() >= 11, "{at}: expected 11 columns");
+            let trade = Trade {
+                venue: venue.into(),
+                symbol: f[5].into(),
+                kind: TradeKind::Trade,
+                trade_id: int(f[6], &at),
+                price: dec(f[7], &at),
+                quantity: dec(f[8], &at),
+                buyer_is_maker: f[9] == "1",
+                first_trade_id: None,
+                last_trade_id: None,
+                source: Source::Replay,
+                event_time: int(f[4], &at) * 1000,
+                ingest_time: int(f[0], &at) * 1000,
+            };
+            (trade, f[10].to_owned())
+        })
+        .collect()
+}
+
+/// Rows of a CSV file with a header line, split on commas.
+pub fn csv_rows(path: &Path) -> Vec<Vec<String>> {
+    lines(path)
+        .iter()
+        .skip(1)
+        .map(|l| l.split(',').map(str::to_owned).collect())
+        .collect()
+}
