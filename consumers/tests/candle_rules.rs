@@ -68,6 +68,11 @@ fn check(config: CandleConfig, trades: &[Trade], expected: &[&str]) {
             }
             Output::Late { trade, interval, .. } => format!("late {} {interval}", trade.trade_id),
             Output::Invalid { trade, .. } => format!("invalid {}", trade.trade_id),
+            Output::Unrepresentable {
+                key,
+                interval,
+                open_time,
+            } => format!("unrepresentable {key} {interval} {}", open_time / S),
         })
         .collect();
     assert_eq!(got, expected);
@@ -205,5 +210,16 @@ fn a_gap_longer_than_the_fill_limit_is_not_filled() {
             "1s 2 11 11 11 11 v1 n1",
             "1s 9 12 12 12 12 v1 n1 open",
         ],
+    );
+}
+
+#[test]
+fn sums_beyond_28_digits_are_reported_not_rounded() {
+    // 99 x 9999999999.999999999999999999 = 989999999999.999999999999999901: 30
+    // significant digits.
+    check(
+        cfg(&["1s"], 0, true),
+        &[t("A", 0.1, 1, "99", "9999999999.999999999999999999", false)],
+        &["unrepresentable binance:A 1s 0"],
     );
 }

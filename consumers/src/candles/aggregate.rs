@@ -52,6 +52,13 @@ pub enum Output {
     },
     /// A trade that cannot be counted, with the reason.
     Invalid { trade: Trade, reason: String },
+    /// A window whose sums exceed 28 significant digits, the most a candle
+    /// record carries exactly; reported instead of a rounded candle.
+    Unrepresentable {
+        key: String,
+        interval: String,
+        open_time: i64,
+    },
 }
 
 /// The running sums of one window, integers at scale 18.
@@ -396,7 +403,14 @@ struct Target<'a> {
 
 impl Target<'_> {
     fn emit(&self, acc: &Acc, closed: bool, out: &mut Vec<Output>) {
-        out.push(Output::Candle(candle(self, acc, closed)));
+        out.push(match candle(self, acc, closed) {
+            Some(c) => Output::Candle(c),
+            None => Output::Unrepresentable {
+                key: format!("{}:{}", self.venue, self.symbol),
+                interval: self.interval.name().to_owned(),
+                open_time: acc.open_time,
+            },
+        });
     }
 
     /// Emits empty candles after the newest published window, for every window
@@ -478,37 +492,33 @@ fn emit_ready(
     }
 }
 
-fn dec(v: i128) -> Decimal {
-    // Sums of values below 10^20 each stay below 10^38 for any realistic count;
-    // beyond rust_decimal's 28 digits the value saturates visibly rather than
-    // wrapping.
-    from_unscaled(v).unwrap_or(if v < 0 { Decimal::MIN } else { Decimal::MAX })
-}
-
-fn candle(target: &Target<'_>, acc: &Acc, closed: bool) -> Candle {
+/// The candle of a window; `None` when a sum has more significant digits than
+/// a `Decimal` holds (28), which is reported rather than rounded.
+fn candle(target: &Target<'_>, acc: &Acc, closed: bool) -> Option<Candle> {
     let interval = target.interval;
     let has_trades = acc.count > 0;
-    Candle {
+    let dec = from_unscaled;
+    Some(Candle {
         venue: target.venue.to_owned(),
         symbol: target.symbol.to_owned(),
         interval: interval.name().to_owned(),
         origin: CandleOrigin::Aggregated,
         open_time: acc.open_time,
         close_time: interval.close_of(acc.open_time),
-        open: dec(acc.open),
-        high: dec(acc.high),
-        low: dec(acc.low),
-        close: dec(acc.close),
-        volume: dec(acc.volume),
-        quote_volume: dec(acc.quote_volume),
+        open: dec(acc.open)?,
+        high: dec(acc.high)?,
+        low: dec(acc.low)?,
+        close: dec(acc.close)?,
+        volume: dec(acc.volume)?,
+        quote_volume: dec(acc.quote_volume)?,
         trade_count: acc.count,
-        taker_buy_base_volume: dec(acc.taker_buy_base),
-        taker_buy_quote_volume: dec(acc.taker_buy_quote),
+        taker_buy_base_volume: dec(acc.taker_buy_base)?,
+        taker_buy_quote_volume: dec(acc.taker_buy_quote)?,
         first_trade_id: has_trades.then_some(acc.first_id),
         last_trade_id: has_trades.then_some(acc.last_id),
         closed,
         source: target.source,
         event_time: interval.close_of(acc.open_time),
         ingest_time: acc.ingest_time,
-    }
+    })
 }
