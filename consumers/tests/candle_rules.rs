@@ -223,3 +223,32 @@ fn sums_beyond_28_digits_are_reported_not_rounded() {
         &["unrepresentable binance:A 1s 0"],
     );
 }
+
+#[test]
+fn a_restored_snapshot_continues_exactly() {
+    let trades = [
+        t("A", 0.5, 1, "10", "1", false),
+        t("B", 0.6, 1, "20", "1", false),
+        t("A", 1.5, 2, "11", "2", true),
+        t("A", 1.7, 3, "9", "1", false),
+        t("B", 2.1, 2, "21", "1", false),
+        t("A", 4.2, 4, "12", "1", false),
+    ];
+    let config = || cfg(&["1s", "1m"], 1, true);
+    let whole = aggregate(&trades, config());
+    for cut in 0..trades.len() {
+        let mut first = CandleBuilder::new(config());
+        let mut out = Vec::new();
+        for tr in &trades[..cut] {
+            first.push(tr, &mut out);
+        }
+        let mut second = CandleBuilder::restore(config(), &first.snapshot()).unwrap();
+        for tr in &trades[cut..] {
+            second.push(tr, &mut out);
+        }
+        second.finish(&mut out);
+        assert_eq!(out, whole, "cut after {cut} trades");
+    }
+    let other = CandleBuilder::restore(cfg(&["5m"], 1, true), &CandleBuilder::new(config()).snapshot());
+    assert!(other.unwrap_err().contains("intervals"));
+}

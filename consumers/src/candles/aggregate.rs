@@ -18,6 +18,8 @@
 
 use std::collections::{HashMap, VecDeque};
 
+use serde::{Deserialize, Serialize};
+
 use tickpipe_schemas::decimal::{from_unscaled, to_unscaled};
 use tickpipe_schemas::{Candle, CandleOrigin, Decimal, Source, Trade, TradeKind};
 
@@ -62,7 +64,7 @@ pub enum Output {
 }
 
 /// The running sums of one window, integers at scale 18.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 struct Acc {
     open_time: i64,
     open: i128,
@@ -157,7 +159,7 @@ struct Fixed {
 }
 
 /// The windows of one (symbol, interval).
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Serialize, Deserialize)]
 struct Series {
     /// Windows not yet final, by open time.
     windows: VecDeque<Acc>,
@@ -171,13 +173,14 @@ struct Series {
     current: (i64, i64),
 }
 
-#[derive(Debug)]
+#[derive(Debug, Serialize, Deserialize)]
 struct SymbolState {
     venue: String,
     symbol: String,
     /// Largest event time seen.
     max_event: i64,
     /// Source of the latest trade, carried into the candles.
+    #[serde(with = "source_symbol")]
     source: Source,
     series: Vec<Series>,
 }
@@ -234,6 +237,36 @@ impl CandleBuilder {
         }
         self.last = Some(i);
         i
+    }
+
+    /// The builder's whole state, to be stored next to the input position it
+    /// corresponds to, so that a restart resumes exactly where this left off.
+    pub fn snapshot(&self) -> Vec<u8> {
+        let snap = SnapshotRef {
+            intervals: self.config.intervals.iter().map(|i| i.name()).collect(),
+            symbols: &self.symbols,
+        };
+        serde_json::to_vec(&snap).unwrap_or_default()
+    }
+
+    /// A builder with `config` and the state of a snapshot. Fails when the
+    /// snapshot is unreadable or was taken with other intervals.
+    pub fn restore(config: CandleConfig, snapshot: &[u8]) -> Result<Self, String> {
+        let snap: Snapshot =
+            serde_json::from_slice(snapshot).map_err(|e| format!("unreadable candle state snapshot: {e}"))?;
+        let ours: Vec<&str> = config.intervals.iter().map(|i| i.name()).collect();
+        if snap.intervals != ours {
+            return Err(format!(
+                "the stored candle state was built for intervals {:?}, not {:?}; keep the intervals, or start with a new state topic",
+                snap.intervals, ours
+            ));
+        }
+        let mut builder = CandleBuilder::new(config);
+        for (i, s) in snap.symbols.into_iter().enumerate() {
+            builder.index.insert((s.venue.clone(), s.symbol.clone()), i);
+            builder.symbols.push(s);
+        }
+        Ok(builder)
     }
 
     /// Adds one trade; appends what it causes to `out`.
@@ -307,6 +340,33 @@ impl CandleBuilder {
                 }
             }
         }
+    }
+}
+
+#[derive(Serialize)]
+struct SnapshotRef<'a> {
+    intervals: Vec<&'a str>,
+    symbols: &'a [SymbolState],
+}
+
+#[derive(Deserialize)]
+struct Snapshot {
+    intervals: Vec<String>,
+    symbols: Vec<SymbolState>,
+}
+
+/// `Source` as its Avro symbol in snapshots.
+mod source_symbol {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use tickpipe_schemas::Source;
+
+    pub fn serialize<S: Serializer>(s: &Source, ser: S) -> Result<S::Ok, S::Error> {
+        ser.serialize_str(s.as_str())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(de: D) -> Result<Source, D::Error> {
+        let s = String::deserialize(de)?;
+        Ok(s.parse().unwrap_or(Source::Unknown))
     }
 }
 
