@@ -48,6 +48,18 @@ pub async fn ensure_topics(
     partitions: i32,
     replication: i32,
 ) -> Result<Vec<String>, TopicError> {
+    let names: Vec<String> = topics.iter().map(|t| t.name(prefix)).collect();
+    ensure_topic_names(brokers, &names, partitions, replication).await?;
+    Ok(names)
+}
+
+/// Creates topics by name if they do not exist yet.
+pub async fn ensure_topic_names(
+    brokers: &str,
+    names: &[String],
+    partitions: i32,
+    replication: i32,
+) -> Result<(), TopicError> {
     let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .create()
@@ -55,7 +67,6 @@ pub async fn ensure_topics(
             brokers: brokers.to_owned(),
             source,
         })?;
-    let names: Vec<String> = topics.iter().map(|t| t.name(prefix)).collect();
     let new: Vec<NewTopic<'_>> = names
         .iter()
         .map(|n| NewTopic::new(n, partitions, TopicReplication::Fixed(replication)))
@@ -74,5 +85,5 @@ pub async fn ensure_topics(
             Err((topic, code)) => return Err(TopicError::Topic { topic, code }),
         }
     }
-    Ok(names)
+    Ok(())
 }

@@ -239,6 +239,14 @@ impl CandleBuilder {
         i
     }
 
+    /// The smallest watermark over the symbols seen, if any.
+    pub fn min_watermark(&self) -> Option<i64> {
+        self.symbols
+            .iter()
+            .map(|s| s.max_event.saturating_sub(self.config.allowed_lateness))
+            .min()
+    }
+
     /// The builder's whole state, to be stored next to the input position it
     /// corresponds to, so that a restart resumes exactly where this left off.
     pub fn snapshot(&self) -> Vec<u8> {

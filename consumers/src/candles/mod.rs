@@ -5,6 +5,7 @@
 
 pub mod aggregate;
 pub mod interval;
+pub mod service;
 
 pub use aggregate::{aggregate, CandleBuilder, CandleConfig, Output};
 pub use interval::Interval;

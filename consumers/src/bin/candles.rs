@@ -1,0 +1,102 @@
+//! `candles`: event-time OHLCV candles from the `trades` topic into `candles`.
+//! Parses its configuration and calls `run`; everything else is in the library.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::Parser;
+use tickpipe_consumers::candles::service::{run, ServiceConfig};
+use tickpipe_consumers::candles::{CandleConfig, Interval};
+
+/// Builds OHLCV candles from trades in event time and publishes them.
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Args {
+    /// Kafka bootstrap servers.
+    #[arg(long, env = "TICKPIPE_KAFKA_BROKERS", default_value = "127.0.0.1:9092")]
+    brokers: String,
+    /// Prefix of every topic name, so that several pipelines share a cluster.
+    #[arg(long, env = "TICKPIPE_TOPIC_PREFIX", default_value = "")]
+    topic_prefix: String,
+    /// Candle intervals, comma-separated (<n>s, <n>m, <n>h, <n>d).
+    #[arg(
+        long,
+        env = "TICKPIPE_CANDLES_INTERVALS",
+        value_delimiter = ',',
+        default_value = "1s,5s,1m,5m,1h,1d"
+    )]
+    intervals: Vec<Interval>,
+    /// How late (ms of event time behind the newest trade) a trade may arrive and
+    /// still correct its candle; later ones go to dead letters.
+    #[arg(long, env = "TICKPIPE_CANDLES_ALLOWED_LATENESS_MS", default_value_t = 2000)]
+    allowed_lateness_ms: i64,
+    /// Fill windows without trades with Binance-style empty candles.
+    #[arg(long, env = "TICKPIPE_CANDLES_FILL_EMPTY", default_value_t = true, action = clap::ArgAction::Set)]
+    fill_empty: bool,
+    /// Longest run of empty windows filled at once.
+    #[arg(long, env = "TICKPIPE_CANDLES_MAX_FILL", default_value_t = 100_000)]
+    max_fill: usize,
+    /// Consumer group (for lag monitoring; positions are kept in the state topic).
+    #[arg(long, env = "TICKPIPE_CANDLES_GROUP", default_value = "tickpipe-candles")]
+    group: String,
+    /// Most trades per batch.
+    #[arg(long, env = "TICKPIPE_CANDLES_BATCH_MAX", default_value_t = 10_000)]
+    batch_max: usize,
+    /// Longest wait for a batch to fill, in ms.
+    #[arg(long, env = "TICKPIPE_CANDLES_BATCH_WAIT_MS", default_value_t = 200)]
+    batch_wait_ms: u64,
+    /// Partitions of the topics this service creates when they are missing.
+    #[arg(long, env = "TICKPIPE_TOPIC_PARTITIONS", default_value_t = 3)]
+    partitions: i32,
+    /// Address of /metrics, /healthz and /readyz ("off" to disable).
+    #[arg(long, env = "TICKPIPE_CANDLES_METRICS_ADDR", default_value = "127.0.0.1:9103")]
+    metrics_addr: String,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .init();
+    let args = Args::parse();
+    let metrics_addr = match args.metrics_addr.as_str() {
+        "off" => None,
+        a => Some(
+            a.parse::<SocketAddr>()
+                .map_err(|e| anyhow::anyhow!("--metrics-addr {a:?}: {e}"))?,
+        ),
+    };
+    let config = ServiceConfig {
+        brokers: args.brokers,
+        topic_prefix: args.topic_prefix,
+        candles: CandleConfig {
+            intervals: args.intervals,
+            allowed_lateness: args.allowed_lateness_ms * 1000,
+            fill_empty: args.fill_empty,
+            max_fill: args.max_fill,
+        },
+        group: args.group,
+        batch_max: args.batch_max,
+        batch_wait: Duration::from_millis(args.batch_wait_ms),
+        partitions: args.partitions,
+        metrics_addr,
+    };
+    run(config, shutdown_signal()).await?;
+    Ok(())
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = term => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}

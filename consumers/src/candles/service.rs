@@ -1,0 +1,457 @@
+//! The `candles` service: reads `trades`, builds candles, writes `candles`.
+//!
+//! Delivery: every trade is counted exactly once across crashes. After each
+//! batch the service (1) produces the batch's candles and dead letters and waits
+//! for the broker's acknowledgement, (2) writes, per input partition, a snapshot
+//! of the builder and the next input offset to the state topic and waits again,
+//! (3) commits the group offsets for monitoring. At start it restores each
+//! partition's builder from the newest snapshot and resumes at the offset stored
+//! with it (the state topic, not the group offset, is the authority). A crash
+//! before (2) completes replays the batch from the previous snapshot: the same
+//! trades build the same candles, so the topic may hold a candle version twice,
+//! identical, and consumers that upsert by candle identity see it once. No
+//! broker transactions are needed, so this works on brokers without them
+//! (tansu).
+//!
+//! Input partitions are assigned to this process explicitly (all of them): one
+//! instance per state topic.
+
+use std::collections::{HashMap, HashSet};
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts, Registry};
+use rdkafka::consumer::{BaseConsumer, Consumer, StreamConsumer};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{Message, Offset, TopicPartitionList};
+use tickpipe_producer::kafka::{ensure_topic_names, producer_config, TopicError};
+use tickpipe_schemas::{Codec, DeadLetter, Record, Source, Topic, Trade, WriteFraming};
+
+use super::aggregate::{CandleBuilder, CandleConfig, Output};
+use crate::kafka::consumer_config;
+
+/// How far before its stored position a partition is re-read on start; the
+/// records below the position are skipped. tansu 0.6 answers a fetch only with
+/// record batches that *start* at or after the requested offset, so resuming
+/// inside a producer batch would silently skip the rest of that batch; a
+/// librdkafka producer puts at most 10,000 records in a batch.
+const RESUME_REWIND: i64 = 10_000;
+
+/// Everything the service needs.
+#[derive(Debug, Clone)]
+pub struct ServiceConfig {
+    /// Kafka bootstrap servers.
+    pub brokers: String,
+    /// Prefix of every topic name (may be empty).
+    pub topic_prefix: String,
+    /// How candles are built.
+    pub candles: CandleConfig,
+    /// Consumer group used to report progress (lag); offsets come from the state.
+    pub group: String,
+    /// Most trades handled per batch.
+    pub batch_max: usize,
+    /// Longest wait for a batch to fill.
+    pub batch_wait: Duration,
+    /// Partitions for topics this service creates.
+    pub partitions: i32,
+    /// Where `/metrics`, `/healthz` and `/readyz` are served, if anywhere.
+    pub metrics_addr: Option<SocketAddr>,
+}
+
+impl ServiceConfig {
+    fn topic(&self, t: Topic) -> String {
+        t.name(&self.topic_prefix)
+    }
+
+    /// The topic holding builder snapshots.
+    pub fn state_topic(&self) -> String {
+        format!("{}candles-state", self.topic_prefix)
+    }
+}
+
+/// Why the service stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    #[error(transparent)]
+    Topics(#[from] TopicError),
+    #[error("kafka: {0}")]
+    Kafka(#[from] rdkafka::error::KafkaError),
+    #[error("{0}")]
+    State(String),
+    #[error("metrics endpoint: {0}")]
+    Metrics(std::io::Error),
+}
+
+/// The service's metrics.
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Registry,
+    trades_in: IntCounter,
+    candles_out: IntCounterVec,
+    late: IntCounter,
+    rejected: IntCounterVec,
+    watermark_lag: IntGauge,
+}
+
+impl Metrics {
+    fn new() -> Self {
+        let registry = Registry::new();
+        let trades_in = IntCounter::new("tickpipe_candles_trades_in_total", "Trades read from the trades topic.")
+            .unwrap_or_else(|e| panic!("{e}"));
+        let candles_out = IntCounterVec::new(
+            Opts::new(
+                "tickpipe_candles_candles_out_total",
+                "Candle versions published, by interval.",
+            ),
+            &["interval"],
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let late = IntCounter::new(
+            "tickpipe_candles_late_trades_total",
+            "Trades behind the watermark (dead letters).",
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let rejected = IntCounterVec::new(
+            Opts::new(
+                "tickpipe_candles_rejected_total",
+                "Input sent to dead letters, by error type.",
+            ),
+            &["error_type"],
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let watermark_lag = IntGauge::new(
+            "tickpipe_candles_watermark_lag_seconds",
+            "Wall clock minus the oldest watermark of the symbols seen.",
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        for c in [
+            Box::new(trades_in.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(candles_out.clone()),
+            Box::new(late.clone()),
+            Box::new(rejected.clone()),
+            Box::new(watermark_lag.clone()),
+        ] {
+            registry.register(c).unwrap_or_else(|e| panic!("{e}"));
+        }
+        Metrics {
+            registry,
+            trades_in,
+            candles_out,
+            late,
+            rejected,
+            watermark_lag,
+        }
+    }
+
+    fn render(&self) -> String {
+        let mut out = String::new();
+        let encoder = prometheus::TextEncoder::new();
+        let _ = encoder.encode_utf8(&self.registry.gather(), &mut out);
+        out
+    }
+}
+
+/// State record key of an input partition.
+fn state_key(partition: i32) -> String {
+    format!("trades-{partition}")
+}
+
+/// Reads the newest snapshot of every input partition from the state topic.
+///
+/// The end of each partition is found from the fetch responses (partition EOF),
+/// not from ListOffsets, which some Kafka-protocol brokers (tansu) answer wrongly.
+fn read_state(config: &ServiceConfig) -> Result<HashMap<i32, (i64, Vec<u8>)>, ServiceError> {
+    let topic = config.state_topic();
+    let mut cc = consumer_config(&config.brokers, &format!("{}-state-reader", config.group));
+    cc.set("enable.partition.eof", "true");
+    let consumer: BaseConsumer = cc.create()?;
+    let meta = consumer.fetch_metadata(Some(&topic), Duration::from_secs(10))?;
+    let mut tpl = TopicPartitionList::new();
+    let mut open: HashSet<i32> = HashSet::new();
+    for p in meta.topics().iter().flat_map(|t| t.partitions()) {
+        tpl.add_partition_offset(&topic, p.id(), Offset::Beginning)?;
+        open.insert(p.id());
+    }
+    let mut state = HashMap::new();
+    let mut reads = 0;
+    consumer.assign(&tpl)?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !open.is_empty() {
+        if std::time::Instant::now() > deadline {
+            return Err(ServiceError::State(format!(
+                "reading {topic} did not reach its end within 60 s"
+            )));
+        }
+        let msg = match consumer.poll(Duration::from_millis(200)) {
+            None => continue,
+            Some(Err(rdkafka::error::KafkaError::PartitionEOF(p))) => {
+                open.remove(&p);
+                continue;
+            }
+            Some(Err(e)) => return Err(e.into()),
+            Some(Ok(m)) => m,
+        };
+        reads += 1;
+        if let (Some(key), Some(value)) = (msg.key(), msg.payload()) {
+            let partition = std::str::from_utf8(key)
+                .ok()
+                .and_then(|k| k.strip_prefix("trades-"))
+                .and_then(|p| p.parse::<i32>().ok());
+            if let (Some(p), true) = (partition, value.len() >= 8) {
+                let mut off = [0u8; 8];
+                off.copy_from_slice(&value[..8]);
+                state.insert(p, (i64::from_be_bytes(off), value[8..].to_vec()));
+            }
+        }
+    }
+    let state_offsets: Vec<(i32, i64)> = state.iter().map(|(p, (o, _))| (*p, *o)).collect();
+    tracing::info!(records_read = reads, ?state_offsets, "candles: state read");
+    Ok(state)
+}
+
+fn now_micros() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or(0)
+}
+
+/// Runs until `shutdown` resolves, then finishes the batch in hand and returns.
+pub async fn run(config: ServiceConfig, shutdown: impl Future<Output = ()>) -> Result<(), ServiceError> {
+    let metrics = Metrics::new();
+    let trades_topic = config.topic(Topic::Trades);
+    let candles_topic = config.topic(Topic::Candles);
+    let dead_topic = config.topic(Topic::DeadLetters);
+    ensure_topic_names(
+        &config.brokers,
+        &[
+            trades_topic.clone(),
+            candles_topic.clone(),
+            dead_topic.clone(),
+            config.state_topic(),
+        ],
+        config.partitions,
+        1,
+    )
+    .await?;
+
+    if let Some(addr) = config.metrics_addr {
+        serve_metrics(addr, metrics.clone()).await?;
+    }
+
+    let restore_config = config.clone();
+    let stored = tokio::task::spawn_blocking(move || read_state(&restore_config))
+        .await
+        .map_err(|e| ServiceError::State(e.to_string()))??;
+
+    let consumer: StreamConsumer = consumer_config(&config.brokers, &config.group).create()?;
+    let meta = consumer.fetch_metadata(Some(&trades_topic), Duration::from_secs(10))?;
+    let mut tpl = TopicPartitionList::new();
+    let mut builders: HashMap<i32, CandleBuilder> = HashMap::new();
+    // The next offset each builder expects: a message below it is already in
+    // the builder's state (a broker that resets the position to the earliest
+    // offset would otherwise make it count trades twice).
+    let mut positions: HashMap<i32, i64> = HashMap::new();
+    for p in meta.topics().iter().flat_map(|t| t.partitions()) {
+        let (offset, builder) = match stored.get(&p.id()) {
+            Some((next, snapshot)) => (
+                {
+                    positions.insert(p.id(), *next);
+                    Offset::Offset(next.saturating_sub(RESUME_REWIND).max(0))
+                },
+                CandleBuilder::restore(config.candles.clone(), snapshot).map_err(ServiceError::State)?,
+            ),
+            None => (Offset::Beginning, CandleBuilder::new(config.candles.clone())),
+        };
+        tracing::info!(partition = p.id(), ?offset, "candles: resuming");
+        tpl.add_partition_offset(&trades_topic, p.id(), offset)?;
+        builders.insert(p.id(), builder);
+    }
+    consumer.assign(&tpl)?;
+    tracing::info!(
+        partitions = builders.len(),
+        restored = stored.len(),
+        "candles: consuming {trades_topic}"
+    );
+
+    let producer: FutureProducer = producer_config(&config.brokers).create()?;
+    let codec = Codec::new(WriteFraming::SingleObject);
+    let mut shutdown = std::pin::pin!(shutdown);
+    let mut stopping = false;
+    let mut outputs = Vec::new();
+    while !stopping {
+        // Collect one batch.
+        let mut next_offsets: HashMap<i32, i64> = HashMap::new();
+        let mut dead: Vec<DeadLetter> = Vec::new();
+        let deadline = tokio::time::Instant::now() + config.batch_wait;
+        let mut n = 0;
+        while n < config.batch_max {
+            tokio::select! {
+                _ = &mut shutdown, if !stopping => { stopping = true; break; }
+                _ = tokio::time::sleep_until(deadline) => break,
+                msg = consumer.recv() => {
+                    let msg = msg?;
+                    let partition = msg.partition();
+                    let position = positions.entry(partition).or_insert(0);
+                    if msg.offset() < *position {
+                        metrics.rejected.with_label_values(&["already_counted"]).inc();
+                        continue;
+                    }
+                    *position = msg.offset() + 1;
+                    n += 1;
+                    metrics.trades_in.inc();
+                    next_offsets.insert(partition, msg.offset() + 1);
+                    let payload = msg.payload().unwrap_or_default();
+                    match codec.decode::<Trade>(payload) {
+                        Ok(trade) => {
+                            if let Some(b) = builders.get_mut(&partition) {
+                                b.push(&trade, &mut outputs);
+                            }
+                        }
+                        Err(e) => {
+                            metrics.rejected.with_label_values(&[e.kind()]).inc();
+                            dead.push(dead_letter("decode", e.to_string(), Some(&msg), payload.to_vec(), Source::Unknown));
+                        }
+                    }
+                }
+            }
+        }
+        if next_offsets.is_empty() {
+            continue;
+        }
+
+        // (1) Candles and dead letters, acknowledged.
+        let mut pending = Vec::new();
+        for o in outputs.drain(..) {
+            match o {
+                Output::Candle(c) => {
+                    metrics.candles_out.with_label_values(&[&c.interval]).inc();
+                    let bytes = codec.encode(&c).map_err(|e| ServiceError::State(e.to_string()))?;
+                    pending.push((candles_topic.clone(), c.key(), bytes));
+                }
+                Output::Late {
+                    trade,
+                    interval,
+                    watermark,
+                } => {
+                    metrics.late.inc();
+                    let reason = format!(
+                        "late: event time {} is behind the {interval} watermark {watermark}",
+                        trade.event_time
+                    );
+                    dead.push(trade_dead_letter(&codec, &trade, reason));
+                }
+                Output::Invalid { trade, reason } => {
+                    metrics.rejected.with_label_values(&["invalid_trade"]).inc();
+                    dead.push(trade_dead_letter(&codec, &trade, reason));
+                }
+                Output::Unrepresentable {
+                    key,
+                    interval,
+                    open_time,
+                } => {
+                    metrics.rejected.with_label_values(&["unrepresentable"]).inc();
+                    let reason = format!("{key} {interval} candle at {open_time}: sums exceed 28 significant digits");
+                    dead.push(dead_letter(
+                        "aggregate",
+                        reason,
+                        None,
+                        key.into_bytes(),
+                        Source::Unknown,
+                    ));
+                }
+            }
+        }
+        for d in &dead {
+            let bytes = codec.encode(d).map_err(|e| ServiceError::State(e.to_string()))?;
+            pending.push((dead_topic.clone(), d.key(), bytes));
+        }
+        send_all(&producer, pending).await?;
+
+        // (2) The state that goes with those outputs.
+        let mut states = Vec::new();
+        for (p, next) in &next_offsets {
+            if let Some(b) = builders.get(p) {
+                let mut value = next.to_be_bytes().to_vec();
+                value.extend_from_slice(&b.snapshot());
+                states.push((config.state_topic(), state_key(*p), value));
+            }
+        }
+        send_all(&producer, states).await?;
+        tracing::debug!(?next_offsets, "candles: state written");
+
+        // (3) Progress for lag monitoring.
+        let mut commit = TopicPartitionList::new();
+        for (p, next) in &next_offsets {
+            commit.add_partition_offset(&trades_topic, *p, Offset::Offset(*next))?;
+        }
+        consumer.commit(&commit, rdkafka::consumer::CommitMode::Async)?;
+
+        let oldest = builders.values().filter_map(|b| b.min_watermark()).min();
+        if let Some(w) = oldest {
+            metrics.watermark_lag.set((now_micros() - w) / 1_000_000);
+        }
+    }
+    tracing::info!("candles: stopped after committing its last batch");
+    Ok(())
+}
+
+/// Produces records and waits until the broker acknowledged every one.
+async fn send_all(producer: &FutureProducer, records: Vec<(String, String, Vec<u8>)>) -> Result<(), ServiceError> {
+    let mut futures = Vec::with_capacity(records.len());
+    for (topic, key, value) in &records {
+        futures.push(producer.send(FutureRecord::to(topic).key(key).payload(value), Duration::from_secs(30)));
+    }
+    for f in futures {
+        f.await.map_err(|(e, _)| ServiceError::Kafka(e))?;
+    }
+    Ok(())
+}
+
+fn dead_letter(
+    stage: &str,
+    error: String,
+    msg: Option<&rdkafka::message::BorrowedMessage<'_>>,
+    payload: Vec<u8>,
+    source: Source,
+) -> DeadLetter {
+    let now = now_micros();
+    DeadLetter {
+        stage: stage.into(),
+        error,
+        component: "candles".into(),
+        topic: msg.map(|m| m.topic().to_owned()),
+        partition: msg.map(|m| m.partition()),
+        offset: msg.map(|m| m.offset()),
+        key: msg.and_then(|m| m.key().map(<[u8]>::to_vec)),
+        payload,
+        source,
+        event_time: now,
+        ingest_time: now,
+    }
+}
+
+fn trade_dead_letter(codec: &Codec, trade: &Trade, reason: String) -> DeadLetter {
+    let payload = codec.encode(trade).unwrap_or_default();
+    let mut d = dead_letter("aggregate", reason, None, payload, trade.source);
+    d.key = Some(trade.key().into_bytes());
+    d
+}
+
+async fn serve_metrics(addr: SocketAddr, metrics: Metrics) -> Result<(), ServiceError> {
+    use axum::routing::get;
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(ServiceError::Metrics)?;
+    let metrics = Arc::new(metrics);
+    let app = axum::Router::new()
+        .route("/metrics", get(move || async move { metrics.render() }))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(|| async { "ready" }));
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    Ok(())
+}

@@ -1,0 +1,238 @@
+//! The `candles` service through the real broker: it publishes exactly the
+//! candles the pure builder makes from the same trades, and killing it with
+//! SIGKILL at any moment neither drops nor double-counts a trade.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::process::{Child, Command};
+use std::time::Duration;
+
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::Message;
+use tickpipe_consumers::candles::service::{run, ServiceConfig};
+use tickpipe_consumers::candles::{CandleBuilder, CandleConfig, Output};
+use tickpipe_consumers::kafka::consumer_config;
+use tickpipe_producer::kafka::{ensure_topics, producer_config};
+use tickpipe_schemas::{Candle, Codec, Record, Topic, Trade, WriteFraming};
+use tickpipe_testkit::{real, stack};
+
+type Key = (String, i64);
+
+fn candle_config() -> CandleConfig {
+    CandleConfig {
+        intervals: vec!["1m".parse().unwrap(), "5m".parse().unwrap()],
+        allowed_lateness: 0,
+        fill_empty: true,
+        max_fill: 100_000,
+    }
+}
+
+/// The recorded XRPETH aggregate trades, or `None` (said loudly) without the data.
+fn trades() -> Option<Vec<Trade>> {
+    let dir = stack::real_data("binance_spot_xrpeth_2019-10-11")?;
+    Some(real::agg_trades_csv(
+        &dir.join("XRPETH-aggTrades-2019-10-11_2019-10-13.csv"),
+        "XRPETH",
+    ))
+}
+
+/// What the service must publish while streaming: the pure builder's candles.
+fn expected(trades: &[Trade]) -> BTreeMap<Key, Candle> {
+    let mut b = CandleBuilder::new(candle_config());
+    let mut out = Vec::new();
+    for t in trades {
+        b.push(t, &mut out);
+    }
+    out.into_iter()
+        .filter_map(|o| match o {
+            Output::Candle(c) => Some(((c.interval.clone(), c.open_time), c)),
+            _ => None,
+        })
+        .collect()
+}
+
+async fn publish_trades(brokers: &str, prefix: &str, trades: &[Trade]) {
+    ensure_topics(brokers, prefix, &Topic::ALL, 3, 1)
+        .await
+        .unwrap_or_else(|e| panic!("is the broker up? {e}"));
+    let codec = Codec::new(WriteFraming::SingleObject);
+    let producer: FutureProducer = producer_config(brokers).create().unwrap();
+    let topic = Topic::Trades.name(prefix);
+    let mut pending = Vec::new();
+    for t in trades {
+        let payload = codec.encode(t).unwrap();
+        pending.push(
+            producer
+                .send_result(FutureRecord::to(&topic).key(&t.key()).payload(&payload))
+                .unwrap(),
+        );
+    }
+    for p in pending {
+        p.await.unwrap().unwrap();
+    }
+}
+
+/// Reads the candles topic; every distinct version seen per candle.
+struct CandleReader {
+    consumer: StreamConsumer,
+    codec: Codec,
+    versions: BTreeMap<Key, BTreeSet<String>>,
+    latest: BTreeMap<Key, Candle>,
+    records: usize,
+}
+
+impl CandleReader {
+    fn new(brokers: &str, prefix: &str) -> Self {
+        let consumer: StreamConsumer = consumer_config(brokers, &stack::unique_name("candle-reader"))
+            .create()
+            .unwrap();
+        consumer.subscribe(&[&Topic::Candles.name(prefix)]).unwrap();
+        CandleReader {
+            consumer,
+            codec: Codec::new(WriteFraming::SingleObject),
+            versions: BTreeMap::new(),
+            latest: BTreeMap::new(),
+            records: 0,
+        }
+    }
+
+    /// Reads until `done` holds, or fails after `secs`.
+    async fn read_until(&mut self, secs: u64, what: &str, done: impl Fn(&Self) -> bool) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+        while !done(self) {
+            let msg = match tokio::time::timeout_at(deadline, self.consumer.recv()).await {
+                Ok(m) => m.unwrap(),
+                Err(_) => panic!(
+                    "{what}: not reached within {secs} s ({} candle records read)",
+                    self.records
+                ),
+            };
+            let c: Candle = self.codec.decode(msg.payload().unwrap()).unwrap();
+            assert_eq!(msg.key(), Some(c.key().as_bytes()));
+            self.records += 1;
+            let key = (c.interval.clone(), c.open_time);
+            self.versions.entry(key.clone()).or_default().insert(format!("{c:?}"));
+            self.latest.insert(key, c);
+        }
+    }
+
+    fn complete(&self, expected: &BTreeMap<Key, Candle>) -> bool {
+        self.latest.len() >= expected.len()
+    }
+
+    /// Every candle seen has exactly one content, the expected one.
+    fn check(&self, expected: &BTreeMap<Key, Candle>) {
+        assert_eq!(
+            self.latest.keys().collect::<Vec<_>>(),
+            expected.keys().collect::<Vec<_>>()
+        );
+        for (key, want) in expected {
+            let seen = &self.versions[key];
+            assert_eq!(
+                seen.len(),
+                1,
+                "{key:?}: {} different versions were published: {seen:#?}",
+                seen.len()
+            );
+            assert_eq!(&self.latest[key], want, "{key:?}");
+        }
+    }
+}
+
+fn service_config(prefix: &str, group: &str) -> ServiceConfig {
+    ServiceConfig {
+        brokers: stack::kafka_brokers(),
+        topic_prefix: prefix.to_owned(),
+        candles: candle_config(),
+        group: group.to_owned(),
+        batch_max: 1000,
+        batch_wait: Duration::from_millis(100),
+        partitions: 3,
+        metrics_addr: None,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publishes_what_the_pure_builder_makes() {
+    let Some(trades) = trades() else { return };
+    let expected = expected(&trades);
+    let brokers = stack::kafka_brokers();
+    let prefix = format!("{}.", stack::unique_name("candles"));
+    publish_trades(&brokers, &prefix, &trades).await;
+
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let service = tokio::spawn(run(service_config(&prefix, "candles-it"), async {
+        let _ = stopped.await;
+    }));
+    let mut reader = CandleReader::new(&brokers, &prefix);
+    reader.read_until(120, "all candles", |r| r.complete(&expected)).await;
+    stop.send(()).unwrap();
+    service.await.unwrap().unwrap();
+    reader.check(&expected);
+    assert_eq!(
+        expected.len(),
+        3_560 + 712 - 1 - 1,
+        "all but the last 1m and 5m windows are complete"
+    );
+}
+
+fn spawn_service(prefix: &str) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_candles"))
+        .env("TICKPIPE_KAFKA_BROKERS", stack::kafka_brokers())
+        .env("TICKPIPE_TOPIC_PREFIX", prefix)
+        .env("TICKPIPE_CANDLES_INTERVALS", "1m,5m")
+        .env("TICKPIPE_CANDLES_ALLOWED_LATENESS_MS", "0")
+        .env("TICKPIPE_CANDLES_BATCH_MAX", "150")
+        .env("TICKPIPE_CANDLES_BATCH_WAIT_MS", "20")
+        .env("TICKPIPE_CANDLES_METRICS_ADDR", "off")
+        .env("RUST_LOG", "warn")
+        .spawn()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_at_any_moment_loses_and_double_counts_nothing() {
+    let Some(trades) = trades() else { return };
+    let expected = expected(&trades);
+    let brokers = stack::kafka_brokers();
+    let prefix = format!("{}.", stack::unique_name("candles_kill"));
+    publish_trades(&brokers, &prefix, &trades).await;
+    let mut reader = CandleReader::new(&brokers, &prefix);
+
+    // Kill it each time it has made some progress, at varying points of its
+    // batch cycle.
+    let mut kills = 0;
+    for (i, threshold) in [300usize, 900, 1500, 2100, 2700, 3300, 3900].into_iter().enumerate() {
+        let mut child = spawn_service(&prefix);
+        reader
+            .read_until(120, &format!("run {i}: {threshold} candle records"), |r| {
+                r.records >= threshold
+            })
+            .await;
+        // A little more progress, different each time, so that kills land in
+        // different phases (producing candles, writing state, committing).
+        let extra = (i * 37) % 120;
+        let target = reader.records + extra;
+        reader
+            .read_until(60, "extra progress", |r| r.records >= target || r.complete(&expected))
+            .await;
+        child.kill().unwrap();
+        let status = child.wait().unwrap();
+        assert!(!status.success(), "run {i} was killed");
+        kills += 1;
+        if reader.complete(&expected) {
+            break;
+        }
+    }
+    assert!(kills >= 5, "only {kills} kills happened before the stream ended");
+
+    let mut child = spawn_service(&prefix);
+    reader
+        .read_until(120, "all candles after the kills", |r| r.complete(&expected))
+        .await;
+    let pid = child.id().to_string();
+    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    let status = child.wait().unwrap();
+    assert!(status.success(), "SIGTERM must stop it cleanly, got {status}");
+    reader.check(&expected);
+}
