@@ -31,6 +31,7 @@ test: lint stack-up ## the whole test suite against the real local stack
 	$(STACK_ENV) cargo test --workspace --locked
 
 .PHONY: bench
-bench: ## print the benchmark figures (ratios against baselines run alongside)
+bench: kafka ## print the benchmark figures (ratios against baselines run alongside)
 	cargo bench --locked -p tickpipe-schemas --bench codec
 	cargo bench --locked -p tickpipe-consumers --bench candles
+	eval "$$($(STACK) env)"; cargo bench --locked -p tickpipe-consumers --bench candles_e2e

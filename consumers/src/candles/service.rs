@@ -398,14 +398,36 @@ pub async fn run(config: ServiceConfig, shutdown: impl Future<Output = ()>) -> R
     Ok(())
 }
 
-/// Produces records and waits until the broker acknowledged every one.
+/// Produces records and waits until the broker acknowledged every one. All are
+/// enqueued first, so that librdkafka batches them, then awaited.
 async fn send_all(producer: &FutureProducer, records: Vec<(String, String, Vec<u8>)>) -> Result<(), ServiceError> {
-    let mut futures = Vec::with_capacity(records.len());
+    let mut deliveries = Vec::with_capacity(records.len());
     for (topic, key, value) in &records {
-        futures.push(producer.send(FutureRecord::to(topic).key(key).payload(value), Duration::from_secs(30)));
+        let mut record = FutureRecord::to(topic).key(key).payload(value);
+        loop {
+            match producer.send_result(record) {
+                Ok(delivery) => {
+                    deliveries.push(delivery);
+                    break;
+                }
+                // The local queue is full: let deliveries drain, then retry.
+                Err((
+                    rdkafka::error::KafkaError::MessageProduction(rdkafka::types::RDKafkaErrorCode::QueueFull),
+                    r,
+                )) => {
+                    record = r;
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+                Err((e, _)) => return Err(ServiceError::Kafka(e)),
+            }
+        }
     }
-    for f in futures {
-        f.await.map_err(|(e, _)| ServiceError::Kafka(e))?;
+    for d in deliveries {
+        match d.await {
+            Ok(Ok(_)) => {}
+            Ok(Err((e, _))) => return Err(ServiceError::Kafka(e)),
+            Err(_) => return Err(ServiceError::State("the producer dropped a delivery report".into())),
+        }
     }
     Ok(())
 }
