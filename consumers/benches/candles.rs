@@ -18,15 +18,7 @@ const INTERVALS: [&str; 6] = ["1s", "5s", "1m", "5m", "1h", "1d"];
 fn load() -> Vec<Trade> {
     let dir = stack::real_data_dir();
     let ws = dir.join("binance_ws_raw_2024-08-08");
-    let mut trades: Vec<Trade> = [
-        "spot_btcusdt_20240808",
-        "spot_btcusdt_20240809",
-        "spot_ethusdt_20240808",
-        "spot_ethusdt_20240809",
-    ]
-    .iter()
-    .flat_map(|n| real::ws_capture_trades(&ws.join(format!("{n}.ts_json.txt.gz")), "binance"))
-    .collect();
+    let mut trades: Vec<Trade> = real::spot_capture_trades_2024_08_08(&ws);
     trades.extend(real::agg_trades_csv(
         &dir.join("binance_spot_xrpeth_2019-10-11/XRPETH-aggTrades-2019-10-11_2019-10-13.csv"),
         "XRPETH",

@@ -33,15 +33,7 @@ fn config() -> CandleConfig {
 
 fn load(target: usize) -> Vec<Trade> {
     let ws = stack::real_data_dir().join("binance_ws_raw_2024-08-08");
-    let base: Vec<Trade> = [
-        "spot_btcusdt_20240808",
-        "spot_btcusdt_20240809",
-        "spot_ethusdt_20240808",
-        "spot_ethusdt_20240809",
-    ]
-    .iter()
-    .flat_map(|n| real::ws_capture_trades(&ws.join(format!("{n}.ts_json.txt.gz")), "binance"))
-    .collect();
+    let base: Vec<Trade> = real::spot_capture_trades_2024_08_08(&ws);
     let lo = base.iter().map(|t| t.event_time).min().unwrap_or(0);
     let hi = base.iter().map(|t| t.event_time).max().unwrap_or(0);
     let span = hi - lo + 1_000_000;

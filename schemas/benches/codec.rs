@@ -33,15 +33,7 @@ struct JsonTrade {
 /// The real spot trades of the 2024-08-08/09 BTCUSDT and ETHUSDT captures.
 fn load_trades() -> Vec<Trade> {
     let dir = stack::real_data_dir().join("binance_ws_raw_2024-08-08");
-    let trades: Vec<Trade> = [
-        "spot_btcusdt_20240808",
-        "spot_btcusdt_20240809",
-        "spot_ethusdt_20240808",
-        "spot_ethusdt_20240809",
-    ]
-    .iter()
-    .flat_map(|name| real::ws_capture_trades(&dir.join(format!("{name}.ts_json.txt.gz")), "binance"))
-    .collect();
+    let trades: Vec<Trade> = real::spot_capture_trades_2024_08_08(&dir);
     assert!(
         trades.len() > 30_000,
         "expected the recorded trades in {}, found {}",

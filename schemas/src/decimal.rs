@@ -53,6 +53,23 @@ pub fn to_unscaled(d: &Decimal) -> Result<i128, DecimalError> {
     Ok(v)
 }
 
+/// `p × q` as an unscaled integer at scale 18, computed from the mantissas so
+/// that it is exact (rust_decimal rounds a product beyond 28 digits); `None`
+/// when it does not fit decimal(38, 18) exactly.
+#[inline]
+pub fn product_unscaled(p: &Decimal, q: &Decimal) -> Option<i128> {
+    let exact = |p: &Decimal, q: &Decimal| {
+        let scale = (p.scale() + q.scale()) as usize;
+        let v = p
+            .mantissa()
+            .checked_mul(q.mantissa())?
+            .checked_mul(*POW10.get(18usize.checked_sub(scale)?)?)?;
+        (v > -LIMIT && v < LIMIT).then_some(v)
+    };
+    // Trailing zeros may push the combined scale past 18; without them it may fit.
+    exact(p, q).or_else(|| exact(&p.normalize(), &q.normalize()))
+}
+
 /// Appends the minimal two's-complement big-endian bytes of `v`, length-prefixed.
 #[inline]
 pub fn put_unscaled(out: &mut Vec<u8>, v: i128) {
@@ -166,6 +183,24 @@ mod tests {
         assert_eq!(to_unscaled(&d), Err(DecimalError::TooPrecise(d)));
         let d = Decimal::from_str("100000000000000000000").unwrap();
         assert_eq!(to_unscaled(&d), Err(DecimalError::TooLarge(d)));
+    }
+
+    #[test]
+    fn products_are_exact_or_refused() {
+        let d = |s: &str| Decimal::from_str(s).unwrap();
+        assert_eq!(
+            product_unscaled(&d("0.23103"), &d("243.0")),
+            to_unscaled(&d("56.14029")).ok()
+        );
+        // 99 x 9999999999.999999999999999999 has 30 digits: exact here, where
+        // rust_decimal would round.
+        let big = product_unscaled(&d("99"), &d("9999999999.999999999999999999")).unwrap();
+        assert_eq!(big, 989_999_999_999_999_999_999_999_999_901);
+        assert_eq!(product_unscaled(&d("0.0000000001"), &d("0.000000001")), None);
+        assert_eq!(
+            product_unscaled(&d("0.10000000000"), &d("0.10000000000")),
+            to_unscaled(&d("0.01")).ok()
+        );
     }
 
     #[test]

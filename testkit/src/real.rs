@@ -68,6 +68,20 @@ pub fn ws_capture_trades(path: &Path, venue: &str) -> Vec<Trade> {
     out
 }
 
+/// The spot BTCUSDT and ETHUSDT trades of the 2024-08-08/09 raw WebSocket
+/// captures in `dir` (`binance_ws_raw_2024-08-08`), in file order.
+pub fn spot_capture_trades_2024_08_08(dir: &Path) -> Vec<Trade> {
+    [
+        "spot_btcusdt_20240808",
+        "spot_btcusdt_20240809",
+        "spot_ethusdt_20240808",
+        "spot_ethusdt_20240809",
+    ]
+    .iter()
+    .flat_map(|n| ws_capture_trades(&dir.join(format!("{n}.ts_json.txt.gz")), "binance"))
+    .collect()
+}
+
 /// data.binance.vision aggTrades rows (no header): id, price, quantity, first
 /// trade id, last trade id, time (ms), is buyer maker, is best match.
 pub fn agg_trades_csv(path: &Path, symbol: &str) -> Vec<Trade> {

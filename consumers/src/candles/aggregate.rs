@@ -20,7 +20,7 @@ use std::collections::{HashMap, VecDeque};
 
 use serde::{Deserialize, Serialize};
 
-use tickpipe_schemas::decimal::{from_unscaled, to_unscaled};
+use tickpipe_schemas::decimal::{from_unscaled, product_unscaled, to_unscaled};
 use tickpipe_schemas::{Candle, CandleOrigin, Decimal, Source, Trade, TradeKind};
 
 use super::interval::Interval;
@@ -400,14 +400,12 @@ fn fixed(trade: &Trade) -> Result<Fixed, String> {
     }
     let price = to_unscaled(&trade.price).map_err(|e| e.to_string())?;
     let qty = to_unscaled(&trade.quantity).map_err(|e| e.to_string())?;
-    let quote = exact_product(&trade.price, &trade.quantity)
-        .or_else(|| exact_product(&trade.price.normalize(), &trade.quantity.normalize()))
-        .ok_or_else(|| {
-            format!(
-                "price x quantity {} x {} does not fit decimal(38, 18) exactly",
-                trade.price, trade.quantity
-            )
-        })?;
+    let quote = product_unscaled(&trade.price, &trade.quantity).ok_or_else(|| {
+        format!(
+            "price x quantity {} x {} does not fit decimal(38, 18) exactly",
+            trade.price, trade.quantity
+        )
+    })?;
     let (first_id, last_id) = match (trade.kind, trade.first_trade_id, trade.last_trade_id) {
         (TradeKind::AggTrade, Some(f), Some(l)) if l >= f => (f, l),
         _ => (trade.trade_id, trade.trade_id),
@@ -423,29 +421,6 @@ fn fixed(trade: &Trade) -> Result<Fixed, String> {
         last_id,
         ingest_time: trade.ingest_time,
     })
-}
-
-/// `p × q` as an integer at scale 18, computed from the mantissas so that it is
-/// exact (rust_decimal would round a product beyond 28 digits); `None` when it
-/// does not fit decimal(38, 18).
-#[inline]
-fn exact_product(p: &Decimal, q: &Decimal) -> Option<i128> {
-    const POW10: [i128; 19] = {
-        let mut t = [1i128; 19];
-        let mut i = 1;
-        while i < 19 {
-            t[i] = t[i - 1] * 10;
-            i += 1;
-        }
-        t
-    };
-    let scale = (p.scale() + q.scale()) as usize;
-    let v = p
-        .mantissa()
-        .checked_mul(q.mantissa())?
-        .checked_mul(*POW10.get(18usize.checked_sub(scale)?)?)?;
-    const LIMIT: u128 = 10u128.pow(38);
-    (v.unsigned_abs() < LIMIT).then_some(v)
 }
 
 /// The window opening at `open`, created in order if new.
