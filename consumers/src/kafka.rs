@@ -1,6 +1,10 @@
 //! Kafka settings shared by the consumers.
 
+use std::time::Duration;
+
 use rdkafka::config::ClientConfig;
+use rdkafka::error::KafkaError;
+use rdkafka::producer::{FutureProducer, FutureRecord};
 
 /// Settings for a consumer whose offsets move only after its output is durable:
 /// no automatic commit and no automatic offset store (the sink stores offsets
@@ -15,4 +19,35 @@ pub fn consumer_config(brokers: &str, group: &str) -> ClientConfig {
         .set("auto.offset.reset", "earliest")
         .set("isolation.level", "read_committed");
     c
+}
+
+/// Produces records and waits until the broker acknowledged every one. All are
+/// enqueued first, so that librdkafka batches them, then awaited.
+pub async fn send_all(producer: &FutureProducer, records: Vec<(String, String, Vec<u8>)>) -> Result<(), KafkaError> {
+    let mut deliveries = Vec::with_capacity(records.len());
+    for (topic, key, value) in &records {
+        let mut record = FutureRecord::to(topic).key(key).payload(value);
+        loop {
+            match producer.send_result(record) {
+                Ok(delivery) => {
+                    deliveries.push(delivery);
+                    break;
+                }
+                // The local queue is full: let deliveries drain, then retry.
+                Err((KafkaError::MessageProduction(rdkafka::types::RDKafkaErrorCode::QueueFull), r)) => {
+                    record = r;
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+                Err((e, _)) => return Err(e),
+            }
+        }
+    }
+    for d in deliveries {
+        match d.await {
+            Ok(Ok(_)) => {}
+            Ok(Err((e, _))) => return Err(e),
+            Err(_) => return Err(KafkaError::Canceled),
+        }
+    }
+    Ok(())
 }

@@ -77,3 +77,22 @@ pub fn unique_name(prefix: &str) -> String {
         .unwrap_or(0);
     format!("{prefix}_{}_{nanos}", std::process::id())
 }
+
+/// Creates an empty database on the local PostgreSQL and returns its URL, so
+/// each test has its own tables. Fails loudly when PostgreSQL is not there.
+pub async fn fresh_database(prefix: &str) -> String {
+    let admin = postgres_admin_url();
+    let (client, conn) = tokio_postgres::connect(&admin, tokio_postgres::NoTls)
+        .await
+        .unwrap_or_else(|e| panic!("PostgreSQL at {admin} is not reachable (make stack-up): {e}"));
+    tokio::spawn(conn);
+    let name = unique_name(prefix).to_lowercase();
+    client
+        .batch_execute(&format!("CREATE DATABASE {name}"))
+        .await
+        .unwrap_or_else(|e| panic!("CREATE DATABASE {name}: {e}"));
+    match admin.rfind('/') {
+        Some(i) if !admin[..i].ends_with('/') => format!("{}/{name}", &admin[..i]),
+        _ => format!("{}/{name}", admin.trim_end_matches('/')),
+    }
+}

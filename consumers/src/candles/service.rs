@@ -24,13 +24,13 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 use rdkafka::consumer::{BaseConsumer, Consumer, StreamConsumer};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::FutureProducer;
 use rdkafka::{Message, Offset, TopicPartitionList};
 use tickpipe_producer::kafka::{ensure_topic_names, producer_config, TopicError};
 use tickpipe_schemas::{Codec, DeadLetter, Record, Source, Topic, Trade, WriteFraming};
 
 use super::aggregate::{CandleBuilder, CandleConfig, Output};
-use crate::kafka::consumer_config;
+use crate::kafka::{consumer_config, send_all};
 
 /// How far before its stored position a partition is re-read on start; the
 /// records below the position are skipped. tansu 0.6 answers a fetch only with
@@ -395,40 +395,6 @@ pub async fn run(config: ServiceConfig, shutdown: impl Future<Output = ()>) -> R
         }
     }
     tracing::info!("candles: stopped after committing its last batch");
-    Ok(())
-}
-
-/// Produces records and waits until the broker acknowledged every one. All are
-/// enqueued first, so that librdkafka batches them, then awaited.
-async fn send_all(producer: &FutureProducer, records: Vec<(String, String, Vec<u8>)>) -> Result<(), ServiceError> {
-    let mut deliveries = Vec::with_capacity(records.len());
-    for (topic, key, value) in &records {
-        let mut record = FutureRecord::to(topic).key(key).payload(value);
-        loop {
-            match producer.send_result(record) {
-                Ok(delivery) => {
-                    deliveries.push(delivery);
-                    break;
-                }
-                // The local queue is full: let deliveries drain, then retry.
-                Err((
-                    rdkafka::error::KafkaError::MessageProduction(rdkafka::types::RDKafkaErrorCode::QueueFull),
-                    r,
-                )) => {
-                    record = r;
-                    tokio::time::sleep(Duration::from_millis(1)).await;
-                }
-                Err((e, _)) => return Err(ServiceError::Kafka(e)),
-            }
-        }
-    }
-    for d in deliveries {
-        match d.await {
-            Ok(Ok(_)) => {}
-            Ok(Err((e, _))) => return Err(ServiceError::Kafka(e)),
-            Err(_) => return Err(ServiceError::State("the producer dropped a delivery report".into())),
-        }
-    }
     Ok(())
 }
 

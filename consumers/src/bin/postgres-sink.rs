@@ -1,0 +1,109 @@
+//! `postgres-sink`: the entity topics into PostgreSQL, exactly once per offset.
+//! Parses its configuration and calls `run`; everything else is in the library.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::Parser;
+use tickpipe_consumers::pg::sink::{run, SinkConfig};
+use tickpipe_schemas::Topic;
+
+/// Writes every entity topic into PostgreSQL: current state, SCD2 asset
+/// history, append tables and dead letters, exactly once per Kafka offset.
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Args {
+    /// Kafka bootstrap servers.
+    #[arg(long, env = "TICKPIPE_KAFKA_BROKERS", default_value = "127.0.0.1:9092")]
+    brokers: String,
+    /// Prefix of every topic name, so that several pipelines share a cluster.
+    #[arg(long, env = "TICKPIPE_TOPIC_PREFIX", default_value = "")]
+    topic_prefix: String,
+    /// Entity topics to consume (names without prefix), comma-separated.
+    #[arg(
+        long,
+        env = "TICKPIPE_POSTGRES_SINK_TOPICS",
+        value_delimiter = ',',
+        default_value = "assets,rates,exchanges,markets,prices,trades,candles,dead-letters"
+    )]
+    topics: Vec<String>,
+    /// PostgreSQL connection (URL or key=value string). The password, if any,
+    /// is never logged; prefer PGPASSWORD-style secrets in the URL from a file.
+    #[arg(
+        long,
+        env = "TICKPIPE_POSTGRES_URL",
+        default_value = "postgresql://postgres@127.0.0.1:5432/postgres",
+        hide_env_values = true
+    )]
+    postgres_url: String,
+    /// Connections in the pool.
+    #[arg(long, env = "TICKPIPE_POSTGRES_POOL_SIZE", default_value_t = 4)]
+    pool_size: usize,
+    /// Consumer group; also the key of the offsets stored in Postgres.
+    #[arg(long, env = "TICKPIPE_POSTGRES_SINK_GROUP", default_value = "tickpipe-postgres-sink")]
+    group: String,
+    /// Most records per batch (one transaction).
+    #[arg(long, env = "TICKPIPE_POSTGRES_SINK_BATCH_MAX", default_value_t = 20_000)]
+    batch_max: usize,
+    /// Longest wait for a batch to fill, in ms.
+    #[arg(long, env = "TICKPIPE_POSTGRES_SINK_BATCH_WAIT_MS", default_value_t = 200)]
+    batch_wait_ms: u64,
+    /// Records re-read before the stored offset on assignment (skipped, not
+    /// rewritten). Needed on tansu, which cannot resume inside a record batch;
+    /// 0 is enough on Apache Kafka.
+    #[arg(long, env = "TICKPIPE_RESUME_REWIND", default_value_t = 10_000)]
+    resume_rewind: i64,
+    /// Longest pause between retries of a failed write, in ms.
+    #[arg(long, env = "TICKPIPE_POSTGRES_SINK_MAX_BACKOFF_MS", default_value_t = 5_000)]
+    max_backoff_ms: u64,
+    /// Partitions of the topics this service creates when they are missing.
+    #[arg(long, env = "TICKPIPE_TOPIC_PARTITIONS", default_value_t = 3)]
+    partitions: i32,
+    /// Address of /metrics, /healthz and /readyz ("off" to disable).
+    #[arg(long, env = "TICKPIPE_POSTGRES_SINK_METRICS_ADDR", default_value = "127.0.0.1:9104")]
+    metrics_addr: String,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    // Installed before anything else, so a SIGTERM during start-up is a clean stop too.
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .init();
+    let args = Args::parse();
+    let metrics_addr = match args.metrics_addr.as_str() {
+        "off" => None,
+        a => Some(
+            a.parse::<SocketAddr>()
+                .map_err(|e| anyhow::anyhow!("--metrics-addr {a:?}: {e}"))?,
+        ),
+    };
+    let topics = args
+        .topics
+        .iter()
+        .map(|t| Topic::from_base_name(t.trim()).ok_or_else(|| anyhow::anyhow!("--topics: no entity topic {t:?}")))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let config = SinkConfig {
+        brokers: args.brokers,
+        topic_prefix: args.topic_prefix,
+        topics,
+        group: args.group,
+        postgres_url: args.postgres_url,
+        pool_size: args.pool_size,
+        batch_max: args.batch_max,
+        batch_wait: Duration::from_millis(args.batch_wait_ms),
+        resume_rewind: args.resume_rewind,
+        max_backoff: Duration::from_millis(args.max_backoff_ms),
+        partitions: args.partitions,
+        metrics_addr,
+    };
+    let shutdown = async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+    };
+    run(config, shutdown).await?;
+    Ok(())
+}

@@ -1,0 +1,11 @@
+//! The `postgres-sink`: every entity topic into PostgreSQL, exactly once per
+//! Kafka offset. `migrate` holds the embedded schema, `validate` the meaning
+//! checks, `rows` the table writes, `sink` the service.
+
+pub mod migrate;
+pub mod rows;
+pub mod sink;
+pub mod validate;
+
+/// The name this service signs its dead letters with.
+pub const COMPONENT: &str = "postgres-sink";

@@ -1,0 +1,198 @@
+//! What a record must mean before it is written: the checks the schema cannot
+//! express. Pure functions; a failure is the reason stored with the dead letter.
+
+use rust_decimal::Decimal;
+use tickpipe_schemas::{Asset, Candle, Exchange, Market, Micros, Price, Rate, Trade};
+
+use crate::candles::Interval;
+
+/// 2009-01-03, the first block of the first cryptocurrency: nothing we carry is older.
+pub const EARLIEST_MICROS: Micros = 1_230_940_800_000_000;
+/// How far ahead of this machine's clock an exchange clock may run.
+pub const MAX_CLOCK_SKEW_MICROS: Micros = 24 * 3600 * 1_000_000;
+
+/// Validation against the clock `now` (microseconds since the epoch).
+#[derive(Debug, Clone, Copy)]
+pub struct Rules {
+    pub now: Micros,
+}
+
+type Check = Result<(), String>;
+
+fn positive(field: &str, v: &Decimal) -> Check {
+    if v.is_sign_positive() && !v.is_zero() {
+        Ok(())
+    } else {
+        Err(format!("{field} must be positive, got {v}"))
+    }
+}
+
+fn not_negative(field: &str, v: &Decimal) -> Check {
+    if v.is_sign_negative() && !v.is_zero() {
+        Err(format!("{field} must not be negative, got {v}"))
+    } else {
+        Ok(())
+    }
+}
+
+fn opt(field: &str, v: &Option<Decimal>, f: fn(&str, &Decimal) -> Check) -> Check {
+    v.as_ref().map_or(Ok(()), |v| f(field, v))
+}
+
+fn not_empty(field: &str, v: &str) -> Check {
+    if v.trim().is_empty() {
+        Err(format!("{field} is empty"))
+    } else {
+        Ok(())
+    }
+}
+
+impl Rules {
+    pub fn at(now: Micros) -> Self {
+        Rules { now }
+    }
+
+    fn time(&self, field: &str, t: Micros) -> Check {
+        if t < EARLIEST_MICROS {
+            Err(format!("{field} {t} µs is before 2009-01-03"))
+        } else if t > self.now.saturating_add(MAX_CLOCK_SKEW_MICROS) {
+            Err(format!("{field} {t} µs is more than a day in the future"))
+        } else {
+            Ok(())
+        }
+    }
+
+    fn times(&self, event_time: Micros, ingest_time: Micros) -> Check {
+        self.time("event_time", event_time)?;
+        self.time("ingest_time", ingest_time)
+    }
+
+    pub fn trade(&self, t: &Trade) -> Check {
+        not_empty("venue", &t.venue)?;
+        not_empty("symbol", &t.symbol)?;
+        if t.trade_id < 0 {
+            return Err(format!("trade_id must not be negative, got {}", t.trade_id));
+        }
+        positive("price", &t.price)?;
+        positive("quantity", &t.quantity)?;
+        if let (Some(first), Some(last)) = (t.first_trade_id, t.last_trade_id) {
+            if first > last {
+                return Err(format!("first_trade_id {first} is after last_trade_id {last}"));
+            }
+        }
+        self.times(t.event_time, t.ingest_time)
+    }
+
+    pub fn candle(&self, c: &Candle) -> Check {
+        not_empty("venue", &c.venue)?;
+        not_empty("symbol", &c.symbol)?;
+        // Binance's calendar intervals (weeks start on Monday, months vary) are
+        // known but not epoch-aligned; every other interval must be.
+        if !matches!(c.interval.as_str(), "1w" | "1M") {
+            let interval: Interval = c
+                .interval
+                .parse()
+                .map_err(|e| format!("unknown interval {:?}: {e}", c.interval))?;
+            if interval.open_of(c.open_time) != c.open_time {
+                return Err(format!(
+                    "open_time {} is not aligned to a {} window",
+                    c.open_time, c.interval
+                ));
+            }
+            if c.close_time >= c.open_time.saturating_add(interval.micros()) {
+                return Err(format!(
+                    "close_time {} is after the {} window opening at {}",
+                    c.close_time, c.interval, c.open_time
+                ));
+            }
+        }
+        if c.close_time <= c.open_time {
+            return Err(format!(
+                "close_time {} is not after open_time {}",
+                c.close_time, c.open_time
+            ));
+        }
+        for (name, v) in [
+            ("open", &c.open),
+            ("high", &c.high),
+            ("low", &c.low),
+            ("close", &c.close),
+        ] {
+            positive(name, v)?;
+        }
+        if c.low > c.high || c.open > c.high || c.close > c.high || c.open < c.low || c.close < c.low {
+            return Err(format!(
+                "prices are inconsistent: open {} high {} low {} close {}",
+                c.open, c.high, c.low, c.close
+            ));
+        }
+        for (name, v) in [
+            ("volume", &c.volume),
+            ("quote_volume", &c.quote_volume),
+            ("taker_buy_base_volume", &c.taker_buy_base_volume),
+            ("taker_buy_quote_volume", &c.taker_buy_quote_volume),
+        ] {
+            not_negative(name, v)?;
+        }
+        if c.trade_count < 0 {
+            return Err(format!("trade_count must not be negative, got {}", c.trade_count));
+        }
+        self.time("open_time", c.open_time)?;
+        self.times(c.event_time, c.ingest_time)
+    }
+
+    pub fn asset(&self, a: &Asset) -> Check {
+        not_empty("id", &a.id)?;
+        not_empty("symbol", &a.symbol)?;
+        if a.rank < 1 {
+            return Err(format!("rank must be at least 1, got {}", a.rank));
+        }
+        positive("price_usd", &a.price_usd)?;
+        not_negative("supply", &a.supply)?;
+        opt("max_supply", &a.max_supply, not_negative)?;
+        opt("market_cap_usd", &a.market_cap_usd, not_negative)?;
+        opt("volume_usd_24h", &a.volume_usd_24h, not_negative)?;
+        opt("vwap_24h", &a.vwap_24h, not_negative)?;
+        self.times(a.event_time, a.ingest_time)
+    }
+
+    pub fn rate(&self, r: &Rate) -> Check {
+        not_empty("id", &r.id)?;
+        not_empty("symbol", &r.symbol)?;
+        positive("rate_usd", &r.rate_usd)?;
+        self.times(r.event_time, r.ingest_time)
+    }
+
+    pub fn exchange(&self, e: &Exchange) -> Check {
+        not_empty("exchange_id", &e.exchange_id)?;
+        if e.rank < 1 {
+            return Err(format!("rank must be at least 1, got {}", e.rank));
+        }
+        if e.trading_pairs < 0 {
+            return Err(format!("trading_pairs must not be negative, got {}", e.trading_pairs));
+        }
+        opt("percent_total_volume", &e.percent_total_volume, not_negative)?;
+        opt("volume_usd", &e.volume_usd, not_negative)?;
+        self.times(e.event_time, e.ingest_time)
+    }
+
+    pub fn market(&self, m: &Market) -> Check {
+        not_empty("exchange_id", &m.exchange_id)?;
+        not_empty("base_symbol", &m.base_symbol)?;
+        not_empty("quote_symbol", &m.quote_symbol)?;
+        positive("price_quote", &m.price_quote)?;
+        positive("price_usd", &m.price_usd)?;
+        opt("volume_usd_24h", &m.volume_usd_24h, not_negative)?;
+        opt("percent_exchange_volume", &m.percent_exchange_volume, not_negative)?;
+        if m.trades_count_24h.is_some_and(|n| n < 0) {
+            return Err("trades_count_24h must not be negative".into());
+        }
+        self.times(m.event_time, m.ingest_time)
+    }
+
+    pub fn price(&self, p: &Price) -> Check {
+        not_empty("asset_id", &p.asset_id)?;
+        positive("price_usd", &p.price_usd)?;
+        self.times(p.event_time, p.ingest_time)
+    }
+}

@@ -1,0 +1,466 @@
+//! `postgres-sink` against the real broker and the real PostgreSQL: poison
+//! records of every kind end in dead letters with their reason while the records
+//! around them are written; CoinCap state never regresses and the SCD2 history
+//! is exact whatever the arrival order.
+
+use std::collections::BTreeMap;
+use std::str::FromStr;
+use std::time::Duration;
+
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::Message;
+use tickpipe_consumers::kafka::consumer_config;
+use tickpipe_consumers::pg::sink::{run, SinkConfig};
+use tickpipe_producer::kafka::{ensure_topics, producer_config};
+use tickpipe_schemas::decimal::put_unscaled;
+use tickpipe_schemas::field::AvroField;
+use tickpipe_schemas::{
+    Asset, Candle, CandleOrigin, Codec, DeadLetter, Decimal, Exchange, Market, Price, Rate, RateType, Record, Source,
+    Topic, Trade, TradeKind, WriteFraming,
+};
+use tickpipe_testkit::stack;
+use tokio_postgres::{Client, NoTls};
+
+const T0: i64 = 1_741_046_400_000_000; // 2025-03-04T00:00:00Z
+
+fn dec(s: &str) -> Decimal {
+    Decimal::from_str(s).unwrap()
+}
+
+fn trade(id: i64, price: &str) -> Trade {
+    Trade {
+        venue: "binance".into(),
+        symbol: "TRXUSDT".into(),
+        kind: TradeKind::Trade,
+        trade_id: id,
+        price: dec(price),
+        quantity: dec("1234.5"),
+        buyer_is_maker: id % 2 == 0,
+        first_trade_id: None,
+        last_trade_id: None,
+        source: Source::Replay,
+        event_time: T0 + id * 1000,
+        ingest_time: T0 + id * 1000 + 7,
+    }
+}
+
+fn config(prefix: &str, url: &str) -> SinkConfig {
+    SinkConfig {
+        brokers: stack::kafka_brokers(),
+        topic_prefix: prefix.into(),
+        topics: Topic::ALL.to_vec(),
+        group: format!("{prefix}sink"),
+        postgres_url: url.into(),
+        pool_size: 2,
+        batch_max: 1000,
+        batch_wait: Duration::from_millis(50),
+        resume_rewind: 10_000,
+        max_backoff: Duration::from_millis(500),
+        partitions: 3,
+        metrics_addr: None,
+    }
+}
+
+async fn setup(name: &str) -> (String, String, Client) {
+    let prefix = format!("{}.", stack::unique_name(name));
+    ensure_topics(&stack::kafka_brokers(), &prefix, &Topic::ALL, 3, 1)
+        .await
+        .unwrap_or_else(|e| panic!("is the broker up (make stack-up)? {e}"));
+    let url = stack::fresh_database(name).await;
+    let (client, conn) = tokio_postgres::connect(&url, NoTls).await.unwrap();
+    tokio::spawn(conn);
+    (prefix, url, client)
+}
+
+async fn publish(topic: &str, records: &[(String, Vec<u8>)]) {
+    let producer: FutureProducer = producer_config(&stack::kafka_brokers()).create().unwrap();
+    for (key, payload) in records {
+        producer
+            .send(
+                FutureRecord::to(topic).key(key).payload(payload),
+                Duration::from_secs(10),
+            )
+            .await
+            .unwrap();
+    }
+}
+
+/// Polls `sql` (one bigint) until it returns `want`, or fails after `secs`.
+async fn wait_count(client: &Client, sql: &str, want: i64, secs: u64) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+    loop {
+        // The tables appear when the sink has migrated.
+        let got = client
+            .query_one(sql, &[])
+            .await
+            .ok()
+            .and_then(|r| r.try_get::<_, i64>(0).ok());
+        if got == Some(want) {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{sql}: {got:?} after {secs} s, want {want}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A trade body whose price is a 38-digit decimal: valid Avro decimal(38, 18),
+/// but beyond the 28 digits the pipeline carries exactly.
+fn overflowing_trade(codec: &Codec) -> Vec<u8> {
+    let t = trade(7, "1");
+    let mut out = codec.encode(&t).unwrap()[..10].to_vec();
+    t.venue.write(&mut out).unwrap();
+    t.symbol.write(&mut out).unwrap();
+    0i32.write(&mut out).unwrap(); // kind: trade
+    t.trade_id.write(&mut out).unwrap();
+    put_unscaled(&mut out, 12_345_678_901_234_567_890_123_456_789_012_345_678);
+    t.quantity.write(&mut out).unwrap();
+    t.buyer_is_maker.write(&mut out).unwrap();
+    t.first_trade_id.write(&mut out).unwrap();
+    t.last_trade_id.write(&mut out).unwrap();
+    2i32.write(&mut out).unwrap(); // source: binance
+    t.event_time.write(&mut out).unwrap();
+    t.ingest_time.write(&mut out).unwrap();
+    out
+}
+
+/// A payload and, for a poison record, the stage and words its reason must hold.
+type Case = (Vec<u8>, Option<(&'static str, &'static str)>);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poison_records_land_in_dead_letters_and_the_rest_is_written() {
+    let (prefix, url, client) = setup("pgsink_poison").await;
+    let codec = Codec::new(WriteFraming::SingleObject);
+    let key = "binance:TRXUSDT".to_string();
+    let asset = Asset {
+        id: "bitcoin".into(),
+        rank: 1,
+        symbol: "BTC".into(),
+        name: "Bitcoin".into(),
+        supply: dec("19800000"),
+        max_supply: None,
+        market_cap_usd: None,
+        volume_usd_24h: None,
+        price_usd: dec("90000"),
+        change_percent_24h: None,
+        vwap_24h: None,
+        explorer: None,
+        tokens: BTreeMap::new(),
+        source: Source::Coincap,
+        event_time: T0,
+        ingest_time: T0,
+    };
+    let mut nul = trade(8, "0.25");
+    nul.symbol = "TRX\0USDT".into();
+    let mut unknown_id = vec![0u8, 0, 0, 0x03, 0xe7];
+    unknown_id.extend_from_slice(&codec.encode(&trade(5, "1")).unwrap()[10..]);
+    // (payload, stage, words the reason must contain); None = a valid trade.
+    let cases: Vec<Case> = vec![
+        (codec.encode(&trade(1, "0.2391")).unwrap(), None),
+        (b"not avro at all".to_vec(), Some(("decode", "unknown_framing"))),
+        (codec.encode(&trade(2, "0.2392")).unwrap(), None),
+        (unknown_id, Some(("decode", "schema id 999"))),
+        (codec.encode(&asset).unwrap(), Some(("decode", "Asset"))),
+        (
+            codec.encode(&trade(6, "-0.5")).unwrap(),
+            Some(("validate", "price must be positive")),
+        ),
+        (overflowing_trade(&codec), Some(("decode", "price"))),
+        (codec.encode(&nul).unwrap(), Some(("write", "postgres 22021"))),
+        (codec.encode(&trade(3, "0.2393")).unwrap(), None),
+    ];
+    let topic = Topic::Trades.name(&prefix);
+    publish(
+        &topic,
+        &cases.iter().map(|(p, _)| (key.clone(), p.clone())).collect::<Vec<_>>(),
+    )
+    .await;
+
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let sink = tokio::spawn(run(config(&prefix, &url), async {
+        let _ = stopped.await;
+    }));
+    wait_count(&client, "SELECT count(*) FROM dead_letters", 6, 60).await;
+    wait_count(&client, "SELECT count(*) FROM trades", 3, 10).await;
+    wait_count(
+        &client,
+        "SELECT sum(next_offset)::bigint FROM sink_offsets",
+        cases.len() as i64,
+        10,
+    )
+    .await;
+    let _ = stop.send(());
+    sink.await.unwrap().unwrap();
+
+    let prices: Vec<(i64, Decimal)> = client
+        .query("SELECT trade_id, price FROM trades ORDER BY trade_id", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(prices, vec![(1, dec("0.2391")), (2, dec("0.2392")), (3, dec("0.2393"))]);
+    let letters = client
+        .query(
+            "SELECT component, stage, error, topic, \"offset\", key, payload FROM dead_letters ORDER BY \"offset\"",
+            &[],
+        )
+        .await
+        .unwrap();
+    let bad: Vec<(usize, &Case)> = cases.iter().enumerate().filter(|(_, c)| c.1.is_some()).collect();
+    assert_eq!(letters.len(), bad.len());
+    for (row, (offset, (payload, expect))) in letters.iter().zip(bad) {
+        let (stage, words) = expect.unwrap();
+        let error: String = row.get(2);
+        assert_eq!(row.get::<_, String>(0), "postgres-sink");
+        assert_eq!(row.get::<_, String>(1), stage, "offset {offset}: {error}");
+        assert!(error.contains(words), "offset {offset}: {error:?} lacks {words:?}");
+        assert_eq!(row.get::<_, Option<String>>(3).as_deref(), Some(topic.as_str()));
+        assert_eq!(row.get::<_, Option<i64>>(4), Some(offset as i64));
+        assert_eq!(row.get::<_, Option<Vec<u8>>>(5), Some(key.clone().into_bytes()));
+        assert_eq!(&row.get::<_, Vec<u8>>(6), payload, "the raw bytes are kept");
+    }
+
+    // The same rejects were published to the dead-letters topic.
+    let consumer: StreamConsumer = consumer_config(&stack::kafka_brokers(), &stack::unique_name("dl-reader"))
+        .create()
+        .unwrap();
+    consumer.subscribe(&[&Topic::DeadLetters.name(&prefix)]).unwrap();
+    let mut seen = Vec::new();
+    while seen.len() < 6 {
+        let msg = tokio::time::timeout(Duration::from_secs(30), consumer.recv())
+            .await
+            .expect("dead letters on the topic")
+            .unwrap();
+        let d: DeadLetter = codec.decode(msg.payload().unwrap()).unwrap();
+        assert_eq!(d.component, "postgres-sink");
+        seen.push(d.offset.unwrap());
+    }
+    seen.sort();
+    assert_eq!(seen, vec![1, 3, 4, 5, 6, 7]);
+}
+
+fn asset_at(t: i64, price: &str, rank: i32) -> Asset {
+    Asset {
+        id: "bitcoin".into(),
+        rank,
+        symbol: "BTC".into(),
+        name: "Bitcoin".into(),
+        supply: dec("19800000.5"),
+        max_supply: Some(dec("21000000")),
+        market_cap_usd: None,
+        volume_usd_24h: Some(dec("1000000.123456789012345678")),
+        price_usd: dec(price),
+        change_percent_24h: None,
+        vwap_24h: None,
+        explorer: Some("https://blockchain.info/".into()),
+        tokens: BTreeMap::from([("eth".into(), vec!["0xabc".into()])]),
+        source: Source::Coincap,
+        event_time: T0 + t * 1_000_000,
+        ingest_time: T0 + t * 1_000_000 + 5,
+    }
+}
+
+fn rate_at(t: i64, usd: &str) -> Rate {
+    Rate {
+        id: "euro".into(),
+        symbol: "EUR".into(),
+        currency_symbol: Some("€".into()),
+        rate_type: RateType::Fiat,
+        rate_usd: dec(usd),
+        source: Source::Coincap,
+        event_time: T0 + t * 1_000_000,
+        ingest_time: T0 + t * 1_000_000,
+    }
+}
+
+fn exchange_at(t: i64, volume: &str) -> Exchange {
+    Exchange {
+        exchange_id: "binance".into(),
+        name: "Binance".into(),
+        rank: 1,
+        percent_total_volume: Some(dec("21.370000000000000000")),
+        volume_usd: Some(dec(volume)),
+        trading_pairs: 1400,
+        socket: Some(true),
+        exchange_url: None,
+        source: Source::Coincap,
+        event_time: T0 + t * 1_000_000,
+        ingest_time: T0 + t * 1_000_000,
+    }
+}
+
+fn market_at(t: i64, price: &str) -> Market {
+    Market {
+        exchange_id: "binance".into(),
+        rank: 1,
+        base_symbol: "BTC".into(),
+        base_id: "bitcoin".into(),
+        quote_symbol: "USDT".into(),
+        quote_id: "tether".into(),
+        price_quote: dec(price),
+        price_usd: dec(price),
+        volume_usd_24h: None,
+        percent_exchange_volume: None,
+        trades_count_24h: Some(1_000_000),
+        source: Source::Coincap,
+        event_time: T0 + t * 1_000_000,
+        ingest_time: T0 + t * 1_000_000,
+    }
+}
+
+fn candle_version(volume: &str, count: i64) -> Candle {
+    Candle {
+        venue: "binance".into(),
+        symbol: "TRXUSDT".into(),
+        interval: "1m".into(),
+        origin: CandleOrigin::Aggregated,
+        open_time: T0,
+        close_time: T0 + 59_999_000,
+        open: dec("0.24"),
+        high: dec("0.25"),
+        low: dec("0.23"),
+        close: dec("0.245"),
+        volume: dec(volume),
+        quote_volume: dec("10"),
+        trade_count: count,
+        taker_buy_base_volume: dec("1"),
+        taker_buy_quote_volume: dec("0.24"),
+        first_trade_id: Some(1),
+        last_trade_id: Some(count),
+        closed: true,
+        source: Source::Binance,
+        event_time: T0 + 60_000_000,
+        ingest_time: T0 + 60_000_000,
+    }
+}
+
+async fn publish_records<R: Record>(prefix: &str, topic: Topic, records: &[R]) {
+    let codec = Codec::new(WriteFraming::SingleObject);
+    let encoded: Vec<(String, Vec<u8>)> = records.iter().map(|r| (r.key(), codec.encode(r).unwrap())).collect();
+    publish(&topic.name(prefix), &encoded).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn coincap_state_never_regresses_and_asset_history_is_exact() {
+    let (prefix, url, client) = setup("pgsink_state").await;
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let sink = tokio::spawn(run(config(&prefix, &url), async {
+        let _ = stopped.await;
+    }));
+
+    // First batch: the state at t=20.
+    publish_records(&prefix, Topic::Assets, &[asset_at(20, "100", 1)]).await;
+    publish_records(&prefix, Topic::Rates, &[rate_at(20, "1.05")]).await;
+    wait_count(&client, "SELECT count(*) FROM asset_history", 1, 60).await;
+
+    // Then, out of order, replayed and unchanged states, in later batches.
+    publish_records(&prefix, Topic::Assets, &[asset_at(10, "90", 1)]).await; // older: history only
+    wait_count(&client, "SELECT count(*) FROM asset_history", 2, 30).await;
+    publish_records(
+        &prefix,
+        Topic::Assets,
+        &[
+            asset_at(30, "100", 1), // same values as at 20: no new version
+            asset_at(20, "100", 1), // replay
+            asset_at(50, "120", 2),
+            asset_at(40, "110", 1), // late, between 30 and 50
+            asset_at(45, "120", 2), // same as 50, arriving later: the 50 version starts at 45
+        ],
+    )
+    .await;
+    publish_records(&prefix, Topic::Rates, &[rate_at(10, "0.99"), rate_at(15, "1.01")]).await;
+    publish_records(
+        &prefix,
+        Topic::Exchanges,
+        &[exchange_at(20, "500"), exchange_at(10, "400")],
+    )
+    .await;
+    publish_records(
+        &prefix,
+        Topic::Markets,
+        &[market_at(10, "90000"), market_at(20, "91000")],
+    )
+    .await;
+    publish_records(
+        &prefix,
+        Topic::Candles,
+        &[candle_version("5", 5), candle_version("6", 6)],
+    )
+    .await;
+    let price = Price {
+        asset_id: "bitcoin".into(),
+        price_usd: dec("90123.45"),
+        source: Source::Coincap,
+        event_time: T0,
+        ingest_time: T0,
+    };
+    publish_records(&prefix, Topic::Prices, &[price.clone(), price]).await;
+    wait_count(&client, "SELECT count(*) FROM prices", 1, 30).await;
+    wait_count(&client, "SELECT trade_count FROM candles", 6, 30).await;
+    wait_count(&client, "SELECT count(*) FROM markets WHERE price_usd = 91000", 1, 30).await;
+    wait_count(&client, "SELECT count(*) FROM asset_history", 4, 30).await;
+    let _ = stop.send(());
+    sink.await.unwrap().unwrap();
+
+    let current = client
+        .query_one(
+            "SELECT price_usd, rank, extract(epoch FROM event_time)::bigint, tokens::text FROM assets",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(current.get::<_, Decimal>(0), dec("120"));
+    assert_eq!(current.get::<_, i32>(1), 2);
+    assert_eq!(current.get::<_, i64>(2), T0 / 1_000_000 + 50);
+    assert_eq!(current.get::<_, String>(3), r#"{"eth": ["0xabc"]}"#);
+
+    let history: Vec<(i64, Option<i64>, Decimal)> = client
+        .query(
+            "SELECT extract(epoch FROM valid_from)::bigint - $1, extract(epoch FROM valid_to)::bigint - $1, price_usd \
+             FROM asset_history ORDER BY valid_from",
+            &[&(T0 / 1_000_000)],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    assert_eq!(
+        history,
+        vec![
+            (10, Some(20), dec("90")),
+            (20, Some(40), dec("100")),
+            (40, Some(45), dec("110")),
+            (45, None, dec("120")),
+        ]
+    );
+    let volume: Decimal = client
+        .query_one("SELECT volume_usd_24h FROM asset_history WHERE valid_to IS NULL", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(volume, dec("1000000.123456789012345678"), "exact to 18 decimals");
+
+    let rate: Decimal = client
+        .query_one("SELECT rate_usd FROM rates", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(rate, dec("1.05"), "older rates never overwrite a newer one");
+    let volume: Decimal = client
+        .query_one("SELECT volume_usd FROM exchanges", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(volume, dec("500"));
+    let candle: Decimal = client
+        .query_one("SELECT volume FROM candles", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(candle, dec("6"), "the corrected candle replaces the first version");
+}
