@@ -57,6 +57,8 @@ fn config(prefix: &str, url: &str) -> SinkConfig {
         batch_wait: Duration::from_millis(50),
         resume_rewind: 10_000,
         max_backoff: Duration::from_millis(500),
+        session_timeout: Duration::from_secs(6),
+        instance_id: None,
         partitions: 3,
         metrics_addr: None,
     }

@@ -112,7 +112,8 @@ pub fn agg_trades_csv(path: &Path, symbol: &str) -> Vec<Trade> {
 
 /// A recorder's flattened `@trade` stream CSV with header: receive time, stream,
 /// event type, event time, trade time, symbol, trade id, price, quantity, buyer
-/// is maker (0/1), then the order type `X` (futures) or `M` (spot). Times in ms.
+/// is maker (0/1), then the order type `X` (futures) or `M` (spot). Times in ms
+/// (futures) or µs (spot since 2025).
 /// Returns each trade with its last column.
 pub fn trade_stream_csv(path: &Path, venue: &str) -> Vec<(Trade, String)> {
     lines(path)
@@ -134,12 +135,22 @@ pub fn trade_stream_csv(path: &Path, venue: &str) -> Vec<(Trade, String)> {
                 first_trade_id: None,
                 last_trade_id: None,
                 source: Source::Replay,
-                event_time: int(f[4], &at) * 1000,
-                ingest_time: int(f[0], &at) * 1000,
+                event_time: micros(int(f[4], &at)),
+                ingest_time: micros(int(f[0], &at)),
             };
             (trade, f[10].to_owned())
         })
         .collect()
+}
+
+/// Microseconds from a Binance time in ms or µs, told apart by magnitude (spot
+/// streams and files switched to µs in 2025; 10^14 ms is in the year 5138).
+fn micros(t: i64) -> i64 {
+    if t.abs() >= 100_000_000_000_000 {
+        t
+    } else {
+        t * 1000
+    }
 }
 
 /// Rows of a CSV file with a header line, split on commas.

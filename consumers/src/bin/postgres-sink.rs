@@ -56,6 +56,13 @@ struct Args {
     /// Longest pause between retries of a failed write, in ms.
     #[arg(long, env = "TICKPIPE_POSTGRES_SINK_MAX_BACKOFF_MS", default_value_t = 5_000)]
     max_backoff_ms: u64,
+    /// Milliseconds the group waits for a silent member before moving its partitions.
+    #[arg(long, env = "TICKPIPE_POSTGRES_SINK_SESSION_TIMEOUT_MS", default_value_t = 10_000)]
+    session_timeout_ms: u64,
+    /// Static group membership id (e.g. the pod name): a restarted instance
+    /// with the same id gets its partitions back without a rebalance.
+    #[arg(long, env = "TICKPIPE_POSTGRES_SINK_INSTANCE_ID")]
+    instance_id: Option<String>,
     /// Partitions of the topics this service creates when they are missing.
     #[arg(long, env = "TICKPIPE_TOPIC_PARTITIONS", default_value_t = 3)]
     partitions: i32,
@@ -95,6 +102,8 @@ async fn main() -> anyhow::Result<()> {
         batch_wait: Duration::from_millis(args.batch_wait_ms),
         resume_rewind: args.resume_rewind,
         max_backoff: Duration::from_millis(args.max_backoff_ms),
+        session_timeout: Duration::from_millis(args.session_timeout_ms),
+        instance_id: args.instance_id,
         partitions: args.partitions,
         metrics_addr,
     };

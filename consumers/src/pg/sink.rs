@@ -72,6 +72,11 @@ pub struct SinkConfig {
     pub resume_rewind: i64,
     /// Longest pause between retries of a failed write.
     pub max_backoff: Duration,
+    /// How long the group waits for a silent member before moving its partitions.
+    pub session_timeout: Duration,
+    /// Static group membership (`group.instance.id`): a restarted instance with
+    /// the same id gets its partitions back without a rebalance.
+    pub instance_id: Option<String>,
     /// Partitions for topics this service creates when they are missing.
     pub partitions: i32,
     /// Where `/metrics`, `/healthz` and `/readyz` are served, if anywhere.
@@ -497,14 +502,24 @@ async fn publish(
     Ok(send_all(producer, records).await?)
 }
 
+/// Where a partition's reading stands.
+#[derive(Debug, Default, Clone, Copy)]
+struct Position {
+    /// The next offset the broker should deliver, when known.
+    expect: Option<i64>,
+    /// Records below this offset are in Postgres already.
+    written_below: Option<i64>,
+}
+
 /// What the consumer thread shares with the rebalance callback.
 struct SinkContext {
     runtime: tokio::runtime::Handle,
     pool: Pool,
     group: String,
     rewind: i64,
-    /// Offsets below which records are already written, learnt at assignment.
-    skip_below: Arc<Mutex<HashMap<(String, i32), i64>>>,
+    /// Per assigned partition: where reading goes on, and below which offset
+    /// records are already written (learnt at assignment).
+    positions: Arc<Mutex<HashMap<(String, i32), Position>>>,
     stop: Arc<AtomicBool>,
     metrics: Metrics,
 }
@@ -573,19 +588,21 @@ impl ConsumerContext for SinkContext {
                     return;
                 };
                 let mut positioned = TopicPartitionList::new();
-                let mut skip = self.skip_below.lock().unwrap_or_else(|p| p.into_inner());
+                let mut positions = self.positions.lock().unwrap_or_else(|p| p.into_inner());
                 for e in tpl.elements() {
                     let tp = (e.topic().to_owned(), e.partition());
-                    let offset = match stored.get(&tp) {
+                    let (offset, position) = match stored.get(&tp) {
                         Some(next) => {
-                            skip.insert(tp.clone(), *next);
-                            Offset::Offset(next.saturating_sub(self.rewind).max(0))
+                            let from = next.saturating_sub(self.rewind).max(0);
+                            let position = Position {
+                                expect: Some(from),
+                                written_below: Some(*next),
+                            };
+                            (Offset::Offset(from), position)
                         }
-                        None => {
-                            skip.remove(&tp);
-                            Offset::Beginning
-                        }
+                        None => (Offset::Beginning, Position::default()),
                     };
+                    positions.insert(tp.clone(), position);
                     tracing::info!(topic = tp.0, partition = tp.1, ?offset, "postgres-sink: assigned");
                     if let Err(e) = positioned.add_partition_offset(&tp.0, tp.1, offset) {
                         tracing::error!("postgres-sink: cannot position {}[{}]: {e}", tp.0, tp.1);
@@ -647,7 +664,7 @@ pub async fn run(config: SinkConfig, shutdown: impl Future<Output = ()>) -> Resu
         pool: pool.clone(),
         group: config.group.clone(),
         rewind: config.resume_rewind,
-        skip_below: Arc::default(),
+        positions: Arc::default(),
         stop: stop.clone(),
         metrics: metrics.clone(),
     };
@@ -769,9 +786,13 @@ fn consume(
     batches: mpsc::Sender<Vec<Item>>,
     commits: std::sync::mpsc::Receiver<TopicPartitionList>,
 ) -> Result<(), SinkError> {
-    let skip_below = context.skip_below.clone();
+    let positions = context.positions.clone();
     let mut cc = consumer_config(&config.brokers, &config.group);
-    cc.set("statistics.interval.ms", "5000");
+    cc.set("statistics.interval.ms", "5000")
+        .set("session.timeout.ms", config.session_timeout.as_millis().to_string());
+    if let Some(id) = &config.instance_id {
+        cc.set("group.instance.id", id);
+    }
     let consumer: BaseConsumer<SinkContext> = cc.create_with_context(context)?;
     let names: Vec<&str> = topic_of.keys().map(String::as_str).collect();
     consumer.subscribe(&names)?;
@@ -780,7 +801,6 @@ fn consume(
     let mut batch: Vec<Item> = Vec::with_capacity(config.batch_max);
     let mut ready: Option<Vec<Item>> = None;
     let mut opened = Instant::now();
-    let mut paused: Option<TopicPartitionList> = None;
     loop {
         let stopping = stop.load(Ordering::Relaxed);
         while let Ok(tpl) = commits.try_recv() {
@@ -795,22 +815,22 @@ fn consume(
             ready = Some(std::mem::replace(&mut batch, Vec::with_capacity(config.batch_max)));
         }
         if let Some(b) = ready.take() {
-            match batches.try_send(b) {
-                Ok(()) => {
-                    if let Some(tpl) = paused.take() {
-                        let _ = consumer.resume(&tpl);
+            // Wait for the writer rather than pause the partitions: resuming
+            // makes the client fetch from inside a record batch again, which
+            // some brokers (tansu) answer by skipping the rest of that batch.
+            // The group keeps us while we wait (heartbeats run in the
+            // background); past max.poll.interval.ms it moves the partitions,
+            // and the stored offsets keep that exact too.
+            let mut b = b;
+            loop {
+                match batches.try_send(b) {
+                    Ok(()) => break,
+                    Err(mpsc::error::TrySendError::Full(back)) => {
+                        b = back;
+                        std::thread::sleep(Duration::from_millis(2));
                     }
+                    Err(mpsc::error::TrySendError::Closed(_)) => return Ok(()),
                 }
-                Err(mpsc::error::TrySendError::Full(b)) => {
-                    ready = Some(b);
-                    if paused.is_none() {
-                        if let Ok(tpl) = consumer.assignment() {
-                            let _ = consumer.pause(&tpl);
-                            paused = Some(tpl);
-                        }
-                    }
-                }
-                Err(mpsc::error::TrySendError::Closed(_)) => break,
             }
         }
         if stopping {
@@ -832,11 +852,22 @@ fn consume(
             }
         };
         metrics.consumed.with_label_values(&[msg.topic()]).inc();
-        let below = skip_below
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&(msg.topic().to_owned(), msg.partition()))
-            .copied();
+        let below = {
+            let mut positions = positions.lock().unwrap_or_else(|p| p.into_inner());
+            let p = positions.entry((msg.topic().to_owned(), msg.partition())).or_default();
+            if p.expect.is_some_and(|e| msg.offset() > e) {
+                tracing::warn!(
+                    topic = msg.topic(),
+                    partition = msg.partition(),
+                    "postgres-sink: the broker skipped offsets {:?}..{}",
+                    p.expect,
+                    msg.offset()
+                );
+                metrics.offset_gaps.with_label_values(&[msg.topic()]).inc();
+            }
+            p.expect = Some(msg.offset() + 1);
+            p.written_below
+        };
         if below.is_some_and(|b| msg.offset() < b) {
             metrics.already_written.with_label_values(&[msg.topic()]).inc();
             continue;
