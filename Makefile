@@ -31,7 +31,8 @@ test: lint stack-up ## the whole test suite against the real local stack
 	$(STACK_ENV) cargo test --workspace --locked
 
 .PHONY: bench
-bench: kafka ## print the benchmark figures (ratios against baselines run alongside)
+bench: stack-up ## print the benchmark figures (ratios against baselines run alongside)
 	cargo bench --locked -p tickpipe-schemas --bench codec
 	cargo bench --locked -p tickpipe-consumers --bench candles
 	eval "$$($(STACK) env)"; cargo bench --locked -p tickpipe-consumers --bench candles_e2e
+	eval "$$($(STACK) env)"; cargo bench --locked -p tickpipe-consumers --bench postgres_sink
