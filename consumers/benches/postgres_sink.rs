@@ -137,6 +137,7 @@ async fn main() {
         instance_id: None,
         partitions: 3,
         metrics_addr: None,
+        registry: None,
     };
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let started = Instant::now();

@@ -61,6 +61,7 @@ fn config(prefix: &str, url: &str) -> SinkConfig {
         instance_id: None,
         partitions: 3,
         metrics_addr: None,
+        registry: None,
     }
 }
 
@@ -465,4 +466,54 @@ async fn coincap_state_never_regresses_and_asset_history_is_exact() {
         .unwrap()
         .get(0);
     assert_eq!(candle, dec("6"), "the corrected candle replaces the first version");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn confluent_framed_records_decode_with_schemas_from_the_registry() {
+    use tickpipe_schemas::registry::{RegistryClient, RegistryConfig};
+    let (prefix, url, client) = setup("pgsink_registry").await;
+    let double = tickpipe_testkit::registry::RegistryDouble::start().await.unwrap();
+    let registry = RegistryClient::new(RegistryConfig::new(double.url.clone())).unwrap();
+    let id = registry
+        .register(&Topic::Trades.value_subject(&prefix), &Trade::compiled().json)
+        .await
+        .unwrap();
+    let writer = Codec::new(WriteFraming::Confluent);
+    writer.set_write_id(Trade::NAME, id);
+    let framed = writer.encode(&trade(11, "0.2411")).unwrap();
+    assert_eq!(
+        &framed[..5],
+        &[0, (id >> 24) as u8, (id >> 16) as u8, (id >> 8) as u8, id as u8]
+    );
+    let mut unknown = framed.clone();
+    unknown[1..5].copy_from_slice(&4242u32.to_be_bytes());
+    let key = "binance:TRXUSDT".to_string();
+    publish(&Topic::Trades.name(&prefix), &[(key.clone(), framed), (key, unknown)]).await;
+
+    let mut config = config(&prefix, &url);
+    config.registry = Some(RegistryConfig::new(double.url.clone()));
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let sink = tokio::spawn(run(config, async {
+        let _ = stopped.await;
+    }));
+    wait_count(&client, "SELECT count(*) FROM trades WHERE price = 0.2411", 1, 60).await;
+    wait_count(&client, "SELECT count(*) FROM dead_letters", 1, 10).await;
+    let _ = stop.send(());
+    sink.await.unwrap().unwrap();
+    let error: String = client
+        .query_one("SELECT error FROM dead_letters", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(error.contains("schema id 4242"), "{error}");
+    let lookups: Vec<String> = double
+        .requests()
+        .into_iter()
+        .filter(|r| r.starts_with("GET /schemas/ids/"))
+        .collect();
+    assert_eq!(
+        lookups,
+        vec![format!("GET /schemas/ids/{id}"), "GET /schemas/ids/4242".to_string()],
+        "one lookup per id"
+    );
 }

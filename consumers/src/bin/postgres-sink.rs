@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use tickpipe_consumers::pg::sink::{run, SinkConfig};
+use tickpipe_schemas::registry::RegistryConfig;
 use tickpipe_schemas::Topic;
 
 /// Writes every entity topic into PostgreSQL: current state, SCD2 asset
@@ -66,6 +67,17 @@ struct Args {
     /// Partitions of the topics this service creates when they are missing.
     #[arg(long, env = "TICKPIPE_TOPIC_PARTITIONS", default_value_t = 3)]
     partitions: i32,
+    /// Schema Registry URL; Confluent-framed records are decoded with the
+    /// writer schemas it holds. Without it only single-object encoding (and
+    /// ids already known) decode.
+    #[arg(long, env = "TICKPIPE_SCHEMA_REGISTRY_URL")]
+    schema_registry_url: Option<String>,
+    /// Basic-auth user of the Schema Registry (Confluent Cloud API key).
+    #[arg(long, env = "TICKPIPE_SCHEMA_REGISTRY_USERNAME")]
+    schema_registry_username: Option<String>,
+    /// Basic-auth password of the Schema Registry; never logged.
+    #[arg(long, env = "TICKPIPE_SCHEMA_REGISTRY_PASSWORD", hide_env_values = true)]
+    schema_registry_password: Option<String>,
     /// Address of /metrics, /healthz and /readyz ("off" to disable).
     #[arg(long, env = "TICKPIPE_POSTGRES_SINK_METRICS_ADDR", default_value = "127.0.0.1:9104")]
     metrics_addr: String,
@@ -106,6 +118,11 @@ async fn main() -> anyhow::Result<()> {
         instance_id: args.instance_id,
         partitions: args.partitions,
         metrics_addr,
+        registry: args.schema_registry_url.map(|url| RegistryConfig {
+            username: args.schema_registry_username,
+            password: args.schema_registry_password,
+            ..RegistryConfig::new(url)
+        }),
     };
     let shutdown = async move {
         tokio::select! {

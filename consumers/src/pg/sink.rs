@@ -35,9 +35,10 @@ use tokio::sync::mpsc;
 use tokio_postgres::NoTls;
 
 use tickpipe_producer::kafka::{ensure_topic_names, producer_config, TopicError};
+use tickpipe_schemas::registry::{RegistryClient, RegistryConfig, RegistryError};
 use tickpipe_schemas::{
-    Asset, Candle, Codec, DeadLetter, DecodeError, Exchange, Market, Price, Rate, Record, Source, Topic, Trade,
-    WriteFraming,
+    Asset, Candle, Codec, DeadLetter, DecodeError, Exchange, Framing, Market, Price, Rate, Record, Source, Topic,
+    Trade, WriteFraming,
 };
 
 use super::migrate::{migrate, MigrateError};
@@ -81,6 +82,9 @@ pub struct SinkConfig {
     pub partitions: i32,
     /// Where `/metrics`, `/healthz` and `/readyz` are served, if anywhere.
     pub metrics_addr: Option<SocketAddr>,
+    /// The Schema Registry that Confluent-framed records' ids are looked up
+    /// in (once per id), if any.
+    pub registry: Option<RegistryConfig>,
 }
 
 /// Why the sink stopped.
@@ -102,6 +106,8 @@ pub enum SinkError {
     Unwritten(String),
     #[error("the consumer thread failed: {0}")]
     Consumer(String),
+    #[error("schema registry: {0}")]
+    Registry(#[from] RegistryError),
 }
 
 /// The sink's metrics.
@@ -793,6 +799,8 @@ fn consume(
     if let Some(id) = &config.instance_id {
         cc.set("group.instance.id", id);
     }
+    let runtime = context.runtime.clone();
+    let registry = config.registry.clone().map(RegistryClient::new).transpose()?;
     let consumer: BaseConsumer<SinkContext> = cc.create_with_context(context)?;
     let names: Vec<&str> = topic_of.keys().map(String::as_str).collect();
     consumer.subscribe(&names)?;
@@ -872,6 +880,9 @@ fn consume(
             metrics.already_written.with_label_values(&[msg.topic()]).inc();
             continue;
         }
+        if let Some(registry) = &registry {
+            learn_schema(&runtime, registry, &codec, msg.payload().unwrap_or_default(), &stop);
+        }
         let rules = Rules::at(now_micros());
         if let Some(item) = decode_item(&codec, &rules, &topic_of, &msg) {
             if batch.is_empty() {
@@ -887,6 +898,46 @@ fn consume(
     }
     consumer.unsubscribe();
     Ok(())
+}
+
+/// Teaches the codec the writer schema of a Confluent-framed payload whose id
+/// it has not seen, from the registry: one HTTP call per id, ever. While the
+/// registry is unreachable this waits (records are not dead-lettered for an
+/// outage); an id the registry does not have is left for the decoder to
+/// reject.
+fn learn_schema(
+    runtime: &tokio::runtime::Handle,
+    registry: &RegistryClient,
+    codec: &Codec,
+    payload: &[u8],
+    stop: &AtomicBool,
+) {
+    let Ok((Framing::Confluent { schema_id }, _)) = Framing::split(payload) else {
+        return;
+    };
+    if codec.knows_id(schema_id) {
+        return;
+    }
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        match runtime.block_on(registry.schema_by_id(schema_id)) {
+            Ok(schema) => {
+                if let Err(e) = codec.add_registry_schema(schema_id, &schema) {
+                    tracing::warn!("postgres-sink: schema id {schema_id} from the registry is not usable: {e}");
+                }
+                return;
+            }
+            Err(e) if e.is_retriable() && !stop.load(Ordering::Relaxed) => {
+                tracing::warn!("postgres-sink: schema registry: {e}; retrying in {backoff:?}");
+                std::thread::sleep(backoff);
+                backoff = (backoff * 2).min(Duration::from_secs(10));
+            }
+            Err(e) => {
+                tracing::warn!("postgres-sink: schema id {schema_id}: {e}");
+                return;
+            }
+        }
+    }
 }
 
 async fn serve_metrics(addr: SocketAddr, metrics: Metrics, ready: Arc<AtomicBool>) -> Result<(), SinkError> {
