@@ -96,3 +96,140 @@ pub async fn fresh_database(prefix: &str) -> String {
         _ => format!("{}/{name}", admin.trim_end_matches('/')),
     }
 }
+
+/// A PostgreSQL server of its own, for tests that stop and restart the
+/// database: initdb'd in a temporary folder from the Debian server binaries,
+/// listening on a free loopback port, run as the `postgres` user when the tests
+/// run as root. Stopped and removed on drop.
+pub struct ScratchPostgres {
+    bin: PathBuf,
+    data: PathBuf,
+    pub port: u16,
+}
+
+impl ScratchPostgres {
+    /// Creates and starts the server; panics with the reason when it cannot.
+    pub fn start() -> Self {
+        let bin = std::fs::read_dir("/usr/lib/postgresql")
+            .ok()
+            .into_iter()
+            .flatten()
+            .filter_map(|e| e.ok().map(|e| e.path().join("bin")))
+            .filter(|p| p.join("initdb").is_file())
+            .max_by_key(|p| {
+                p.parent()
+                    .and_then(|v| v.file_name())
+                    .and_then(|v| v.to_str())
+                    .and_then(|v| v.parse::<u32>().ok())
+                    .unwrap_or(0)
+            })
+            .expect("PostgreSQL server binaries under /usr/lib/postgresql (make stack-up installs them)");
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("a free port");
+        let data = std::env::temp_dir().join(unique_name("tickpipe-scratch-pg"));
+        std::fs::create_dir_all(&data).expect("scratch folder");
+        let pg = ScratchPostgres { bin, data, port };
+        if is_root() {
+            pg.run("chown", &["postgres", pg.data.to_str().unwrap_or_default()], false);
+        }
+        let initdb = pg.bin.join("initdb");
+        pg.run(
+            initdb.to_str().unwrap_or_default(),
+            &[
+                "-D",
+                pg.data.to_str().unwrap_or_default(),
+                "-U",
+                "postgres",
+                "-A",
+                "trust",
+                "-E",
+                "UTF8",
+            ],
+            true,
+        );
+        pg.ctl("start");
+        pg
+    }
+
+    /// `postgres://postgres@127.0.0.1:<port>/postgres`
+    pub fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+
+    /// Stops the server (fast shutdown: sessions are cut, as in a real restart).
+    pub fn stop(&self) {
+        self.ctl("stop");
+    }
+
+    /// Starts it again on the same port and data.
+    pub fn start_again(&self) {
+        self.ctl("start");
+    }
+
+    fn ctl(&self, action: &str) {
+        let pg_ctl = self.bin.join("pg_ctl");
+        let opts = format!(
+            "-p {} -c listen_addresses=127.0.0.1 -c unix_socket_directories={}",
+            self.port,
+            self.data.display()
+        );
+        let log = self.data.join("server.log");
+        let mut args = vec![
+            "-D",
+            self.data.to_str().unwrap_or_default(),
+            "-w",
+            "-t",
+            "30",
+            "-m",
+            "fast",
+        ];
+        if action == "start" {
+            args.extend(["-o", &opts, "-l", log.to_str().unwrap_or_default()]);
+        }
+        args.push(action);
+        self.run(pg_ctl.to_str().unwrap_or_default(), &args, true);
+    }
+
+    fn run(&self, program: &str, args: &[&str], as_postgres: bool) {
+        let mut cmd = if as_postgres && is_root() {
+            let mut c = std::process::Command::new("runuser");
+            c.args(["-u", "postgres", "--", program]);
+            c
+        } else {
+            std::process::Command::new(program)
+        };
+        let out = cmd.args(args).output().unwrap_or_else(|e| panic!("{program}: {e}"));
+        assert!(
+            out.status.success(),
+            "{program} {args:?} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+impl Drop for ScratchPostgres {
+    fn drop(&mut self) {
+        let pg_ctl = self.bin.join("pg_ctl");
+        let data = self.data.to_str().unwrap_or_default().to_owned();
+        let mut cmd = if is_root() {
+            let mut c = std::process::Command::new("runuser");
+            c.args(["-u", "postgres", "--"]).arg(&pg_ctl);
+            c
+        } else {
+            std::process::Command::new(&pg_ctl)
+        };
+        let _ = cmd.args(["-D", &data, "-m", "immediate", "stop"]).output();
+        let _ = std::fs::remove_dir_all(&self.data);
+    }
+}
+
+fn is_root() -> bool {
+    std::process::Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| o.stdout.starts_with(b"0\n"))
+        .unwrap_or(false)
+}
