@@ -84,7 +84,7 @@ async fn postgres_restart_mid_stream_loses_and_duplicates_nothing() {
     let codec = Codec::new(WriteFraming::SingleObject);
     let producer: FutureProducer = producer_config(&brokers).create().unwrap();
     let mut ends: BTreeMap<i32, i64> = BTreeMap::new();
-    let mut publish = |chunk: &[tickpipe_schemas::Trade]| {
+    let publish = |chunk: &[tickpipe_schemas::Trade]| {
         let pending: Vec<_> = chunk
             .iter()
             .map(|t| {
