@@ -517,3 +517,39 @@ async fn confluent_framed_records_decode_with_schemas_from_the_registry() {
         "one lookup per id"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_database_or_missing_rights_stop_the_sink_with_a_clear_error() {
+    let (prefix, url, client) = setup("pgsink_errors").await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let unreachable = format!("postgres://postgres:secret-password@127.0.0.1:{port}/postgres");
+    let err = run(config(&prefix, &unreachable), std::future::pending())
+        .await
+        .expect_err("no database there")
+        .to_string();
+    assert!(err.contains("cannot reach PostgreSQL"), "{err}");
+    assert!(err.contains(&format!("{port}")), "names where it tried: {err}");
+    assert!(!err.contains("secret-password"), "never shows the password: {err}");
+
+    // A user that may connect but not create tables (PUBLIC has no CREATE on
+    // the public schema since PostgreSQL 15; revoked here for older servers).
+    let role = stack::unique_name("pgsink_reader").to_lowercase();
+    client
+        .batch_execute(&format!(
+            "CREATE ROLE {role} LOGIN; REVOKE CREATE ON SCHEMA public FROM PUBLIC"
+        ))
+        .await
+        .unwrap();
+    let as_reader = url.replacen("postgres@", &format!("{role}@"), 1);
+    assert_ne!(as_reader, url, "the test URL names the postgres user");
+    let err = run(config(&prefix, &as_reader), std::future::pending())
+        .await
+        .expect_err("no rights to create the tables")
+        .to_string();
+    assert!(err.contains("lacks the rights"), "{err}");
+    let _ = client.batch_execute(&format!("DROP ROLE {role}")).await;
+}
