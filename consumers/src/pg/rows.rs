@@ -137,6 +137,13 @@ pub fn db_reason(e: &Error) -> String {
     }
 }
 
+/// The sink's own rejects come back on the dead-letters topic; they are in the
+/// table already (written in the transaction that rejected them), so they only
+/// move the offset.
+pub fn is_own_letter(body: &Body) -> bool {
+    matches!(body, Body::DeadLetter(d) if d.component == crate::pg::COMPONENT)
+}
+
 /// A row the sink itself rejected, for the `dead_letters` table and topic.
 pub fn reject_letter(item: &Item, reject: &Reject, now: Micros) -> DeadLetter {
     DeadLetter {
@@ -160,8 +167,9 @@ pub fn reject_letter(item: &Item, reject: &Reject, now: Micros) -> DeadLetter {
 pub async fn write_items<'a>(tx: &Transaction<'_>, items: &[&'a Item]) -> Result<Vec<(&'a Item, String)>, Error> {
     let mut by_table: HashMap<Table, Vec<&'a Item>> = HashMap::new();
     for item in items {
-        if let Ok(body) = &item.body {
-            by_table.entry(body.table()).or_default().push(item);
+        match &item.body {
+            Ok(body) if !is_own_letter(body) => by_table.entry(body.table()).or_default().push(item),
+            _ => {}
         }
     }
     let mut tables: Vec<_> = by_table.into_iter().collect();

@@ -44,7 +44,6 @@ use tickpipe_schemas::{
 use super::migrate::{migrate, MigrateError};
 use super::rows::{reject_letter, write_items, Body, Item, Reject};
 use super::validate::Rules;
-use super::COMPONENT;
 use crate::kafka::{consumer_config, send_all};
 
 /// Everything the sink needs.
@@ -270,12 +269,7 @@ fn describe(pg: &tokio_postgres::Config) -> String {
 }
 
 /// Decodes and validates one Kafka record.
-pub fn decode_item(
-    codec: &Codec,
-    rules: &Rules,
-    topic_of: &HashMap<String, Topic>,
-    msg: &impl Message,
-) -> Option<Item> {
+pub fn decode_item(codec: &Codec, rules: &Rules, topic_of: &HashMap<String, Topic>, msg: &impl Message) -> Item {
     let payload = msg.payload().unwrap_or_default();
     let reject = |stage, error: String, source| Reject { stage, error, source };
     let body = match topic_of.get(msg.topic()) {
@@ -303,21 +297,14 @@ pub fn decode_item(
                 }
             }),
     };
-    // Our own rejects come back on the dead-letters topic; they are in the
-    // table already (written in the transaction that rejected them).
-    if let Ok(Body::DeadLetter(d)) = &body {
-        if d.component == COMPONENT {
-            return None;
-        }
-    }
-    Some(Item {
+    Item {
         topic: msg.topic().to_owned(),
         partition: msg.partition(),
         offset: msg.offset(),
         key: msg.key().map(<[u8]>::to_vec),
         payload: payload.to_vec(),
         body,
-    })
+    }
 }
 
 fn decode_body(codec: &Codec, topic: Topic, payload: &[u8]) -> Result<Body, DecodeError> {
@@ -429,12 +416,13 @@ pub async fn write_batch(
     for item in &fresh {
         match &item.body {
             Err(reject) => letters.push(reject_letter(item, reject, now)),
-            Ok(body) => {
+            Ok(body) if !super::rows::is_own_letter(body) => {
                 if !refused_offsets.contains(&(item.topic.as_str(), item.partition, item.offset)) {
                     *out.written.entry(item.topic.clone()).or_default() += 1;
                     out.event_times.push((item.topic.clone(), body.event_time()));
                 }
             }
+            Ok(_) => {}
         }
     }
     for (item, reason) in &refused {
@@ -884,12 +872,10 @@ fn consume(
             learn_schema(&runtime, registry, &codec, msg.payload().unwrap_or_default(), &stop);
         }
         let rules = Rules::at(now_micros());
-        if let Some(item) = decode_item(&codec, &rules, &topic_of, &msg) {
-            if batch.is_empty() {
-                opened = Instant::now();
-            }
-            batch.push(item);
+        if batch.is_empty() {
+            opened = Instant::now();
         }
+        batch.push(decode_item(&codec, &rules, &topic_of, &msg));
     }
     // Commit what the writer commits until it is done.
     drop(batches);
