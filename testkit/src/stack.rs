@@ -79,7 +79,8 @@ pub fn unique_name(prefix: &str) -> String {
 }
 
 /// Creates an empty database on the local PostgreSQL and returns its URL, so
-/// each test has its own tables. Fails loudly when PostgreSQL is not there.
+/// each test has its own tables, and drops the ones earlier runs of the same
+/// test left. Fails loudly when PostgreSQL is not there.
 pub async fn fresh_database(prefix: &str) -> String {
     let admin = postgres_admin_url();
     let (client, conn) = tokio_postgres::connect(&admin, tokio_postgres::NoTls)
@@ -87,6 +88,21 @@ pub async fn fresh_database(prefix: &str) -> String {
         .unwrap_or_else(|e| panic!("PostgreSQL at {admin} is not reachable (make stack-up): {e}"));
     tokio::spawn(conn);
     let name = unique_name(prefix).to_lowercase();
+    // Databases earlier runs of this test left behind (names carry the pid).
+    let own = format!("{}_{}_%", prefix.to_lowercase(), std::process::id());
+    let stale = client
+        .query(
+            "SELECT datname FROM pg_database WHERE datname LIKE $1 || '\\_%' AND datname NOT LIKE $2",
+            &[&prefix.to_lowercase(), &own],
+        )
+        .await
+        .map(|rows| rows.iter().map(|r| r.get::<_, String>(0)).collect::<Vec<_>>())
+        .unwrap_or_default();
+    for db in stale {
+        let _ = client
+            .batch_execute(&format!("DROP DATABASE IF EXISTS \"{db}\" WITH (FORCE)"))
+            .await;
+    }
     client
         .batch_execute(&format!("CREATE DATABASE {name}"))
         .await
