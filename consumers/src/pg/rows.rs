@@ -10,7 +10,7 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::types::Type;
 use tokio_postgres::{Error, Transaction};
 
-use tickpipe_schemas::{Asset, Candle, DeadLetter, Exchange, Market, Micros, Price, Rate, Source, Trade};
+use tickpipe_schemas::{Asset, Candle, DeadLetter, Exchange, Market, Micros, Price, Rate, Source, Topic, Trade};
 
 /// A decoded record.
 #[derive(Debug, Clone)]
@@ -54,16 +54,17 @@ impl Body {
         }
     }
 
-    fn table(&self) -> Table {
+    /// The entity topic this record belongs to (one table, or two for assets).
+    fn topic(&self) -> Topic {
         match self {
-            Body::Asset(_) => Table::Assets,
-            Body::Rate(_) => Table::Rates,
-            Body::Exchange(_) => Table::Exchanges,
-            Body::Market(_) => Table::Markets,
-            Body::Price(_) => Table::Prices,
-            Body::Trade(_) => Table::Trades,
-            Body::Candle(_) => Table::Candles,
-            Body::DeadLetter(_) => Table::DeadLetters,
+            Body::Asset(_) => Topic::Assets,
+            Body::Rate(_) => Topic::Rates,
+            Body::Exchange(_) => Topic::Exchanges,
+            Body::Market(_) => Topic::Markets,
+            Body::Price(_) => Topic::Prices,
+            Body::Trade(_) => Topic::Trades,
+            Body::Candle(_) => Topic::Candles,
+            Body::DeadLetter(_) => Topic::DeadLetters,
         }
     }
 }
@@ -86,19 +87,6 @@ pub struct Item {
     pub key: Option<Vec<u8>>,
     pub payload: Vec<u8>,
     pub body: Result<Body, Reject>,
-}
-
-/// Tables the sink writes, in the order it writes them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Table {
-    Assets,
-    Rates,
-    Exchanges,
-    Markets,
-    Prices,
-    Trades,
-    Candles,
-    DeadLetters,
 }
 
 /// A timestamp for Postgres from microseconds since the epoch.
@@ -165,15 +153,15 @@ pub fn reject_letter(item: &Item, reject: &Reject, now: Micros) -> DeadLetter {
 /// returned with the reason, everything else is written. Errors that are not
 /// about the data (connection lost, server shutting down) abort the batch.
 pub async fn write_items<'a>(tx: &Transaction<'_>, items: &[&'a Item]) -> Result<Vec<(&'a Item, String)>, Error> {
-    let mut by_table: HashMap<Table, Vec<&'a Item>> = HashMap::new();
+    let mut by_table: HashMap<Topic, Vec<&'a Item>> = HashMap::new();
     for item in items {
         match &item.body {
-            Ok(body) if !is_own_letter(body) => by_table.entry(body.table()).or_default().push(item),
+            Ok(body) if !is_own_letter(body) => by_table.entry(body.topic()).or_default().push(item),
             _ => {}
         }
     }
     let mut tables: Vec<_> = by_table.into_iter().collect();
-    tables.sort_by_key(|(t, _)| *t);
+    tables.sort_by_key(|(t, _)| Topic::ALL.iter().position(|x| x == t));
     let mut refused = Vec::new();
     for (table, rows) in tables {
         write_isolating(tx, table, &rows, &mut refused).await?;
@@ -185,7 +173,7 @@ pub async fn write_items<'a>(tx: &Transaction<'_>, items: &[&'a Item]) -> Result
 /// rows in halves until each refused row stands alone.
 fn write_isolating<'t, 'a: 't>(
     tx: &'t Transaction<'_>,
-    table: Table,
+    table: Topic,
     rows: &'t [&'a Item],
     refused: &'t mut Vec<(&'a Item, String)>,
 ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), Error>> + Send + 't>> {
@@ -212,7 +200,7 @@ fn write_isolating<'t, 'a: 't>(
     })
 }
 
-async fn write_table(tx: &Transaction<'_>, table: Table, rows: &[&Item]) -> Result<(), Error> {
+async fn write_table(tx: &Transaction<'_>, table: Topic, rows: &[&Item]) -> Result<(), Error> {
     macro_rules! bodies {
         ($variant:ident) => {
             rows.iter()
@@ -224,14 +212,14 @@ async fn write_table(tx: &Transaction<'_>, table: Table, rows: &[&Item]) -> Resu
         };
     }
     match table {
-        Table::Trades => trades(tx, &bodies!(Trade)).await,
-        Table::Prices => prices(tx, &bodies!(Price)).await,
-        Table::Candles => candles(tx, &bodies!(Candle)).await,
-        Table::Assets => assets(tx, &bodies!(Asset)).await,
-        Table::Rates => rates(tx, &bodies!(Rate)).await,
-        Table::Exchanges => exchanges(tx, &bodies!(Exchange)).await,
-        Table::Markets => markets(tx, &bodies!(Market)).await,
-        Table::DeadLetters => dead_letters(tx, &bodies!(DeadLetter)).await,
+        Topic::Trades => trades(tx, &bodies!(Trade)).await,
+        Topic::Prices => prices(tx, &bodies!(Price)).await,
+        Topic::Candles => candles(tx, &bodies!(Candle)).await,
+        Topic::Assets => assets(tx, &bodies!(Asset)).await,
+        Topic::Rates => rates(tx, &bodies!(Rate)).await,
+        Topic::Exchanges => exchanges(tx, &bodies!(Exchange)).await,
+        Topic::Markets => markets(tx, &bodies!(Market)).await,
+        Topic::DeadLetters => dead_letters(tx, &bodies!(DeadLetter)).await,
     }
 }
 
