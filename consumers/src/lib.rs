@@ -3,4 +3,5 @@
 
 pub mod candles;
 pub mod kafka;
+pub mod ops;
 pub mod pg;

@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::codec::Codec;
+use crate::codec::{Codec, Framing};
 use crate::error::DecodeError;
 use crate::record::Record;
 use crate::topic::Topic;
@@ -319,22 +319,31 @@ impl RegistryClient {
         Ok(())
     }
 
+    /// Teaches the codec the writer schema of a Confluent-framed payload whose
+    /// id it does not know yet: one HTTP call per id, ever. Payloads in another
+    /// framing, or with a known id, need nothing.
+    pub async fn learn(&self, codec: &Codec, payload: &[u8]) -> Result<(), RegistryError> {
+        let Ok((Framing::Confluent { schema_id }, _)) = Framing::split(payload) else {
+            return Ok(());
+        };
+        if codec.knows_id(schema_id) {
+            return Ok(());
+        }
+        let schema = self.schema_by_id(schema_id).await?;
+        codec
+            .add_registry_schema(schema_id, &schema)
+            .map_err(|e| RegistryError::InvalidSchema {
+                id: schema_id,
+                message: e.to_string(),
+            })?;
+        Ok(())
+    }
+
     /// Decodes a record, fetching its writer schema from the registry the first
     /// time an id is seen.
     pub async fn decode<R: Record>(&self, codec: &Codec, payload: &[u8]) -> Result<R, DecodeOrRegistryError> {
-        match codec.decode::<R>(payload) {
-            Err(DecodeError::UnknownSchemaId(id)) => {
-                let schema = self.schema_by_id(id).await?;
-                codec
-                    .add_registry_schema(id, &schema)
-                    .map_err(|e| RegistryError::InvalidSchema {
-                        id,
-                        message: e.to_string(),
-                    })?;
-                Ok(codec.decode::<R>(payload)?)
-            }
-            other => Ok(other?),
-        }
+        self.learn(codec, payload).await?;
+        Ok(codec.decode::<R>(payload)?)
     }
 }
 

@@ -144,13 +144,6 @@ impl Metrics {
             watermark_lag,
         }
     }
-
-    fn render(&self) -> String {
-        let mut out = String::new();
-        let encoder = prometheus::TextEncoder::new();
-        let _ = encoder.encode_utf8(&self.registry.gather(), &mut out);
-        out
-    }
 }
 
 /// State record key of an input partition.
@@ -238,7 +231,10 @@ pub async fn run(config: ServiceConfig, shutdown: impl Future<Output = ()>) -> R
     .await?;
 
     if let Some(addr) = config.metrics_addr {
-        serve_metrics(addr, metrics.clone()).await?;
+        // Readiness does not track the state restore yet (see ARCHITECTURE.md).
+        crate::ops::serve(addr, metrics.registry.clone(), Arc::new(true.into()), "not ready")
+            .await
+            .map_err(ServiceError::Metrics)?;
     }
 
     let restore_config = config.clone();
@@ -426,20 +422,4 @@ fn trade_dead_letter(codec: &Codec, trade: &Trade, reason: String) -> DeadLetter
     let mut d = dead_letter("aggregate", reason, None, payload, trade.source);
     d.key = Some(trade.key().into_bytes());
     d
-}
-
-async fn serve_metrics(addr: SocketAddr, metrics: Metrics) -> Result<(), ServiceError> {
-    use axum::routing::get;
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .map_err(ServiceError::Metrics)?;
-    let metrics = Arc::new(metrics);
-    let app = axum::Router::new()
-        .route("/metrics", get(move || async move { metrics.render() }))
-        .route("/healthz", get(|| async { "ok" }))
-        .route("/readyz", get(|| async { "ready" }));
-    tokio::spawn(async move {
-        let _ = axum::serve(listener, app).await;
-    });
-    Ok(())
 }

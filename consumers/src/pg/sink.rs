@@ -37,8 +37,8 @@ use tokio_postgres::NoTls;
 use tickpipe_producer::kafka::{ensure_topic_names, producer_config, TopicError};
 use tickpipe_schemas::registry::{RegistryClient, RegistryConfig, RegistryError};
 use tickpipe_schemas::{
-    Asset, Candle, Codec, DeadLetter, DecodeError, Exchange, Framing, Market, Price, Rate, Record, Source, Topic,
-    Trade, WriteFraming,
+    Asset, Candle, Codec, DeadLetter, DecodeError, Exchange, Market, Price, Rate, Record, Source, Topic, Trade,
+    WriteFraming,
 };
 
 use super::migrate::{migrate, MigrateError};
@@ -205,13 +205,6 @@ impl Metrics {
             must(m.registry.register(c));
         }
         m
-    }
-
-    /// The Prometheus text exposition.
-    pub fn render(&self) -> String {
-        let mut out = String::new();
-        let _ = prometheus::TextEncoder::new().encode_utf8(&self.registry.gather(), &mut out);
-        out
     }
 }
 
@@ -625,7 +618,14 @@ pub async fn run(config: SinkConfig, shutdown: impl Future<Output = ()>) -> Resu
     let metrics = Metrics::new();
     let ready = Arc::new(AtomicBool::new(false));
     if let Some(addr) = config.metrics_addr {
-        serve_metrics(addr, metrics.clone(), ready.clone()).await?;
+        crate::ops::serve(
+            addr,
+            metrics.registry.clone(),
+            ready.clone(),
+            "not ready: the database is not accepting writes",
+        )
+        .await
+        .map_err(SinkError::Metrics)?;
     }
 
     let pool = connect(&config).await?;
@@ -886,11 +886,10 @@ fn consume(
     Ok(())
 }
 
-/// Teaches the codec the writer schema of a Confluent-framed payload whose id
-/// it has not seen, from the registry: one HTTP call per id, ever. While the
-/// registry is unreachable this waits (records are not dead-lettered for an
-/// outage); an id the registry does not have is left for the decoder to
-/// reject.
+/// Teaches the codec the writer schema of a Confluent-framed payload it has not
+/// seen ([`RegistryClient::learn`]). While the registry is unreachable this
+/// waits (records are not dead-lettered for an outage); an id the registry
+/// does not have is left for the decoder to reject.
 fn learn_schema(
     runtime: &tokio::runtime::Handle,
     registry: &RegistryClient,
@@ -898,56 +897,19 @@ fn learn_schema(
     payload: &[u8],
     stop: &AtomicBool,
 ) {
-    let Ok((Framing::Confluent { schema_id }, _)) = Framing::split(payload) else {
-        return;
-    };
-    if codec.knows_id(schema_id) {
-        return;
-    }
     let mut backoff = Duration::from_millis(100);
     loop {
-        match runtime.block_on(registry.schema_by_id(schema_id)) {
-            Ok(schema) => {
-                if let Err(e) = codec.add_registry_schema(schema_id, &schema) {
-                    tracing::warn!("postgres-sink: schema id {schema_id} from the registry is not usable: {e}");
-                }
-                return;
-            }
+        match runtime.block_on(registry.learn(codec, payload)) {
+            Ok(()) => return,
             Err(e) if e.is_retriable() && !stop.load(Ordering::Relaxed) => {
                 tracing::warn!("postgres-sink: schema registry: {e}; retrying in {backoff:?}");
                 std::thread::sleep(backoff);
                 backoff = (backoff * 2).min(Duration::from_secs(10));
             }
             Err(e) => {
-                tracing::warn!("postgres-sink: schema id {schema_id}: {e}");
+                tracing::warn!("postgres-sink: {e}");
                 return;
             }
         }
     }
-}
-
-async fn serve_metrics(addr: SocketAddr, metrics: Metrics, ready: Arc<AtomicBool>) -> Result<(), SinkError> {
-    use axum::http::StatusCode;
-    use axum::routing::get;
-    let listener = tokio::net::TcpListener::bind(addr).await.map_err(SinkError::Metrics)?;
-    let app = axum::Router::new()
-        .route("/metrics", get(move || async move { metrics.render() }))
-        .route("/healthz", get(|| async { "ok" }))
-        .route(
-            "/readyz",
-            get(move || async move {
-                if ready.load(Ordering::Relaxed) {
-                    (StatusCode::OK, "ready")
-                } else {
-                    (
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "not ready: the database is not accepting writes",
-                    )
-                }
-            }),
-        );
-    tokio::spawn(async move {
-        let _ = axum::serve(listener, app).await;
-    });
-    Ok(())
 }

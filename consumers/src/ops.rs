@@ -1,0 +1,45 @@
+//! The operations endpoint every consumer serves: `/metrics` (Prometheus text),
+//! `/healthz` (the process answers) and `/readyz` (200 while `ready` holds, 503
+//! with `not_ready` otherwise).
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use axum::http::StatusCode;
+use axum::routing::get;
+use prometheus::Registry;
+
+/// The Prometheus text exposition of a registry.
+pub fn render(registry: &Registry) -> String {
+    let mut out = String::new();
+    let _ = prometheus::TextEncoder::new().encode_utf8(&registry.gather(), &mut out);
+    out
+}
+
+/// Binds `addr` and serves the three endpoints in the background.
+pub async fn serve(
+    addr: SocketAddr,
+    registry: Registry,
+    ready: Arc<AtomicBool>,
+    not_ready: &'static str,
+) -> std::io::Result<()> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let app = axum::Router::new()
+        .route("/metrics", get(move || async move { render(&registry) }))
+        .route("/healthz", get(|| async { "ok" }))
+        .route(
+            "/readyz",
+            get(move || async move {
+                if ready.load(Ordering::Relaxed) {
+                    (StatusCode::OK, "ready")
+                } else {
+                    (StatusCode::SERVICE_UNAVAILABLE, not_ready)
+                }
+            }),
+        );
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    Ok(())
+}
