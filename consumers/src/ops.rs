@@ -43,3 +43,28 @@ pub async fn serve(
     });
     Ok(())
 }
+
+/// The Kafka settings every consumer binary takes, flattened into its flags.
+#[derive(Debug, Clone, clap::Args)]
+pub struct KafkaArgs {
+    /// Kafka bootstrap servers.
+    #[arg(long, env = "TICKPIPE_KAFKA_BROKERS", default_value = "127.0.0.1:9092")]
+    pub brokers: String,
+    /// Prefix of every topic name, so that several pipelines share a cluster.
+    #[arg(long, env = "TICKPIPE_TOPIC_PREFIX", default_value = "")]
+    pub topic_prefix: String,
+    /// Partitions of the topics this service creates when they are missing.
+    #[arg(long, env = "TICKPIPE_TOPIC_PARTITIONS", default_value_t = 3)]
+    pub partitions: i32,
+}
+
+/// The `--metrics-addr` value: an address, or `off` for no endpoint.
+pub fn metrics_addr(value: &str) -> Result<Option<SocketAddr>, String> {
+    match value {
+        "off" => Ok(None),
+        a => a
+            .parse::<SocketAddr>()
+            .map(Some)
+            .map_err(|e| format!("--metrics-addr {a:?}: {e}")),
+    }
+}

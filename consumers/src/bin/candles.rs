@@ -1,23 +1,19 @@
 //! `candles`: event-time OHLCV candles from the `trades` topic into `candles`.
 //! Parses its configuration and calls `run`; everything else is in the library.
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use clap::Parser;
 use tickpipe_consumers::candles::service::{run, ServiceConfig};
 use tickpipe_consumers::candles::{CandleConfig, Interval};
+use tickpipe_consumers::ops::{self, KafkaArgs};
 
 /// Builds OHLCV candles from trades in event time and publishes them.
 #[derive(Debug, Parser)]
 #[command(version)]
 struct Args {
-    /// Kafka bootstrap servers.
-    #[arg(long, env = "TICKPIPE_KAFKA_BROKERS", default_value = "127.0.0.1:9092")]
-    brokers: String,
-    /// Prefix of every topic name, so that several pipelines share a cluster.
-    #[arg(long, env = "TICKPIPE_TOPIC_PREFIX", default_value = "")]
-    topic_prefix: String,
+    #[command(flatten)]
+    kafka: KafkaArgs,
     /// Candle intervals, comma-separated (<n>s, <n>m, <n>h, <n>d).
     #[arg(
         long,
@@ -45,9 +41,6 @@ struct Args {
     /// Longest wait for a batch to fill, in ms.
     #[arg(long, env = "TICKPIPE_CANDLES_BATCH_WAIT_MS", default_value_t = 200)]
     batch_wait_ms: u64,
-    /// Partitions of the topics this service creates when they are missing.
-    #[arg(long, env = "TICKPIPE_TOPIC_PARTITIONS", default_value_t = 3)]
-    partitions: i32,
     /// Address of /metrics, /healthz and /readyz ("off" to disable).
     #[arg(long, env = "TICKPIPE_CANDLES_METRICS_ADDR", default_value = "127.0.0.1:9103")]
     metrics_addr: String,
@@ -59,16 +52,10 @@ async fn main() -> anyhow::Result<()> {
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .init();
     let args = Args::parse();
-    let metrics_addr = match args.metrics_addr.as_str() {
-        "off" => None,
-        a => Some(
-            a.parse::<SocketAddr>()
-                .map_err(|e| anyhow::anyhow!("--metrics-addr {a:?}: {e}"))?,
-        ),
-    };
+    let metrics_addr = ops::metrics_addr(&args.metrics_addr).map_err(anyhow::Error::msg)?;
     let config = ServiceConfig {
-        brokers: args.brokers,
-        topic_prefix: args.topic_prefix,
+        brokers: args.kafka.brokers,
+        topic_prefix: args.kafka.topic_prefix,
         candles: CandleConfig {
             intervals: args.intervals,
             allowed_lateness: args.allowed_lateness_ms * 1000,
@@ -78,7 +65,7 @@ async fn main() -> anyhow::Result<()> {
         group: args.group,
         batch_max: args.batch_max,
         batch_wait: Duration::from_millis(args.batch_wait_ms),
-        partitions: args.partitions,
+        partitions: args.kafka.partitions,
         metrics_addr,
     };
     run(config, shutdown_signal()).await?;

@@ -1,10 +1,10 @@
 //! `postgres-sink`: the entity topics into PostgreSQL, exactly once per offset.
 //! Parses its configuration and calls `run`; everything else is in the library.
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use clap::Parser;
+use tickpipe_consumers::ops::{self, KafkaArgs};
 use tickpipe_consumers::pg::sink::{run, SinkConfig};
 use tickpipe_schemas::registry::RegistryConfig;
 use tickpipe_schemas::Topic;
@@ -14,12 +14,8 @@ use tickpipe_schemas::Topic;
 #[derive(Debug, Parser)]
 #[command(version)]
 struct Args {
-    /// Kafka bootstrap servers.
-    #[arg(long, env = "TICKPIPE_KAFKA_BROKERS", default_value = "127.0.0.1:9092")]
-    brokers: String,
-    /// Prefix of every topic name, so that several pipelines share a cluster.
-    #[arg(long, env = "TICKPIPE_TOPIC_PREFIX", default_value = "")]
-    topic_prefix: String,
+    #[command(flatten)]
+    kafka: KafkaArgs,
     /// Entity topics to consume (names without prefix), comma-separated.
     #[arg(
         long,
@@ -64,9 +60,6 @@ struct Args {
     /// with the same id gets its partitions back without a rebalance.
     #[arg(long, env = "TICKPIPE_POSTGRES_SINK_INSTANCE_ID")]
     instance_id: Option<String>,
-    /// Partitions of the topics this service creates when they are missing.
-    #[arg(long, env = "TICKPIPE_TOPIC_PARTITIONS", default_value_t = 3)]
-    partitions: i32,
     /// Schema Registry URL; Confluent-framed records are decoded with the
     /// writer schemas it holds. Without it only single-object encoding (and
     /// ids already known) decode.
@@ -91,21 +84,15 @@ async fn main() -> anyhow::Result<()> {
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .init();
     let args = Args::parse();
-    let metrics_addr = match args.metrics_addr.as_str() {
-        "off" => None,
-        a => Some(
-            a.parse::<SocketAddr>()
-                .map_err(|e| anyhow::anyhow!("--metrics-addr {a:?}: {e}"))?,
-        ),
-    };
+    let metrics_addr = ops::metrics_addr(&args.metrics_addr).map_err(anyhow::Error::msg)?;
     let topics = args
         .topics
         .iter()
         .map(|t| Topic::from_base_name(t.trim()).ok_or_else(|| anyhow::anyhow!("--topics: no entity topic {t:?}")))
         .collect::<anyhow::Result<Vec<_>>>()?;
     let config = SinkConfig {
-        brokers: args.brokers,
-        topic_prefix: args.topic_prefix,
+        brokers: args.kafka.brokers,
+        topic_prefix: args.kafka.topic_prefix,
         topics,
         group: args.group,
         postgres_url: args.postgres_url,
@@ -116,7 +103,7 @@ async fn main() -> anyhow::Result<()> {
         max_backoff: Duration::from_millis(args.max_backoff_ms),
         session_timeout: Duration::from_millis(args.session_timeout_ms),
         instance_id: args.instance_id,
-        partitions: args.partitions,
+        partitions: args.kafka.partitions,
         metrics_addr,
         registry: args.schema_registry_url.map(|url| RegistryConfig {
             username: args.schema_registry_username,
