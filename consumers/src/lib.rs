@@ -3,5 +3,5 @@
 
 pub mod candles;
 pub mod kafka;
-pub mod ops;
+pub use tickpipe_ops as ops;
 pub mod pg;

@@ -9,15 +9,18 @@ pub mod decimal;
 pub mod error;
 pub mod field;
 pub mod history;
+pub mod interval;
 pub mod record;
 pub mod records;
 pub mod registry;
 pub mod skim;
 pub mod topic;
+pub mod validate;
 pub mod wire;
 
 pub use codec::{Codec, Framing, WriteFraming};
 pub use error::{DecodeError, EncodeError};
+pub use interval::Interval;
 pub use record::{CompiledSchema, Record};
 pub use records::*;
 pub use rust_decimal::Decimal;

@@ -79,7 +79,7 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     // Installed before anything else, so a SIGTERM during start-up is a clean stop too.
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let shutdown = ops::shutdown_signal()?;
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .init();
@@ -110,12 +110,6 @@ async fn main() -> anyhow::Result<()> {
             password: args.schema_registry_password,
             ..RegistryConfig::new(url)
         }),
-    };
-    let shutdown = async move {
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = tokio::signal::ctrl_c() => {}
-        }
     };
     run(config, shutdown).await?;
     Ok(())

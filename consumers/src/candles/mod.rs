@@ -4,8 +4,7 @@
 //! reads `trades` and writes `candles`.
 
 pub mod aggregate;
-pub mod interval;
 pub mod service;
 
 pub use aggregate::{aggregate, CandleBuilder, CandleConfig, Output};
-pub use interval::Interval;
+pub use tickpipe_schemas::interval::{self, Interval};

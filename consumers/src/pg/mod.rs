@@ -5,7 +5,7 @@
 pub mod migrate;
 pub mod rows;
 pub mod sink;
-pub mod validate;
+pub use tickpipe_schemas::validate;
 
 /// The name this service signs its dead letters with.
 pub const COMPONENT: &str = "postgres-sink";

@@ -1,6 +1,7 @@
-//! The operations endpoint every consumer serves: `/metrics` (Prometheus text),
-//! `/healthz` (the process answers) and `/readyz` (200 while `ready` holds, 503
-//! with `not_ready` otherwise).
+//! What every tickpipe service shares, so the producer and the consumers behave
+//! alike: the operations endpoint (`/metrics` in Prometheus text, `/healthz`
+//! while the process answers, `/readyz` 200 while `ready` holds and 503 with
+//! `not_ready` otherwise), the Kafka flags, and the shutdown signal.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -44,7 +45,7 @@ pub async fn serve(
     Ok(())
 }
 
-/// The Kafka settings every consumer binary takes, flattened into its flags.
+/// The Kafka settings every binary takes, flattened into its flags.
 #[derive(Debug, Clone, clap::Args)]
 pub struct KafkaArgs {
     /// Kafka bootstrap servers.
@@ -67,4 +68,16 @@ pub fn metrics_addr(value: &str) -> Result<Option<SocketAddr>, String> {
             .map(Some)
             .map_err(|e| format!("--metrics-addr {a:?}: {e}")),
     }
+}
+
+/// Installs the SIGTERM handler now (so a SIGTERM during start-up is a clean stop
+/// too) and returns a future that resolves on SIGTERM or Ctrl-C.
+pub fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()> + Send + 'static> {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+    })
 }

@@ -1,10 +1,12 @@
-//! What a record must mean before it is written: the checks the schema cannot
-//! express. Pure functions; a failure is the reason stored with the dead letter.
+//! What a record must mean: the checks the schema cannot express. The producer
+//! runs them before publishing and the sinks again before writing (a topic may
+//! hold records from other writers). Pure functions; a failure is the reason
+//! stored with the dead letter.
 
 use rust_decimal::Decimal;
-use tickpipe_schemas::{Asset, Candle, Exchange, Market, Micros, Price, Rate, Trade};
+use crate::interval::Interval;
+use crate::records::{Asset, Candle, Exchange, Market, Micros, Price, Rate, Trade};
 
-use crate::candles::Interval;
 
 /// 2009-01-03, the first block of the first cryptocurrency: nothing we carry is older.
 pub const EARLIEST_MICROS: Micros = 1_230_940_800_000_000;
