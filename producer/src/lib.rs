@@ -1,7 +1,17 @@
 //! The producer: exchange sources, validation, Avro encoding and publishing to
 //! the per-entity Kafka topics.
 //!
-//! Today this holds the Kafka side every source publishes through; the sources
-//! themselves arrive with the producer's own work.
+//! - [`sources`]: one module per upstream, registered in one list; the pure
+//!   parsers of every wire format live beside their I/O.
+//! - [`item`]: what sources emit (a record or a reject) and the exact-decimal helpers.
+//! - [`publish`]: encoding and the bounded, backpressured Kafka enqueue.
+//! - [`service`]: topics, registry, endpoint, sources, shutdown.
+//! - [`config`], [`metrics`], [`kafka`].
 
+pub mod config;
+pub mod item;
 pub mod kafka;
+pub mod metrics;
+pub mod publish;
+pub mod service;
+pub mod sources;

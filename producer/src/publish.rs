@@ -1,0 +1,365 @@
+//! The one place records leave the producer: encode (Avro, via `schemas`), then
+//! enqueue to Kafka with a bound on what is in flight, so that a slow or absent
+//! broker blocks the sources (backpressure) instead of growing memory.
+//!
+//! Delivery: librdkafka retries inside the idempotent producer (no duplicates,
+//! order kept) for `message.timeout.ms` (default: forever); an error that still
+//! surfaces is re-enqueued by us a bounded number of times and counted. A
+//! record's in-flight permit is released only when it is acknowledged or given
+//! up on, so the bound covers retries too.
+
+use std::cell::RefCell;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rdkafka::config::ClientConfig;
+use rdkafka::error::KafkaError;
+use rdkafka::message::{DeliveryResult, Message};
+use rdkafka::producer::{BaseRecord, Producer, ProducerContext, ThreadedProducer};
+use rdkafka::types::RDKafkaErrorCode;
+use rdkafka::ClientContext;
+use tickpipe_schemas::{Codec, DeadLetter, Record, Topic};
+use tokio::sync::Semaphore;
+
+use crate::item::{now_micros, Item, Reject};
+use crate::metrics::Metrics;
+
+/// How often a record whose delivery failed is enqueued again before it counts
+/// as a delivery failure.
+const MAX_REDELIVERIES: u8 = 5;
+
+/// Settings of the publisher.
+#[derive(Debug, Clone)]
+pub struct PublisherConfig {
+    /// The librdkafka settings (from `kafka::producer_config` plus overrides).
+    pub kafka: ClientConfig,
+    /// Prefix of every topic name.
+    pub topic_prefix: String,
+    /// Most records enqueued and not yet acknowledged; sources wait beyond it.
+    pub max_in_flight: usize,
+}
+
+/// What travels with each record to its delivery report.
+struct Meta {
+    enqueued: Instant,
+    topic: Topic,
+    attempts: u8,
+}
+
+/// A delivery that failed and is to be enqueued again.
+struct Redelivery {
+    topic: Topic,
+    key: Option<Vec<u8>>,
+    payload: Vec<u8>,
+    attempts: u8,
+}
+
+struct Context {
+    metrics: Metrics,
+    permits: Arc<Semaphore>,
+    unacked: Arc<AtomicU64>,
+    redeliver: std::sync::mpsc::Sender<Redelivery>,
+}
+
+impl ClientContext for Context {}
+
+impl ProducerContext for Context {
+    type DeliveryOpaque = Box<Meta>;
+
+    fn delivery(&self, result: &DeliveryResult<'_>, meta: Box<Meta>) {
+        let topic = meta.topic.base_name();
+        match result {
+            Ok(m) => {
+                self.metrics.published.with_label_values(&[topic]).inc();
+                self.metrics
+                    .bytes
+                    .with_label_values(&[topic])
+                    .inc_by(m.payload_len() as u64);
+                self.metrics
+                    .produce_latency
+                    .observe(meta.enqueued.elapsed().as_secs_f64());
+                self.release();
+            }
+            Err((e, m)) => {
+                let permanent = matches!(
+                    e,
+                    KafkaError::MessageProduction(
+                        RDKafkaErrorCode::MessageSizeTooLarge | RDKafkaErrorCode::InvalidRecord
+                    )
+                );
+                if permanent || meta.attempts >= MAX_REDELIVERIES {
+                    tracing::error!(topic, error = %e, "record could not be delivered");
+                    self.metrics.delivery_failures.with_label_values(&[topic]).inc();
+                    self.release();
+                    return;
+                }
+                tracing::warn!(topic, error = %e, "delivery failed, enqueueing again");
+                self.metrics.delivery_retries.with_label_values(&[topic]).inc();
+                let again = Redelivery {
+                    topic: meta.topic,
+                    key: m.key().map(<[u8]>::to_vec),
+                    payload: m.payload().map(<[u8]>::to_vec).unwrap_or_default(),
+                    attempts: meta.attempts + 1,
+                };
+                if self.redeliver.send(again).is_err() {
+                    self.metrics.delivery_failures.with_label_values(&[topic]).inc();
+                    self.release();
+                }
+            }
+        }
+    }
+}
+
+impl Context {
+    fn release(&self) {
+        self.unacked.fetch_sub(1, Ordering::AcqRel);
+        self.metrics.queue_depth.dec();
+        self.permits.add_permits(1);
+    }
+}
+
+/// Encodes and publishes items; cheap to clone and shared by every source.
+#[derive(Clone)]
+pub struct Publisher {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    producer: Arc<ThreadedProducer<Context>>,
+    codec: Codec,
+    names: Vec<String>,
+    permits: Arc<Semaphore>,
+    unacked: Arc<AtomicU64>,
+    metrics: Metrics,
+}
+
+thread_local! {
+    static BUF: RefCell<Vec<u8>> = RefCell::new(Vec::with_capacity(512));
+}
+
+impl Publisher {
+    /// Creates the Kafka producer. Topics must exist (see `kafka::ensure_topics`).
+    pub fn new(config: &PublisherConfig, codec: Codec, metrics: Metrics) -> Result<Self, KafkaError> {
+        let permits = Arc::new(Semaphore::new(config.max_in_flight));
+        let unacked = Arc::new(AtomicU64::new(0));
+        let (tx, rx) = std::sync::mpsc::channel::<Redelivery>();
+        let mut kafka = config.kafka.clone();
+        // Our own bound is the real one; librdkafka's queue must never be the
+        // smaller, or `send` would fail where it should wait.
+        let queue = (config.max_in_flight * 2).max(1000).to_string();
+        kafka.set("queue.buffering.max.messages", &queue);
+        let producer: ThreadedProducer<Context> = kafka.create_with_context(Context {
+            metrics: metrics.clone(),
+            permits: permits.clone(),
+            unacked: unacked.clone(),
+            redeliver: tx,
+        })?;
+        let producer = Arc::new(producer);
+        let names: Vec<String> = Topic::ALL.iter().map(|t| t.name(&config.topic_prefix)).collect();
+        let weak = Arc::downgrade(&producer);
+        let redeliver_names = names.clone();
+        std::thread::Builder::new()
+            .name("redeliver".into())
+            .spawn(move || {
+                while let Ok(r) = rx.recv() {
+                    let Some(producer) = weak.upgrade() else { break };
+                    let name = &redeliver_names[topic_index(r.topic)];
+                    let meta = Box::new(Meta {
+                        enqueued: Instant::now(),
+                        topic: r.topic,
+                        attempts: r.attempts,
+                    });
+                    let mut record: BaseRecord<'_, [u8], Vec<u8>, Box<Meta>> =
+                        BaseRecord::with_opaque_to(name, meta).payload(&r.payload);
+                    if let Some(k) = &r.key {
+                        record = record.key(k.as_slice());
+                    }
+                    enqueue_blocking(&producer, record);
+                }
+            })
+            .map_err(|e| KafkaError::ClientCreation(e.to_string()))?;
+        Ok(Publisher {
+            inner: Arc::new(Inner {
+                producer,
+                codec,
+                names,
+                permits,
+                unacked,
+                metrics,
+            }),
+        })
+    }
+
+    /// The metrics this publisher counts into.
+    pub fn metrics(&self) -> &Metrics {
+        &self.inner.metrics
+    }
+
+    /// Records enqueued and not yet acknowledged.
+    pub fn in_flight(&self) -> u64 {
+        self.inner.unacked.load(Ordering::Acquire)
+    }
+
+    /// True while no more records can be enqueued (the broker is behind).
+    pub fn saturated(&self) -> bool {
+        self.inner.permits.available_permits() == 0
+    }
+
+    /// Publishes one item: a record to its entity topic, a reject to the dead
+    /// letters. Waits while `max_in_flight` records are unacknowledged. Never
+    /// fails: what cannot be encoded becomes a dead letter itself.
+    pub async fn publish(&self, item: Item) {
+        let Ok(permit) = self.inner.permits.acquire().await else {
+            return;
+        };
+        permit.forget();
+        let inner = &self.inner;
+        inner.unacked.fetch_add(1, Ordering::AcqRel);
+        inner.metrics.queue_depth.inc();
+        let topic = item.topic();
+        let encoded = match &item {
+            Item::Asset(r) => self.encode(r),
+            Item::Rate(r) => self.encode(r),
+            Item::Exchange(r) => self.encode(r),
+            Item::Market(r) => self.encode(r),
+            Item::Price(r) => self.encode(r),
+            Item::Trade(r) => self.encode(r),
+            Item::Candle(r) => self.encode(r),
+            Item::Reject(r) => {
+                inner.metrics.rejected.with_label_values(&[r.component, r.stage]).inc();
+                self.encode(&self.dead_letter(r))
+            }
+        };
+        match encoded {
+            Ok((key, payload)) => self.enqueue(topic, &key, &payload).await,
+            Err(reason) => {
+                // Nothing we built should fail to encode (validation ran first);
+                // if it does, the record itself is the dead letter's payload.
+                let reject = Reject {
+                    component: "producer",
+                    stage: "encode",
+                    reason,
+                    raw: format!("{item:?}").into_bytes(),
+                    topic: Some(topic),
+                    source: tickpipe_schemas::Source::Unknown,
+                };
+                inner.metrics.rejected.with_label_values(&["producer", "encode"]).inc();
+                match self.encode(&self.dead_letter(&reject)) {
+                    Ok((key, payload)) => self.enqueue(Topic::DeadLetters, &key, &payload).await,
+                    Err(e) => {
+                        tracing::error!(error = %e, "dead letter could not be encoded");
+                        inner
+                            .metrics
+                            .delivery_failures
+                            .with_label_values(&["dead-letters"])
+                            .inc();
+                        self.release();
+                    }
+                }
+            }
+        }
+    }
+
+    fn release(&self) {
+        self.inner.unacked.fetch_sub(1, Ordering::AcqRel);
+        self.inner.metrics.queue_depth.dec();
+        self.inner.permits.add_permits(1);
+    }
+
+    fn encode<R: Record>(&self, record: &R) -> Result<(String, Vec<u8>), String> {
+        BUF.with(|b| {
+            let mut buf = b.borrow_mut();
+            buf.clear();
+            self.inner
+                .codec
+                .encode_into(record, &mut buf)
+                .map_err(|e| e.to_string())?;
+            Ok((record.key(), buf.clone()))
+        })
+    }
+
+    fn dead_letter(&self, r: &Reject) -> DeadLetter {
+        let now = now_micros();
+        DeadLetter {
+            stage: r.stage.to_owned(),
+            error: r.reason.clone(),
+            component: r.component.to_owned(),
+            topic: r.topic.map(|t| self.inner.names[topic_index(t)].clone()),
+            partition: None,
+            offset: None,
+            key: None,
+            payload: r.raw.clone(),
+            source: r.source,
+            event_time: now,
+            ingest_time: now,
+        }
+    }
+
+    async fn enqueue(&self, topic: Topic, key: &str, payload: &[u8]) {
+        let name = &self.inner.names[topic_index(topic)];
+        let mut meta = Box::new(Meta {
+            enqueued: Instant::now(),
+            topic,
+            attempts: 0,
+        });
+        loop {
+            let record = BaseRecord::with_opaque_to(name.as_str(), meta)
+                .key(key)
+                .payload(payload);
+            match self.inner.producer.send(record) {
+                Ok(()) => return,
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
+                    meta = r.delivery_opaque;
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+                Err((e, _)) => {
+                    tracing::error!(topic = topic.base_name(), error = %e, "record could not be enqueued");
+                    self.inner
+                        .metrics
+                        .delivery_failures
+                        .with_label_values(&[topic.base_name()])
+                        .inc();
+                    self.release();
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Waits until every enqueued record is acknowledged or `timeout` passes;
+    /// returns how many are still unacknowledged.
+    pub async fn flush(&self, timeout: Duration) -> u64 {
+        let producer = self.inner.producer.clone();
+        let _ = tokio::task::spawn_blocking(move || producer.flush(timeout)).await;
+        self.in_flight()
+    }
+}
+
+/// Enqueues from a plain thread, waiting while librdkafka's queue is full.
+fn enqueue_blocking(producer: &ThreadedProducer<Context>, mut record: BaseRecord<'_, [u8], Vec<u8>, Box<Meta>>) {
+    loop {
+        match producer.send(record) {
+            Ok(()) => return,
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
+                record = r;
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            Err((e, r)) => {
+                tracing::error!(error = %e, "record could not be enqueued again");
+                producer
+                    .context()
+                    .metrics
+                    .delivery_failures
+                    .with_label_values(&[r.delivery_opaque.topic.base_name()])
+                    .inc();
+                producer.context().release();
+                return;
+            }
+        }
+    }
+}
+
+fn topic_index(t: Topic) -> usize {
+    Topic::ALL.iter().position(|x| *x == t).unwrap_or(0)
+}

@@ -1,0 +1,261 @@
+//! `producer backfill`: Binance klines history over REST, in pages of 1,000,
+//! resumable, with a progress line on a terminal, and optionally repeated
+//! (`--every 24h`) to keep the history current like a daily batch job.
+//!
+//! Resume: after each page is acknowledged by Kafka, the open time of the next
+//! candle is written to a checkpoint file per (venue, symbol, interval); a rerun
+//! starts there, so nothing acknowledged is published again. The one window
+//! where a page can be published twice is a kill between the acknowledgement
+//! and the checkpoint write; downstream the candle key (venue, symbol,
+//! interval, open time, origin) makes that repeat harmless.
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use tickpipe_schemas::{Interval, Micros, Source as RecordSource};
+
+use super::parse::{self, Origin};
+use super::rest::BinanceRest;
+use super::BinanceConfig;
+use crate::item::{now_micros, rules_now, Item, Reject};
+use crate::publish::Publisher;
+use crate::sources::{SourceError, Stop};
+
+const COMPONENT: &str = "binance-backfill";
+
+/// What to backfill.
+#[derive(Debug, Clone)]
+pub struct BackfillJob {
+    pub symbols: Vec<String>,
+    /// Binance interval names (`1m` … `1d`, `1w`, `1M`).
+    pub intervals: Vec<String>,
+    /// How far back, e.g. 5 years.
+    pub since: Duration,
+    /// Where the checkpoints live.
+    pub state_dir: PathBuf,
+    /// Run again after this long, until stopped.
+    pub every: Option<Duration>,
+}
+
+/// Parses `5y`, `30d`, `12h`, `90m`, `2w`.
+pub fn parse_span(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (n, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = n
+        .parse()
+        .map_err(|_| format!("{s:?}: expected a number and a unit (m, h, d, w, y)"))?;
+    let secs = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        "w" => 7 * 86_400,
+        "y" => 365 * 86_400 + 6 * 3600,
+        _ => return Err(format!("{s:?}: unknown unit {unit:?} (m, h, d, w, y)")),
+    };
+    Ok(Duration::from_secs(n * secs))
+}
+
+/// The length of a Binance interval, approximate for `1w`/`1M` (only used to
+/// estimate progress and to check the name).
+fn interval_micros(name: &str) -> Result<Micros, String> {
+    match name {
+        "1w" => Ok(7 * 86_400_000_000),
+        "1M" => Ok(30 * 86_400_000_000),
+        _ => name
+            .parse::<Interval>()
+            .map(|i| i.micros())
+            .map_err(|e| format!("interval {name:?}: {e}")),
+    }
+}
+
+fn checkpoint_path(dir: &Path, venue: &str, symbol: &str, interval: &str) -> PathBuf {
+    dir.join(format!("klines-{venue}-{symbol}-{interval}.next"))
+}
+
+fn read_checkpoint(path: &Path) -> Result<Option<Micros>, SourceError> {
+    match std::fs::read_to_string(path) {
+        Ok(s) => s.trim().parse().map(Some).map_err(|e| {
+            SourceError::Io(format!(
+                "checkpoint {} is damaged ({e}); delete it to start over",
+                path.display()
+            ))
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(SourceError::Io(format!("{}: {e}", path.display()))),
+    }
+}
+
+fn write_checkpoint(path: &Path, next: Micros) -> Result<(), SourceError> {
+    // Write then rename, so a kill never leaves half a number.
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, next.to_string())
+        .and_then(|_| std::fs::rename(&tmp, path))
+        .map_err(|e| SourceError::Io(format!("{}: {e}", path.display())))
+}
+
+/// Runs the job (repeatedly with `every`), returning the candles published.
+pub async fn run(
+    job: &BackfillJob,
+    config: &BinanceConfig,
+    publisher: &Publisher,
+    mut stop: Stop,
+) -> Result<u64, SourceError> {
+    std::fs::create_dir_all(&job.state_dir)
+        .map_err(|e| SourceError::Io(format!("state dir {}: {e}", job.state_dir.display())))?;
+    let rest = BinanceRest::new(&config.rest_url, config.weight_limit, publisher.metrics().clone())?;
+    let mut total = 0;
+    loop {
+        for symbol in &job.symbols {
+            for interval in &job.intervals {
+                total += one(
+                    job,
+                    config,
+                    &rest,
+                    &symbol.to_uppercase(),
+                    interval,
+                    publisher,
+                    &mut stop,
+                )
+                .await?;
+                if stop.is_stopped() {
+                    return Ok(total);
+                }
+            }
+        }
+        let Some(every) = job.every else { return Ok(total) };
+        tracing::info!(
+            published = total,
+            next_in_s = every.as_secs(),
+            "backfill done; waiting for the next run"
+        );
+        if !stop.sleep(every).await {
+            return Ok(total);
+        }
+    }
+}
+
+async fn one(
+    job: &BackfillJob,
+    config: &BinanceConfig,
+    rest: &BinanceRest,
+    symbol: &str,
+    interval: &str,
+    publisher: &Publisher,
+    stop: &mut Stop,
+) -> Result<u64, SourceError> {
+    let step = interval_micros(interval).map_err(SourceError::User)?;
+    let checkpoint = checkpoint_path(&job.state_dir, &config.venue, symbol, interval);
+    let now = now_micros();
+    let from = now - job.since.as_micros() as Micros;
+    let mut next = read_checkpoint(&checkpoint)?.unwrap_or(from).max(from);
+    let total_est = ((now - next) / step).max(1);
+    let progress = std::io::stderr().is_terminal();
+    let mut published = 0u64;
+    loop {
+        if stop.is_stopped() {
+            break;
+        }
+        let path = format!(
+            "/api/v3/klines?symbol={symbol}&interval={interval}&startTime={}&limit=1000",
+            next / 1000
+        );
+        let body = rest.get("klines", &path, 2, stop).await?;
+        let origin = Origin {
+            venue: &config.venue,
+            source: RecordSource::Binance,
+            ingest_time: now_micros(),
+        };
+        let rows: Vec<serde_json::Value> = match serde_json::from_slice(&body) {
+            Ok(r) => r,
+            Err(e) => {
+                publisher
+                    .publish(Item::Reject(Reject::parse(
+                        COMPONENT,
+                        RecordSource::Binance,
+                        &body,
+                        format!("klines answer is not a list: {e}"),
+                    )))
+                    .await;
+                return Err(SourceError::External(format!(
+                    "Binance klines for {symbol} {interval}: unreadable answer ({e})"
+                )));
+            }
+        };
+        let now = now_micros();
+        let rules = rules_now();
+        let mut page_next = next;
+        for row in &rows {
+            let raw = row.to_string();
+            let candle = parse::kline_json_fields(row).and_then(|f| {
+                let f: Vec<&str> = f.iter().map(String::as_str).collect();
+                parse::kline_row(&f, symbol, interval, origin, now)
+            });
+            match candle {
+                Ok(Some(c)) => {
+                    if c.open_time < next {
+                        continue;
+                    }
+                    page_next = c.close_time + 1000;
+                    published += 1;
+                    publisher
+                        .publish(Item::Candle(c).validated(&rules, COMPONENT, raw.as_bytes()))
+                        .await;
+                }
+                // The newest candle is still open: it is published by a later run.
+                Ok(None) => {}
+                Err(reason) => {
+                    publisher
+                        .publish(Item::Reject(Reject::parse(
+                            COMPONENT,
+                            RecordSource::Binance,
+                            raw.as_bytes(),
+                            reason,
+                        )))
+                        .await
+                }
+            }
+        }
+        if page_next == next {
+            break;
+        }
+        let unacked = publisher.flush(Duration::from_secs(60)).await;
+        if unacked > 0 {
+            return Err(SourceError::External(format!(
+                "Kafka did not acknowledge {unacked} records within 60 s; the checkpoint stays at the last acknowledged page"
+            )));
+        }
+        next = page_next;
+        write_checkpoint(&checkpoint, next)?;
+        if progress {
+            let done = total_est - ((now - next) / step).max(0);
+            eprint!(
+                "\r{symbol} {interval}: {published} candles, {:>3}%",
+                (done * 100 / total_est).clamp(0, 100)
+            );
+        }
+        if rows.len() < 1000 {
+            break;
+        }
+    }
+    if progress {
+        eprintln!();
+    }
+    tracing::info!(symbol, interval, published, "klines backfilled");
+    Ok(published)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spans() {
+        assert_eq!(parse_span("5y"), Ok(Duration::from_secs(5 * (365 * 86_400 + 6 * 3600))));
+        assert_eq!(parse_span("12h"), Ok(Duration::from_secs(12 * 3600)));
+        assert!(parse_span("5").is_err());
+        assert!(parse_span("y").is_err());
+        assert!(parse_span("3q").is_err());
+    }
+}

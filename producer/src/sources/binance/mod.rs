@@ -1,0 +1,553 @@
+//! Binance: live trades, aggregate trades and closed klines over the combined
+//! WebSocket stream, with trade-id gap repair over REST; and the klines history
+//! backfill (`backfill.rs`).
+//!
+//! Connections: one live connection at a time, replaced before Binance's 24 h
+//! limit (and on `serverShutdown`) by opening the new one first and closing the
+//! old one once the new one delivers data; the overlap is removed by the
+//! [`Sequencer`]. A lost connection is reopened with exponential backoff and
+//! jitter, never more often than the attempt limit allows, and a socket silent
+//! for longer than the watchdog is treated as lost. After any reconnect the
+//! first trade of each symbol reveals what was missed, and the gap is fetched
+//! over REST before anything newer is published, so `trades` holds every id
+//! exactly once.
+
+use std::collections::{HashMap, HashSet};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use serde::Deserialize;
+use tickpipe_schemas::{Source as RecordSource, Trade, TradeKind};
+use tokio::sync::mpsc;
+use tokio_tungstenite::tungstenite::Message;
+
+use self::parse::{Origin, RestAggTrade, RestTrade, WsEvent};
+use self::rest::BinanceRest;
+use self::sequencer::{Order, Sequencer};
+use super::backoff::{AttemptLimit, Backoff};
+use super::{Source, SourceError, Stop};
+use crate::config::Config;
+use crate::item::{now_micros, rules_now, Item, Reject};
+use crate::publish::Publisher;
+
+pub mod backfill;
+pub mod parse;
+pub mod rest;
+pub mod sequencer;
+
+const COMPONENT: &str = "binance-ws";
+
+/// The `[binance]` section.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BinanceConfig {
+    /// Run the live WebSocket source.
+    pub enabled: bool,
+    /// WebSocket base; the source appends `/stream?streams=...`.
+    pub ws_url: String,
+    /// REST base for gap repair and backfill (`historicalTrades` is not served by
+    /// the market-data-only host).
+    pub rest_url: String,
+    /// The venue name carried in records and keys.
+    pub venue: String,
+    /// Symbols (any case; stream names are lowercased, records uppercase).
+    pub symbols: Vec<String>,
+    /// Streams per symbol: `trade`, `aggTrade`, `kline_<interval>`.
+    pub streams: Vec<String>,
+    /// Replace a connection after this long (Binance closes them at 24 h).
+    pub rollover_secs: u64,
+    /// A connection silent (no data, no ping) for this long is reopened.
+    pub watchdog_secs: u64,
+    /// Most connection attempts per 5 minutes (Binance allows 300 per IP).
+    pub max_connects_per_5min: usize,
+    /// Longest wait between reconnection attempts.
+    pub max_backoff_ms: u64,
+    /// The REST weight limit per minute (Binance: 6,000).
+    pub weight_limit: u32,
+    /// Fill trade-id gaps over REST.
+    pub gap_repair: bool,
+}
+
+impl Default for BinanceConfig {
+    fn default() -> Self {
+        BinanceConfig {
+            enabled: false,
+            ws_url: "wss://data-stream.binance.vision".into(),
+            rest_url: "https://api.binance.com".into(),
+            venue: "binance".into(),
+            symbols: ["BTCUSDT", "AAVEUSDT", "STXUSDT", "ARBUSDT"].map(String::from).into(),
+            streams: ["trade", "kline_1m"].map(String::from).into(),
+            rollover_secs: 23 * 3600,
+            watchdog_secs: 60,
+            max_connects_per_5min: 300,
+            max_backoff_ms: 30_000,
+            weight_limit: 6000,
+            gap_repair: true,
+        }
+    }
+}
+
+impl BinanceConfig {
+    /// The combined-stream URL: lowercase stream names (an uppercase one fails
+    /// silently at Binance).
+    pub fn stream_url(&self) -> String {
+        let names: Vec<String> = self
+            .symbols
+            .iter()
+            .flat_map(|s| self.streams.iter().map(move |k| format!("{}@{k}", s.to_lowercase())))
+            .collect();
+        format!(
+            "{}/stream?streams={}",
+            self.ws_url.trim_end_matches('/'),
+            names.join("/")
+        )
+    }
+}
+
+pub fn build(config: &Config) -> Result<Option<Box<dyn Source>>, SourceError> {
+    let c = &config.binance;
+    if !c.enabled {
+        return Ok(None);
+    }
+    if c.symbols.is_empty() || c.streams.is_empty() {
+        return Err(SourceError::User(
+            "[binance] needs at least one symbol and one stream".into(),
+        ));
+    }
+    for s in &c.streams {
+        if !(s == "trade" || s == "aggTrade" || s.starts_with("kline_")) {
+            return Err(SourceError::User(format!(
+                "[binance] streams: {s:?} is not one of trade, aggTrade, kline_<interval>"
+            )));
+        }
+    }
+    Ok(Some(Box::new(BinanceWs { config: c.clone() })))
+}
+
+/// The live WebSocket source.
+pub struct BinanceWs {
+    config: BinanceConfig,
+}
+
+impl Source for BinanceWs {
+    fn name(&self) -> &'static str {
+        COMPONENT
+    }
+
+    fn run(
+        self: Box<Self>,
+        publisher: Publisher,
+        stop: Stop,
+    ) -> Pin<Box<dyn Future<Output = Result<(), SourceError>> + Send>> {
+        Box::pin(run_ws(self.config, publisher, stop))
+    }
+}
+
+/// What a connection task reports to the manager. Frames dominate and are
+/// moved once, so they are not boxed.
+#[allow(clippy::large_enum_variant)]
+enum Report {
+    /// A text frame, parsed, with the frame kept for dead letters.
+    Frame(Result<WsEvent, String>, tokio_tungstenite::tungstenite::Utf8Bytes),
+    /// The handshake succeeded.
+    Opened,
+    /// The connection ended, with why.
+    Closed(String),
+}
+
+struct Conn {
+    task: tokio::task::JoinHandle<()>,
+    opened_at: Option<Instant>,
+}
+
+async fn run_ws(config: BinanceConfig, publisher: Publisher, mut stop: Stop) -> Result<(), SourceError> {
+    let metrics = publisher.metrics().clone();
+    let rest = Arc::new(BinanceRest::new(
+        &config.rest_url,
+        config.weight_limit,
+        metrics.clone(),
+    )?);
+    let symbols: HashSet<String> = config.symbols.iter().map(|s| s.to_uppercase()).collect();
+    let url = config.stream_url();
+    let (tx, mut rx) = mpsc::channel::<(u64, Report)>(4096);
+    let mut conns: HashMap<u64, Conn> = HashMap::new();
+    let mut next_id = 0u64;
+    let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_millis(config.max_backoff_ms));
+    let mut limit = AttemptLimit::new(config.max_connects_per_5min, Duration::from_secs(300));
+    let watchdog = Duration::from_secs(config.watchdog_secs.max(1));
+    let rollover = Duration::from_secs(config.rollover_secs.max(1));
+    let mut seq = Sequencer::default();
+    let mut spawn = |delay: Duration, conns: &mut HashMap<u64, Conn>, limit: &mut AttemptLimit| -> u64 {
+        let wait = limit.reserve(Instant::now() + delay) + delay;
+        next_id += 1;
+        let id = next_id;
+        let task = tokio::spawn(connection(
+            id,
+            url.clone(),
+            wait,
+            watchdog,
+            config.venue.clone(),
+            tx.clone(),
+        ));
+        conns.insert(id, Conn { task, opened_at: None });
+        id
+    };
+    let mut active = spawn(Duration::ZERO, &mut conns, &mut limit);
+    let mut replacing: Option<u64> = None;
+    let mut got_data = false;
+
+    loop {
+        let rollover_at = conns
+            .get(&active)
+            .and_then(|c| c.opened_at)
+            .filter(|_| replacing.is_none())
+            .map(|t| t + rollover);
+        let report = tokio::select! {
+            r = rx.recv() => r,
+            _ = stop.wait() => break,
+            _ = sleep_until(rollover_at) => {
+                tracing::info!("rolling the Binance connection over before its 24 h limit");
+                replacing = Some(spawn(Duration::ZERO, &mut conns, &mut limit));
+                continue;
+            }
+        };
+        let Some((id, report)) = report else { break };
+        match report {
+            Report::Opened => {
+                if let Some(c) = conns.get_mut(&id) {
+                    c.opened_at = Some(Instant::now());
+                }
+            }
+            Report::Closed(why) => {
+                let Some(conn) = conns.remove(&id) else { continue };
+                conn.task.abort();
+                tracing::warn!(connection = id, reason = %why, "Binance connection closed");
+                if id == active {
+                    metrics.reconnects.with_label_values(&[COMPONENT]).inc();
+                    match replacing.take() {
+                        Some(r) => active = r,
+                        None => {
+                            let delay = if got_data { Duration::ZERO } else { backoff.next_delay() };
+                            got_data = false;
+                            active = spawn(delay, &mut conns, &mut limit);
+                        }
+                    }
+                } else if Some(id) == replacing {
+                    replacing = None;
+                }
+            }
+            Report::Frame(parsed, raw) => {
+                metrics.received.with_label_values(&[COMPONENT]).inc();
+                if Some(id) == replacing {
+                    // The replacement delivers: close the old connection.
+                    if let Some(old) = conns.remove(&active) {
+                        old.task.abort();
+                    }
+                    active = id;
+                    replacing = None;
+                }
+                if id == active && !got_data {
+                    got_data = true;
+                    backoff.reset();
+                }
+                match parsed {
+                    Err(reason) => {
+                        publisher
+                            .publish(Item::Reject(Reject::parse(
+                                COMPONENT,
+                                RecordSource::Binance,
+                                raw.as_bytes(),
+                                reason,
+                            )))
+                            .await;
+                    }
+                    Ok(WsEvent::Trade(t)) => {
+                        if !symbols.contains(&t.symbol) {
+                            let reason = format!("symbol {} is not configured", t.symbol);
+                            publisher
+                                .publish(Item::Reject(validate_reject(raw.as_bytes(), reason)))
+                                .await;
+                            continue;
+                        }
+                        let repair = config.gap_repair.then_some(rest.as_ref());
+                        sequence_trade(
+                            &mut seq,
+                            t,
+                            raw.as_bytes(),
+                            repair,
+                            &config.venue,
+                            &publisher,
+                            &mut stop,
+                        )
+                        .await;
+                    }
+                    Ok(WsEvent::Candle(c)) => {
+                        if seq.candle_is_new(&c) {
+                            publisher
+                                .publish(Item::Candle(c).validated(&rules_now(), COMPONENT, raw.as_bytes()))
+                                .await;
+                        } else {
+                            metrics.duplicates.with_label_values(&[COMPONENT]).inc();
+                        }
+                    }
+                    Ok(WsEvent::ServerShutdown) => {
+                        if id == active && replacing.is_none() {
+                            tracing::info!("Binance announced a server shutdown: opening a replacement connection");
+                            replacing = Some(spawn(Duration::ZERO, &mut conns, &mut limit));
+                        }
+                    }
+                    Ok(WsEvent::OpenKline | WsEvent::Reply | WsEvent::Other) => {}
+                }
+            }
+        }
+    }
+    for (_, c) in conns {
+        c.task.abort();
+    }
+    Ok(())
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(t) => tokio::time::sleep_until(t.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+fn validate_reject(raw: &[u8], reason: String) -> Reject {
+    Reject {
+        component: COMPONENT,
+        stage: "validate",
+        reason,
+        raw: raw.to_vec(),
+        topic: Some(tickpipe_schemas::Topic::Trades),
+        source: RecordSource::Binance,
+    }
+}
+
+/// Publishes a live trade in id order: drops what was already published, and
+/// fills a gap before it over REST (when `repair` is given).
+async fn sequence_trade(
+    seq: &mut Sequencer,
+    t: Trade,
+    raw: &[u8],
+    repair: Option<&BinanceRest>,
+    venue: &str,
+    publisher: &Publisher,
+    stop: &mut Stop,
+) {
+    let metrics = publisher.metrics();
+    match seq.check(&t.symbol, t.kind, t.trade_id) {
+        Order::Duplicate => {
+            metrics.duplicates.with_label_values(&[COMPONENT]).inc();
+            return;
+        }
+        Order::Gap { from, to } => {
+            metrics.gaps.with_label_values(&[&t.symbol]).inc();
+            tracing::info!(symbol = %t.symbol, from, to, "trade-id gap: repairing over REST");
+            let filled = match repair {
+                Some(rest) => fill_gap(rest, &t.symbol, t.kind, from, to, venue, publisher, stop).await,
+                None => from,
+            };
+            if filled <= to {
+                let missing = (to - filled + 1) as u64;
+                metrics.unrepaired.with_label_values(&[&t.symbol]).inc_by(missing);
+                tracing::error!(symbol = %t.symbol, from = filled, to, "trade ids could not be repaired");
+            }
+        }
+        Order::First | Order::Next => {}
+    }
+    seq.advance(&t.symbol, t.kind, t.trade_id);
+    publisher
+        .publish(Item::Trade(t).validated(&rules_now(), COMPONENT, raw))
+        .await;
+}
+
+/// Fetches and publishes trades `from..=to` in pages; returns the first id not
+/// published (`to + 1` when the gap is closed).
+#[allow(clippy::too_many_arguments)]
+async fn fill_gap(
+    rest: &BinanceRest,
+    symbol: &str,
+    kind: TradeKind,
+    from: i64,
+    to: i64,
+    venue: &str,
+    publisher: &Publisher,
+    stop: &mut Stop,
+) -> i64 {
+    let origin = Origin {
+        venue,
+        source: RecordSource::Binance,
+        ingest_time: now_micros(),
+    };
+    let mut next = from;
+    while next <= to {
+        let limit = (to - next + 1).min(1000);
+        let (api, path, weight) = match kind {
+            TradeKind::Trade => (
+                "historicalTrades",
+                format!("/api/v3/historicalTrades?symbol={symbol}&fromId={next}&limit={limit}"),
+                25,
+            ),
+            TradeKind::AggTrade => (
+                "aggTrades",
+                format!("/api/v3/aggTrades?symbol={symbol}&fromId={next}&limit={limit}"),
+                4,
+            ),
+        };
+        let body = match rest.get(api, &path, weight, stop).await {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::error!(symbol, error = %e, "gap repair request failed");
+                return next;
+            }
+        };
+        let rows: Vec<(i64, Result<Trade, String>, Vec<u8>)> = match kind {
+            TradeKind::Trade => match serde_json::from_slice::<Vec<serde_json::Value>>(&body) {
+                Ok(v) => v
+                    .into_iter()
+                    .map(|row| {
+                        let raw = row.to_string().into_bytes();
+                        match serde_json::from_value::<RestTrade>(row) {
+                            Ok(r) => (r.id, r.into_trade(symbol, origin), raw),
+                            Err(e) => (-1, Err(format!("historicalTrades row: {e}")), raw),
+                        }
+                    })
+                    .collect(),
+                Err(e) => {
+                    publish_bad_page(publisher, &body, format!("historicalTrades answer is not a list: {e}")).await;
+                    return next;
+                }
+            },
+            TradeKind::AggTrade => match serde_json::from_slice::<Vec<serde_json::Value>>(&body) {
+                Ok(v) => v
+                    .into_iter()
+                    .map(|row| {
+                        let raw = row.to_string().into_bytes();
+                        match serde_json::from_value::<RestAggTrade>(row) {
+                            Ok(r) => (r.a, r.into_trade(symbol, origin), raw),
+                            Err(e) => (-1, Err(format!("aggTrades row: {e}")), raw),
+                        }
+                    })
+                    .collect(),
+                Err(e) => {
+                    publish_bad_page(publisher, &body, format!("aggTrades answer is not a list: {e}")).await;
+                    return next;
+                }
+            },
+        };
+        let before = next;
+        for (id, trade, raw) in rows {
+            if id >= 0 && (id < next || id > to) {
+                continue;
+            }
+            match trade {
+                Ok(t) => {
+                    publisher.metrics().backfilled.with_label_values(&[symbol]).inc();
+                    next = t.trade_id + 1;
+                    publisher
+                        .publish(Item::Trade(t).validated(&rules_now(), "binance-rest", &raw))
+                        .await;
+                }
+                Err(reason) => {
+                    if id >= 0 {
+                        next = id + 1;
+                    }
+                    publisher
+                        .publish(Item::Reject(Reject {
+                            component: "binance-rest",
+                            stage: "parse",
+                            reason,
+                            raw,
+                            topic: Some(tickpipe_schemas::Topic::Trades),
+                            source: RecordSource::Binance,
+                        }))
+                        .await;
+                }
+            }
+        }
+        if next == before {
+            // Binance has nothing from this id on: the rest cannot be repaired.
+            return next;
+        }
+    }
+    next
+}
+
+async fn publish_bad_page(publisher: &Publisher, body: &[u8], reason: String) {
+    publisher
+        .publish(Item::Reject(Reject::parse(
+            "binance-rest",
+            RecordSource::Binance,
+            body,
+            reason,
+        )))
+        .await;
+}
+
+/// One WebSocket connection: waits `delay`, connects, forwards parsed frames,
+/// answers pings (tungstenite queues the pong and sends it on the next read),
+/// and reports when it ends.
+async fn connection(
+    id: u64,
+    url: String,
+    delay: Duration,
+    watchdog: Duration,
+    venue: String,
+    tx: mpsc::Sender<(u64, Report)>,
+) {
+    if !delay.is_zero() {
+        tokio::time::sleep(delay).await;
+    }
+    let connect = tokio::time::timeout(Duration::from_secs(15), tokio_tungstenite::connect_async(url.as_str()));
+    let mut ws = match connect.await {
+        Ok(Ok((ws, _))) => ws,
+        Ok(Err(e)) => {
+            let _ = tx.send((id, Report::Closed(format!("connect failed: {e}")))).await;
+            return;
+        }
+        Err(_) => {
+            let _ = tx.send((id, Report::Closed("connect timed out".into()))).await;
+            return;
+        }
+    };
+    if tx.send((id, Report::Opened)).await.is_err() {
+        return;
+    }
+    let why = loop {
+        let msg = match tokio::time::timeout(watchdog, ws.next()).await {
+            Err(_) => break format!("silent for {} s (watchdog)", watchdog.as_secs()),
+            Ok(None) => break "closed by the server".to_owned(),
+            Ok(Some(Err(e))) => break format!("read failed: {e}"),
+            Ok(Some(Ok(m))) => m,
+        };
+        match msg {
+            Message::Text(text) => {
+                let origin = Origin {
+                    venue: &venue,
+                    source: RecordSource::Binance,
+                    ingest_time: now_micros(),
+                };
+                let parsed = parse::ws_message(&text, origin);
+                if tx.send((id, Report::Frame(parsed, text))).await.is_err() {
+                    return;
+                }
+            }
+            Message::Binary(b) => {
+                let text = String::from_utf8_lossy(&b).into_owned();
+                let parsed = Err("binary frame: Binance sends text".to_owned());
+                if tx.send((id, Report::Frame(parsed, text.into()))).await.is_err() {
+                    return;
+                }
+            }
+            Message::Close(frame) => break format!("close frame: {frame:?}"),
+            Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => {}
+        }
+    };
+    let _ = ws.close(None).await;
+    let _ = tx.send((id, Report::Closed(why))).await;
+}

@@ -1,0 +1,178 @@
+//! Binance REST, politely: every response's `X-MBX-USED-WEIGHT-1M` is read and
+//! requests wait for the next minute before the limit is reached; 429 and 418
+//! stop all requests for `Retry-After` seconds (continuing after a 429 earns an
+//! IP ban); 451 is a clear, final error; 5xx and network errors are retried
+//! with backoff (every call here is a GET, so retrying is safe).
+
+use std::sync::Mutex;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use reqwest::StatusCode;
+
+use super::super::backoff::Backoff;
+use super::super::{SourceError, Stop};
+use crate::metrics::Metrics;
+
+/// A Binance REST client shared by gap repair and the klines backfill.
+pub struct BinanceRest {
+    http: reqwest::Client,
+    base: String,
+    metrics: Metrics,
+    state: Mutex<RateState>,
+    /// Most attempts per call before it fails (429 waits do not count).
+    max_attempts: u32,
+}
+
+#[derive(Debug)]
+struct RateState {
+    /// No request before this instant (a 429/418 `Retry-After`).
+    blocked_until: Option<Instant>,
+    /// The weight Binance last reported as used this minute.
+    used: u32,
+    /// The weight limit per minute (6,000 unless configured otherwise).
+    limit: u32,
+}
+
+impl BinanceRest {
+    pub fn new(base: &str, weight_limit: u32, metrics: Metrics) -> Result<Self, SourceError> {
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(30))
+            .build()
+            .map_err(|e| SourceError::User(format!("cannot build an HTTP client: {e}")))?;
+        Ok(BinanceRest {
+            http,
+            base: base.trim_end_matches('/').to_owned(),
+            metrics,
+            state: Mutex::new(RateState {
+                blocked_until: None,
+                used: 0,
+                limit: weight_limit,
+            }),
+            max_attempts: 8,
+        })
+    }
+
+    /// How long to wait before spending `weight`.
+    fn wait_for(&self, weight: u32) -> Duration {
+        let s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(until) = s.blocked_until {
+            let d = until.saturating_duration_since(Instant::now());
+            if !d.is_zero() {
+                return d;
+            }
+        }
+        if s.used + weight > s.limit * 9 / 10 {
+            // The window is the wall-clock minute: wait for the next one.
+            let ms = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or(0);
+            return Duration::from_millis(60_000 - ms % 60_000 + 50);
+        }
+        Duration::ZERO
+    }
+
+    /// GETs `path` (with its query) and returns the body; `api` names the call
+    /// in metrics, `weight` is its documented cost.
+    pub async fn get(
+        &self,
+        api: &'static str,
+        path: &str,
+        weight: u32,
+        stop: &mut Stop,
+    ) -> Result<Vec<u8>, SourceError> {
+        let url = format!("{}{}", self.base, path);
+        let mut backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(30));
+        let mut attempts = 0;
+        loop {
+            let wait = self.wait_for(weight);
+            if !wait.is_zero() {
+                tracing::info!(
+                    api,
+                    wait_ms = wait.as_millis() as u64,
+                    "waiting for the Binance request budget"
+                );
+                if !stop.sleep(wait).await {
+                    return Err(SourceError::Io("stopped".into()));
+                }
+                continue;
+            }
+            attempts += 1;
+            let started = Instant::now();
+            let result = self.http.get(&url).send().await;
+            self.metrics
+                .rest_latency
+                .with_label_values(&[api])
+                .observe(started.elapsed().as_secs_f64());
+            let retry = match result {
+                Ok(resp) => {
+                    let status = resp.status();
+                    let header = |name: &str| {
+                        resp.headers()
+                            .get(name)
+                            .and_then(|v| v.to_str().ok())
+                            .and_then(|v| v.trim().parse::<u64>().ok())
+                    };
+                    if let Some(used) = header("x-mbx-used-weight-1m") {
+                        self.state.lock().unwrap_or_else(|e| e.into_inner()).used = used as u32;
+                    }
+                    let retry_after = header("retry-after");
+                    match status {
+                        s if s.is_success() => {
+                            self.metrics.rest_requests.with_label_values(&[api, "ok"]).inc();
+                            return resp
+                                .bytes()
+                                .await
+                                .map(|b| b.to_vec())
+                                .map_err(|e| SourceError::Io(format!("reading {api} response: {e}")));
+                        }
+                        StatusCode::TOO_MANY_REQUESTS | StatusCode::IM_A_TEAPOT => {
+                            self.metrics
+                                .rest_requests
+                                .with_label_values(&[api, "rate_limited"])
+                                .inc();
+                            let secs = retry_after.unwrap_or(60);
+                            tracing::warn!(
+                                api,
+                                status = status.as_u16(),
+                                retry_after_s = secs,
+                                "Binance rate limit: pausing every request"
+                            );
+                            self.state.lock().unwrap_or_else(|e| e.into_inner()).blocked_until =
+                                Some(Instant::now() + Duration::from_secs(secs));
+                            attempts -= 1;
+                            continue;
+                        }
+                        StatusCode::UNAVAILABLE_FOR_LEGAL_REASONS => {
+                            self.metrics.rest_requests.with_label_values(&[api, "error"]).inc();
+                            return Err(SourceError::External(format!(
+                                "Binance refuses requests from this location (HTTP 451 at {url}); set \
+                                 TICKPIPE_BINANCE_REST_URL (and TICKPIPE_BINANCE_WS_URL) to an endpoint you are allowed to use"
+                            )));
+                        }
+                        s if s.is_server_error() => format!("HTTP {s}"),
+                        s => {
+                            self.metrics.rest_requests.with_label_values(&[api, "error"]).inc();
+                            let body = resp.text().await.unwrap_or_default();
+                            return Err(SourceError::External(format!(
+                                "Binance {api} answered HTTP {s}: {body}"
+                            )));
+                        }
+                    }
+                }
+                Err(e) => e.to_string(),
+            };
+            self.metrics.rest_requests.with_label_values(&[api, "error"]).inc();
+            if attempts >= self.max_attempts {
+                return Err(SourceError::External(format!(
+                    "Binance {api} failed {attempts} times, last: {retry}"
+                )));
+            }
+            let d = backoff.next_delay();
+            tracing::warn!(api, error = %retry, retry_in_ms = d.as_millis() as u64, "Binance request failed");
+            if !stop.sleep(d).await {
+                return Err(SourceError::Io("stopped".into()));
+            }
+        }
+    }
+}

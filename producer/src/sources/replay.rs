@@ -1,0 +1,368 @@
+//! Replay of recorded market data from files: data.binance.vision CSVs
+//! (trades, aggTrades, klines; with or without a header; ms or µs times told
+//! apart by magnitude; plain or gzip) and raw WebSocket captures, one message
+//! per line as `<ts> <json>` or `<ts>: <json>`. Records are published at the
+//! recorded pace times a factor, or as fast as the broker takes them.
+//!
+//! Reading and parsing run on their own thread, publishing on the runtime, so
+//! the two overlap on a two-core machine.
+
+use std::future::Future;
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::time::Duration;
+
+use serde::Deserialize;
+use tickpipe_schemas::{Micros, Source as RecordSource};
+use tokio::sync::mpsc;
+
+use super::binance::parse::{self, Origin, WsEvent};
+use super::{Source, SourceError, Stop};
+use crate::config::Config;
+use crate::item::{now_micros, rules_now, Item, Reject};
+use crate::publish::Publisher;
+
+const COMPONENT: &str = "replay";
+
+/// The `[replay]` section.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ReplayConfig {
+    /// Files to publish, in order. Empty: the source is off.
+    pub files: Vec<PathBuf>,
+    /// Recorded pace times this factor; 0 = as fast as possible.
+    pub speed: f64,
+    /// Venue carried in records.
+    pub venue: String,
+    /// Symbol of CSV files whose name does not start with it.
+    pub symbol: Option<String>,
+    /// Interval of kline CSV files whose name does not say it.
+    pub interval: Option<String>,
+}
+
+impl Default for ReplayConfig {
+    fn default() -> Self {
+        ReplayConfig {
+            files: Vec::new(),
+            speed: 0.0,
+            venue: "binance".into(),
+            symbol: None,
+            interval: None,
+        }
+    }
+}
+
+pub fn build(config: &Config) -> Result<Option<Box<dyn Source>>, SourceError> {
+    let c = &config.replay;
+    if c.files.is_empty() {
+        return Ok(None);
+    }
+    if !(c.speed >= 0.0 && c.speed.is_finite()) {
+        return Err(SourceError::User(format!(
+            "replay speed must be 0 (as fast as possible) or positive, got {}",
+            c.speed
+        )));
+    }
+    for f in &c.files {
+        if !f.is_file() {
+            return Err(SourceError::User(format!("replay file {} does not exist", f.display())));
+        }
+    }
+    Ok(Some(Box::new(Replay { config: c.clone() })))
+}
+
+pub struct Replay {
+    config: ReplayConfig,
+}
+
+impl Source for Replay {
+    fn name(&self) -> &'static str {
+        COMPONENT
+    }
+
+    fn finite(&self) -> bool {
+        true
+    }
+
+    fn run(
+        self: Box<Self>,
+        publisher: Publisher,
+        mut stop: Stop,
+    ) -> Pin<Box<dyn Future<Output = Result<(), SourceError>> + Send>> {
+        Box::pin(async move {
+            let config = self.config;
+            let speed = config.speed;
+            let (tx, mut rx) = mpsc::channel::<Vec<Item>>(64);
+            let metrics = publisher.metrics().clone();
+            let reader = std::thread::Builder::new()
+                .name("replay-reader".into())
+                .spawn(move || -> Result<(), SourceError> {
+                    for f in &config.files {
+                        read_file(f, &config, &metrics, &tx)?;
+                    }
+                    Ok(())
+                })
+                .map_err(|e| SourceError::Io(format!("cannot start the replay reader: {e}")))?;
+            let start = tokio::time::Instant::now();
+            let mut first: Option<Micros> = None;
+            'batches: while let Some(batch) = rx.recv().await {
+                for item in batch {
+                    if stop.is_stopped() {
+                        break 'batches;
+                    }
+                    if speed > 0.0 {
+                        if let Some(t) = event_time(&item) {
+                            let t0 = *first.get_or_insert(t);
+                            let due = start + Duration::from_micros(((t - t0).max(0) as f64 / speed) as u64);
+                            tokio::select! {
+                                _ = tokio::time::sleep_until(due) => {}
+                                _ = stop.wait() => break 'batches,
+                            }
+                        }
+                    }
+                    publisher.publish(item).await;
+                }
+            }
+            drop(rx);
+            match tokio::task::spawn_blocking(move || reader.join()).await {
+                Ok(Ok(r)) => r,
+                _ => Err(SourceError::Io("the replay reader panicked".into())),
+            }
+        })
+    }
+}
+
+fn event_time(item: &Item) -> Option<Micros> {
+    match item {
+        Item::Trade(t) => Some(t.event_time),
+        Item::Candle(c) => Some(c.event_time),
+        Item::Price(p) => Some(p.event_time),
+        _ => None,
+    }
+}
+
+/// What kind of file it is, decided from its name and first data line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Format {
+    Capture,
+    Trades { symbol: String },
+    AggTrades { symbol: String },
+    Klines { symbol: String, interval: String },
+}
+
+/// `BTCUSDT-1m-2024-01-01.csv` → (`BTCUSDT`, `1m`); `BTCUSDT-trades-...` → (`BTCUSDT`, `trades`).
+fn name_parts(path: &Path) -> (Option<String>, Option<String>) {
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+    let mut parts = name.split('-');
+    let symbol = parts
+        .next()
+        .filter(|s| !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric()));
+    (symbol.map(|s| s.to_uppercase()), parts.next().map(str::to_owned))
+}
+
+fn detect(path: &Path, line: &str, c: &ReplayConfig) -> Result<Format, SourceError> {
+    let head = line.split_whitespace().next().unwrap_or("");
+    let ts = head.trim_end_matches(':');
+    if ts.parse::<f64>().is_ok() && line[head.len()..].trim_start().starts_with('{') {
+        return Ok(Format::Capture);
+    }
+    let (name_symbol, name_kind) = name_parts(path);
+    let symbol = c.symbol.clone().or(name_symbol).ok_or_else(|| {
+        SourceError::User(format!(
+            "{}: cannot tell the symbol from the file name; set replay.symbol (--replay-symbol)",
+            path.display()
+        ))
+    })?;
+    match line.split(',').count() {
+        6 | 7 => Ok(Format::Trades { symbol }),
+        8 => Ok(Format::AggTrades { symbol }),
+        12 => {
+            let interval = c
+                .interval
+                .clone()
+                .or(name_kind)
+                .ok_or_else(|| SourceError::User(format!("{}: set replay.interval for this klines file", path.display())))?;
+            Ok(Format::Klines { symbol, interval })
+        }
+        n => Err(SourceError::User(format!(
+            "{}: a line with {n} columns is neither a data.binance.vision trades (7), aggTrades (8) or klines (12) row nor a WebSocket capture",
+            path.display()
+        ))),
+    }
+}
+
+fn open(path: &Path) -> Result<Box<dyn BufRead + Send>, SourceError> {
+    let file = std::fs::File::open(path).map_err(|e| SourceError::Io(format!("{}: {e}", path.display())))?;
+    let r: Box<dyn Read + Send> = if path.extension().is_some_and(|e| e == "gz") {
+        Box::new(flate2::read::MultiGzDecoder::new(file))
+    } else if path.extension().is_some_and(|e| e == "zip") {
+        return Err(SourceError::User(format!(
+            "{}: unzip data.binance.vision archives first (the CSV inside is what replay reads)",
+            path.display()
+        )));
+    } else {
+        Box::new(file)
+    };
+    Ok(Box::new(BufReader::with_capacity(1 << 16, r)))
+}
+
+/// Reads one file into batches of items.
+fn read_file(
+    path: &Path,
+    c: &ReplayConfig,
+    metrics: &crate::metrics::Metrics,
+    tx: &mpsc::Sender<Vec<Item>>,
+) -> Result<(), SourceError> {
+    let mut reader = open(path)?;
+    let mut format: Option<Format> = None;
+    let mut batch = Vec::with_capacity(256);
+    let mut line = String::new();
+    let received = metrics.received.with_label_values(&[COMPONENT]);
+    let rules = rules_now();
+    let mut n = 0u64;
+    loop {
+        line.clear();
+        let read = reader
+            .read_line(&mut line)
+            .map_err(|e| SourceError::Io(format!("{}: {e}", path.display())))?;
+        if read == 0 {
+            break;
+        }
+        n += 1;
+        let text = line.trim_end_matches(['\n', '\r']);
+        if text.trim().is_empty() {
+            continue;
+        }
+        let fmt = match &format {
+            Some(f) => f,
+            None => {
+                // A header row (`id,price,...`) or a capture's URL line is metadata.
+                let first = text.as_bytes()[0];
+                if !(first.is_ascii_digit() || first == b'-') {
+                    continue;
+                }
+                format.insert(detect(path, text, c)?)
+            }
+        };
+        received.inc();
+        let ingest = now_micros();
+        let origin = Origin {
+            venue: &c.venue,
+            source: RecordSource::Replay,
+            ingest_time: ingest,
+        };
+        let item = match fmt {
+            Format::Capture => {
+                let Some((ts, json)) = text.split_once(' ') else {
+                    continue;
+                };
+                if ts.trim_end_matches(':').parse::<f64>().is_err() {
+                    continue;
+                }
+                match parse::ws_message(json.trim_start(), origin) {
+                    Ok(WsEvent::Trade(t)) => Some(Item::Trade(t)),
+                    Ok(WsEvent::Candle(k)) => Some(Item::Candle(k)),
+                    Ok(_) => None,
+                    Err(reason) => Some(reject(json, reason, path, n)),
+                }
+            }
+            Format::Trades { symbol } => Some(row(text, path, n, |f| {
+                parse::trade_csv_row(f, symbol, origin).map(Item::Trade)
+            })),
+            Format::AggTrades { symbol } => Some(row(text, path, n, |f| {
+                parse::agg_trade_csv_row(f, symbol, origin).map(Item::Trade)
+            })),
+            Format::Klines { symbol, interval } => match parse::kline_row(
+                &text.split(',').collect::<Vec<_>>(),
+                symbol,
+                interval,
+                origin,
+                Micros::MAX,
+            ) {
+                Ok(Some(k)) => Some(Item::Candle(k)),
+                Ok(None) => None,
+                Err(reason) => Some(reject(text, reason, path, n)),
+            },
+        };
+        if let Some(item) = item {
+            batch.push(item.validated(&rules, COMPONENT, text.as_bytes()));
+        }
+        if batch.len() >= 256 {
+            if tx.blocking_send(std::mem::take(&mut batch)).is_err() {
+                return Ok(());
+            }
+            batch.reserve(256);
+        }
+    }
+    if !batch.is_empty() {
+        let _ = tx.blocking_send(batch);
+    }
+    Ok(())
+}
+
+fn row(text: &str, path: &Path, n: u64, f: impl FnOnce(&[&str]) -> Result<Item, String>) -> Item {
+    let fields: Vec<&str> = text.split(',').collect();
+    f(&fields).unwrap_or_else(|reason| reject(text, reason, path, n))
+}
+
+fn reject(text: &str, reason: String, path: &Path, n: u64) -> Item {
+    Item::Reject(Reject::parse(
+        COMPONENT,
+        RecordSource::Replay,
+        text.as_bytes(),
+        format!("{}:{n}: {reason}", path.display()),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn formats_are_told_apart() {
+        let c = ReplayConfig::default();
+        let p = Path::new("BTCUSDT-1m-2024-01-01.csv");
+        assert_eq!(
+            detect(
+                p,
+                "1704067200000,42283.58,42298.62,42261.02,42298.61,35.92724,1704067259999,1519079.0,1327,22.7,960.9,0",
+                &c
+            )
+            .unwrap(),
+            Format::Klines {
+                symbol: "BTCUSDT".into(),
+                interval: "1m".into()
+            }
+        );
+        let p = Path::new("XRPETH-aggTrades-2019-10-11.csv");
+        assert_eq!(
+            detect(
+                p,
+                "13519807,0.00141342,23.00000000,15373518,15373518,1570752011620,True,True",
+                &c
+            )
+            .unwrap(),
+            Format::AggTrades {
+                symbol: "XRPETH".into()
+            }
+        );
+        let p = Path::new("BTCUSDT-trades-2025-01-01.csv");
+        assert_eq!(
+            detect(p, "4382983747,93576.00,0.00010,9.35760,1735689600052494,true,true", &c).unwrap(),
+            Format::Trades {
+                symbol: "BTCUSDT".into()
+            }
+        );
+        assert_eq!(
+            detect(p, r#"1723161253993183000 {"stream":"btcusdt@trade","data":{}}"#, &c).unwrap(),
+            Format::Capture
+        );
+        assert_eq!(
+            detect(p, r#"1634000912.8214064: {"stream":"x","data":{}}"#, &c).unwrap(),
+            Format::Capture
+        );
+        assert!(detect(Path::new("data.csv"), "1,2,3,4,5,6,7", &c).is_err());
+        assert!(detect(p, "1,2,3", &c).is_err());
+    }
+}
