@@ -21,6 +21,10 @@ stack-status: ## show what is running
 kafka: ## start only the Kafka-protocol broker (docker compose if a Docker engine answers, else tansu)
 	$(STACK) up kafka
 
+.PHONY: producer
+producer: stack-up ## run the producer on the local stack (live sources when Binance answers, else the simulator)
+	eval "$$($(STACK) env)"; cargo run --release --locked -p tickpipe-producer --bin producer -- run
+
 .PHONY: lint
 lint: ## rustfmt and clippy, warnings are errors
 	cargo fmt --all --check
@@ -36,3 +40,4 @@ bench: stack-up ## print the benchmark figures (ratios against baselines run alo
 	cargo bench --locked -p tickpipe-consumers --bench candles
 	eval "$$($(STACK) env)"; cargo bench --locked -p tickpipe-consumers --bench candles_e2e
 	eval "$$($(STACK) env)"; cargo bench --locked -p tickpipe-consumers --bench postgres_sink
+	eval "$$($(STACK) env)"; cargo bench --locked -p tickpipe-producer --bench replay

@@ -48,6 +48,9 @@ pub struct KafkaConfig {
     pub brokers: String,
     /// Prefix of every topic name.
     pub topic_prefix: String,
+    /// Create the entity topics at start when they are missing (off where
+    /// topics are managed elsewhere, e.g. by infrastructure code).
+    pub create_topics: bool,
     /// Partitions of topics created at start.
     pub partitions: i32,
     /// Replication factor of topics created at start.
@@ -69,6 +72,7 @@ impl Default for KafkaConfig {
         KafkaConfig {
             brokers: "127.0.0.1:9092".into(),
             topic_prefix: String::new(),
+            create_topics: true,
             partitions: 3,
             replication: 1,
             max_in_flight: 50_000,

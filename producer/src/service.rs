@@ -50,9 +50,11 @@ struct Running {
 /// Sets up topics, registry, publisher and endpoint.
 async fn start(config: &Config, metrics: Metrics) -> Result<Running, ServiceError> {
     let k = &config.kafka;
-    ensure_topics(&k.brokers, &k.topic_prefix, &Topic::ALL, k.partitions, k.replication)
-        .await
-        .map_err(|e| ServiceError::Kafka(e.to_string()))?;
+    if k.create_topics {
+        ensure_topics(&k.brokers, &k.topic_prefix, &Topic::ALL, k.partitions, k.replication)
+            .await
+            .map_err(|e| ServiceError::Kafka(e.to_string()))?;
+    }
     let codec = match &config.schema_registry {
         None => Codec::new(WriteFraming::SingleObject),
         Some(r) => {

@@ -1,0 +1,96 @@
+//! Fault injection with librdkafka's MockCluster: the only broker goes down
+//! while the simulator publishes flat out. The sources must block on the
+//! in-flight bound (memory stays bounded), and once the broker is back every
+//! trade arrives exactly once.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use rdkafka::mocking::MockCluster;
+use tickpipe_producer::config::Config;
+use tickpipe_producer::metrics::Metrics;
+use tickpipe_producer::service;
+use tickpipe_schemas::Topic;
+
+use common::{rss_bytes, total, wait_for};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_outage_loses_nothing_and_memory_stays_bounded() {
+    let cluster = MockCluster::new(1).expect("mock cluster");
+    let brokers = cluster.bootstrap_servers();
+    for t in Topic::ALL {
+        cluster.create_topic(&t.name(""), 2, 1).expect("topic");
+    }
+    const TRADES: u64 = 60_000;
+    const BOUND: usize = 2_000;
+    let mut config = Config {
+        sources: vec!["simulator".into()],
+        metrics_addr: "off".into(),
+        ..Config::default()
+    };
+    config.kafka.brokers = brokers.clone();
+    config.kafka.create_topics = false;
+    config.kafka.max_in_flight = BOUND;
+    config.simulator.rate = 0.0;
+    config.simulator.max_trades = Some(TRADES);
+    config.simulator.start_ms = Some(1_767_225_600_000);
+    let metrics = Metrics::new();
+    let run = tokio::spawn(service::run(config, metrics.clone(), std::future::pending()));
+
+    wait_for("the first acknowledgements", Duration::from_secs(30), || {
+        total(&metrics.published) > 5_000
+    })
+    .await;
+    let rss_before = rss_bytes();
+    cluster.broker_down(1).expect("broker down");
+    // With the broker away the queue fills to the bound, and no further.
+    let mut deepest = 0;
+    wait_for("the in-flight bound to be reached", Duration::from_secs(30), || {
+        deepest = deepest.max(metrics.queue_depth.get());
+        deepest >= BOUND as i64
+    })
+    .await;
+    let published_during = total(&metrics.published);
+    wait_for("the simulator to block on the bound", Duration::from_secs(10), || {
+        let d = metrics.queue_depth.get();
+        deepest = deepest.max(d);
+        d == BOUND as i64
+    })
+    .await;
+    assert!(
+        deepest <= BOUND as i64,
+        "queue depth {deepest} exceeded the bound {BOUND}"
+    );
+    let rss_down = rss_bytes();
+    assert!(
+        rss_down < rss_before + 64 * 1024 * 1024,
+        "memory grew from {rss_before} to {rss_down} bytes while the broker was down"
+    );
+    assert!(
+        published_during < TRADES,
+        "everything was acknowledged before the outage"
+    );
+    cluster.broker_up(1).expect("broker up");
+
+    let summary = tokio::time::timeout(Duration::from_secs(120), run)
+        .await
+        .expect("the run ends after the last trade")
+        .expect("task")
+        .expect("clean run");
+    assert_eq!(summary.unacknowledged, 0);
+    assert_eq!(total(&metrics.delivery_failures), 0);
+
+    let trades = common::trades(&brokers, "");
+    assert_eq!(trades.len() as u64, TRADES, "every trade exactly once");
+    let mut by_symbol: BTreeMap<String, Vec<i64>> = BTreeMap::new();
+    for t in &trades {
+        by_symbol.entry(t.symbol.clone()).or_default().push(t.trade_id);
+    }
+    for (symbol, mut ids) in by_symbol {
+        ids.sort_unstable();
+        let n = ids.len() as i64;
+        assert_eq!(ids, (1..=n).collect::<Vec<_>>(), "{symbol}: ids 1..={n} each once");
+    }
+}

@@ -1,0 +1,168 @@
+//! Replay through the real broker: the recorded spot BTCUSDT WebSocket capture
+//! arrives in `trades` field for field, every id once; malformed input of every
+//! kind lands in `dead-letters` with its reason while the rest flows.
+
+mod common;
+
+use std::path::PathBuf;
+
+use tickpipe_producer::config::Config;
+use tickpipe_producer::metrics::Metrics;
+use tickpipe_producer::service;
+use tickpipe_schemas::{Source, Trade};
+use tickpipe_testkit::{real, stack};
+
+fn replay_config(prefix: &str, files: Vec<PathBuf>) -> Config {
+    let mut c = Config {
+        sources: vec!["replay".into()],
+        metrics_addr: "off".into(),
+        ..Config::default()
+    };
+    c.kafka.brokers = stack::kafka_brokers();
+    c.kafka.topic_prefix = prefix.into();
+    c.kafka.partitions = 2;
+    c.replay.files = files;
+    c
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_btcusdt_capture_arrives_field_for_field() {
+    let Some(dir) = stack::real_data("binance_ws_raw_2024-08-08") else {
+        return;
+    };
+    let files: Vec<PathBuf> = ["spot_btcusdt_20240808", "spot_btcusdt_20240809"]
+        .iter()
+        .map(|n| dir.join(format!("{n}.ts_json.txt.gz")))
+        .collect();
+    let expected: Vec<Trade> = files
+        .iter()
+        .flat_map(|f| real::ws_capture_trades(f, "binance"))
+        .collect();
+    assert_eq!(expected.len(), 19_904);
+    let prefix = format!("{}.", stack::unique_name("replay"));
+    let metrics = Metrics::new();
+    service::run(replay_config(&prefix, files), metrics.clone(), std::future::pending())
+        .await
+        .expect("replay runs to the end");
+
+    let brokers = stack::kafka_brokers();
+    let mut got = common::trades(&brokers, &prefix);
+    got.sort_by_key(|t| t.trade_id);
+    assert_eq!(got.len(), expected.len(), "every trade exactly once");
+    for (g, e) in got.iter().zip(&expected) {
+        assert_eq!(g.source, Source::Replay);
+        let g = Trade {
+            ingest_time: 0,
+            ..g.clone()
+        };
+        let e = Trade {
+            ingest_time: 0,
+            ..e.clone()
+        };
+        assert_eq!(g, e);
+    }
+    // The capture's one REST depth snapshot is not a stream message.
+    let dead = common::dead_letters(&brokers, &prefix);
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert!(dead[0].payload.starts_with(b"{\"lastUpdateId\""));
+    assert!(dead[0].error.contains("neither a stream"), "{}", dead[0].error);
+    assert_eq!(dead[0].stage, "parse");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_input_of_every_kind_is_dead_lettered_and_the_rest_flows() {
+    let dir = std::env::temp_dir().join(stack::unique_name("replay-bad"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let trade = |id: i64, p: &str, q: &str| {
+        format!(
+            r#"{{"stream":"btcusdt@trade","data":{{"e":"trade","E":1767225600101,"s":"BTCUSDT","t":{id},"p":"{p}","q":"{q}","T":1767225600100,"m":false,"M":true}}}}"#
+        )
+    };
+    let capture = [
+        trade(1, "68040.01", "0.5"),
+        // Truncated JSON.
+        r#"{"stream":"btcusdt@trade","data":{"e":"trade","#.to_owned(),
+        trade(2, "68040.02", "0.5"),
+        // Not a decimal.
+        trade(3, "six", "0.5"),
+        // Negative price.
+        trade(4, "-1", "0.5"),
+        // More digits than any exact decimal carries.
+        trade(5, "1.00000000000000000000000000001", "0.5"),
+        // A field missing.
+        r#"{"stream":"btcusdt@trade","data":{"e":"trade","E":1,"s":"BTCUSDT","p":"1","q":"1","T":1767225600100,"m":false}}"#.to_owned(),
+        // A time before 2009.
+        r#"{"stream":"btcusdt@trade","data":{"e":"trade","E":1,"s":"BTCUSDT","t":6,"p":"1","q":"1","T":1000,"m":false}}"#.to_owned(),
+        // A non-MARKET futures trade.
+        r#"{"stream":"trxusdt@trade","data":{"e":"trade","E":1,"s":"TRXUSDT","t":7,"p":"0.0","q":"0.0","T":1767225600100,"m":false,"X":"NA"}}"#.to_owned(),
+        trade(8, "68040.03", "0.5"),
+    ]
+    .iter()
+    .enumerate()
+    .map(|(i, json)| format!("{} {json}\n", 1_767_225_600_000_000_000i64 + i as i64))
+    .collect::<String>();
+    let capture_path = dir.join("capture.txt");
+    std::fs::write(&capture_path, capture).unwrap();
+    // data.binance.vision aggTrades rows: valid, audited-invalid, short, bad boolean.
+    let csv_path = dir.join("XRPETH-aggTrades-2019-10-11.csv");
+    std::fs::write(
+        &csv_path,
+        "13519807,0.00141342,23.00000000,15373518,15373518,1570752011620,True,True\n\
+         13519808,0,0,-1,-1,1570752011621,True,True\n\
+         13519809,0.00141342\n\
+         13519810,0.00141342,23.00000000,15373519,15373519,1570752011622,maybe,True\n\
+         13519811,0.00141343,1.00000000,15373520,15373520,1570752011623,False,True\n",
+    )
+    .unwrap();
+    let prefix = format!("{}.", stack::unique_name("replay_bad"));
+    let metrics = Metrics::new();
+    service::run(
+        replay_config(&prefix, vec![capture_path, csv_path]),
+        metrics.clone(),
+        std::future::pending(),
+    )
+    .await
+    .expect("replay runs to the end");
+
+    let brokers = stack::kafka_brokers();
+    let mut ids: Vec<(String, i64)> = common::trades(&brokers, &prefix)
+        .into_iter()
+        .map(|t| (t.symbol, t.trade_id))
+        .collect();
+    ids.sort();
+    assert_eq!(
+        ids,
+        vec![
+            ("BTCUSDT".into(), 1),
+            ("BTCUSDT".into(), 2),
+            ("BTCUSDT".into(), 8),
+            ("XRPETH".into(), 13519807),
+            ("XRPETH".into(), 13519811)
+        ]
+    );
+    let dead = common::dead_letters(&brokers, &prefix);
+    let mut reasons: Vec<String> = dead.iter().map(|d| format!("{}: {}", d.stage, d.error)).collect();
+    reasons.sort();
+    let expect = [
+        "not a Binance message",
+        "p: \"six\"",
+        "price must be positive",
+        "is not an exact decimal",
+        "without field \"t\"",
+        "before 2009",
+        "not a MARKET trade",
+        "invalid audited aggregate trade",
+        "expected 8",
+        "is not a boolean",
+    ];
+    assert_eq!(dead.len(), expect.len(), "{reasons:#?}");
+    for e in expect {
+        assert!(
+            reasons.iter().any(|r| r.contains(e)),
+            "no dead letter says {e:?}: {reasons:#?}"
+        );
+    }
+    assert!(dead.iter().all(|d| !d.payload.is_empty() && d.component == "replay"));
+    assert_eq!(common::total(&metrics.rejected), expect.len() as u64);
+    std::fs::remove_dir_all(&dir).ok();
+}
