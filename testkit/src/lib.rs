@@ -2,10 +2,13 @@
 //!
 //! - [`registry`]: an in-memory double of the Confluent Schema Registry REST API,
 //!   because no registry server can be installed on the project's machines.
+//! - [`exchange`]: local servers impersonating Binance and CoinCap, replaying
+//!   real recordings with scripted faults.
 //! - [`real`]: loaders for the recorded real market data, for tests and benches.
 //! - [`stack`]: where the local stack started by `deploy/local/stack.sh` listens,
 //!   and the real-data folder.
 
+pub mod exchange;
 pub mod real;
 pub mod registry;
 pub mod stack;

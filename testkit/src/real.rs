@@ -19,7 +19,7 @@ fn int(s: &str, at: &str) -> i64 {
         .unwrap_or_else(|e| panic!("{at}: {s:?} is not an integer: {e}"))
 }
 
-fn lines(path: &Path) -> Vec<String> {
+pub(crate) fn lines(path: &Path) -> Vec<String> {
     let file = std::fs::File::open(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     let reader: Box<dyn std::io::Read> = if path.extension().is_some_and(|e| e == "gz") {
         Box::new(flate2::read::GzDecoder::new(file))

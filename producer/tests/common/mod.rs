@@ -3,21 +3,25 @@
 
 #![allow(dead_code)]
 
-use std::collections::BTreeMap;
+use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 use tickpipe_schemas::{Codec, DeadLetter, Record, Trade, WriteFraming};
 
-/// Every record of `topic` up to its current end, as (key, payload).
+/// Every record of `topic` up to its current end, as (key, payload). The end
+/// is where each partition reports EOF: tansu's ListOffsets (watermarks) can
+/// report less than the log holds.
 pub fn read_topic(brokers: &str, topic: &str) -> Vec<(Vec<u8>, Vec<u8>)> {
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("group.id", "tickpipe-test-reader")
         .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "true")
         .create()
         .expect("consumer");
     let md = consumer
@@ -25,39 +29,30 @@ pub fn read_topic(brokers: &str, topic: &str) -> Vec<(Vec<u8>, Vec<u8>)> {
         .expect("metadata");
     let partitions: Vec<i32> = md.topics()[0].partitions().iter().map(|p| p.id()).collect();
     assert!(!partitions.is_empty(), "topic {topic} has no partitions");
-    let mut ends = BTreeMap::new();
     let mut tpl = TopicPartitionList::new();
     for p in &partitions {
-        let (low, high) = consumer
-            .fetch_watermarks(topic, *p, Duration::from_secs(10))
-            .expect("watermarks");
-        if high > low {
-            ends.insert(*p, high);
-            tpl.add_partition_offset(topic, *p, Offset::Beginning)
-                .expect("partition");
-        }
-    }
-    let mut out = Vec::new();
-    if ends.is_empty() {
-        return out;
+        tpl.add_partition_offset(topic, *p, Offset::Beginning)
+            .expect("partition");
     }
     consumer.assign(&tpl).expect("assign");
+    let mut open: BTreeSet<i32> = partitions.into_iter().collect();
+    let mut out = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(60);
-    while !ends.is_empty() {
+    while !open.is_empty() {
         assert!(
             Instant::now() < deadline,
-            "reading {topic} timed out, partitions left: {ends:?}"
+            "reading {topic} timed out, partitions left: {open:?}"
         );
-        let Some(m) = consumer.poll(Duration::from_millis(200)) else {
-            continue;
-        };
-        let m = m.expect("fetch");
-        out.push((
-            m.key().unwrap_or_default().to_vec(),
-            m.payload().unwrap_or_default().to_vec(),
-        ));
-        if ends.get(&m.partition()).is_some_and(|end| m.offset() + 1 >= *end) {
-            ends.remove(&m.partition());
+        match consumer.poll(Duration::from_millis(200)) {
+            None => {}
+            Some(Ok(m)) => out.push((
+                m.key().unwrap_or_default().to_vec(),
+                m.payload().unwrap_or_default().to_vec(),
+            )),
+            Some(Err(KafkaError::PartitionEOF(p))) => {
+                open.remove(&p);
+            }
+            Some(Err(e)) => panic!("reading {topic}: {e}"),
         }
     }
     out
@@ -108,4 +103,35 @@ pub fn rss_bytes() -> u64 {
         .and_then(|p| p.parse::<u64>().ok())
         .unwrap_or(0)
         * 4096
+}
+
+/// Ids of `first..=last` absent from sorted `ids`, and ids present more than
+/// once (or outside the range), each list cut to 20 for a readable message.
+pub fn id_discrepancies(ids: &[i64], first: i64, last: i64) -> (Vec<i64>, Vec<i64>) {
+    let mut missing = Vec::new();
+    let mut repeated = Vec::new();
+    let mut it = ids.iter().peekable();
+    for want in first..=last {
+        let mut seen = 0;
+        while let Some(&&id) = it.peek() {
+            if id < want {
+                repeated.push(id);
+                it.next();
+            } else if id == want {
+                seen += 1;
+                it.next();
+            } else {
+                break;
+            }
+        }
+        match seen {
+            0 => missing.push(want),
+            1 => {}
+            _ => repeated.push(want),
+        }
+    }
+    repeated.extend(it.copied());
+    missing.truncate(20);
+    repeated.truncate(20);
+    (missing, repeated)
 }

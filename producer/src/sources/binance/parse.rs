@@ -119,6 +119,16 @@ fn need<T>(v: Option<T>, field: &str, event: &str) -> Result<T, String> {
 /// (`{"stream":…,"data":{…}}`), a raw-stream payload, `serverShutdown`, or a
 /// control reply. An error is the reason the frame goes to dead letters.
 pub fn ws_message(text: &str, origin: Origin<'_>) -> Result<WsEvent, String> {
+    // Binance writes the stream name first: streams this source does not publish
+    // (depth updates are most of a capture, and large) are told apart without
+    // reading the JSON. Anything else takes the full path below.
+    if let Some(rest) = text.strip_prefix("{\"stream\":\"") {
+        if let Some((stream, _)) = rest.split_once('"') {
+            if !published(stream) {
+                return Ok(WsEvent::Other);
+            }
+        }
+    }
     let env: Envelope<'_> = serde_json::from_str(text).map_err(|e| format!("not a Binance message: {e}"))?;
     if let Some(data) = env.data {
         return match env.stream.as_deref() {

@@ -96,6 +96,14 @@ fn opt_dec(o: &Map<String, Value>, k: &str) -> Result<Option<Decimal>, String> {
     }
 }
 
+/// A percentage CoinCap derives itself (share of volume, 24 h change). It can
+/// carry more fractional digits (22 are seen) than the wire's 18; unlike money
+/// and quantities, these statistics are rounded half-even to 18 digits rather
+/// than refused, so that whole rows are not lost to noise digits.
+fn opt_percent(o: &Map<String, Value>, k: &str) -> Result<Option<Decimal>, String> {
+    Ok(opt_dec(o, k)?.map(|d| d.round_dp(18)))
+}
+
 fn int(o: &Map<String, Value>, k: &str) -> Result<i64, String> {
     opt_int(o, k)?.ok_or_else(|| format!("field {k:?} is missing"))
 }
@@ -153,7 +161,7 @@ pub fn asset(row: &Value, t: Times) -> Result<Asset, String> {
         market_cap_usd: opt_dec(o, "marketCapUsd")?,
         volume_usd_24h: opt_dec(o, "volumeUsd24Hr")?,
         price_usd: dec(o, "priceUsd")?,
-        change_percent_24h: opt_dec(o, "changePercent24Hr")?,
+        change_percent_24h: opt_percent(o, "changePercent24Hr")?,
         vwap_24h: opt_dec(o, "vwap24Hr")?,
         explorer: opt_text(o, "explorer"),
         tokens,
@@ -189,7 +197,7 @@ pub fn exchange(row: &Value, t: Times) -> Result<Exchange, String> {
         exchange_id: id,
         name: text(o, "name")?,
         rank: int32(o, "rank")?,
-        percent_total_volume: opt_dec(o, "percentTotalVolume")?,
+        percent_total_volume: opt_percent(o, "percentTotalVolume")?,
         volume_usd: opt_dec(o, "volumeUsd")?,
         trading_pairs: int32(o, "tradingPairs")?,
         socket: o.get("socket").and_then(Value::as_bool),
@@ -212,7 +220,7 @@ pub fn market(row: &Value, t: Times) -> Result<Market, String> {
         price_quote: dec(o, "priceQuote")?,
         price_usd: dec(o, "priceUsd")?,
         volume_usd_24h: opt_dec(o, "volumeUsd24Hr")?,
-        percent_exchange_volume: opt_dec(o, "percentExchangeVolume")?,
+        percent_exchange_volume: opt_percent(o, "percentExchangeVolume")?,
         trades_count_24h: opt_int(o, "tradesCount24Hr")?,
         source: t.source,
         event_time: opt_int(o, "updated")?.map(micros).unwrap_or(t.response),
@@ -284,6 +292,20 @@ mod tests {
             serde_json::from_str(r#"{"id":"x","rank":"one","symbol":"X","name":"X","supply":"1","priceUsd":"1"}"#)
                 .unwrap();
         assert!(asset(&bad, T).unwrap_err().contains("rank"));
+    }
+
+    #[test]
+    fn percentages_beyond_the_wire_scale_are_rounded_money_is_not() {
+        let row: Value = serde_json::from_str(
+            r#"{"id":"x","name":"X","rank":"9","percentTotalVolume":"0.0098959513167415543337","volumeUsd":"1.5","tradingPairs":"3","updated":1536336862442}"#,
+        )
+        .unwrap();
+        let e = exchange(&row, T).unwrap();
+        assert_eq!(
+            e.percent_total_volume.map(|d| d.to_string()).as_deref(),
+            Some("0.009895951316741554")
+        );
+        assert_eq!(e.volume_usd.map(|d| d.to_string()).as_deref(), Some("1.5"));
     }
 
     #[test]

@@ -1,0 +1,151 @@
+//! `producer backfill` against a local Binance REST server serving real daily
+//! BTCUSDT klines: pages of 1,000, Retry-After honoured, a rerun publishes
+//! nothing twice, and a 451 is a clear error.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use tickpipe_producer::config::Config;
+use tickpipe_producer::metrics::Metrics;
+use tickpipe_producer::service;
+use tickpipe_producer::sources::binance::backfill::BackfillJob;
+use tickpipe_schemas::{Candle, CandleOrigin};
+use tickpipe_testkit::exchange::{BinanceScript, FakeBinance, RestFault};
+use tickpipe_testkit::stack;
+
+/// The reliable rows (up to 2022-03-21, see the data README) as REST kline rows.
+fn klines() -> Option<Vec<serde_json::Value>> {
+    let dir = stack::real_data("binance_spot_klines_multiyear")?;
+    let text = std::fs::read_to_string(dir.join("BTCUSDT_1d.csv")).expect("klines file");
+    let cutoff = 1_647_820_800_000i64; // 2022-03-21
+    Some(
+        text.lines()
+            .skip(1)
+            .filter_map(|l| {
+                let f: Vec<&str> = l.split(',').collect();
+                let open: i64 = f[6].parse().expect("open time");
+                (open <= cutoff).then(|| {
+                    serde_json::json!([
+                        open,
+                        f[1],
+                        f[2],
+                        f[3],
+                        f[4],
+                        f[5],
+                        open + 86_399_999,
+                        "0",
+                        0,
+                        "0",
+                        "0",
+                        "0"
+                    ])
+                })
+            })
+            .collect(),
+    )
+}
+
+fn setup(prefix: &str, fake: &FakeBinance) -> (Config, BackfillJob) {
+    let mut c = Config {
+        metrics_addr: "off".into(),
+        ..Config::default()
+    };
+    c.kafka.brokers = stack::kafka_brokers();
+    c.kafka.topic_prefix = prefix.into();
+    c.kafka.partitions = 1;
+    c.binance.rest_url = fake.rest_url();
+    let job = BackfillJob {
+        symbols: vec!["btcusdt".into()],
+        intervals: vec!["1d".into()],
+        since: Duration::from_secs(10 * 366 * 86_400),
+        state_dir: std::env::temp_dir().join(prefix.trim_end_matches('.')),
+        every: None,
+    };
+    (c, job)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn history_in_pages_resumes_without_repeating() {
+    let Some(rows) = klines() else { return };
+    let n = rows.len();
+    assert!(n > 1000, "needs more than one page");
+    let script = BinanceScript {
+        messages: Vec::new(),
+        faults: Vec::new(),
+        rate: 0,
+        rest_faults: vec![RestFault::TooMany {
+            path: "/api/v3/klines".into(),
+            times: 1,
+            retry_after_secs: 1,
+        }],
+        klines: BTreeMap::from([(("BTCUSDT".to_owned(), "1d".to_owned()), rows)]),
+        skip_trades: Vec::new(),
+    };
+    let fake = FakeBinance::start(script).await;
+    let prefix = format!("{}.", stack::unique_name("backfill"));
+    let (config, job) = setup(&prefix, &fake);
+    let published = service::run_backfill(config.clone(), job.clone(), Metrics::new(), std::future::pending())
+        .await
+        .expect("backfill");
+    assert_eq!(published as usize, n);
+    // A rerun starts at the checkpoint: nothing new, nothing twice.
+    let again = service::run_backfill(config, job.clone(), Metrics::new(), std::future::pending())
+        .await
+        .expect("rerun");
+    assert_eq!(again, 0);
+
+    let candles: Vec<Candle> = common::decode(&common::read_topic(
+        &stack::kafka_brokers(),
+        &format!("{prefix}candles"),
+    ));
+    assert_eq!(candles.len(), n);
+    let first = candles.iter().min_by_key(|c| c.open_time).expect("candles");
+    // Binance's first BTCUSDT daily candle, exactly.
+    assert_eq!(
+        (
+            first.open.to_string(),
+            first.high.to_string(),
+            first.low.to_string(),
+            first.close.to_string()
+        ),
+        ("4261.48".into(), "4485.39".into(), "4200.74".into(), "4285.08".into())
+    );
+    assert!(candles
+        .iter()
+        .all(|c| c.origin == CandleOrigin::ExchangeKline && c.interval == "1d" && c.closed));
+    let log = fake.rest_log();
+    let calls: Vec<_> = log.iter().filter(|r| r.path == "/api/v3/klines").collect();
+    assert!(calls.len() >= 3, "two pages after a 429, then the rerun");
+    assert!(
+        calls[1].at.duration_since(calls[0].at) >= Duration::from_millis(950),
+        "Retry-After honoured"
+    );
+    std::fs::remove_dir_all(&job.state_dir).ok();
+}
+
+#[tokio::test]
+async fn a_restricted_location_is_a_clear_error() {
+    let script = BinanceScript {
+        messages: Vec::new(),
+        faults: Vec::new(),
+        rate: 0,
+        rest_faults: vec![RestFault::Status {
+            path: "/api/v3/klines".into(),
+            status: 451,
+            body: r#"{"code":0,"msg":"Service unavailable from a restricted location according to 'b. Eligibility' in https://www.binance.com/en/terms."}"#.into(),
+        }],
+        klines: BTreeMap::new(),
+        skip_trades: Vec::new(),
+    };
+    let fake = FakeBinance::start(script).await;
+    let prefix = format!("{}.", stack::unique_name("backfill451"));
+    let (config, job) = setup(&prefix, &fake);
+    let err = service::run_backfill(config, job.clone(), Metrics::new(), std::future::pending())
+        .await
+        .expect_err("451 is final");
+    assert!(err.to_string().contains("HTTP 451"), "{err}");
+    assert!(err.to_string().contains("TICKPIPE_BINANCE_REST_URL"), "{err}");
+    std::fs::remove_dir_all(&job.state_dir).ok();
+}

@@ -1,0 +1,147 @@
+//! The live Binance path against a local server replaying the real spot
+//! BTCUSDT capture, with the faults Binance really produces: a dropped
+//! connection that loses trades, ids that never arrive on the socket, a
+//! malformed frame, a ping, a `serverShutdown` with overlapping connections, a
+//! silent socket, and a 429 on the repair endpoint. Afterwards `trades` holds
+//! every id of the recording exactly once.
+
+mod common;
+
+use std::time::Duration;
+
+use tickpipe_producer::config::Config;
+use tickpipe_producer::metrics::Metrics;
+use tickpipe_producer::service;
+use tickpipe_testkit::exchange::{capture_messages, BinanceScript, FakeBinance, RestFault, WsFault};
+use tickpipe_testkit::{real, stack};
+
+use common::{total, wait_for};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_trade_id_exactly_once_through_disconnects_gaps_and_rollover() {
+    let Some(dir) = stack::real_data("binance_ws_raw_2024-08-08") else {
+        return;
+    };
+    let file = dir.join("spot_btcusdt_20240808.ts_json.txt.gz");
+    let recorded = real::ws_capture_trades(&file, "binance");
+    let first = recorded[0].trade_id;
+    let last = recorded[recorded.len() - 1].trade_id;
+    assert_eq!(recorded.len() as i64, last - first + 1, "the recording has no gaps");
+    let messages = capture_messages(&file);
+    let n = messages.len();
+    // Trades among the messages the drop loses (the capture interleaves depth
+    // and bookTicker updates).
+    let lost_trades = messages[n / 10..n / 10 + 3000]
+        .iter()
+        .filter(|m| m.starts_with(r#"{"stream":"btcusdt@trade""#))
+        .count() as u64;
+    assert!(lost_trades > 100);
+    let script = BinanceScript {
+        messages,
+        faults: vec![
+            WsFault::Ping {
+                at: n / 20,
+                payload: b"tickpipe".to_vec(),
+            },
+            WsFault::Drop { at: n / 10, lose: 3000 },
+            WsFault::Malformed {
+                at: n / 5,
+                text: r#"{"stream":"btcusdt@trade","data":{"e":"trade","#.into(),
+            },
+            WsFault::ServerShutdown {
+                at: n / 3,
+                overlap: 300,
+            },
+            WsFault::Stall {
+                at: n / 2,
+                millis: 2500,
+            },
+        ],
+        rate: 0,
+        rest_faults: vec![RestFault::TooMany {
+            path: "/api/v3/historicalTrades".into(),
+            times: 1,
+            retry_after_secs: 1,
+        }],
+        klines: Default::default(),
+        skip_trades: Vec::new(),
+    }
+    .without_trades("BTCUSDT", first + 6000..=first + 6099);
+    let fake = FakeBinance::start(script).await;
+
+    let prefix = format!("{}.", stack::unique_name("binance_ws"));
+    let mut config = Config {
+        sources: vec!["binance".into()],
+        metrics_addr: "off".into(),
+        ..Config::default()
+    };
+    config.kafka.brokers = stack::kafka_brokers();
+    config.kafka.topic_prefix = prefix.clone();
+    config.binance.ws_url = fake.ws_url();
+    config.binance.rest_url = fake.rest_url();
+    config.binance.symbols = vec!["BTCUSDT".into()];
+    config.binance.streams = vec!["trade".into()];
+    config.binance.watchdog_secs = 1;
+    let metrics = Metrics::new();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let run = tokio::spawn(service::run(config, metrics.clone(), async move {
+        let _ = stop_rx.await;
+    }));
+
+    let expected = recorded.len() as u64;
+    let published_trades = || metrics.published.with_label_values(&["trades"]).get();
+    wait_for(
+        "every recorded trade to be acknowledged",
+        Duration::from_secs(120),
+        || published_trades() >= expected,
+    )
+    .await;
+    stop_tx.send(()).ok();
+    tokio::time::timeout(Duration::from_secs(60), run)
+        .await
+        .expect("SIGTERM-style stop returns")
+        .expect("task")
+        .expect("clean stop");
+
+    let mut ids: Vec<i64> = common::trades(&stack::kafka_brokers(), &prefix)
+        .iter()
+        .map(|t| t.trade_id)
+        .collect();
+    ids.sort_unstable();
+    let (missing, repeated) = common::id_discrepancies(&ids, first, last);
+    assert!(
+        missing.is_empty() && repeated.is_empty(),
+        "missing {missing:?}, repeated {repeated:?}"
+    );
+
+    // What happened on the way, as the metrics tell it.
+    assert!(total(&metrics.gaps) >= 2, "the drop and the skipped ids are gaps");
+    assert!(
+        total(&metrics.backfilled) >= lost_trades + 100,
+        "lost and skipped trades came back over REST: {} of {}",
+        total(&metrics.backfilled),
+        lost_trades + 100
+    );
+    assert_eq!(total(&metrics.unrepaired), 0);
+    assert!(total(&metrics.reconnects) >= 2, "the drop and the stall reconnect");
+    // The initial connection, one after the drop, the replacement opened on
+    // `serverShutdown` while the old one still streamed (whatever both delivered
+    // was published once: the id check above), and one after the stall.
+    assert!(fake.connections() >= 4, "{} connections", fake.connections());
+    assert_eq!(fake.refused_connections(), 0);
+    assert!(
+        fake.pongs().iter().any(|p| p == b"tickpipe"),
+        "the ping was answered with its payload"
+    );
+    let log = fake.rest_log();
+    let repairs: Vec<_> = log.iter().filter(|r| r.path == "/api/v3/historicalTrades").collect();
+    assert!(repairs.len() >= 2);
+    assert!(
+        repairs[1].at.duration_since(repairs[0].at) >= Duration::from_millis(950),
+        "the 429's Retry-After was honoured"
+    );
+    let dead = common::dead_letters(&stack::kafka_brokers(), &prefix);
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert_eq!(dead[0].stage, "parse");
+    assert!(dead[0].error.contains("not a Binance message"), "{}", dead[0].error);
+}
