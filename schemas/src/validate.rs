@@ -3,10 +3,9 @@
 //! hold records from other writers). Pure functions; a failure is the reason
 //! stored with the dead letter.
 
-use rust_decimal::Decimal;
 use crate::interval::Interval;
 use crate::records::{Asset, Candle, Exchange, Market, Micros, Price, Rate, Trade};
-
+use rust_decimal::Decimal;
 
 /// 2009-01-03, the first block of the first cryptocurrency: nothing we carry is older.
 pub const EARLIEST_MICROS: Micros = 1_230_940_800_000_000;
