@@ -118,7 +118,7 @@ fn main() {
 
     let ours = trades_total as f64 / producer_secs;
     let raw = trades_total as f64 / raw_secs;
-    println!("producer replay, real spot BTCUSDT capture x{reps} ({trades_total} trades, every capture line parsed), local broker, acknowledged:");
+    println!("producer replay, real spot BTCUSDT capture x{reps} ({trades_total} trades, every capture line read, trade lines parsed), local broker, acknowledged:");
     println!(
         "  producer binary end to end   {:>10.0} trades/s  ({producer_secs:.2} s, process start to exit)",
         ours

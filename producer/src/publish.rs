@@ -57,6 +57,9 @@ struct Redelivery {
 
 struct Context {
     metrics: Metrics,
+    /// `published` and `bytes` per topic, resolved once (a label lookup per
+    /// delivery would cost more than the rest of the callback).
+    per_topic: Vec<(prometheus::IntCounter, prometheus::IntCounter)>,
     permits: Arc<Semaphore>,
     unacked: Arc<AtomicU64>,
     redeliver: std::sync::mpsc::Sender<Redelivery>,
@@ -71,11 +74,9 @@ impl ProducerContext for Context {
         let topic = meta.topic.base_name();
         match result {
             Ok(m) => {
-                self.metrics.published.with_label_values(&[topic]).inc();
-                self.metrics
-                    .bytes
-                    .with_label_values(&[topic])
-                    .inc_by(m.payload_len() as u64);
+                let (published, bytes) = &self.per_topic[topic_index(meta.topic)];
+                published.inc();
+                bytes.inc_by(m.payload_len() as u64);
                 self.metrics
                     .produce_latency
                     .observe(meta.enqueued.elapsed().as_secs_f64());
@@ -149,7 +150,17 @@ impl Publisher {
         // smaller, or `send` would fail where it should wait.
         let queue = (config.max_in_flight * 2).max(1000).to_string();
         kafka.set("queue.buffering.max.messages", &queue);
+        let per_topic = Topic::ALL
+            .iter()
+            .map(|t| {
+                (
+                    metrics.published.with_label_values(&[t.base_name()]),
+                    metrics.bytes.with_label_values(&[t.base_name()]),
+                )
+            })
+            .collect();
         let producer: ThreadedProducer<Context> = kafka.create_with_context(Context {
+            per_topic,
             metrics: metrics.clone(),
             permits: permits.clone(),
             unacked: unacked.clone(),
@@ -232,7 +243,7 @@ impl Publisher {
             }
         };
         match encoded {
-            Ok((key, payload)) => self.enqueue(topic, &key, &payload).await,
+            Ok(key) => self.enqueue(topic, &key).await,
             Err(reason) => {
                 // Nothing we built should fail to encode (validation ran first);
                 // if it does, the record itself is the dead letter's payload.
@@ -246,7 +257,7 @@ impl Publisher {
                 };
                 inner.metrics.rejected.with_label_values(&["producer", "encode"]).inc();
                 match self.encode(&self.dead_letter(&reject)) {
-                    Ok((key, payload)) => self.enqueue(Topic::DeadLetters, &key, &payload).await,
+                    Ok(key) => self.enqueue(Topic::DeadLetters, &key).await,
                     Err(e) => {
                         tracing::error!(error = %e, "dead letter could not be encoded");
                         inner
@@ -267,7 +278,9 @@ impl Publisher {
         self.inner.permits.add_permits(1);
     }
 
-    fn encode<R: Record>(&self, record: &R) -> Result<(String, Vec<u8>), String> {
+    /// Encodes into this thread's buffer (read by the `enqueue` that follows
+    /// on the same thread, before any await) and returns the key.
+    fn encode<R: Record>(&self, record: &R) -> Result<String, String> {
         BUF.with(|b| {
             let mut buf = b.borrow_mut();
             buf.clear();
@@ -275,7 +288,7 @@ impl Publisher {
                 .codec
                 .encode_into(record, &mut buf)
                 .map_err(|e| e.to_string())?;
-            Ok((record.key(), buf.clone()))
+            Ok(record.key())
         })
     }
 
@@ -296,24 +309,35 @@ impl Publisher {
         }
     }
 
-    async fn enqueue(&self, topic: Topic, key: &str, payload: &[u8]) {
+    /// Enqueues the record just encoded into this thread's buffer. librdkafka
+    /// copies the payload, so the buffer is reused; only when its queue is full
+    /// is the payload copied out to wait.
+    async fn enqueue(&self, topic: Topic, key: &str) {
         let name = &self.inner.names[topic_index(topic)];
-        let mut meta = Box::new(Meta {
+        let meta = Box::new(Meta {
             enqueued: Instant::now(),
             topic,
             attempts: 0,
         });
-        loop {
+        let first = BUF.with(|b| {
+            let buf = b.borrow();
             let record = BaseRecord::with_opaque_to(name.as_str(), meta)
                 .key(key)
-                .payload(payload);
+                .payload(buf.as_slice());
             match self.inner.producer.send(record) {
-                Ok(()) => return,
-                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
-                    meta = r.delivery_opaque;
+                Ok(()) => None,
+                Err((e, r)) => Some((e, r.delivery_opaque, buf.clone())),
+            }
+        });
+        let Some((mut error, mut meta, payload)) = first else {
+            return;
+        };
+        loop {
+            match error {
+                KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull) => {
                     tokio::time::sleep(Duration::from_millis(1)).await;
                 }
-                Err((e, _)) => {
+                e => {
                     tracing::error!(topic = topic.base_name(), error = %e, "record could not be enqueued");
                     self.inner
                         .metrics
@@ -322,6 +346,16 @@ impl Publisher {
                         .inc();
                     self.release();
                     return;
+                }
+            }
+            let record = BaseRecord::with_opaque_to(name.as_str(), meta)
+                .key(key)
+                .payload(payload.as_slice());
+            match self.inner.producer.send(record) {
+                Ok(()) => return,
+                Err((e, r)) => {
+                    error = e;
+                    meta = r.delivery_opaque;
                 }
             }
         }

@@ -19,7 +19,7 @@ fn int(s: &str, at: &str) -> i64 {
         .unwrap_or_else(|e| panic!("{at}: {s:?} is not an integer: {e}"))
 }
 
-pub(crate) fn lines(path: &Path) -> Vec<String> {
+fn lines(path: &Path) -> Vec<String> {
     let file = std::fs::File::open(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     let reader: Box<dyn std::io::Read> = if path.extension().is_some_and(|e| e == "gz") {
         Box::new(flate2::read::GzDecoder::new(file))
@@ -32,15 +32,45 @@ pub(crate) fn lines(path: &Path) -> Vec<String> {
         .collect()
 }
 
-/// `@trade` messages of a raw WebSocket capture (`<receive ns> <combined-stream
-/// JSON>` per line); other streams are skipped. Event time is the trade time.
+/// The lines of a raw WebSocket capture as (local receive time in ns, message
+/// text), in either recorder's format: `<ns> <json>` (hftbacktest) or
+/// `<seconds.fraction>: <json>` (cryptofeed). Lines without such a timestamp
+/// (cryptofeed's first line, `<url> <-> <seconds>`, and blank lines) are left
+/// out; the message text is not checked, so a REST snapshot line is kept.
+pub fn ws_capture_lines(path: &Path) -> Vec<(i64, String)> {
+    lines(path)
+        .into_iter()
+        .filter_map(|mut line| {
+            let space = line.find(' ')?;
+            let ns = match line[..space].strip_suffix(':') {
+                Some(secs) => secs_to_ns(secs)?,
+                None => line[..space].parse().ok()?,
+            };
+            let json = line.split_off(space + 1);
+            Some((ns, json.trim_start().to_owned()))
+        })
+        .collect()
+}
+
+/// Nanoseconds from decimal seconds (`1633998512.0633569`), exactly; `None`
+/// when the text is not such a number.
+fn secs_to_ns(secs: &str) -> Option<i64> {
+    let (whole, frac) = secs.split_once('.').unwrap_or((secs, ""));
+    if frac.len() > 9 || !frac.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let whole: i64 = whole.parse().ok()?;
+    let frac: i64 = format!("{frac:0<9}").parse().ok()?;
+    whole.checked_mul(1_000_000_000)?.checked_add(frac)
+}
+
+/// `@trade` messages of a raw WebSocket capture (either format of
+/// [`ws_capture_lines`]); other streams are skipped. Event time is the trade
+/// time.
 pub fn ws_capture_trades(path: &Path, venue: &str) -> Vec<Trade> {
     let mut out = Vec::new();
-    for (n, line) in lines(path).iter().enumerate() {
-        let at = format!("{}:{}", path.display(), n + 1);
-        let Some((recv_ns, json)) = line.split_once(' ') else {
-            continue;
-        };
+    for (n, (recv_ns, json)) in ws_capture_lines(path).iter().enumerate() {
+        let at = format!("{} (message {})", path.display(), n + 1);
         let Ok(v) = serde_json::from_str::<serde_json::Value>(json) else {
             continue;
         };
@@ -62,7 +92,7 @@ pub fn ws_capture_trades(path: &Path, venue: &str) -> Vec<Trade> {
             last_trade_id: None,
             source: Source::Replay,
             event_time: i("T") * 1000,
-            ingest_time: int(recv_ns, &at) / 1000,
+            ingest_time: recv_ns / 1000,
         });
     }
     out

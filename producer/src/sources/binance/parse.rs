@@ -48,7 +48,7 @@ struct Envelope<'a> {
 
 /// True for the event types this source publishes; the payloads of others
 /// (depth, bookTicker, ...) reuse field names with other types and are not read.
-fn published(event_or_stream: &str) -> bool {
+pub fn published(event_or_stream: &str) -> bool {
     let kind = event_or_stream.rsplit('@').next().unwrap_or(event_or_stream);
     kind == "trade" || kind == "aggTrade" || kind.starts_with("kline")
 }
