@@ -70,7 +70,7 @@ async fn stored_total(client: &Client) -> i64 {
 async fn sigkill_at_random_moments_loses_and_duplicates_nothing() {
     let Some(mut trades) = recorded_trades() else { return };
     // As the replaying producer does: ingest time is when it was read.
-    let now = tickpipe_consumers::pg::sink::now_micros();
+    let now = tickpipe_consumers::ops::now_micros();
     for t in &mut trades {
         t.ingest_time = now;
     }

@@ -70,6 +70,14 @@ pub fn metrics_addr(value: &str) -> Result<Option<SocketAddr>, String> {
     }
 }
 
+/// The wall clock in microseconds since the epoch (the unit of every record time).
+pub fn now_micros() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or(0)
+}
+
 /// Installs the SIGTERM handler now (so a SIGTERM during start-up is a clean stop
 /// too) and returns a future that resolves on SIGTERM or Ctrl-C.
 pub fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()> + Send + 'static> {

@@ -2,6 +2,7 @@
 //! a reject that becomes a dead letter. Pure data.
 
 use rust_decimal::Decimal;
+pub use tickpipe_ops::now_micros;
 use tickpipe_schemas::validate::Rules;
 use tickpipe_schemas::{Asset, Candle, Exchange, Market, Micros, Price, Rate, Source, Topic, Trade};
 
@@ -113,14 +114,6 @@ pub fn micros(t: i64) -> Micros {
     } else {
         t.saturating_mul(1000)
     }
-}
-
-/// The wall clock in microseconds since the epoch.
-pub fn now_micros() -> Micros {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_micros() as Micros)
-        .unwrap_or(0)
 }
 
 /// Validation rules at the current wall clock.

@@ -20,7 +20,9 @@ use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
+
+use tickpipe_ops::now_micros;
 
 use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 use rdkafka::consumer::{BaseConsumer, Consumer, StreamConsumer};
@@ -202,13 +204,6 @@ fn read_state(config: &ServiceConfig) -> Result<HashMap<i32, (i64, Vec<u8>)>, Se
     let state_offsets: Vec<(i32, i64)> = state.iter().map(|(p, (o, _))| (*p, *o)).collect();
     tracing::info!(records_read = reads, ?state_offsets, "candles: state read");
     Ok(state)
-}
-
-fn now_micros() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_micros() as i64)
-        .unwrap_or(0)
 }
 
 /// Runs until `shutdown` resolves, then finishes the batch in hand and returns.
