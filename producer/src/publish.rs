@@ -273,9 +273,7 @@ impl Publisher {
     }
 
     fn release(&self) {
-        self.inner.unacked.fetch_sub(1, Ordering::AcqRel);
-        self.inner.metrics.queue_depth.dec();
-        self.inner.permits.add_permits(1);
+        self.inner.producer.context().release();
     }
 
     /// Encodes into this thread's buffer (read by the `enqueue` that follows

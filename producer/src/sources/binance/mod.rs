@@ -180,6 +180,8 @@ async fn run_ws(config: BinanceConfig, publisher: Publisher, mut stop: Stop) -> 
     let watchdog = Duration::from_secs(config.watchdog_secs.max(1));
     let rollover = Duration::from_secs(config.rollover_secs.max(1));
     let mut seq = Sequencer::default();
+    // Resolved once: every frame counts here.
+    let received = metrics.received.with_label_values(&[COMPONENT]);
     let mut spawn = |delay: Duration, conns: &mut HashMap<u64, Conn>, limit: &mut AttemptLimit| -> u64 {
         let wait = limit.reserve(Instant::now() + delay) + delay;
         next_id += 1;
@@ -240,7 +242,7 @@ async fn run_ws(config: BinanceConfig, publisher: Publisher, mut stop: Stop) -> 
                 }
             }
             Report::Frame(parsed, raw) => {
-                metrics.received.with_label_values(&[COMPONENT]).inc();
+                received.inc();
                 if Some(id) == replacing {
                     // The replacement delivers: close the old connection.
                     if let Some(old) = conns.remove(&active) {
@@ -406,40 +408,28 @@ async fn fill_gap(
                 return next;
             }
         };
-        let rows: Vec<(i64, Result<Trade, String>, Vec<u8>)> = match kind {
-            TradeKind::Trade => match serde_json::from_slice::<Vec<serde_json::Value>>(&body) {
-                Ok(v) => v
-                    .into_iter()
-                    .map(|row| {
-                        let raw = row.to_string().into_bytes();
-                        match serde_json::from_value::<RestTrade>(row) {
-                            Ok(r) => (r.id, r.into_trade(symbol, origin), raw),
-                            Err(e) => (-1, Err(format!("historicalTrades row: {e}")), raw),
-                        }
-                    })
-                    .collect(),
-                Err(e) => {
-                    publish_bad_page(publisher, &body, format!("historicalTrades answer is not a list: {e}")).await;
-                    return next;
-                }
-            },
-            TradeKind::AggTrade => match serde_json::from_slice::<Vec<serde_json::Value>>(&body) {
-                Ok(v) => v
-                    .into_iter()
-                    .map(|row| {
-                        let raw = row.to_string().into_bytes();
-                        match serde_json::from_value::<RestAggTrade>(row) {
-                            Ok(r) => (r.a, r.into_trade(symbol, origin), raw),
-                            Err(e) => (-1, Err(format!("aggTrades row: {e}")), raw),
-                        }
-                    })
-                    .collect(),
-                Err(e) => {
-                    publish_bad_page(publisher, &body, format!("aggTrades answer is not a list: {e}")).await;
-                    return next;
-                }
-            },
+        let page = match serde_json::from_slice::<Vec<serde_json::Value>>(&body) {
+            Ok(page) => page,
+            Err(e) => {
+                publish_bad_page(publisher, &body, format!("{api} answer is not a list: {e}")).await;
+                return next;
+            }
         };
+        let rows = page.into_iter().map(|row| {
+            let raw = row.to_string().into_bytes();
+            let parsed = match kind {
+                TradeKind::Trade => {
+                    serde_json::from_value::<RestTrade>(row).map(|r| (r.id, r.into_trade(symbol, origin)))
+                }
+                TradeKind::AggTrade => {
+                    serde_json::from_value::<RestAggTrade>(row).map(|r| (r.a, r.into_trade(symbol, origin)))
+                }
+            };
+            match parsed {
+                Ok((id, trade)) => (id, trade, raw),
+                Err(e) => (-1, Err(format!("{api} row: {e}")), raw),
+            }
+        });
         let before = next;
         for (id, trade, raw) in rows {
             if id >= 0 && (id < next || id > to) {
