@@ -1,7 +1,9 @@
 //! The consumers: `postgres-sink`, `bigquery-sink` and `candles` read the entity
 //! topics, decode and validate records, and write them on.
 
+pub mod bq;
 pub mod candles;
+pub mod decode;
 pub mod kafka;
 pub use tickpipe_ops as ops;
 pub mod pg;

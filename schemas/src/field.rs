@@ -15,6 +15,27 @@ use crate::wire::{self, Reader, WireError};
 pub trait AvroField: Sized {
     fn write(&self, out: &mut Vec<u8>) -> Result<(), DecimalError>;
     fn read(r: &mut Reader<'_>) -> Result<Self, WireError>;
+    /// The value without its Rust type, for writers that map records by their
+    /// schema (the BigQuery sink's rows).
+    fn value(&self) -> Value<'_>;
+}
+
+/// A field's value by Avro type, borrowed from the record. Which logical type a
+/// `Long` carries (a `timestamp-micros`, say) is the schema's to tell.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Value<'a> {
+    Null,
+    Boolean(bool),
+    Int(i32),
+    Long(i64),
+    String(&'a str),
+    Bytes(&'a [u8]),
+    Decimal(Decimal),
+    /// An enum symbol.
+    Enum(&'static str),
+    Array(Vec<Value<'a>>),
+    /// Map entries in key order.
+    Map(Vec<(&'a str, Value<'a>)>),
 }
 
 impl AvroField for i64 {
@@ -26,6 +47,10 @@ impl AvroField for i64 {
     #[inline]
     fn read(r: &mut Reader<'_>) -> Result<Self, WireError> {
         r.long()
+    }
+    #[inline]
+    fn value(&self) -> Value<'_> {
+        Value::Long(*self)
     }
 }
 
@@ -39,6 +64,10 @@ impl AvroField for i32 {
     fn read(r: &mut Reader<'_>) -> Result<Self, WireError> {
         r.int()
     }
+    #[inline]
+    fn value(&self) -> Value<'_> {
+        Value::Int(*self)
+    }
 }
 
 impl AvroField for bool {
@@ -50,6 +79,10 @@ impl AvroField for bool {
     #[inline]
     fn read(r: &mut Reader<'_>) -> Result<Self, WireError> {
         r.boolean()
+    }
+    #[inline]
+    fn value(&self) -> Value<'_> {
+        Value::Boolean(*self)
     }
 }
 
@@ -63,6 +96,10 @@ impl AvroField for String {
     fn read(r: &mut Reader<'_>) -> Result<Self, WireError> {
         r.str().map(str::to_owned)
     }
+    #[inline]
+    fn value(&self) -> Value<'_> {
+        Value::String(self)
+    }
 }
 
 impl AvroField for Vec<u8> {
@@ -74,6 +111,10 @@ impl AvroField for Vec<u8> {
     #[inline]
     fn read(r: &mut Reader<'_>) -> Result<Self, WireError> {
         r.bytes().map(<[u8]>::to_vec)
+    }
+    #[inline]
+    fn value(&self) -> Value<'_> {
+        Value::Bytes(self)
     }
 }
 
@@ -91,6 +132,10 @@ impl AvroField for Decimal {
         decimal::unscaled_from_bytes(raw)
             .and_then(decimal::from_unscaled)
             .ok_or_else(|| WireError::invalid(start, "decimal out of range for decimal(38, 18)"))
+    }
+    #[inline]
+    fn value(&self) -> Value<'_> {
+        Value::Decimal(*self)
     }
 }
 
@@ -115,6 +160,10 @@ impl<T: AvroField> AvroField for Option<T> {
             0 => Ok(None),
             _ => T::read(r).map(Some),
         }
+    }
+    #[inline]
+    fn value(&self) -> Value<'_> {
+        self.as_ref().map_or(Value::Null, AvroField::value)
     }
 }
 
@@ -144,6 +193,10 @@ where
                 items.push(T::read(r)?);
             }
         }
+    }
+    #[inline]
+    fn value(&self) -> Value<'_> {
+        Value::Array(self.iter().map(AvroField::value).collect())
     }
 }
 
@@ -176,5 +229,9 @@ impl<V: AvroField> AvroField for BTreeMap<String, V> {
                 map.insert(k, v);
             }
         }
+    }
+    #[inline]
+    fn value(&self) -> Value<'_> {
+        Value::Map(self.iter().map(|(k, v)| (k.as_str(), v.value())).collect())
     }
 }

@@ -138,6 +138,9 @@ pub trait Record: Sized + Send + Sync + 'static {
 
     /// Reads one Avro binary body written with exactly this record's schema.
     fn read_body(r: &mut Reader<'_>) -> Result<Self, DecodeError>;
+
+    /// Every field's name and value, in schema order.
+    fn values(&self) -> Vec<(&'static str, crate::field::Value<'_>)>;
 }
 
 /// Parses a compiled-in schema once. A parse failure is a bug in the `.avsc` files,
@@ -187,6 +190,10 @@ macro_rules! avro_record {
                     })?;
                 )*
                 Ok(())
+            }
+
+            fn values(&self) -> Vec<(&'static str, $crate::field::Value<'_>)> {
+                vec![$( (stringify!($field), $crate::field::AvroField::value(&self.$field)), )*]
             }
 
             #[inline]
@@ -245,6 +252,10 @@ macro_rules! avro_enum {
             fn write(&self, out: &mut Vec<u8>) -> Result<(), $crate::decimal::DecimalError> {
                 $crate::wire::put_long(out, *self as i64);
                 Ok(())
+            }
+            #[inline]
+            fn value(&self) -> $crate::field::Value<'_> {
+                $crate::field::Value::Enum(self.as_str())
             }
             #[inline]
             fn read(r: &mut $crate::wire::Reader<'_>) -> Result<Self, $crate::wire::WireError> {

@@ -10,84 +10,9 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::types::Type;
 use tokio_postgres::{Error, Transaction};
 
-use tickpipe_schemas::{Asset, Candle, DeadLetter, Exchange, Market, Micros, Price, Rate, Source, Topic, Trade};
+use tickpipe_schemas::{Asset, Candle, DeadLetter, Exchange, Market, Micros, Price, Rate, Topic, Trade};
 
-/// A decoded record.
-#[derive(Debug, Clone)]
-pub enum Body {
-    Asset(Asset),
-    Rate(Rate),
-    Exchange(Exchange),
-    Market(Market),
-    Price(Price),
-    Trade(Trade),
-    Candle(Candle),
-    /// Another service's reject, read from the dead-letters topic.
-    DeadLetter(DeadLetter),
-}
-
-impl Body {
-    /// The exchange's event time, for end-to-end latency.
-    pub fn event_time(&self) -> Micros {
-        match self {
-            Body::Asset(r) => r.event_time,
-            Body::Rate(r) => r.event_time,
-            Body::Exchange(r) => r.event_time,
-            Body::Market(r) => r.event_time,
-            Body::Price(r) => r.event_time,
-            Body::Trade(r) => r.event_time,
-            Body::Candle(r) => r.event_time,
-            Body::DeadLetter(r) => r.event_time,
-        }
-    }
-
-    pub fn source(&self) -> Source {
-        match self {
-            Body::Asset(r) => r.source,
-            Body::Rate(r) => r.source,
-            Body::Exchange(r) => r.source,
-            Body::Market(r) => r.source,
-            Body::Price(r) => r.source,
-            Body::Trade(r) => r.source,
-            Body::Candle(r) => r.source,
-            Body::DeadLetter(r) => r.source,
-        }
-    }
-
-    /// The entity topic this record belongs to (one table, or two for assets).
-    fn topic(&self) -> Topic {
-        match self {
-            Body::Asset(_) => Topic::Assets,
-            Body::Rate(_) => Topic::Rates,
-            Body::Exchange(_) => Topic::Exchanges,
-            Body::Market(_) => Topic::Markets,
-            Body::Price(_) => Topic::Prices,
-            Body::Trade(_) => Topic::Trades,
-            Body::Candle(_) => Topic::Candles,
-            Body::DeadLetter(_) => Topic::DeadLetters,
-        }
-    }
-}
-
-/// Why a record was not written.
-#[derive(Debug, Clone)]
-pub struct Reject {
-    /// `decode`, `validate` or `write`.
-    pub stage: &'static str,
-    pub error: String,
-    pub source: Source,
-}
-
-/// One Kafka record, decoded or rejected.
-#[derive(Debug, Clone)]
-pub struct Item {
-    pub topic: String,
-    pub partition: i32,
-    pub offset: i64,
-    pub key: Option<Vec<u8>>,
-    pub payload: Vec<u8>,
-    pub body: Result<Body, Reject>,
-}
+pub use crate::decode::{Body, Item, Reject};
 
 /// A timestamp for Postgres from microseconds since the epoch.
 pub fn ts(micros: Micros) -> SystemTime {

@@ -37,14 +37,12 @@ use tokio_postgres::NoTls;
 
 use tickpipe_producer::kafka::{ensure_topic_names, producer_config, TopicError};
 use tickpipe_schemas::registry::{RegistryClient, RegistryConfig, RegistryError};
-use tickpipe_schemas::{
-    Asset, Candle, Codec, DeadLetter, DecodeError, Exchange, Market, Price, Rate, Record, Source, Topic, Trade,
-    WriteFraming,
-};
+use tickpipe_schemas::{Codec, DeadLetter, Record, Source, Topic, WriteFraming};
 
 use super::migrate::{migrate, MigrateError};
 use super::rows::{reject_letter, write_items, Body, Item, Reject};
 use super::validate::Rules;
+use crate::decode::{decode_item, learn_schema};
 use crate::kafka::{consumer_config, send_all};
 
 /// Everything the sink needs.
@@ -253,58 +251,6 @@ fn describe(pg: &tokio_postgres::Config) -> String {
         pg.get_dbname().unwrap_or("(default)"),
         pg.get_user().unwrap_or("(default)")
     )
-}
-
-/// Decodes and validates one Kafka record.
-pub fn decode_item(codec: &Codec, rules: &Rules, topic_of: &HashMap<String, Topic>, msg: &impl Message) -> Item {
-    let payload = msg.payload().unwrap_or_default();
-    let reject = |stage, error: String, source| Reject { stage, error, source };
-    let body = match topic_of.get(msg.topic()) {
-        None => Err(reject(
-            "decode",
-            format!("no entity for topic {}", msg.topic()),
-            Source::Unknown,
-        )),
-        Some(topic) => decode_body(codec, *topic, payload)
-            .map_err(|e| reject("decode", format!("{}: {e}", e.kind()), Source::Unknown))
-            .and_then(|body| {
-                let checked = match &body {
-                    Body::Trade(r) => rules.trade(r),
-                    Body::Candle(r) => rules.candle(r),
-                    Body::Asset(r) => rules.asset(r),
-                    Body::Rate(r) => rules.rate(r),
-                    Body::Exchange(r) => rules.exchange(r),
-                    Body::Market(r) => rules.market(r),
-                    Body::Price(r) => rules.price(r),
-                    Body::DeadLetter(_) => Ok(()),
-                };
-                match checked {
-                    Ok(()) => Ok(body),
-                    Err(e) => Err(reject("validate", e, body.source())),
-                }
-            }),
-    };
-    Item {
-        topic: msg.topic().to_owned(),
-        partition: msg.partition(),
-        offset: msg.offset(),
-        key: msg.key().map(<[u8]>::to_vec),
-        payload: payload.to_vec(),
-        body,
-    }
-}
-
-fn decode_body(codec: &Codec, topic: Topic, payload: &[u8]) -> Result<Body, DecodeError> {
-    Ok(match topic {
-        Topic::Assets => Body::Asset(codec.decode::<Asset>(payload)?),
-        Topic::Rates => Body::Rate(codec.decode::<Rate>(payload)?),
-        Topic::Exchanges => Body::Exchange(codec.decode::<Exchange>(payload)?),
-        Topic::Markets => Body::Market(codec.decode::<Market>(payload)?),
-        Topic::Prices => Body::Price(codec.decode::<Price>(payload)?),
-        Topic::Trades => Body::Trade(codec.decode::<Trade>(payload)?),
-        Topic::Candles => Body::Candle(codec.decode::<Candle>(payload)?),
-        Topic::DeadLetters => Body::DeadLetter(codec.decode::<DeadLetter>(payload)?),
-    })
 }
 
 /// What one committed batch did.
@@ -878,32 +824,4 @@ fn consume(
     }
     consumer.unsubscribe();
     Ok(())
-}
-
-/// Teaches the codec the writer schema of a Confluent-framed payload it has not
-/// seen ([`RegistryClient::learn`]). While the registry is unreachable this
-/// waits (records are not dead-lettered for an outage); an id the registry
-/// does not have is left for the decoder to reject.
-fn learn_schema(
-    runtime: &tokio::runtime::Handle,
-    registry: &RegistryClient,
-    codec: &Codec,
-    payload: &[u8],
-    stop: &AtomicBool,
-) {
-    let mut backoff = Duration::from_millis(100);
-    loop {
-        match runtime.block_on(registry.learn(codec, payload)) {
-            Ok(()) => return,
-            Err(e) if e.is_retriable() && !stop.load(Ordering::Relaxed) => {
-                tracing::warn!("postgres-sink: schema registry: {e}; retrying in {backoff:?}");
-                std::thread::sleep(backoff);
-                backoff = (backoff * 2).min(Duration::from_secs(10));
-            }
-            Err(e) => {
-                tracing::warn!("postgres-sink: {e}");
-                return;
-            }
-        }
-    }
 }
