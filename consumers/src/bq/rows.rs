@@ -52,8 +52,9 @@ fn cell(value: &Value<'_>, column: &Field) -> Result<Option<Json>, String> {
         Value::Long(l) => Json::from(*l),
         Value::String(s) => Json::from(*s),
         Value::Enum(s) => Json::from(*s),
-        // Decimals as text: exact, for BIGNUMERIC and STRING columns alike.
-        Value::Decimal(d) => Json::from(d.to_string()),
+        // Decimals as exact text without trailing zeros, for BIGNUMERIC and
+        // STRING columns alike.
+        Value::Decimal(d) => Json::from(d.normalize().to_string()),
         Value::Bytes(b) => Json::from(base64::engine::general_purpose::STANDARD.encode(b)),
         Value::Array(items) => Json::Array(
             items
