@@ -20,24 +20,7 @@ use tickpipe_testkit::{real, stack};
 use tokio_postgres::NoTls;
 
 fn load(target: usize) -> Vec<Trade> {
-    let ws = stack::real_data_dir().join("binance_ws_raw_2024-08-08");
-    let base: Vec<Trade> = real::spot_capture_trades_2024_08_08(&ws);
-    assert!(!base.is_empty(), "no trades in {}", ws.display());
-    let lo = base.iter().map(|t| t.event_time).min().unwrap_or(0);
-    let hi = base.iter().map(|t| t.event_time).max().unwrap_or(0);
-    let span = hi - lo + 1_000_000;
-    let ids = base.iter().map(|t| t.trade_id).max().unwrap_or(0) + 1;
-    (0..)
-        .flat_map(|r: i64| {
-            base.iter().map(move |t| Trade {
-                event_time: t.event_time + r * span,
-                ingest_time: t.ingest_time + r * span,
-                trade_id: t.trade_id + r * ids,
-                ..t.clone()
-            })
-        })
-        .take(target)
-        .collect()
+    real::repeated_spot_trades(&stack::real_data_dir().join("binance_ws_raw_2024-08-08"), target)
 }
 
 /// ISO 8601 UTC text of microseconds since the epoch (days to civil date after

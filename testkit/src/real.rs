@@ -112,6 +112,29 @@ pub fn spot_capture_trades_2024_08_08(dir: &Path) -> Vec<Trade> {
     .collect()
 }
 
+/// The spot captures of [`spot_capture_trades_2024_08_08`] repeated, with ids
+/// and times shifted each round, to `target` trades: real-shaped load for
+/// benchmarks.
+pub fn repeated_spot_trades(dir: &Path, target: usize) -> Vec<Trade> {
+    let base = spot_capture_trades_2024_08_08(dir);
+    assert!(!base.is_empty(), "no trades in {}", dir.display());
+    let lo = base.iter().map(|t| t.event_time).min().unwrap_or(0);
+    let hi = base.iter().map(|t| t.event_time).max().unwrap_or(0);
+    let span = hi - lo + 1_000_000;
+    let ids = base.iter().map(|t| t.trade_id).max().unwrap_or(0) + 1;
+    (0..)
+        .flat_map(|r: i64| {
+            base.iter().map(move |t| Trade {
+                event_time: t.event_time + r * span,
+                ingest_time: t.ingest_time + r * span,
+                trade_id: t.trade_id + r * ids,
+                ..t.clone()
+            })
+        })
+        .take(target)
+        .collect()
+}
+
 /// data.binance.vision aggTrades rows (no header): id, price, quantity, first
 /// trade id, last trade id, time (ms), is buyer maker, is best match.
 pub fn agg_trades_csv(path: &Path, symbol: &str) -> Vec<Trade> {
