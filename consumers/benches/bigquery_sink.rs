@@ -1,0 +1,185 @@
+//! `make bench`: bigquery-sink into the emulator's `trades_raw`, with the same
+//! run's postgres-sink figure on the same topic for the record. The emulator is
+//! not BigQuery, so the point is the sink's own cost: its CPU time per row is
+//! measured (this process's CPU, which is the sink's, against the emulator
+//! process's CPU for the same rows) and printed.
+//!
+//! The trades are the real spot BTCUSDT/ETHUSDT captures, repeated with shifted
+//! ids and times to `TICKPIPE_BENCH_BQ_TRADES` (default 50,000).
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use tickpipe_consumers::bq::client::{Auth, BigQuery, Endpoint};
+use tickpipe_consumers::bq::schema::DecimalColumns;
+use tickpipe_consumers::bq::sink::{run, BqSinkConfig};
+use tickpipe_consumers::pg::sink::SinkConfig;
+use tickpipe_producer::kafka::{ensure_topics, producer_config};
+use tickpipe_schemas::{Codec, Record, Topic, WriteFraming};
+use tickpipe_testkit::{real, stack};
+use tokio_postgres::NoTls;
+
+/// CPU seconds (user + system) of a process, from `/proc/<pid>/stat`.
+fn cpu_seconds(pid: &str) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the parenthesised command name; utime and stime are 14 and 15.
+    let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // `getconf CLK_TCK` is 100 on Linux.
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+fn emulator_pid() -> Option<String> {
+    let state = std::env::var("TICKPIPE_STATE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../.local")));
+    let pid = std::fs::read_to_string(state.join("run/bqemulator.pid")).ok()?;
+    let pid = pid.trim().to_owned();
+    std::path::Path::new(&format!("/proc/{pid}")).exists().then_some(pid)
+}
+
+#[tokio::main]
+async fn main() {
+    let n: usize = std::env::var("TICKPIPE_BENCH_BQ_TRADES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(50_000);
+    let trades = real::repeated_spot_trades(&stack::real_data_dir().join("binance_ws_raw_2024-08-08"), n);
+    let brokers = stack::kafka_brokers();
+    let prefix = format!("{}.", stack::unique_name("bench_bq"));
+    ensure_topics(&brokers, &prefix, &[Topic::Trades, Topic::DeadLetters], 3, 1)
+        .await
+        .expect("broker up");
+    let topic = Topic::Trades.name(&prefix);
+    let codec = Codec::new(WriteFraming::SingleObject);
+    let producer: FutureProducer = producer_config(&brokers).create().expect("producer");
+    let mut pending = Vec::with_capacity(trades.len());
+    for t in &trades {
+        let payload = codec.encode(t).expect("encode");
+        pending.push(
+            producer
+                .send_result(FutureRecord::to(&topic).key(&t.key()).payload(&payload))
+                .map_err(|(e, _)| e)
+                .expect("enqueue"),
+        );
+    }
+    for p in pending {
+        p.await.expect("delivery").expect("delivered");
+    }
+
+    // bigquery-sink into the emulator.
+    let endpoint = Endpoint {
+        api_url: stack::bigquery_rest_url(),
+        project: stack::bigquery_project(),
+        auth: Auth::None,
+    };
+    let dataset = stack::unique_name("bench_bq");
+    let config = BqSinkConfig {
+        brokers: brokers.clone(),
+        topic_prefix: prefix.clone(),
+        topics: vec![Topic::Trades],
+        group: format!("{prefix}bq"),
+        endpoint: endpoint.clone(),
+        dataset: dataset.clone(),
+        location: "US".into(),
+        decimals: DecimalColumns::String,
+        batch_max: 10_000,
+        batch_wait: Duration::from_millis(200),
+        request_rows: 500,
+        resume_rewind: 10_000,
+        max_backoff: Duration::from_secs(1),
+        session_timeout: Duration::from_secs(10),
+        partitions: 3,
+        metrics_addr: None,
+        registry: None,
+    };
+    let bq = BigQuery::connect(endpoint, None).await.expect("emulator up");
+    let emulator = emulator_pid();
+    let (own_before, emu_before) = (cpu_seconds("self"), emulator.as_deref().map(cpu_seconds));
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let started = Instant::now();
+    let sink = tokio::spawn(run(config, async {
+        let _ = stopped.await;
+    }));
+    let count = format!(
+        "SELECT COUNT(*) FROM `{}.{dataset}.trades_raw`",
+        stack::bigquery_project()
+    );
+    loop {
+        let rows = bq.query(&count).await.unwrap_or_default();
+        let done: usize = rows
+            .first()
+            .and_then(|r| r.first().cloned().flatten())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        if done >= n {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let bq_secs = started.elapsed().as_secs_f64();
+    let own_cpu = cpu_seconds("self") - own_before;
+    let emu_cpu = emulator.as_deref().map(cpu_seconds).zip(emu_before).map(|(a, b)| a - b);
+    let _ = stop.send(());
+    sink.await.expect("sink task").expect("sink");
+    let bq_rate = n as f64 / bq_secs;
+
+    // postgres-sink on the same topic, for the record.
+    let url = stack::fresh_database("bench_bq_pg").await;
+    let (client, conn) = tokio_postgres::connect(&url, NoTls).await.expect("postgres");
+    tokio::spawn(conn);
+    let config = SinkConfig {
+        brokers,
+        topic_prefix: prefix.clone(),
+        topics: vec![Topic::Trades],
+        group: format!("{prefix}pg"),
+        postgres_url: url,
+        pool_size: 2,
+        batch_max: 20_000,
+        batch_wait: Duration::from_millis(100),
+        resume_rewind: 10_000,
+        max_backoff: Duration::from_secs(1),
+        session_timeout: Duration::from_secs(10),
+        instance_id: None,
+        partitions: 3,
+        metrics_addr: None,
+        registry: None,
+    };
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let started = Instant::now();
+    let sink = tokio::spawn(tickpipe_consumers::pg::sink::run(config, async {
+        let _ = stopped.await;
+    }));
+    loop {
+        let done: i64 = client
+            .query_one("SELECT coalesce(sum(next_offset), 0)::bigint FROM sink_offsets", &[])
+            .await
+            .map(|r| r.get(0))
+            .unwrap_or(0);
+        if done as usize >= n {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let pg_rate = n as f64 / started.elapsed().as_secs_f64();
+    let _ = stop.send(());
+    sink.await.expect("sink task").expect("sink");
+
+    println!("bigquery-sink into the BigQuery emulator, {n} real-shaped trades preloaded in Kafka:");
+    println!("  bigquery-sink -> emulator  {bq_rate:>10.0} rows/s  ({bq_secs:.2} s, start-up included)");
+    println!("  postgres-sink (same topic) {pg_rate:>10.0} rows/s");
+    println!(
+        "  sink CPU                   {:>10.1} µs/row  ({own_cpu:.2} CPU s: decode, validate, rows, HTTP)",
+        own_cpu / n as f64 * 1e6
+    );
+    match emu_cpu {
+        Some(emu) => println!(
+            "  emulator CPU               {:>10.1} µs/row  (the sink uses {:.1}% of the CPU the emulator spends)",
+            emu / n as f64 * 1e6,
+            100.0 * own_cpu / emu.max(1e-9)
+        ),
+        None => println!("  emulator CPU               not measured (no pid file of the local stack's emulator)"),
+    }
+}
