@@ -186,3 +186,20 @@ pub fn learn_schema(
         }
     }
 }
+
+/// A record a sink (`component`) could not write, as a dead letter.
+pub fn reject_letter(component: &str, item: &Item, reject: &Reject, now: Micros) -> DeadLetter {
+    DeadLetter {
+        stage: reject.stage.to_owned(),
+        error: reject.error.clone(),
+        component: component.to_owned(),
+        topic: Some(item.topic.clone()),
+        partition: Some(item.partition),
+        offset: Some(item.offset),
+        key: item.key.clone(),
+        payload: item.payload.clone(),
+        source: reject.source,
+        event_time: now,
+        ingest_time: now,
+    }
+}

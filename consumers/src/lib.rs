@@ -7,3 +7,4 @@ pub mod decode;
 pub mod kafka;
 pub use tickpipe_ops as ops;
 pub mod pg;
+pub mod sink;

@@ -22,29 +22,26 @@ use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use prometheus::{Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry};
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
+use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry};
 use rdkafka::producer::FutureProducer;
-use rdkafka::types::RDKafkaRespErr;
-use rdkafka::util::Timeout;
-use rdkafka::{ClientContext, Message, Offset, Statistics, TopicPartitionList};
+use rdkafka::{Offset, TopicPartitionList};
 use serde_json::json;
 use tickpipe_ops::now_micros;
-use tickpipe_producer::kafka::{ensure_topic_names, producer_config, TopicError};
-use tickpipe_schemas::registry::{RegistryClient, RegistryConfig, RegistryError};
-use tickpipe_schemas::validate::Rules;
-use tickpipe_schemas::{Codec, DeadLetter, Record, Source, Topic, WriteFraming};
+use tickpipe_producer::kafka::{producer_config, TopicError};
+use tickpipe_schemas::registry::RegistryConfig;
+use tickpipe_schemas::{Codec, Record, Source, Topic, WriteFraming};
 use tokio::sync::mpsc;
 
 use super::client::{BigQuery, BqError, Endpoint};
 use super::rows::{row, Coordinates};
 use super::schema::{evolve, table_spec, view_query, DecimalColumns, TableSpec};
 use super::COMPONENT;
-use crate::decode::{decode_item, learn_schema, Body, Item, Reject};
-use crate::kafka::{consumer_config, send_all};
+use crate::decode::{reject_letter, Body, Item, Reject};
+use crate::kafka::send_all;
+use crate::sink::{must, sink_topics, spawn_consumer, ConsumeError, ConsumerSettings, Resume, SinkMetrics};
 
 /// Everything the sink needs.
 #[derive(Debug, Clone)]
@@ -101,94 +98,34 @@ pub enum BqSinkError {
     Metrics(std::io::Error),
     #[error("the consumer thread failed: {0}")]
     Consumer(String),
-    #[error("schema registry: {0}")]
-    Registry(#[from] RegistryError),
+    #[error(transparent)]
+    Consume(#[from] ConsumeError),
     #[error("stopping with a batch not written: {0}")]
     Unwritten(String),
 }
 
-/// The sink's metrics.
+/// The sink's metrics: the core set every sink exports, and its requests.
 #[derive(Clone)]
 pub struct Metrics {
     registry: Registry,
-    consumed: IntCounterVec,
-    written: IntCounterVec,
-    rejected: IntCounterVec,
-    already_written: IntCounterVec,
-    retries: IntCounter,
-    batch_size: Histogram,
-    write_seconds: Histogram,
-    end_to_end: HistogramVec,
-    lag: IntGaugeVec,
+    sink: SinkMetrics,
     rows: IntCounterVec,
     bytes: IntCounterVec,
     requests: HistogramVec,
-}
-
-fn must<T>(r: prometheus::Result<T>) -> T {
-    r.unwrap_or_else(|e| panic!("metric definition: {e}"))
 }
 
 impl Metrics {
     fn new() -> Self {
         let registry = Registry::new();
         let p = "tickpipe_bigquery_sink";
-        let counter = |name: &str, help: &str, labels: &[&str]| {
-            must(IntCounterVec::new(Opts::new(format!("{p}_{name}"), help), labels))
-        };
+        let sink = SinkMetrics::new(&registry, p, "BigQuery");
+        let counter =
+            |name: &str, help: &str| must(IntCounterVec::new(Opts::new(format!("{p}_{name}"), help), &["table"]));
         let m = Metrics {
-            consumed: counter("records_consumed_total", "Records read from Kafka.", &["topic"]),
-            written: counter(
-                "records_written_total",
-                "Records written to their table (acknowledged by BigQuery).",
-                &["topic"],
-            ),
-            rejected: counter(
-                "records_rejected_total",
-                "Records sent to dead letters, by stage (decode, validate, write).",
-                &["topic", "stage"],
-            ),
-            already_written: counter(
-                "records_already_written_total",
-                "Records skipped because their offset was committed already.",
-                &["topic"],
-            ),
-            retries: must(IntCounter::new(
-                format!("{p}_write_retries_total"),
-                "Insert requests or dead-letter publications retried after a failure.",
-            )),
-            batch_size: must(Histogram::with_opts(
-                HistogramOpts::new(format!("{p}_batch_records"), "Records per written batch.")
-                    .buckets(vec![1.0, 10.0, 100.0, 1_000.0, 5_000.0, 10_000.0, 50_000.0]),
-            )),
-            write_seconds: must(Histogram::with_opts(
-                HistogramOpts::new(format!("{p}_write_duration_seconds"), "Time to write a batch.")
-                    .buckets(prometheus::exponential_buckets(0.001, 2.0, 14).unwrap_or_default()),
-            )),
-            end_to_end: must(HistogramVec::new(
-                HistogramOpts::new(
-                    format!("{p}_end_to_end_latency_seconds"),
-                    "From the exchange's event time to BigQuery's acknowledgement.",
-                )
-                .buckets(prometheus::exponential_buckets(0.01, 2.0, 16).unwrap_or_default()),
-                &["topic"],
-            )),
-            lag: must(IntGaugeVec::new(
-                Opts::new(
-                    format!("{p}_consumer_lag_records"),
-                    "Records behind the partition's end (from the committed offset).",
-                ),
-                &["topic", "partition"],
-            )),
-            rows: counter(
-                "rows_written_total",
-                "Rows acknowledged by BigQuery, per table.",
-                &["table"],
-            ),
+            rows: counter("rows_written_total", "Rows acknowledged by BigQuery, per table."),
             bytes: counter(
                 "bytes_written_total",
                 "Bytes of row JSON acknowledged by BigQuery, per table.",
-                &["table"],
             ),
             requests: must(HistogramVec::new(
                 HistogramOpts::new(
@@ -198,24 +135,12 @@ impl Metrics {
                 .buckets(prometheus::exponential_buckets(0.001, 2.0, 15).unwrap_or_default()),
                 &["operation"],
             )),
+            sink,
             registry,
         };
-        for c in [
-            Box::new(m.consumed.clone()) as Box<dyn prometheus::core::Collector>,
-            Box::new(m.written.clone()),
-            Box::new(m.rejected.clone()),
-            Box::new(m.already_written.clone()),
-            Box::new(m.retries.clone()),
-            Box::new(m.batch_size.clone()),
-            Box::new(m.write_seconds.clone()),
-            Box::new(m.end_to_end.clone()),
-            Box::new(m.lag.clone()),
-            Box::new(m.rows.clone()),
-            Box::new(m.bytes.clone()),
-            Box::new(m.requests.clone()),
-        ] {
-            must(m.registry.register(c));
-        }
+        must(m.registry.register(Box::new(m.rows.clone())));
+        must(m.registry.register(Box::new(m.bytes.clone())));
+        must(m.registry.register(Box::new(m.requests.clone())));
         m
     }
 }
@@ -424,94 +349,6 @@ async fn insert_isolating(
     Ok(refused)
 }
 
-/// Where a partition's reading stands.
-#[derive(Debug, Default, Clone, Copy)]
-struct Position {
-    /// Records below this offset were written (the committed offset at assignment).
-    written_below: Option<i64>,
-}
-
-/// What the consumer thread shares with the rebalance callback.
-struct SinkContext {
-    rewind: i64,
-    positions: Arc<Mutex<HashMap<(String, i32), Position>>>,
-    stop: Arc<AtomicBool>,
-    metrics: Metrics,
-}
-
-impl ClientContext for SinkContext {
-    fn stats(&self, statistics: Statistics) {
-        for (topic, t) in &statistics.topics {
-            for (partition, p) in &t.partitions {
-                if *partition >= 0 && p.consumer_lag >= 0 {
-                    self.metrics
-                        .lag
-                        .with_label_values(&[topic.as_str(), &partition.to_string()])
-                        .set(p.consumer_lag);
-                }
-            }
-        }
-    }
-}
-
-impl ConsumerContext for SinkContext {
-    /// Eager rebalancing, with the assigned partitions positioned a little
-    /// before the group's committed offsets.
-    fn rebalance(&self, consumer: &BaseConsumer<Self>, err: RDKafkaRespErr, tpl: &mut TopicPartitionList) {
-        match err {
-            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
-                let mut backoff = Duration::from_millis(100);
-                let committed = loop {
-                    match consumer.committed_offsets(tpl.clone(), Timeout::After(Duration::from_secs(10))) {
-                        Ok(c) => break c,
-                        Err(e) if self.stop.load(Ordering::Relaxed) => {
-                            tracing::warn!("bigquery-sink: stopping before the committed offsets were read: {e}");
-                            return;
-                        }
-                        Err(e) => {
-                            tracing::warn!("bigquery-sink: reading committed offsets failed, retrying: {e}");
-                            std::thread::sleep(backoff);
-                            backoff = (backoff * 2).min(Duration::from_secs(5));
-                        }
-                    }
-                };
-                let mut positioned = TopicPartitionList::new();
-                let mut positions = self.positions.lock().unwrap_or_else(|p| p.into_inner());
-                for e in committed.elements() {
-                    let tp = (e.topic().to_owned(), e.partition());
-                    let (offset, position) = match e.offset() {
-                        Offset::Offset(next) => (
-                            Offset::Offset(next.saturating_sub(self.rewind).max(0)),
-                            Position {
-                                written_below: Some(next),
-                            },
-                        ),
-                        _ => (Offset::Beginning, Position::default()),
-                    };
-                    positions.insert(tp.clone(), position);
-                    tracing::info!(topic = tp.0, partition = tp.1, ?offset, "bigquery-sink: assigned");
-                    if let Err(e) = positioned.add_partition_offset(&tp.0, tp.1, offset) {
-                        tracing::error!("bigquery-sink: cannot position {}[{}]: {e}", tp.0, tp.1);
-                    }
-                }
-                if let Err(e) = consumer.assign(&positioned) {
-                    tracing::error!("bigquery-sink: assign failed: {e}");
-                }
-            }
-            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
-                tracing::info!(partitions = tpl.count(), "bigquery-sink: partitions revoked");
-                if let Err(e) = consumer.unassign() {
-                    tracing::error!("bigquery-sink: unassign failed: {e}");
-                }
-            }
-            other => {
-                tracing::error!("bigquery-sink: rebalance error {other:?}");
-                let _ = consumer.unassign();
-            }
-        }
-    }
-}
-
 /// Runs until `shutdown` resolves, then writes the batch in hand and returns.
 pub async fn run(config: BqSinkConfig, shutdown: impl Future<Output = ()>) -> Result<(), BqSinkError> {
     let metrics = Metrics::new();
@@ -534,32 +371,33 @@ pub async fn run(config: BqSinkConfig, shutdown: impl Future<Output = ()>) -> Re
         "bigquery-sink: tables ready"
     );
 
-    let topic_of: HashMap<String, Topic> = config
-        .topics
-        .iter()
-        .map(|t| (t.name(&config.topic_prefix), *t))
-        .collect();
-    let dead_topic = Topic::DeadLetters.name(&config.topic_prefix);
-    let mut names: Vec<String> = topic_of.keys().cloned().collect();
-    if !names.contains(&dead_topic) {
-        names.push(dead_topic.clone());
-    }
-    ensure_topic_names(&config.brokers, &names, config.partitions, 1).await?;
+    let (topic_of, dead_topic) =
+        sink_topics(&config.brokers, &config.topic_prefix, &config.topics, config.partitions).await?;
     let producer: FutureProducer = producer_config(&config.brokers).create()?;
 
     let stop = Arc::new(AtomicBool::new(false));
     let (batches_tx, mut batches) = mpsc::channel::<Vec<Item>>(2);
     let (commits_tx, commits_rx) = std::sync::mpsc::channel::<TopicPartitionList>();
-    let consumer_thread = {
-        let config = config.clone();
-        let stop = stop.clone();
-        let metrics = metrics.clone();
-        let runtime = tokio::runtime::Handle::current();
-        std::thread::Builder::new()
-            .name("bigquery-sink-consumer".into())
-            .spawn(move || consume(config, topic_of, runtime, stop, metrics, batches_tx, commits_rx))
-            .map_err(|e| BqSinkError::Consumer(e.to_string()))?
+    let settings = ConsumerSettings {
+        component: COMPONENT,
+        brokers: config.brokers.clone(),
+        group: config.group.clone(),
+        session_timeout: config.session_timeout,
+        instance_id: None,
+        batch_max: config.batch_max,
+        batch_wait: config.batch_wait,
+        rewind: config.resume_rewind,
+        registry: config.registry.clone(),
     };
+    let consumer_thread = spawn_consumer(
+        settings,
+        topic_of,
+        Resume::Committed,
+        stop.clone(),
+        metrics.sink.clone(),
+        batches_tx,
+        commits_rx,
+    )?;
     ready.store(true, Ordering::Relaxed);
 
     let codec = Codec::new(WriteFraming::SingleObject);
@@ -604,7 +442,7 @@ pub async fn run(config: BqSinkConfig, shutdown: impl Future<Output = ()>) -> Re
     drop(commits_tx);
     match tokio::task::spawn_blocking(move || consumer_thread.join()).await {
         Ok(Ok(Ok(()))) => {}
-        Ok(Ok(Err(e))) => return result.and(Err(e)),
+        Ok(Ok(Err(e))) => return result.and(Err(e.into())),
         _ => return Err(BqSinkError::Consumer("the consumer thread panicked".into())),
     }
     tracing::info!("bigquery-sink: stopped");
@@ -669,6 +507,7 @@ impl Writer<'_> {
         for (i, reject) in &rejects {
             let item = &batch[*i];
             self.metrics
+                .sink
                 .rejected
                 .with_label_values(&[item.topic.as_str(), reject.stage])
                 .inc();
@@ -682,7 +521,7 @@ impl Writer<'_> {
                 );
                 continue;
             }
-            letters.push(letter(item, reject, now));
+            letters.push(reject_letter(COMPONENT, item, reject, now));
         }
         if !letters.is_empty() {
             let mut records = Vec::with_capacity(letters.len());
@@ -705,22 +544,23 @@ impl Writer<'_> {
         }
 
         let mut next: BTreeMap<(String, i32), i64> = BTreeMap::new();
-        let ack = now_micros();
+        let rejected: std::collections::HashSet<usize> = rejects.iter().map(|(i, _)| *i).collect();
+        let mut event_times = Vec::with_capacity(batch.len());
         for (i, item) in batch.iter().enumerate() {
             let n = next.entry((item.topic.clone(), item.partition)).or_insert(0);
             *n = (*n).max(item.offset + 1);
-            if let Ok(body) = &item.body {
-                if !rejects.iter().any(|(r, _)| *r == i) {
-                    self.metrics.written.with_label_values(&[item.topic.as_str()]).inc();
-                    self.metrics
-                        .end_to_end
-                        .with_label_values(&[item.topic.as_str()])
-                        .observe((ack - body.event_time()).max(0) as f64 / 1e6);
-                }
+            if let (Ok(body), false) = (&item.body, rejected.contains(&i)) {
+                self.metrics
+                    .sink
+                    .written
+                    .with_label_values(&[item.topic.as_str()])
+                    .inc();
+                event_times.push((item.topic.as_str(), body.event_time()));
             }
         }
-        self.metrics.batch_size.observe(batch.len() as f64);
-        self.metrics.write_seconds.observe(started.elapsed().as_secs_f64());
+        self.metrics.sink.observe_end_to_end(event_times);
+        self.metrics.sink.batch_size.observe(batch.len() as f64);
+        self.metrics.sink.write_seconds.observe(started.elapsed().as_secs_f64());
         Ok(next)
     }
 
@@ -742,7 +582,7 @@ impl Writer<'_> {
                 Err(e) if e.is_fatal() => return Err(e.into()),
                 Err(e) => {
                     self.ready.store(false, Ordering::Relaxed);
-                    self.metrics.retries.inc();
+                    self.metrics.sink.retries.inc();
                     tracing::warn!("bigquery-sink: {what} failed, retrying in {backoff:?}: {e}");
                     if self.stop.load(Ordering::Relaxed)
                         && stopping_since.get_or_insert_with(Instant::now).elapsed() > Duration::from_secs(30)
@@ -755,121 +595,6 @@ impl Writer<'_> {
             }
         }
     }
-}
-
-/// A record this sink could not write, as a dead letter.
-fn letter(item: &Item, reject: &Reject, now: i64) -> DeadLetter {
-    DeadLetter {
-        stage: reject.stage.to_owned(),
-        error: reject.error.clone(),
-        component: COMPONENT.to_owned(),
-        topic: Some(item.topic.clone()),
-        partition: Some(item.partition),
-        offset: Some(item.offset),
-        key: item.key.clone(),
-        payload: item.payload.clone(),
-        source: reject.source,
-        event_time: now,
-        ingest_time: now,
-    }
-}
-
-/// The consumer thread: poll, decode, batch, hand over; commit what the writer
-/// wrote.
-fn consume(
-    config: BqSinkConfig,
-    topic_of: HashMap<String, Topic>,
-    runtime: tokio::runtime::Handle,
-    stop: Arc<AtomicBool>,
-    metrics: Metrics,
-    batches: mpsc::Sender<Vec<Item>>,
-    commits: std::sync::mpsc::Receiver<TopicPartitionList>,
-) -> Result<(), BqSinkError> {
-    let positions: Arc<Mutex<HashMap<(String, i32), Position>>> = Arc::default();
-    let context = SinkContext {
-        rewind: config.resume_rewind,
-        positions: positions.clone(),
-        stop: stop.clone(),
-        metrics: metrics.clone(),
-    };
-    let mut cc = consumer_config(&config.brokers, &config.group);
-    cc.set("statistics.interval.ms", "5000")
-        .set("session.timeout.ms", config.session_timeout.as_millis().to_string());
-    let registry = config.registry.clone().map(RegistryClient::new).transpose()?;
-    let consumer: BaseConsumer<SinkContext> = cc.create_with_context(context)?;
-    let names: Vec<&str> = topic_of.keys().map(String::as_str).collect();
-    consumer.subscribe(&names)?;
-    let codec = Codec::new(WriteFraming::SingleObject);
-
-    let mut batch: Vec<Item> = Vec::with_capacity(config.batch_max);
-    let mut opened = Instant::now();
-    loop {
-        let stopping = stop.load(Ordering::Relaxed);
-        while let Ok(tpl) = commits.try_recv() {
-            if let Err(e) = consumer.commit(&tpl, CommitMode::Async) {
-                tracing::warn!("bigquery-sink: offset commit failed (the rows may be written again): {e}");
-            }
-        }
-        if !batch.is_empty() && (batch.len() >= config.batch_max || opened.elapsed() >= config.batch_wait || stopping) {
-            let mut b = std::mem::replace(&mut batch, Vec::with_capacity(config.batch_max));
-            // Wait for the writer; the group keeps us meanwhile (heartbeats
-            // run in the background).
-            loop {
-                match batches.try_send(b) {
-                    Ok(()) => break,
-                    Err(mpsc::error::TrySendError::Full(back)) => {
-                        b = back;
-                        std::thread::sleep(Duration::from_millis(2));
-                        while let Ok(tpl) = commits.try_recv() {
-                            let _ = consumer.commit(&tpl, CommitMode::Async);
-                        }
-                    }
-                    Err(mpsc::error::TrySendError::Closed(_)) => return Ok(()),
-                }
-            }
-        }
-        if stopping {
-            break;
-        }
-        let Some(polled) = consumer.poll(Duration::from_millis(20)) else {
-            continue;
-        };
-        let msg = match polled {
-            Ok(m) => m,
-            Err(e) => {
-                tracing::warn!("bigquery-sink: kafka: {e}");
-                continue;
-            }
-        };
-        metrics.consumed.with_label_values(&[msg.topic()]).inc();
-        let below = {
-            let positions = positions.lock().unwrap_or_else(|p| p.into_inner());
-            positions
-                .get(&(msg.topic().to_owned(), msg.partition()))
-                .and_then(|p| p.written_below)
-        };
-        if below.is_some_and(|b| msg.offset() < b) {
-            metrics.already_written.with_label_values(&[msg.topic()]).inc();
-            continue;
-        }
-        if let Some(registry) = &registry {
-            learn_schema(&runtime, registry, &codec, msg.payload().unwrap_or_default(), &stop);
-        }
-        let rules = Rules::at(now_micros());
-        if batch.is_empty() {
-            opened = Instant::now();
-        }
-        batch.push(decode_item(&codec, &rules, &topic_of, &msg));
-    }
-    // Commit what the writer writes until it is done.
-    drop(batches);
-    while let Ok(tpl) = commits.recv() {
-        if let Err(e) = consumer.commit(&tpl, CommitMode::Sync) {
-            tracing::warn!("bigquery-sink: final offset commit failed (the rows may be written again): {e}");
-        }
-    }
-    consumer.unsubscribe();
-    Ok(())
 }
 
 #[cfg(test)]

@@ -59,19 +59,7 @@ pub fn is_own_letter(body: &Body) -> bool {
 
 /// A row the sink itself rejected, for the `dead_letters` table and topic.
 pub fn reject_letter(item: &Item, reject: &Reject, now: Micros) -> DeadLetter {
-    DeadLetter {
-        stage: reject.stage.to_owned(),
-        error: reject.error.clone(),
-        component: crate::pg::COMPONENT.to_owned(),
-        topic: Some(item.topic.clone()),
-        partition: Some(item.partition),
-        offset: Some(item.offset),
-        key: item.key.clone(),
-        payload: item.payload.clone(),
-        source: reject.source,
-        event_time: now,
-        ingest_time: now,
-    }
+    crate::decode::reject_letter(crate::pg::COMPONENT, item, reject, now)
 }
 
 /// Writes the decoded items, isolating rows Postgres refuses: those are

@@ -22,28 +22,26 @@ use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
-use prometheus::{Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry};
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
+use prometheus::Registry;
 use rdkafka::producer::FutureProducer;
-use rdkafka::types::RDKafkaRespErr;
-use rdkafka::{ClientContext, Message, Offset, Statistics, TopicPartitionList};
+use rdkafka::{Offset, TopicPartitionList};
 use tickpipe_ops::now_micros;
 use tokio::sync::mpsc;
 use tokio_postgres::NoTls;
 
-use tickpipe_producer::kafka::{ensure_topic_names, producer_config, TopicError};
-use tickpipe_schemas::registry::{RegistryClient, RegistryConfig, RegistryError};
+use tickpipe_producer::kafka::{producer_config, TopicError};
+use tickpipe_schemas::registry::{RegistryConfig, RegistryError};
 use tickpipe_schemas::{Codec, DeadLetter, Record, Source, Topic, WriteFraming};
 
 use super::migrate::{migrate, MigrateError};
 use super::rows::{reject_letter, write_items, Body, Item, Reject};
-use super::validate::Rules;
-use crate::decode::{decode_item, learn_schema};
-use crate::kafka::{consumer_config, send_all};
+use super::COMPONENT;
+use crate::kafka::send_all;
+use crate::sink::{sink_topics, spawn_consumer, ConsumeError, ConsumerSettings, Resume, SinkMetrics};
 
 /// Everything the sink needs.
 #[derive(Debug, Clone)]
@@ -106,104 +104,22 @@ pub enum SinkError {
     Consumer(String),
     #[error("schema registry: {0}")]
     Registry(#[from] RegistryError),
+    #[error(transparent)]
+    Consume(#[from] ConsumeError),
 }
 
-/// The sink's metrics.
+/// The sink's metrics: the core set every sink exports.
 #[derive(Clone)]
 pub struct Metrics {
     registry: Registry,
-    consumed: IntCounterVec,
-    written: IntCounterVec,
-    rejected: IntCounterVec,
-    already_written: IntCounterVec,
-    offset_gaps: IntCounterVec,
-    retries: IntCounter,
-    batch_size: Histogram,
-    write_seconds: Histogram,
-    end_to_end: HistogramVec,
-    lag: IntGaugeVec,
-}
-
-fn must<T>(r: prometheus::Result<T>) -> T {
-    r.unwrap_or_else(|e| panic!("metric definition: {e}"))
+    sink: SinkMetrics,
 }
 
 impl Metrics {
     fn new() -> Self {
         let registry = Registry::new();
-        let p = "tickpipe_postgres_sink";
-        let counter = |name: &str, help: &str, labels: &[&str]| {
-            must(IntCounterVec::new(Opts::new(format!("{p}_{name}"), help), labels))
-        };
-        let m = Metrics {
-            consumed: counter("records_consumed_total", "Records read from Kafka.", &["topic"]),
-            written: counter(
-                "records_written_total",
-                "Records written to their table (committed).",
-                &["topic"],
-            ),
-            rejected: counter(
-                "records_rejected_total",
-                "Records sent to dead letters, by stage (decode, validate, write).",
-                &["topic", "stage"],
-            ),
-            already_written: counter(
-                "records_already_written_total",
-                "Records skipped because their offset was already written.",
-                &["topic"],
-            ),
-            offset_gaps: counter(
-                "offset_gaps_total",
-                "Batches that started after the stored offset of their partition.",
-                &["topic"],
-            ),
-            retries: must(IntCounter::new(
-                format!("{p}_write_retries_total"),
-                "Batch writes retried after a database or broker failure.",
-            )),
-            batch_size: must(Histogram::with_opts(
-                HistogramOpts::new(format!("{p}_batch_records"), "Records per written batch.")
-                    .buckets(vec![1.0, 10.0, 100.0, 1_000.0, 5_000.0, 10_000.0, 50_000.0]),
-            )),
-            write_seconds: must(Histogram::with_opts(
-                HistogramOpts::new(
-                    format!("{p}_write_duration_seconds"),
-                    "Time to write and commit a batch.",
-                )
-                .buckets(prometheus::exponential_buckets(0.001, 2.0, 14).unwrap_or_default()),
-            )),
-            end_to_end: must(HistogramVec::new(
-                HistogramOpts::new(
-                    format!("{p}_end_to_end_latency_seconds"),
-                    "From the exchange's event time to the commit in Postgres.",
-                )
-                .buckets(prometheus::exponential_buckets(0.01, 2.0, 16).unwrap_or_default()),
-                &["topic"],
-            )),
-            lag: must(IntGaugeVec::new(
-                Opts::new(
-                    format!("{p}_consumer_lag_records"),
-                    "Records behind the partition's end (from the committed offset).",
-                ),
-                &["topic", "partition"],
-            )),
-            registry,
-        };
-        for c in [
-            Box::new(m.consumed.clone()) as Box<dyn prometheus::core::Collector>,
-            Box::new(m.written.clone()),
-            Box::new(m.rejected.clone()),
-            Box::new(m.already_written.clone()),
-            Box::new(m.offset_gaps.clone()),
-            Box::new(m.retries.clone()),
-            Box::new(m.batch_size.clone()),
-            Box::new(m.write_seconds.clone()),
-            Box::new(m.end_to_end.clone()),
-            Box::new(m.lag.clone()),
-        ] {
-            must(m.registry.register(c));
-        }
-        m
+        let sink = SinkMetrics::new(&registry, "tickpipe_postgres_sink", "Postgres");
+        Metrics { registry, sink }
     }
 }
 
@@ -429,130 +345,6 @@ async fn publish(
     Ok(send_all(producer, records).await?)
 }
 
-/// Where a partition's reading stands.
-#[derive(Debug, Default, Clone, Copy)]
-struct Position {
-    /// The next offset the broker should deliver, when known.
-    expect: Option<i64>,
-    /// Records below this offset are in Postgres already.
-    written_below: Option<i64>,
-}
-
-/// What the consumer thread shares with the rebalance callback.
-struct SinkContext {
-    runtime: tokio::runtime::Handle,
-    pool: Pool,
-    group: String,
-    rewind: i64,
-    /// Per assigned partition: where reading goes on, and below which offset
-    /// records are already written (learnt at assignment).
-    positions: Arc<Mutex<HashMap<(String, i32), Position>>>,
-    stop: Arc<AtomicBool>,
-    metrics: Metrics,
-}
-
-impl SinkContext {
-    /// The stored next offsets of the given partitions, retried until Postgres answers.
-    fn stored_offsets(&self, tpl: &TopicPartitionList) -> Option<HashMap<(String, i32), i64>> {
-        let topics: Vec<String> = tpl.elements().iter().map(|e| e.topic().to_owned()).collect();
-        let mut backoff = Duration::from_millis(100);
-        loop {
-            let result = self.runtime.block_on(async {
-                let client = self.pool.get().await.map_err(|e| e.to_string())?;
-                let rows = client
-                    .query(
-                        "SELECT topic, partition, next_offset FROM sink_offsets \
-                         WHERE consumer_group = $1 AND topic = ANY($2)",
-                        &[&self.group, &topics],
-                    )
-                    .await
-                    .map_err(|e| e.to_string())?;
-                Ok::<_, String>(
-                    rows.iter()
-                        .map(|r| ((r.get::<_, String>(0), r.get::<_, i32>(1)), r.get::<_, i64>(2)))
-                        .collect::<HashMap<_, _>>(),
-                )
-            });
-            match result {
-                Ok(offsets) => return Some(offsets),
-                Err(e) if self.stop.load(Ordering::Relaxed) => {
-                    tracing::warn!("postgres-sink: stopping before the stored offsets could be read: {e}");
-                    return None;
-                }
-                Err(e) => {
-                    tracing::warn!("postgres-sink: reading stored offsets failed, retrying: {e}");
-                    self.metrics.retries.inc();
-                    std::thread::sleep(backoff);
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
-                }
-            }
-        }
-    }
-}
-
-impl ClientContext for SinkContext {
-    fn stats(&self, statistics: Statistics) {
-        for (topic, t) in &statistics.topics {
-            for (partition, p) in &t.partitions {
-                if *partition >= 0 && p.consumer_lag >= 0 {
-                    self.metrics
-                        .lag
-                        .with_label_values(&[topic.as_str(), &partition.to_string()])
-                        .set(p.consumer_lag);
-                }
-            }
-        }
-    }
-}
-
-impl ConsumerContext for SinkContext {
-    /// Eager rebalancing, with the assigned partitions positioned at the
-    /// offsets stored in Postgres (minus the rewind), not at the group's.
-    fn rebalance(&self, consumer: &BaseConsumer<Self>, err: RDKafkaRespErr, tpl: &mut TopicPartitionList) {
-        match err {
-            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
-                let Some(stored) = self.stored_offsets(tpl) else {
-                    return;
-                };
-                let mut positioned = TopicPartitionList::new();
-                let mut positions = self.positions.lock().unwrap_or_else(|p| p.into_inner());
-                for e in tpl.elements() {
-                    let tp = (e.topic().to_owned(), e.partition());
-                    let (offset, position) = match stored.get(&tp) {
-                        Some(next) => {
-                            let from = next.saturating_sub(self.rewind).max(0);
-                            let position = Position {
-                                expect: Some(from),
-                                written_below: Some(*next),
-                            };
-                            (Offset::Offset(from), position)
-                        }
-                        None => (Offset::Beginning, Position::default()),
-                    };
-                    positions.insert(tp.clone(), position);
-                    tracing::info!(topic = tp.0, partition = tp.1, ?offset, "postgres-sink: assigned");
-                    if let Err(e) = positioned.add_partition_offset(&tp.0, tp.1, offset) {
-                        tracing::error!("postgres-sink: cannot position {}[{}]: {e}", tp.0, tp.1);
-                    }
-                }
-                if let Err(e) = consumer.assign(&positioned) {
-                    tracing::error!("postgres-sink: assign failed: {e}");
-                }
-            }
-            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
-                tracing::info!(partitions = tpl.count(), "postgres-sink: partitions revoked");
-                if let Err(e) = consumer.unassign() {
-                    tracing::error!("postgres-sink: unassign failed: {e}");
-                }
-            }
-            other => {
-                tracing::error!("postgres-sink: rebalance error {other:?}");
-                let _ = consumer.unassign();
-            }
-        }
-    }
-}
-
 /// Runs until `shutdown` resolves, then writes the batch in hand and returns.
 pub async fn run(config: SinkConfig, shutdown: impl Future<Output = ()>) -> Result<(), SinkError> {
     let metrics = Metrics::new();
@@ -577,40 +369,54 @@ pub async fn run(config: SinkConfig, shutdown: impl Future<Output = ()>) -> Resu
     drop(client);
     tracing::info!(applied, "postgres-sink: schema ready");
 
-    let topic_of: HashMap<String, Topic> = config
-        .topics
-        .iter()
-        .map(|t| (t.name(&config.topic_prefix), *t))
-        .collect();
-    let dead_topic = Topic::DeadLetters.name(&config.topic_prefix);
-    let mut names: Vec<String> = topic_of.keys().cloned().collect();
-    if !names.contains(&dead_topic) {
-        names.push(dead_topic.clone());
-    }
-    ensure_topic_names(&config.brokers, &names, config.partitions, 1).await?;
+    let (topic_of, dead_topic) =
+        sink_topics(&config.brokers, &config.topic_prefix, &config.topics, config.partitions).await?;
     let producer: FutureProducer = producer_config(&config.brokers).create()?;
 
     let stop = Arc::new(AtomicBool::new(false));
     let (batches_tx, mut batches) = mpsc::channel::<Vec<Item>>(2);
     let (commits_tx, commits_rx) = std::sync::mpsc::channel::<TopicPartitionList>();
-    let context = SinkContext {
-        runtime: tokio::runtime::Handle::current(),
-        pool: pool.clone(),
+    let resume = {
+        let (pool, group, runtime) = (pool.clone(), config.group.clone(), tokio::runtime::Handle::current());
+        Resume::Store(Box::new(move |tpl: &TopicPartitionList| {
+            let topics: Vec<String> = tpl.elements().iter().map(|e| e.topic().to_owned()).collect();
+            runtime.block_on(async {
+                let client = pool.get().await.map_err(|e| e.to_string())?;
+                let rows = client
+                    .query(
+                        "SELECT topic, partition, next_offset FROM sink_offsets \
+                         WHERE consumer_group = $1 AND topic = ANY($2)",
+                        &[&group, &topics],
+                    )
+                    .await
+                    .map_err(|e| e.to_string())?;
+                Ok(rows
+                    .iter()
+                    .map(|r| ((r.get::<_, String>(0), r.get::<_, i32>(1)), r.get::<_, i64>(2)))
+                    .collect())
+            })
+        }))
+    };
+    let settings = ConsumerSettings {
+        component: COMPONENT,
+        brokers: config.brokers.clone(),
         group: config.group.clone(),
+        session_timeout: config.session_timeout,
+        instance_id: config.instance_id.clone(),
+        batch_max: config.batch_max,
+        batch_wait: config.batch_wait,
         rewind: config.resume_rewind,
-        positions: Arc::default(),
-        stop: stop.clone(),
-        metrics: metrics.clone(),
+        registry: config.registry.clone(),
     };
-    let consumer_thread = {
-        let config = config.clone();
-        let stop = stop.clone();
-        let metrics = metrics.clone();
-        std::thread::Builder::new()
-            .name("postgres-sink-consumer".into())
-            .spawn(move || consume(config, topic_of, context, stop, metrics, batches_tx, commits_rx))
-            .map_err(|e| SinkError::Consumer(e.to_string()))?
-    };
+    let consumer_thread = spawn_consumer(
+        settings,
+        topic_of,
+        resume,
+        stop.clone(),
+        metrics.sink.clone(),
+        batches_tx,
+        commits_rx,
+    )?;
     ready.store(true, Ordering::Relaxed);
 
     let codec = Codec::new(WriteFraming::SingleObject);
@@ -648,7 +454,7 @@ pub async fn run(config: SinkConfig, shutdown: impl Future<Output = ()>) -> Resu
                 }
                 Err(e) => {
                     ready.store(false, Ordering::Relaxed);
-                    metrics.retries.inc();
+                    metrics.sink.retries.inc();
                     tracing::warn!("postgres-sink: write failed, retrying in {backoff:?}: {e}");
                     if stopping || stop.load(Ordering::Relaxed) {
                         let since = *stopping_since.get_or_insert_with(Instant::now);
@@ -677,7 +483,7 @@ pub async fn run(config: SinkConfig, shutdown: impl Future<Output = ()>) -> Resu
     drop(commits_tx);
     match tokio::task::spawn_blocking(move || consumer_thread.join()).await {
         Ok(Ok(Ok(()))) => {}
-        Ok(Ok(Err(e))) => return Err(e),
+        Ok(Ok(Err(e))) => return Err(e.into()),
         _ => return Err(SinkError::Consumer("the consumer thread panicked".into())),
     }
     tracing::info!("postgres-sink: stopped");
@@ -685,143 +491,20 @@ pub async fn run(config: SinkConfig, shutdown: impl Future<Output = ()>) -> Resu
 }
 
 fn record(metrics: &Metrics, batch: &[Item], w: &Written, took: Duration) {
-    metrics.batch_size.observe(batch.len() as f64);
-    metrics.write_seconds.observe(took.as_secs_f64());
+    let m = &metrics.sink;
+    m.batch_size.observe(batch.len() as f64);
+    m.write_seconds.observe(took.as_secs_f64());
     for (topic, n) in &w.written {
-        metrics.written.with_label_values(&[topic.as_str()]).inc_by(*n);
+        m.written.with_label_values(&[topic.as_str()]).inc_by(*n);
     }
     for (topic, n) in &w.already_written {
-        metrics.already_written.with_label_values(&[topic.as_str()]).inc_by(*n);
+        m.already_written.with_label_values(&[topic.as_str()]).inc_by(*n);
     }
     for (topic, stage) in &w.rejected {
-        metrics.rejected.with_label_values(&[topic.as_str(), stage]).inc();
+        m.rejected.with_label_values(&[topic.as_str(), stage]).inc();
     }
     for topic in &w.gaps {
-        metrics.offset_gaps.with_label_values(&[topic.as_str()]).inc();
+        m.offset_gaps.with_label_values(&[topic.as_str()]).inc();
     }
-    let now = now_micros();
-    let mut by_topic: HashMap<&str, Histogram> = HashMap::new();
-    for (topic, t) in &w.event_times {
-        let h = by_topic
-            .entry(topic.as_str())
-            .or_insert_with(|| metrics.end_to_end.with_label_values(&[topic.as_str()]));
-        h.observe((now - t).max(0) as f64 / 1e6);
-    }
-}
-
-/// The consumer thread: poll, decode, batch, hand over; commit what the writer
-/// committed; pause while the writer is behind.
-fn consume(
-    config: SinkConfig,
-    topic_of: HashMap<String, Topic>,
-    context: SinkContext,
-    stop: Arc<AtomicBool>,
-    metrics: Metrics,
-    batches: mpsc::Sender<Vec<Item>>,
-    commits: std::sync::mpsc::Receiver<TopicPartitionList>,
-) -> Result<(), SinkError> {
-    let positions = context.positions.clone();
-    let mut cc = consumer_config(&config.brokers, &config.group);
-    cc.set("statistics.interval.ms", "5000")
-        .set("session.timeout.ms", config.session_timeout.as_millis().to_string());
-    if let Some(id) = &config.instance_id {
-        cc.set("group.instance.id", id);
-    }
-    let runtime = context.runtime.clone();
-    let registry = config.registry.clone().map(RegistryClient::new).transpose()?;
-    let consumer: BaseConsumer<SinkContext> = cc.create_with_context(context)?;
-    let names: Vec<&str> = topic_of.keys().map(String::as_str).collect();
-    consumer.subscribe(&names)?;
-    let codec = Codec::new(WriteFraming::SingleObject);
-
-    let mut batch: Vec<Item> = Vec::with_capacity(config.batch_max);
-    let mut ready: Option<Vec<Item>> = None;
-    let mut opened = Instant::now();
-    loop {
-        let stopping = stop.load(Ordering::Relaxed);
-        while let Ok(tpl) = commits.try_recv() {
-            if let Err(e) = consumer.commit(&tpl, CommitMode::Async) {
-                tracing::debug!("postgres-sink: offset commit to Kafka failed (monitoring only): {e}");
-            }
-        }
-        if ready.is_none()
-            && !batch.is_empty()
-            && (batch.len() >= config.batch_max || opened.elapsed() >= config.batch_wait || stopping)
-        {
-            ready = Some(std::mem::replace(&mut batch, Vec::with_capacity(config.batch_max)));
-        }
-        if let Some(b) = ready.take() {
-            // Wait for the writer rather than pause the partitions: resuming
-            // makes the client fetch from inside a record batch again, which
-            // some brokers (tansu) answer by skipping the rest of that batch.
-            // The group keeps us while we wait (heartbeats run in the
-            // background); past max.poll.interval.ms it moves the partitions,
-            // and the stored offsets keep that exact too.
-            let mut b = b;
-            loop {
-                match batches.try_send(b) {
-                    Ok(()) => break,
-                    Err(mpsc::error::TrySendError::Full(back)) => {
-                        b = back;
-                        std::thread::sleep(Duration::from_millis(2));
-                    }
-                    Err(mpsc::error::TrySendError::Closed(_)) => return Ok(()),
-                }
-            }
-        }
-        if stopping {
-            if ready.is_none() && batch.is_empty() {
-                break;
-            }
-            // Wait for the writer to take the last batch.
-            std::thread::sleep(Duration::from_millis(5));
-            continue;
-        }
-        let Some(polled) = consumer.poll(Duration::from_millis(20)) else {
-            continue;
-        };
-        let msg = match polled {
-            Ok(m) => m,
-            Err(e) => {
-                tracing::warn!("postgres-sink: kafka: {e}");
-                continue;
-            }
-        };
-        metrics.consumed.with_label_values(&[msg.topic()]).inc();
-        let below = {
-            let mut positions = positions.lock().unwrap_or_else(|p| p.into_inner());
-            let p = positions.entry((msg.topic().to_owned(), msg.partition())).or_default();
-            if p.expect.is_some_and(|e| msg.offset() > e) {
-                tracing::warn!(
-                    topic = msg.topic(),
-                    partition = msg.partition(),
-                    "postgres-sink: the broker skipped offsets {:?}..{}",
-                    p.expect,
-                    msg.offset()
-                );
-                metrics.offset_gaps.with_label_values(&[msg.topic()]).inc();
-            }
-            p.expect = Some(msg.offset() + 1);
-            p.written_below
-        };
-        if below.is_some_and(|b| msg.offset() < b) {
-            metrics.already_written.with_label_values(&[msg.topic()]).inc();
-            continue;
-        }
-        if let Some(registry) = &registry {
-            learn_schema(&runtime, registry, &codec, msg.payload().unwrap_or_default(), &stop);
-        }
-        let rules = Rules::at(now_micros());
-        if batch.is_empty() {
-            opened = Instant::now();
-        }
-        batch.push(decode_item(&codec, &rules, &topic_of, &msg));
-    }
-    // Commit what the writer commits until it is done.
-    drop(batches);
-    while let Ok(tpl) = commits.recv() {
-        let _ = consumer.commit(&tpl, CommitMode::Sync);
-    }
-    consumer.unsubscribe();
-    Ok(())
+    m.observe_end_to_end(w.event_times.iter().map(|(topic, t)| (topic.as_str(), *t)));
 }

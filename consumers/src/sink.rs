@@ -1,0 +1,463 @@
+//! What the two sinks share: their core metrics, and the consumer thread that
+//! polls, decodes, validates and batches records for a writer, resuming each
+//! assigned partition where the sink's writes stand.
+//!
+//! The thread is a consumer-group member. On assignment it asks the sink where
+//! each partition's writes stand ([`Resume`]) and seeks a rewind before that
+//! (brokers such as tansu answer a fetch only from a record-batch boundary),
+//! skipping the records below it. It hands full batches to the writer through
+//! a bounded channel and waits when the writer is behind rather than pausing
+//! the partitions (a resumed fetch restarts inside a record batch, which tansu
+//! answers by skipping the rest of it). Offsets the writer sends back are
+//! committed to the group.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use prometheus::{Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
+use rdkafka::types::RDKafkaRespErr;
+use rdkafka::util::Timeout;
+use rdkafka::{ClientContext, Message, Offset, Statistics, TopicPartitionList};
+use tickpipe_ops::now_micros;
+use tickpipe_producer::kafka::{ensure_topic_names, TopicError};
+use tickpipe_schemas::registry::{RegistryClient, RegistryConfig, RegistryError};
+use tickpipe_schemas::validate::Rules;
+use tickpipe_schemas::{Codec, Topic, WriteFraming};
+use tokio::sync::mpsc;
+
+use crate::decode::{decode_item, learn_schema, Item};
+use crate::kafka::consumer_config;
+
+pub(crate) fn must<T>(r: prometheus::Result<T>) -> T {
+    r.unwrap_or_else(|e| panic!("metric definition: {e}"))
+}
+
+/// The metrics every sink exports, named `<prefix>_...`.
+#[derive(Clone)]
+pub struct SinkMetrics {
+    pub consumed: IntCounterVec,
+    pub written: IntCounterVec,
+    pub rejected: IntCounterVec,
+    pub already_written: IntCounterVec,
+    pub offset_gaps: IntCounterVec,
+    pub retries: IntCounter,
+    pub batch_size: Histogram,
+    pub write_seconds: Histogram,
+    pub end_to_end: HistogramVec,
+    pub lag: IntGaugeVec,
+}
+
+impl SinkMetrics {
+    /// Creates and registers the metrics; `target` names where rows go
+    /// ("Postgres", "BigQuery") in the help texts.
+    pub fn new(registry: &Registry, prefix: &str, target: &str) -> Self {
+        let counter = |name: &str, help: String, labels: &[&str]| {
+            must(IntCounterVec::new(Opts::new(format!("{prefix}_{name}"), help), labels))
+        };
+        let m = SinkMetrics {
+            consumed: counter("records_consumed_total", "Records read from Kafka.".into(), &["topic"]),
+            written: counter(
+                "records_written_total",
+                format!("Records written to their table (acknowledged by {target})."),
+                &["topic"],
+            ),
+            rejected: counter(
+                "records_rejected_total",
+                "Records sent to dead letters, by stage (decode, validate, write).".into(),
+                &["topic", "stage"],
+            ),
+            already_written: counter(
+                "records_already_written_total",
+                "Records skipped because their offset was already written.".into(),
+                &["topic"],
+            ),
+            offset_gaps: counter(
+                "offset_gaps_total",
+                "Offsets the broker skipped, or batches that started after the written position.".into(),
+                &["topic"],
+            ),
+            retries: must(IntCounter::new(
+                format!("{prefix}_write_retries_total"),
+                format!("Writes retried after a {target} or broker failure."),
+            )),
+            batch_size: must(Histogram::with_opts(
+                HistogramOpts::new(format!("{prefix}_batch_records"), "Records per written batch.")
+                    .buckets(vec![1.0, 10.0, 100.0, 1_000.0, 5_000.0, 10_000.0, 50_000.0]),
+            )),
+            write_seconds: must(Histogram::with_opts(
+                HistogramOpts::new(format!("{prefix}_write_duration_seconds"), "Time to write a batch.")
+                    .buckets(prometheus::exponential_buckets(0.001, 2.0, 14).unwrap_or_default()),
+            )),
+            end_to_end: must(HistogramVec::new(
+                HistogramOpts::new(
+                    format!("{prefix}_end_to_end_latency_seconds"),
+                    format!("From the exchange's event time to the write in {target}."),
+                )
+                .buckets(prometheus::exponential_buckets(0.01, 2.0, 16).unwrap_or_default()),
+                &["topic"],
+            )),
+            lag: must(IntGaugeVec::new(
+                Opts::new(
+                    format!("{prefix}_consumer_lag_records"),
+                    "Records behind the partition's end (from the committed offset).",
+                ),
+                &["topic", "partition"],
+            )),
+        };
+        for c in [
+            Box::new(m.consumed.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(m.written.clone()),
+            Box::new(m.rejected.clone()),
+            Box::new(m.already_written.clone()),
+            Box::new(m.offset_gaps.clone()),
+            Box::new(m.retries.clone()),
+            Box::new(m.batch_size.clone()),
+            Box::new(m.write_seconds.clone()),
+            Box::new(m.end_to_end.clone()),
+            Box::new(m.lag.clone()),
+        ] {
+            must(registry.register(c));
+        }
+        m
+    }
+
+    /// Observes the end-to-end latency of records written now, by topic.
+    pub fn observe_end_to_end<'a>(&self, event_times: impl IntoIterator<Item = (&'a str, i64)>) {
+        let now = now_micros();
+        let mut by_topic: HashMap<&str, Histogram> = HashMap::new();
+        for (topic, t) in event_times {
+            let h = by_topic
+                .entry(topic)
+                .or_insert_with(|| self.end_to_end.with_label_values(&[topic]));
+            h.observe((now - t).max(0) as f64 / 1e6);
+        }
+    }
+}
+
+/// The topics a sink reads, by name with the prefix, and the dead-letters
+/// topic's name; creates those missing.
+pub async fn sink_topics(
+    brokers: &str,
+    prefix: &str,
+    topics: &[Topic],
+    partitions: i32,
+) -> Result<(HashMap<String, Topic>, String), TopicError> {
+    let topic_of: HashMap<String, Topic> = topics.iter().map(|t| (t.name(prefix), *t)).collect();
+    let dead_topic = Topic::DeadLetters.name(prefix);
+    let mut names: Vec<String> = topic_of.keys().cloned().collect();
+    if !names.contains(&dead_topic) {
+        names.push(dead_topic.clone());
+    }
+    ensure_topic_names(brokers, &names, partitions, 1).await?;
+    Ok((topic_of, dead_topic))
+}
+
+/// The next offsets already written, per partition, as the sink knows them.
+pub type Written = HashMap<(String, i32), i64>;
+
+/// Reads the written positions of some partitions from a sink's store.
+pub type ReadWritten = Box<dyn Fn(&TopicPartitionList) -> Result<Written, String> + Send + Sync>;
+
+/// Where a sink's writes stand.
+pub enum Resume {
+    /// In the sink's own store (asked again until it answers).
+    Store(ReadWritten),
+    /// The group's committed offsets, committed only after the writes.
+    Committed,
+}
+
+/// The consumer thread's settings.
+#[derive(Debug, Clone)]
+pub struct ConsumerSettings {
+    /// The sink's name, in log lines and the thread's name.
+    pub component: &'static str,
+    pub brokers: String,
+    pub group: String,
+    pub session_timeout: Duration,
+    /// Static group membership, if set.
+    pub instance_id: Option<String>,
+    pub batch_max: usize,
+    pub batch_wait: Duration,
+    /// How far before its written position a partition is re-read.
+    pub rewind: i64,
+    pub registry: Option<RegistryConfig>,
+}
+
+/// Why the consumer thread stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum ConsumeError {
+    #[error("kafka: {0}")]
+    Kafka(#[from] rdkafka::error::KafkaError),
+    #[error("schema registry: {0}")]
+    Registry(#[from] RegistryError),
+    #[error("the consumer thread could not start: {0}")]
+    Spawn(String),
+}
+
+/// Where a partition's reading stands.
+#[derive(Debug, Default, Clone, Copy)]
+struct Position {
+    /// The next offset the broker should deliver, when known.
+    expect: Option<i64>,
+    /// Records below this offset are written already.
+    written_below: Option<i64>,
+}
+
+/// What the consumer thread shares with the rebalance callback.
+struct SinkContext {
+    component: &'static str,
+    resume: Resume,
+    rewind: i64,
+    positions: Arc<Mutex<HashMap<(String, i32), Position>>>,
+    stop: Arc<AtomicBool>,
+    metrics: SinkMetrics,
+}
+
+impl SinkContext {
+    /// Where the writes of the given partitions stand, asked until the answer
+    /// comes; `None` when the sink stops meanwhile.
+    fn written(&self, consumer: &BaseConsumer<Self>, tpl: &TopicPartitionList) -> Option<Written> {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let answer = match &self.resume {
+                Resume::Store(read) => read(tpl),
+                Resume::Committed => consumer
+                    .committed_offsets(tpl.clone(), Timeout::After(Duration::from_secs(10)))
+                    .map(|c| {
+                        c.elements()
+                            .iter()
+                            .filter_map(|e| match e.offset() {
+                                Offset::Offset(next) => Some(((e.topic().to_owned(), e.partition()), next)),
+                                _ => None,
+                            })
+                            .collect()
+                    })
+                    .map_err(|e| e.to_string()),
+            };
+            match answer {
+                Ok(written) => return Some(written),
+                Err(e) if self.stop.load(Ordering::Relaxed) => {
+                    tracing::warn!(
+                        component = self.component,
+                        "stopping before the written positions were read: {e}"
+                    );
+                    return None;
+                }
+                Err(e) => {
+                    tracing::warn!(
+                        component = self.component,
+                        "reading the written positions failed, retrying: {e}"
+                    );
+                    self.metrics.retries.inc();
+                    std::thread::sleep(backoff);
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+}
+
+impl ClientContext for SinkContext {
+    fn stats(&self, statistics: Statistics) {
+        for (topic, t) in &statistics.topics {
+            for (partition, p) in &t.partitions {
+                if *partition >= 0 && p.consumer_lag >= 0 {
+                    self.metrics
+                        .lag
+                        .with_label_values(&[topic.as_str(), &partition.to_string()])
+                        .set(p.consumer_lag);
+                }
+            }
+        }
+    }
+}
+
+impl ConsumerContext for SinkContext {
+    /// Eager rebalancing, with the assigned partitions positioned at the
+    /// written positions minus the rewind, not at the group's.
+    fn rebalance(&self, consumer: &BaseConsumer<Self>, err: RDKafkaRespErr, tpl: &mut TopicPartitionList) {
+        let component = self.component;
+        match err {
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                let Some(written) = self.written(consumer, tpl) else {
+                    return;
+                };
+                let mut positioned = TopicPartitionList::new();
+                let mut positions = self.positions.lock().unwrap_or_else(|p| p.into_inner());
+                for e in tpl.elements() {
+                    let tp = (e.topic().to_owned(), e.partition());
+                    let (offset, position) = match written.get(&tp) {
+                        Some(next) => {
+                            let from = next.saturating_sub(self.rewind).max(0);
+                            let position = Position {
+                                expect: Some(from),
+                                written_below: Some(*next),
+                            };
+                            (Offset::Offset(from), position)
+                        }
+                        None => (Offset::Beginning, Position::default()),
+                    };
+                    positions.insert(tp.clone(), position);
+                    tracing::info!(component, topic = tp.0, partition = tp.1, ?offset, "assigned");
+                    if let Err(e) = positioned.add_partition_offset(&tp.0, tp.1, offset) {
+                        tracing::error!(component, "cannot position {}[{}]: {e}", tp.0, tp.1);
+                    }
+                }
+                if let Err(e) = consumer.assign(&positioned) {
+                    tracing::error!(component, "assign failed: {e}");
+                }
+            }
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
+                tracing::info!(component, partitions = tpl.count(), "partitions revoked");
+                if let Err(e) = consumer.unassign() {
+                    tracing::error!(component, "unassign failed: {e}");
+                }
+            }
+            other => {
+                tracing::error!(component, "rebalance error {other:?}");
+                let _ = consumer.unassign();
+            }
+        }
+    }
+}
+
+/// Starts the consumer thread. It stops when `stop` is set (after handing over
+/// the batch in hand) or the writer hangs up, and commits what the writer sends
+/// back until the writer drops its sender.
+pub fn spawn_consumer(
+    settings: ConsumerSettings,
+    topic_of: HashMap<String, Topic>,
+    resume: Resume,
+    stop: Arc<AtomicBool>,
+    metrics: SinkMetrics,
+    batches: mpsc::Sender<Vec<Item>>,
+    commits: std::sync::mpsc::Receiver<TopicPartitionList>,
+) -> Result<std::thread::JoinHandle<Result<(), ConsumeError>>, ConsumeError> {
+    let runtime = tokio::runtime::Handle::current();
+    std::thread::Builder::new()
+        .name(format!("{}-consumer", settings.component))
+        .spawn(move || consume(settings, topic_of, resume, runtime, stop, metrics, batches, commits))
+        .map_err(|e| ConsumeError::Spawn(e.to_string()))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn consume(
+    settings: ConsumerSettings,
+    topic_of: HashMap<String, Topic>,
+    resume: Resume,
+    runtime: tokio::runtime::Handle,
+    stop: Arc<AtomicBool>,
+    metrics: SinkMetrics,
+    batches: mpsc::Sender<Vec<Item>>,
+    commits: std::sync::mpsc::Receiver<TopicPartitionList>,
+) -> Result<(), ConsumeError> {
+    let component = settings.component;
+    let positions: Arc<Mutex<HashMap<(String, i32), Position>>> = Arc::default();
+    let context = SinkContext {
+        component,
+        resume,
+        rewind: settings.rewind,
+        positions: positions.clone(),
+        stop: stop.clone(),
+        metrics: metrics.clone(),
+    };
+    let mut cc = consumer_config(&settings.brokers, &settings.group);
+    cc.set("statistics.interval.ms", "5000")
+        .set("session.timeout.ms", settings.session_timeout.as_millis().to_string());
+    if let Some(id) = &settings.instance_id {
+        cc.set("group.instance.id", id);
+    }
+    let registry = settings.registry.clone().map(RegistryClient::new).transpose()?;
+    let consumer: BaseConsumer<SinkContext> = cc.create_with_context(context)?;
+    let names: Vec<&str> = topic_of.keys().map(String::as_str).collect();
+    consumer.subscribe(&names)?;
+    let codec = Codec::new(WriteFraming::SingleObject);
+
+    let mut batch: Vec<Item> = Vec::with_capacity(settings.batch_max);
+    let mut ready: Option<Vec<Item>> = None;
+    let mut opened = Instant::now();
+    loop {
+        let stopping = stop.load(Ordering::Relaxed);
+        while let Ok(tpl) = commits.try_recv() {
+            if let Err(e) = consumer.commit(&tpl, CommitMode::Async) {
+                tracing::debug!(component, "offset commit failed: {e}");
+            }
+        }
+        if ready.is_none()
+            && !batch.is_empty()
+            && (batch.len() >= settings.batch_max || opened.elapsed() >= settings.batch_wait || stopping)
+        {
+            ready = Some(std::mem::replace(&mut batch, Vec::with_capacity(settings.batch_max)));
+        }
+        if let Some(mut b) = ready.take() {
+            // Wait for the writer; the group keeps us meanwhile (heartbeats run
+            // in the background), and past max.poll.interval.ms it moves the
+            // partitions, which the written positions keep exact too.
+            loop {
+                match batches.try_send(b) {
+                    Ok(()) => break,
+                    Err(mpsc::error::TrySendError::Full(back)) => {
+                        b = back;
+                        std::thread::sleep(Duration::from_millis(2));
+                    }
+                    Err(mpsc::error::TrySendError::Closed(_)) => return Ok(()),
+                }
+            }
+        }
+        if stopping {
+            break;
+        }
+        let Some(polled) = consumer.poll(Duration::from_millis(20)) else {
+            continue;
+        };
+        let msg = match polled {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(component, "kafka: {e}");
+                continue;
+            }
+        };
+        metrics.consumed.with_label_values(&[msg.topic()]).inc();
+        let below = {
+            let mut positions = positions.lock().unwrap_or_else(|p| p.into_inner());
+            let p = positions.entry((msg.topic().to_owned(), msg.partition())).or_default();
+            if p.expect.is_some_and(|e| msg.offset() > e) {
+                tracing::warn!(
+                    component,
+                    topic = msg.topic(),
+                    partition = msg.partition(),
+                    "the broker skipped offsets {:?}..{}",
+                    p.expect,
+                    msg.offset()
+                );
+                metrics.offset_gaps.with_label_values(&[msg.topic()]).inc();
+            }
+            p.expect = Some(msg.offset() + 1);
+            p.written_below
+        };
+        if below.is_some_and(|b| msg.offset() < b) {
+            metrics.already_written.with_label_values(&[msg.topic()]).inc();
+            continue;
+        }
+        if let Some(registry) = &registry {
+            learn_schema(&runtime, registry, &codec, msg.payload().unwrap_or_default(), &stop);
+        }
+        let rules = Rules::at(now_micros());
+        if batch.is_empty() {
+            opened = Instant::now();
+        }
+        batch.push(decode_item(&codec, &rules, &topic_of, &msg));
+    }
+    // Commit what the writer writes until it is done.
+    drop(batches);
+    while let Ok(tpl) = commits.recv() {
+        if let Err(e) = consumer.commit(&tpl, CommitMode::Sync) {
+            tracing::warn!(component, "final offset commit failed: {e}");
+        }
+    }
+    consumer.unsubscribe();
+    Ok(())
+}
