@@ -21,9 +21,20 @@ stack-status: ## show what is running
 kafka: ## start only the Kafka-protocol broker (docker compose if a Docker engine answers, else tansu)
 	$(STACK) up kafka
 
-.PHONY: producer
-producer: stack-up ## run the producer on the local stack (live sources when Binance answers, else the simulator)
-	eval "$$($(STACK) env)"; cargo run --release --locked -p tickpipe-producer --bin producer -- run
+DEMO := deploy/local/demo.sh
+
+.PHONY: demo demo-stop demo-status producer consumers
+demo: ## the whole pipeline in the background (stack, producer, candles, sinks), then a minute of progress
+	$(DEMO) up
+	$(DEMO) watch 60
+demo-stop: ## stop what demo, producer and consumers started (the stack stays; make stack-down)
+	$(DEMO) down
+demo-status: ## which pipeline services run
+	$(DEMO) status
+producer: ## start the producer in the background (live sources when Binance answers, else the simulator)
+	$(DEMO) up producer
+consumers: ## start candles, postgres-sink and bigquery-sink in the background
+	$(DEMO) up consumers
 
 .PHONY: lint
 lint: ## rustfmt and clippy, warnings are errors
