@@ -5,7 +5,7 @@ SHELL := bash
 
 STACK := deploy/local/stack.sh
 # Exports the addresses of the running local stack and the interop interpreter.
-STACK_ENV = eval "$$($(STACK) env)"; export TICKPIPE_INTEROP_PYTHON="$$(deploy/local/python-env.sh)";
+STACK_ENV = eval "$$($(STACK) env)"; export TICKPIPE_INTEROP_PYTHON="$$(deploy/local/python-env.sh)"; export TICKPIPE_PROMETHEUS_BIN="$$(deploy/local/prometheus.sh)";
 
 .PHONY: help
 help: ## list the targets
