@@ -1,6 +1,7 @@
 //! The consumers: `postgres-sink`, `bigquery-sink` and `candles` read the entity
 //! topics, decode and validate records, and write them on.
 
+pub mod args;
 pub mod bq;
 pub mod candles;
 pub mod decode;

@@ -6,12 +6,11 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
+use tickpipe_consumers::args::{entity_topics, RegistryArgs};
 use tickpipe_consumers::bq::client::{Auth, Endpoint};
 use tickpipe_consumers::bq::schema::DecimalColumns;
 use tickpipe_consumers::bq::sink::{run, BqSinkConfig};
 use tickpipe_consumers::ops::{self, KafkaArgs};
-use tickpipe_schemas::registry::RegistryConfig;
-use tickpipe_schemas::Topic;
 
 /// Writes every entity topic into BigQuery: an append-only table per entity,
 /// partitioned by event day, and a view with one row per Kafka record.
@@ -80,15 +79,8 @@ struct Args {
     /// Milliseconds the group waits for a silent member before moving its partitions.
     #[arg(long, env = "TICKPIPE_BIGQUERY_SINK_SESSION_TIMEOUT_MS", default_value_t = 10_000)]
     session_timeout_ms: u64,
-    /// Schema Registry URL, for Confluent-framed records.
-    #[arg(long, env = "TICKPIPE_SCHEMA_REGISTRY_URL")]
-    schema_registry_url: Option<String>,
-    /// Basic-auth user of the Schema Registry.
-    #[arg(long, env = "TICKPIPE_SCHEMA_REGISTRY_USERNAME")]
-    schema_registry_username: Option<String>,
-    /// Basic-auth password of the Schema Registry; never logged.
-    #[arg(long, env = "TICKPIPE_SCHEMA_REGISTRY_PASSWORD", hide_env_values = true)]
-    schema_registry_password: Option<String>,
+    #[command(flatten)]
+    registry: RegistryArgs,
     /// Address of /metrics, /healthz and /readyz ("off" to disable).
     #[arg(long, env = "TICKPIPE_BIGQUERY_SINK_METRICS_ADDR", default_value = "127.0.0.1:9105")]
     metrics_addr: String,
@@ -103,11 +95,7 @@ async fn main() -> anyhow::Result<()> {
         .init();
     let args = Args::parse();
     let metrics_addr = ops::metrics_addr(&args.metrics_addr).map_err(anyhow::Error::msg)?;
-    let topics = args
-        .topics
-        .iter()
-        .map(|t| Topic::from_base_name(t.trim()).ok_or_else(|| anyhow::anyhow!("--topics: no entity topic {t:?}")))
-        .collect::<anyhow::Result<Vec<_>>>()?;
+    let topics = entity_topics(&args.topics).map_err(anyhow::Error::msg)?;
     let endpoint = match (&args.emulator, args.credentials) {
         (Some(url), None) => Endpoint {
             api_url: url.clone(),
@@ -147,11 +135,7 @@ async fn main() -> anyhow::Result<()> {
         session_timeout: Duration::from_millis(args.session_timeout_ms),
         partitions: args.kafka.partitions,
         metrics_addr,
-        registry: args.schema_registry_url.map(|url| RegistryConfig {
-            username: args.schema_registry_username,
-            password: args.schema_registry_password,
-            ..RegistryConfig::new(url)
-        }),
+        registry: args.registry.config(),
     };
     run(config, shutdown).await?;
     Ok(())

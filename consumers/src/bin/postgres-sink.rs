@@ -4,10 +4,9 @@
 use std::time::Duration;
 
 use clap::Parser;
+use tickpipe_consumers::args::{entity_topics, RegistryArgs};
 use tickpipe_consumers::ops::{self, KafkaArgs};
 use tickpipe_consumers::pg::sink::{run, SinkConfig};
-use tickpipe_schemas::registry::RegistryConfig;
-use tickpipe_schemas::Topic;
 
 /// Writes every entity topic into PostgreSQL: current state, SCD2 asset
 /// history, append tables and dead letters, exactly once per Kafka offset.
@@ -60,17 +59,8 @@ struct Args {
     /// with the same id gets its partitions back without a rebalance.
     #[arg(long, env = "TICKPIPE_POSTGRES_SINK_INSTANCE_ID")]
     instance_id: Option<String>,
-    /// Schema Registry URL; Confluent-framed records are decoded with the
-    /// writer schemas it holds. Without it only single-object encoding (and
-    /// ids already known) decode.
-    #[arg(long, env = "TICKPIPE_SCHEMA_REGISTRY_URL")]
-    schema_registry_url: Option<String>,
-    /// Basic-auth user of the Schema Registry (Confluent Cloud API key).
-    #[arg(long, env = "TICKPIPE_SCHEMA_REGISTRY_USERNAME")]
-    schema_registry_username: Option<String>,
-    /// Basic-auth password of the Schema Registry; never logged.
-    #[arg(long, env = "TICKPIPE_SCHEMA_REGISTRY_PASSWORD", hide_env_values = true)]
-    schema_registry_password: Option<String>,
+    #[command(flatten)]
+    registry: RegistryArgs,
     /// Address of /metrics, /healthz and /readyz ("off" to disable).
     #[arg(long, env = "TICKPIPE_POSTGRES_SINK_METRICS_ADDR", default_value = "127.0.0.1:9104")]
     metrics_addr: String,
@@ -85,11 +75,7 @@ async fn main() -> anyhow::Result<()> {
         .init();
     let args = Args::parse();
     let metrics_addr = ops::metrics_addr(&args.metrics_addr).map_err(anyhow::Error::msg)?;
-    let topics = args
-        .topics
-        .iter()
-        .map(|t| Topic::from_base_name(t.trim()).ok_or_else(|| anyhow::anyhow!("--topics: no entity topic {t:?}")))
-        .collect::<anyhow::Result<Vec<_>>>()?;
+    let topics = entity_topics(&args.topics).map_err(anyhow::Error::msg)?;
     let config = SinkConfig {
         brokers: args.kafka.brokers,
         topic_prefix: args.kafka.topic_prefix,
@@ -105,11 +91,7 @@ async fn main() -> anyhow::Result<()> {
         instance_id: args.instance_id,
         partitions: args.kafka.partitions,
         metrics_addr,
-        registry: args.schema_registry_url.map(|url| RegistryConfig {
-            username: args.schema_registry_username,
-            password: args.schema_registry_password,
-            ..RegistryConfig::new(url)
-        }),
+        registry: args.registry.config(),
     };
     run(config, shutdown).await?;
     Ok(())
