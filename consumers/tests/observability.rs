@@ -308,6 +308,13 @@ async fn the_services_export_exactly_the_metrics_contract() {
         );
         tokio::time::sleep(Duration::from_millis(500)).await;
     };
+    // Every service says it is ready once it runs (candles: state restored).
+    for (name, addr) in &addrs {
+        let status = reqwest::get(format!("http://{addr}/readyz"))
+            .await
+            .map(|r| r.status().as_u16());
+        assert_eq!(status.ok(), Some(200), "{name} /readyz");
+    }
     let _ = stop.send(true);
     for (name, task) in [("producer", producer)] {
         task.await.expect("join").unwrap_or_else(|e| panic!("{name}: {e}"));

@@ -225,11 +225,17 @@ pub async fn run(config: ServiceConfig, shutdown: impl Future<Output = ()>) -> R
     )
     .await?;
 
+    // Ready once the state is restored and the input assigned.
+    let ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
     if let Some(addr) = config.metrics_addr {
-        // Readiness does not track the state restore yet (see ARCHITECTURE.md).
-        crate::ops::serve(addr, metrics.registry.clone(), Arc::new(true.into()), "not ready")
-            .await
-            .map_err(ServiceError::Metrics)?;
+        crate::ops::serve(
+            addr,
+            metrics.registry.clone(),
+            ready.clone(),
+            "not ready: restoring the aggregation state",
+        )
+        .await
+        .map_err(ServiceError::Metrics)?;
     }
 
     let restore_config = config.clone();
@@ -261,6 +267,7 @@ pub async fn run(config: ServiceConfig, shutdown: impl Future<Output = ()>) -> R
         builders.insert(p.id(), builder);
     }
     consumer.assign(&tpl)?;
+    ready.store(true, std::sync::atomic::Ordering::Relaxed);
     tracing::info!(
         partitions = builders.len(),
         restored = stored.len(),
