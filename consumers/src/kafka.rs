@@ -5,6 +5,7 @@ use std::time::Duration;
 use rdkafka::config::ClientConfig;
 use rdkafka::error::KafkaError;
 use rdkafka::producer::{FutureProducer, FutureRecord};
+use tickpipe_schemas::{Codec, DeadLetter, EncodeError, Record};
 
 /// Settings for a consumer whose offsets move only after its output is durable:
 /// no automatic commit and no automatic offset store (the sink stores offsets
@@ -50,4 +51,16 @@ pub async fn send_all(producer: &FutureProducer, records: Vec<(String, String, V
         }
     }
     Ok(())
+}
+
+/// Dead letters as records for [`send_all`]: encoded, keyed, bound for `topic`.
+pub fn letter_records(
+    topic: &str,
+    codec: &Codec,
+    letters: &[DeadLetter],
+) -> Result<Vec<(String, String, Vec<u8>)>, EncodeError> {
+    letters
+        .iter()
+        .map(|l| Ok((topic.to_owned(), l.key(), codec.encode(l)?)))
+        .collect()
 }

@@ -32,7 +32,7 @@ use serde_json::json;
 use tickpipe_ops::now_micros;
 use tickpipe_producer::kafka::{producer_config, TopicError};
 use tickpipe_schemas::registry::RegistryConfig;
-use tickpipe_schemas::{Codec, Record, Source, Topic, WriteFraming};
+use tickpipe_schemas::{Codec, Source, Topic, WriteFraming};
 use tokio::sync::mpsc;
 
 use super::client::{BigQuery, BqError, Endpoint};
@@ -40,7 +40,7 @@ use super::rows::{row, Coordinates};
 use super::schema::{evolve, table_spec, view_query, DecimalColumns, TableSpec};
 use super::COMPONENT;
 use crate::decode::{reject_letter, Body, Item, Reject};
-use crate::kafka::send_all;
+use crate::kafka::{letter_records, send_all};
 use crate::sink::{must, sink_topics, spawn_consumer, ConsumeError, ConsumerSettings, Resume, SinkMetrics};
 
 /// Everything the sink needs.
@@ -524,14 +524,8 @@ impl Writer<'_> {
             letters.push(reject_letter(COMPONENT, item, reject, now));
         }
         if !letters.is_empty() {
-            let mut records = Vec::with_capacity(letters.len());
-            for l in &letters {
-                let bytes = self
-                    .codec
-                    .encode(l)
-                    .map_err(|e| BqSinkError::Unwritten(format!("encoding a dead letter: {e}")))?;
-                records.push((self.dead_topic.to_owned(), l.key(), bytes));
-            }
+            let records = letter_records(self.dead_topic, self.codec, &letters)
+                .map_err(|e| BqSinkError::Unwritten(format!("encoding a dead letter: {e}")))?;
             self.retrying("dead letters", || async {
                 send_all(self.producer, records.clone())
                     .await

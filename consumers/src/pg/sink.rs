@@ -35,12 +35,12 @@ use tokio_postgres::NoTls;
 
 use tickpipe_producer::kafka::{producer_config, TopicError};
 use tickpipe_schemas::registry::{RegistryConfig, RegistryError};
-use tickpipe_schemas::{Codec, DeadLetter, Record, Source, Topic, WriteFraming};
+use tickpipe_schemas::{Codec, DeadLetter, Source, Topic, WriteFraming};
 
 use super::migrate::{migrate, MigrateError};
 use super::rows::{reject_letter, write_items, Body, Item, Reject};
 use super::COMPONENT;
-use crate::kafka::send_all;
+use crate::kafka::{letter_records, send_all};
 use crate::sink::{sink_topics, spawn_consumer, ConsumeError, ConsumerSettings, Resume, SinkMetrics};
 
 /// Everything the sink needs.
@@ -286,7 +286,8 @@ pub async fn write_batch(
     if !letters.is_empty() {
         super::rows::dead_letters(&tx, &letters.iter().collect::<Vec<_>>()).await?;
         if let Some((producer, topic, codec)) = dead_letters {
-            publish(producer, topic, codec, &letters).await?;
+            let records = letter_records(topic, codec, &letters).map_err(|e| WriteError::Encode(e.to_string()))?;
+            send_all(producer, records).await?;
         }
         for l in &letters {
             out.rejected
@@ -328,21 +329,6 @@ fn stage_label(stage: &str) -> &'static str {
         "validate" => "validate",
         _ => "write",
     }
-}
-
-/// Publishes dead letters and waits for the broker's acknowledgement.
-async fn publish(
-    producer: &FutureProducer,
-    topic: &str,
-    codec: &Codec,
-    letters: &[DeadLetter],
-) -> Result<(), WriteError> {
-    let mut records = Vec::with_capacity(letters.len());
-    for l in letters {
-        let bytes = codec.encode(l).map_err(|e| WriteError::Encode(e.to_string()))?;
-        records.push((topic.to_owned(), l.key(), bytes));
-    }
-    Ok(send_all(producer, records).await?)
 }
 
 /// Runs until `shutdown` resolves, then writes the batch in hand and returns.
