@@ -10,15 +10,14 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use rdkafka::producer::{FutureProducer, FutureRecord};
 use tickpipe_consumers::bq::client::{Auth, BigQuery, Endpoint};
 use tickpipe_consumers::bq::schema::DecimalColumns;
 use tickpipe_consumers::bq::sink::{run, BqSinkConfig};
-use tickpipe_consumers::pg::sink::SinkConfig;
-use tickpipe_producer::kafka::{ensure_topics, producer_config};
-use tickpipe_schemas::{Codec, Record, Topic, WriteFraming};
+use tickpipe_producer::kafka::ensure_topics;
+use tickpipe_schemas::Topic;
 use tickpipe_testkit::{real, stack};
-use tokio_postgres::NoTls;
+
+mod common;
 
 /// CPU seconds (user + system) of a process, from `/proc/<pid>/stat`.
 fn cpu_seconds(pid: &str) -> f64 {
@@ -53,21 +52,7 @@ async fn main() {
         .await
         .expect("broker up");
     let topic = Topic::Trades.name(&prefix);
-    let codec = Codec::new(WriteFraming::SingleObject);
-    let producer: FutureProducer = producer_config(&brokers).create().expect("producer");
-    let mut pending = Vec::with_capacity(trades.len());
-    for t in &trades {
-        let payload = codec.encode(t).expect("encode");
-        pending.push(
-            producer
-                .send_result(FutureRecord::to(&topic).key(&t.key()).payload(&payload))
-                .map_err(|(e, _)| e)
-                .expect("enqueue"),
-        );
-    }
-    for p in pending {
-        p.await.expect("delivery").expect("delivered");
-    }
+    common::preload(&brokers, &topic, &trades).await;
 
     // bigquery-sink into the emulator.
     let endpoint = Endpoint {
@@ -127,45 +112,8 @@ async fn main() {
     let bq_rate = n as f64 / bq_secs;
 
     // postgres-sink on the same topic, for the record.
-    let url = stack::fresh_database("bench_bq_pg").await;
-    let (client, conn) = tokio_postgres::connect(&url, NoTls).await.expect("postgres");
-    tokio::spawn(conn);
-    let config = SinkConfig {
-        brokers,
-        topic_prefix: prefix.clone(),
-        topics: vec![Topic::Trades],
-        group: format!("{prefix}pg"),
-        postgres_url: url,
-        pool_size: 2,
-        batch_max: 20_000,
-        batch_wait: Duration::from_millis(100),
-        resume_rewind: 10_000,
-        max_backoff: Duration::from_secs(1),
-        session_timeout: Duration::from_secs(10),
-        instance_id: None,
-        partitions: 3,
-        metrics_addr: None,
-        registry: None,
-    };
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let started = Instant::now();
-    let sink = tokio::spawn(tickpipe_consumers::pg::sink::run(config, async {
-        let _ = stopped.await;
-    }));
-    loop {
-        let done: i64 = client
-            .query_one("SELECT coalesce(sum(next_offset), 0)::bigint FROM sink_offsets", &[])
-            .await
-            .map(|r| r.get(0))
-            .unwrap_or(0);
-        if done as usize >= n {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    let pg_rate = n as f64 / started.elapsed().as_secs_f64();
-    let _ = stop.send(());
-    sink.await.expect("sink task").expect("sink");
+    let (pg_secs, _) = common::postgres_sink(&brokers, &prefix, &format!("{prefix}pg"), n).await;
+    let pg_rate = n as f64 / pg_secs;
 
     println!("bigquery-sink into the BigQuery emulator, {n} real-shaped trades preloaded in Kafka:");
     println!("  bigquery-sink -> emulator  {bq_rate:>10.0} rows/s  ({bq_secs:.2} s, start-up included)");

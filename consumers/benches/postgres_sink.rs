@@ -10,14 +10,14 @@
 
 use std::io::Write;
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use rdkafka::producer::{FutureProducer, FutureRecord};
-use tickpipe_consumers::pg::sink::{run, SinkConfig};
-use tickpipe_producer::kafka::{ensure_topics, producer_config};
-use tickpipe_schemas::{Codec, Record, Topic, Trade, WriteFraming};
+use tickpipe_producer::kafka::ensure_topics;
+use tickpipe_schemas::{Record, Topic, Trade};
 use tickpipe_testkit::{real, stack};
 use tokio_postgres::NoTls;
+
+mod common;
 
 fn load(target: usize) -> Vec<Trade> {
     real::repeated_spot_trades(&stack::real_data_dir().join("binance_ws_raw_2024-08-08"), target)
@@ -79,68 +79,12 @@ async fn main() {
         .expect("broker up");
     let topic = Topic::Trades.name(&prefix);
 
-    // Preload the topic.
-    let codec = Codec::new(WriteFraming::SingleObject);
-    let producer: FutureProducer = producer_config(&brokers)
-        .set("queue.buffering.max.messages", "1000000")
-        .create()
-        .expect("producer");
-    for chunk in trades.chunks(100_000) {
-        let mut pending = Vec::with_capacity(chunk.len());
-        for t in chunk {
-            let payload = codec.encode(t).expect("encode");
-            pending.push(
-                producer
-                    .send_result(FutureRecord::to(&topic).key(&t.key()).payload(&payload))
-                    .map_err(|(e, _)| e)
-                    .expect("enqueue"),
-            );
-        }
-        for p in pending {
-            p.await.expect("delivery").expect("delivered");
-        }
-    }
+    common::preload(&brokers, &topic, &trades).await;
 
     // The sink, on the exactly-once path.
-    let url = stack::fresh_database("bench_pg").await;
+    let (sink_secs, url) = common::postgres_sink(&brokers, &prefix, &format!("{prefix}sink"), n).await;
     let (client, conn) = tokio_postgres::connect(&url, NoTls).await.expect("postgres");
     tokio::spawn(conn);
-    let config = SinkConfig {
-        brokers: brokers.clone(),
-        topic_prefix: prefix.clone(),
-        topics: vec![Topic::Trades],
-        group: format!("{prefix}sink"),
-        postgres_url: url.clone(),
-        pool_size: 2,
-        batch_max: 20_000,
-        batch_wait: Duration::from_millis(100),
-        resume_rewind: 10_000,
-        max_backoff: Duration::from_secs(1),
-        session_timeout: Duration::from_secs(10),
-        instance_id: None,
-        partitions: 3,
-        metrics_addr: None,
-        registry: None,
-    };
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let started = Instant::now();
-    let sink = tokio::spawn(run(config, async {
-        let _ = stopped.await;
-    }));
-    loop {
-        let done: i64 = client
-            .query_one("SELECT coalesce(sum(next_offset), 0)::bigint FROM sink_offsets", &[])
-            .await
-            .map(|r| r.get(0))
-            .unwrap_or(0);
-        if done as usize >= n {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    let sink_secs = started.elapsed().as_secs_f64();
-    let _ = stop.send(());
-    sink.await.expect("sink task").expect("sink");
     let written: i64 = client
         .query_one("SELECT count(*) FROM trades", &[])
         .await

@@ -1,0 +1,71 @@
+//! What the sink benchmarks share: the topic preload and a timed
+//! postgres-sink run on the exactly-once path.
+
+use std::time::{Duration, Instant};
+
+use rdkafka::producer::FutureProducer;
+use tickpipe_consumers::kafka::send_all;
+use tickpipe_consumers::pg::sink::{run, SinkConfig};
+use tickpipe_producer::kafka::producer_config;
+use tickpipe_schemas::{Codec, Record, Topic, Trade, WriteFraming};
+use tickpipe_testkit::stack;
+use tokio_postgres::NoTls;
+
+/// Publishes the trades to `topic`, every one acknowledged, in chunks.
+pub async fn preload(brokers: &str, topic: &str, trades: &[Trade]) {
+    let codec = Codec::new(WriteFraming::SingleObject);
+    let producer: FutureProducer = producer_config(brokers).create().expect("producer");
+    for chunk in trades.chunks(100_000) {
+        let records = chunk
+            .iter()
+            .map(|t| (topic.to_owned(), t.key(), codec.encode(t).expect("encode")))
+            .collect();
+        send_all(&producer, records).await.expect("delivered");
+    }
+}
+
+/// Runs postgres-sink over the `trades` of `prefix` into a fresh database
+/// until `n` offsets are stored; returns the seconds it took (start-up
+/// included) and the database URL.
+pub async fn postgres_sink(brokers: &str, prefix: &str, group: &str, n: usize) -> (f64, String) {
+    let url = stack::fresh_database("bench_pg").await;
+    let (client, conn) = tokio_postgres::connect(&url, NoTls).await.expect("postgres");
+    tokio::spawn(conn);
+    let config = SinkConfig {
+        brokers: brokers.to_owned(),
+        topic_prefix: prefix.to_owned(),
+        topics: vec![Topic::Trades],
+        group: group.to_owned(),
+        postgres_url: url.clone(),
+        pool_size: 2,
+        batch_max: 20_000,
+        batch_wait: Duration::from_millis(100),
+        resume_rewind: 10_000,
+        max_backoff: Duration::from_secs(1),
+        session_timeout: Duration::from_secs(10),
+        instance_id: None,
+        partitions: 3,
+        metrics_addr: None,
+        registry: None,
+    };
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let started = Instant::now();
+    let sink = tokio::spawn(run(config, async {
+        let _ = stopped.await;
+    }));
+    loop {
+        let done: i64 = client
+            .query_one("SELECT coalesce(sum(next_offset), 0)::bigint FROM sink_offsets", &[])
+            .await
+            .map(|r| r.get(0))
+            .unwrap_or(0);
+        if done as usize >= n {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let secs = started.elapsed().as_secs_f64();
+    let _ = stop.send(());
+    sink.await.expect("sink task").expect("sink");
+    (secs, url)
+}
