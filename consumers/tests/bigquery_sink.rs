@@ -71,15 +71,17 @@ fn recorded_trades() -> Option<Vec<Trade>> {
 }
 
 async fn count(bq: &BigQuery, sql: &str) -> i64 {
-    match bq.query(sql).await {
-        Ok(rows) => rows
-            .first()
-            .and_then(|r| r.first().cloned().flatten())
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0),
-        // The tables may not exist yet.
-        Err(_) => 0,
-    }
+    // The tables may not exist yet.
+    try_count(bq, sql).await.unwrap_or(0)
+}
+
+/// The count `sql` answers, or the emulator's error.
+async fn try_count(bq: &BigQuery, sql: &str) -> Result<i64, String> {
+    let rows = bq.query(sql).await.map_err(|e| e.to_string())?;
+    rows.first()
+        .and_then(|r| r.first().cloned().flatten())
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| format!("no count in {rows:?}"))
 }
 
 /// Waits until `sql` counts `want` rows, failing after `secs`.
@@ -286,17 +288,31 @@ async fn a_recording_arrives_exactly_and_refused_rows_become_dead_letters() {
     );
 }
 
-/// The sink process, killed if the test fails before it does.
-struct Sink(Child);
+/// The sink process, killed if the test fails before it does, with its log
+/// (stderr at info) in a file that a failing round shows.
+struct Sink(Child, std::path::PathBuf);
+
+impl Sink {
+    fn log_tail(&self) -> String {
+        let log = std::fs::read_to_string(&self.1).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+}
 
 impl Drop for Sink {
     fn drop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_file(&self.1);
+        }
     }
 }
 
 fn start_sink(prefix: &str, dataset: &str) -> Sink {
+    let log = std::env::temp_dir().join(format!("{}.log", stack::unique_name("bigquery-sink")));
+    let stderr = std::fs::File::create(&log).expect("a log file for the sink");
     Sink(
         Command::new(env!("CARGO_BIN_EXE_bigquery-sink"))
             .env("TICKPIPE_KAFKA_BROKERS", stack::kafka_brokers())
@@ -311,10 +327,12 @@ fn start_sink(prefix: &str, dataset: &str) -> Sink {
             .env("TICKPIPE_BIGQUERY_SINK_REQUEST_ROWS", "250")
             .env("TICKPIPE_BIGQUERY_SINK_SESSION_TIMEOUT_MS", "6000")
             .env("TICKPIPE_BIGQUERY_SINK_METRICS_ADDR", "off")
-            .env("RUST_LOG", "warn")
+            .env("RUST_LOG", "info")
             .stdout(Stdio::null())
+            .stderr(stderr)
             .spawn()
             .expect("the bigquery-sink binary starts"),
+        log,
     )
 }
 
@@ -350,14 +368,19 @@ async fn sigkill_while_streaming_leaves_the_view_exact() {
     for round in 0..5 {
         let before = count(&bq, &raw).await;
         let mut sink = start_sink(&prefix, &dataset);
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
-        while count(&bq, &raw).await <= before {
+        let started = tokio::time::Instant::now();
+        let mut last = Ok(before);
+        while !last.as_ref().is_ok_and(|n| *n > before) {
             assert!(
-                tokio::time::Instant::now() < deadline,
-                "round {round}: no rows written in 90 s"
+                started.elapsed() < Duration::from_secs(90),
+                "round {round}: no rows written in 90 s (raw rows before: {before}, last count: {last:?}); \
+                 the sink's log ends:\n{}",
+                sink.log_tail()
             );
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            last = try_count(&bq, &raw).await;
         }
+        eprintln!("round {round}: rows after {:?}", started.elapsed());
         sink.0.kill().expect("kill");
         sink.0.wait().expect("wait");
         kills += 1;
