@@ -63,14 +63,14 @@ async fn main() {
     for t in &trades {
         builder.push(t, &mut out);
     }
-    let pure = start.elapsed();
     let expected: HashMap<(String, String, i64), Candle> = out
         .into_iter()
-        .filter_map(|o| match o {
+        .filter_map(|o| match builder.resolve(o) {
             Output::Candle(c) => Some(((c.symbol.clone(), c.interval.clone(), c.open_time), c)),
             _ => None,
         })
         .collect();
+    let pure = start.elapsed();
 
     let brokers = stack::kafka_brokers();
     let prefix = format!("{}.", stack::unique_name("bench_candles"));

@@ -181,7 +181,9 @@ fn sums_are_exact_and_taker_volumes_follow_the_maker_flag() {
         b.push(tr, &mut out);
     }
     b.finish(&mut out);
-    let Output::Candle(c) = &out[0] else { panic!("{out:?}") };
+    let Output::Candle(c) = b.resolve(out[0].clone()) else {
+        panic!("{out:?}")
+    };
     assert_eq!(c.quote_volume, dec("0.17"));
     assert_eq!(c.volume, dec("1.0"));
     assert_eq!(
@@ -238,15 +240,17 @@ fn a_restored_snapshot_continues_exactly() {
     let whole = aggregate(&trades, config());
     for cut in 0..trades.len() {
         let mut first = CandleBuilder::new(config());
-        let mut out = Vec::new();
+        let mut bars = Vec::new();
         for tr in &trades[..cut] {
-            first.push(tr, &mut out);
+            first.push(tr, &mut bars);
         }
+        let mut out: Vec<Output> = bars.drain(..).map(|o| first.resolve(o)).collect();
         let mut second = CandleBuilder::restore(config(), &first.snapshot()).unwrap();
         for tr in &trades[cut..] {
-            second.push(tr, &mut out);
+            second.push(tr, &mut bars);
         }
-        second.finish(&mut out);
+        second.finish(&mut bars);
+        out.extend(bars.into_iter().map(|o| second.resolve(o)));
         assert_eq!(out, whole, "cut after {cut} trades");
     }
     let other = CandleBuilder::restore(cfg(&["5m"], 1, true), &CandleBuilder::new(config()).snapshot());

@@ -44,7 +44,7 @@ fn expected(trades: &[Trade]) -> BTreeMap<Key, Candle> {
         b.push(t, &mut out);
     }
     out.into_iter()
-        .filter_map(|o| match o {
+        .filter_map(|o| match b.resolve(o) {
             Output::Candle(c) => Some(((c.interval.clone(), c.open_time), c)),
             _ => None,
         })
@@ -170,10 +170,33 @@ async fn publishes_what_the_pure_builder_makes() {
     service.await.unwrap().unwrap();
     reader.check(&expected);
     assert_eq!(
+        state_topic_cleanup(&brokers, &format!("{prefix}candles-state")).await,
+        "compact",
+        "the state topic keeps only the newest snapshot per key"
+    );
+    assert_eq!(
         expected.len(),
         3_560 + 712 - 1 - 1,
         "all but the last 1m and 5m windows are complete"
     );
+}
+
+/// The broker's `cleanup.policy` of a topic.
+async fn state_topic_cleanup(brokers: &str, topic: &str) -> String {
+    use rdkafka::admin::{AdminClient, AdminOptions, ResourceSpecifier};
+    use rdkafka::client::DefaultClientContext;
+    use rdkafka::ClientConfig;
+    let admin: AdminClient<DefaultClientContext> =
+        ClientConfig::new().set("bootstrap.servers", brokers).create().unwrap();
+    let described = admin
+        .describe_configs(&[ResourceSpecifier::Topic(topic)], &AdminOptions::new())
+        .await
+        .unwrap();
+    let resource = described.into_iter().next().unwrap().unwrap();
+    resource
+        .get("cleanup.policy")
+        .and_then(|e| e.value.clone())
+        .unwrap_or_else(|| panic!("no cleanup.policy for {topic}: {resource:?}"))
 }
 
 fn spawn_service(prefix: &str) -> Child {

@@ -60,6 +60,19 @@ pub async fn ensure_topic_names(
     partitions: i32,
     replication: i32,
 ) -> Result<(), TopicError> {
+    ensure_topics_configured(brokers, names, partitions, replication, &[]).await
+}
+
+/// Creates topics by name with the given topic configuration (such as
+/// `cleanup.policy=compact`) if they do not exist yet; existing topics are
+/// left as they are.
+pub async fn ensure_topics_configured(
+    brokers: &str,
+    names: &[String],
+    partitions: i32,
+    replication: i32,
+    config: &[(&str, &str)],
+) -> Result<(), TopicError> {
     let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .create()
@@ -69,7 +82,12 @@ pub async fn ensure_topic_names(
         })?;
     let new: Vec<NewTopic<'_>> = names
         .iter()
-        .map(|n| NewTopic::new(n, partitions, TopicReplication::Fixed(replication)))
+        .map(|n| {
+            config.iter().fold(
+                NewTopic::new(n, partitions, TopicReplication::Fixed(replication)),
+                |t, (k, v)| t.set(k, v),
+            )
+        })
         .collect();
     let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
     let results = admin

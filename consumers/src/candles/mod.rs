@@ -6,5 +6,5 @@
 pub mod aggregate;
 pub mod service;
 
-pub use aggregate::{aggregate, CandleBuilder, CandleConfig, Output};
+pub use aggregate::{aggregate, Bar, CandleBuilder, CandleConfig, Output};
 pub use tickpipe_schemas::interval::{self, Interval};

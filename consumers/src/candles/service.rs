@@ -28,7 +28,7 @@ use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 use rdkafka::consumer::{BaseConsumer, Consumer, StreamConsumer};
 use rdkafka::producer::FutureProducer;
 use rdkafka::{Message, Offset, TopicPartitionList};
-use tickpipe_producer::kafka::{ensure_topic_names, producer_config, TopicError};
+use tickpipe_producer::kafka::{ensure_topic_names, ensure_topics_configured, producer_config, TopicError};
 use tickpipe_schemas::{Codec, DeadLetter, Record, Source, Topic, Trade, WriteFraming};
 
 use super::aggregate::{CandleBuilder, CandleConfig, Output};
@@ -214,14 +214,19 @@ pub async fn run(config: ServiceConfig, shutdown: impl Future<Output = ()>) -> R
     let dead_topic = config.topic(Topic::DeadLetters);
     ensure_topic_names(
         &config.brokers,
-        &[
-            trades_topic.clone(),
-            candles_topic.clone(),
-            dead_topic.clone(),
-            config.state_topic(),
-        ],
+        &[trades_topic.clone(), candles_topic.clone(), dead_topic.clone()],
         config.partitions,
         1,
+    )
+    .await?;
+    // Only the newest snapshot of each input partition matters: compaction
+    // keeps the state topic (and the read at start) from growing with time.
+    ensure_topics_configured(
+        &config.brokers,
+        &[config.state_topic()],
+        config.partitions,
+        1,
+        &[("cleanup.policy", "compact")],
     )
     .await?;
 
@@ -278,6 +283,7 @@ pub async fn run(config: ServiceConfig, shutdown: impl Future<Output = ()>) -> R
     let codec = Codec::new(WriteFraming::SingleObject);
     let mut shutdown = std::pin::pin!(shutdown);
     let mut stopping = false;
+    let mut bars = Vec::new();
     let mut outputs = Vec::new();
     while !stopping {
         // Collect one batch.
@@ -305,7 +311,8 @@ pub async fn run(config: ServiceConfig, shutdown: impl Future<Output = ()>) -> R
                     match codec.decode::<Trade>(payload) {
                         Ok(trade) => {
                             if let Some(b) = builders.get_mut(&partition) {
-                                b.push(&trade, &mut outputs);
+                                b.push(&trade, &mut bars);
+                                outputs.extend(bars.drain(..).map(|o| b.resolve(o)));
                             }
                         }
                         Err(e) => {
