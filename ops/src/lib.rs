@@ -1,7 +1,9 @@
 //! What every tickpipe service shares, so the producer and the consumers behave
 //! alike: the operations endpoint (`/metrics` in Prometheus text, `/healthz`
 //! while the process answers, `/readyz` 200 while `ready` holds and 503 with
-//! `not_ready` otherwise), the Kafka flags, and the shutdown signal.
+//! `not_ready` otherwise), the Kafka flags, the configuration file (`config`), and the shutdown signal.
+
+pub mod config;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};

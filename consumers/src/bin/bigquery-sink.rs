@@ -10,6 +10,7 @@ use tickpipe_consumers::args::{entity_topics, RegistryArgs};
 use tickpipe_consumers::bq::client::{Auth, Endpoint};
 use tickpipe_consumers::bq::schema::DecimalColumns;
 use tickpipe_consumers::bq::sink::{run, BqSinkConfig};
+use tickpipe_consumers::ops::config::ConfigArg;
 use tickpipe_consumers::ops::{self, KafkaArgs};
 
 /// Writes every entity topic into BigQuery: an append-only table per entity,
@@ -17,6 +18,8 @@ use tickpipe_consumers::ops::{self, KafkaArgs};
 #[derive(Debug, Parser)]
 #[command(version)]
 struct Args {
+    #[command(flatten)]
+    config: ConfigArg,
     #[command(flatten)]
     kafka: KafkaArgs,
     /// Entity topics to consume (names without prefix), comma-separated.
@@ -93,7 +96,7 @@ async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .init();
-    let args = Args::parse();
+    let args: Args = ops::config::parse()?;
     let metrics_addr = ops::metrics_addr(&args.metrics_addr).map_err(anyhow::Error::msg)?;
     let topics = entity_topics(&args.topics).map_err(anyhow::Error::msg)?;
     let endpoint = match (&args.emulator, args.credentials) {

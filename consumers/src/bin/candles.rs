@@ -6,12 +6,15 @@ use std::time::Duration;
 use clap::Parser;
 use tickpipe_consumers::candles::service::{run, ServiceConfig};
 use tickpipe_consumers::candles::{CandleConfig, Interval};
+use tickpipe_consumers::ops::config::ConfigArg;
 use tickpipe_consumers::ops::{self, KafkaArgs};
 
 /// Builds OHLCV candles from trades in event time and publishes them.
 #[derive(Debug, Parser)]
 #[command(version)]
 struct Args {
+    #[command(flatten)]
+    config: ConfigArg,
     #[command(flatten)]
     kafka: KafkaArgs,
     /// Candle intervals, comma-separated (<n>s, <n>m, <n>h, <n>d).
@@ -24,7 +27,8 @@ struct Args {
     intervals: Vec<Interval>,
     /// How late (ms of event time behind the newest trade) a trade may arrive and
     /// still correct its candle; later ones go to dead letters.
-    #[arg(long, env = "TICKPIPE_CANDLES_ALLOWED_LATENESS_MS", default_value_t = 2000)]
+    #[arg(long, env = "TICKPIPE_CANDLES_ALLOWED_LATENESS_MS", default_value_t = 2000,
+          value_parser = clap::value_parser!(i64).range(0..i64::MAX / 1000))]
     allowed_lateness_ms: i64,
     /// Fill windows without trades with Binance-style empty candles.
     #[arg(long, env = "TICKPIPE_CANDLES_FILL_EMPTY", default_value_t = true, action = clap::ArgAction::Set)]
@@ -52,7 +56,7 @@ async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .init();
-    let args = Args::parse();
+    let args: Args = ops::config::parse()?;
     let metrics_addr = ops::metrics_addr(&args.metrics_addr).map_err(anyhow::Error::msg)?;
     let config = ServiceConfig {
         brokers: args.kafka.brokers,

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use tickpipe_consumers::args::{entity_topics, RegistryArgs};
+use tickpipe_consumers::ops::config::ConfigArg;
 use tickpipe_consumers::ops::{self, KafkaArgs};
 use tickpipe_consumers::pg::sink::{run, SinkConfig};
 
@@ -13,6 +14,8 @@ use tickpipe_consumers::pg::sink::{run, SinkConfig};
 #[derive(Debug, Parser)]
 #[command(version)]
 struct Args {
+    #[command(flatten)]
+    config: ConfigArg,
     #[command(flatten)]
     kafka: KafkaArgs,
     /// Entity topics to consume (names without prefix), comma-separated.
@@ -73,7 +76,7 @@ async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .init();
-    let args = Args::parse();
+    let args: Args = ops::config::parse()?;
     let metrics_addr = ops::metrics_addr(&args.metrics_addr).map_err(anyhow::Error::msg)?;
     let topics = entity_topics(&args.topics).map_err(anyhow::Error::msg)?;
     let config = SinkConfig {

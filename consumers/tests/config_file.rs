@@ -1,0 +1,109 @@
+//! Each consumer binary reads `--config` (or `TICKPIPE_CONFIG`): the file's
+//! values become the flags' defaults, shown by `--help`, and a key that names
+//! no flag stops the program with the key in the message.
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+use tickpipe_testkit::stack::unique_name;
+
+const BINARIES: [(&str, &str, &str); 3] = [
+    (env!("CARGO_BIN_EXE_candles"), "candles", "--batch-max"),
+    (env!("CARGO_BIN_EXE_postgres-sink"), "postgres_sink", "--batch-max"),
+    (env!("CARGO_BIN_EXE_bigquery-sink"), "bigquery_sink", "--batch-max"),
+];
+
+fn write(text: &str) -> PathBuf {
+    let path = std::env::temp_dir().join(format!("{}.toml", unique_name("tickpipe-config")));
+    std::fs::write(&path, text).expect("write the file");
+    path
+}
+
+/// Runs `bin` with no TICKPIPE_ variable from the test's environment.
+fn run(bin: &str, args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut c = Command::new(bin);
+    for (k, _) in std::env::vars() {
+        if k.starts_with("TICKPIPE_") {
+            c.env_remove(k);
+        }
+    }
+    c.args(args).envs(env.iter().copied()).output().expect("run the binary")
+}
+
+/// The `--help` paragraph of `flag`.
+fn help_of(help: &str, flag: &str) -> String {
+    let start = help
+        .find(&format!("      {flag} "))
+        .unwrap_or_else(|| panic!("{flag} in {help}"));
+    let rest = &help[start..];
+    let end = rest[8..].find("\n      --").map_or(rest.len(), |i| i + 8);
+    rest[..end].to_owned()
+}
+
+#[test]
+fn the_file_sets_defaults_in_every_binary() {
+    for (bin, section, flag) in BINARIES {
+        let path = write(&format!(
+            "[kafka]\nbrokers = \"127.0.0.1:19092\"\n\n[{section}]\nbatch_max = 1234\n"
+        ));
+        let path_text = path.to_str().expect("utf-8 path");
+
+        let out = run(bin, &["--config", path_text, "--help"], &[]);
+        let help = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{bin}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            help_of(&help, flag).contains("[default: 1234]"),
+            "{bin}: {}",
+            help_of(&help, flag)
+        );
+        assert!(
+            help_of(&help, "--brokers").contains("[default: 127.0.0.1:19092]"),
+            "{bin}"
+        );
+
+        // The same through the environment variable.
+        let out = run(bin, &["--help"], &[("TICKPIPE_CONFIG", path_text)]);
+        assert!(
+            help_of(&String::from_utf8_lossy(&out.stdout), flag).contains("[default: 1234]"),
+            "{bin}"
+        );
+        std::fs::remove_file(&path).ok();
+    }
+}
+
+#[test]
+fn an_unknown_key_or_a_bad_value_stops_the_binary_with_the_reason() {
+    for (bin, section, _) in BINARIES {
+        let path = write(&format!("[{section}]\nbatch_maximum = 10\n"));
+        let out = run(bin, &["--config", path.to_str().expect("utf-8 path")], &[]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{bin} accepted an unknown key");
+        assert!(
+            err.contains(&format!("unknown key \"{section}_batch_maximum\""))
+                && err.contains(&format!("{section}_batch_max")),
+            "{bin}: {err}"
+        );
+        std::fs::remove_file(&path).ok();
+
+        let path = write(&format!("[{section}]\nbatch_max = \"lots\"\n"));
+        let out = run(bin, &["--config", path.to_str().expect("utf-8 path")], &[]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains("lots") && err.contains("--batch-max"),
+            "{bin}: {err}"
+        );
+        std::fs::remove_file(&path).ok();
+    }
+}
+
+#[test]
+fn the_example_file_is_accepted() {
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/config/candles.toml");
+    let out = run(env!("CARGO_BIN_EXE_candles"), &["--config", example, "--help"], &[]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let help = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        help_of(&help, "--intervals").contains("[default: 1s,5s,1m,5m,1h,1d]"),
+        "{help}"
+    );
+}

@@ -1,0 +1,294 @@
+//! The consumers' configuration file: TOML whose keys preset flags.
+//!
+//! Every flag has an environment variable; the same name without `TICKPIPE_`,
+//! lowercased and split into tables wherever an underscore is, is its key in
+//! the file. `TICKPIPE_CANDLES_ALLOWED_LATENESS_MS` is
+//!
+//! ```toml
+//! [candles]
+//! allowed_lateness_ms = 5000
+//! ```
+//!
+//! (or `candles_allowed_lateness_ms = 5000` at the top). Lists are TOML arrays.
+//! A value from the file takes the place of the built-in default, so a flag or
+//! environment variable still overrides it; values are checked exactly as if
+//! they had been typed. A key that names no flag of this binary is an error, so
+//! a typo never goes unnoticed, and a secret given in the file is never shown
+//! by `--help`.
+
+use std::collections::BTreeMap;
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+
+use clap::Command;
+
+/// The `--config` flag, flattened into a binary's flags.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ConfigArg {
+    /// TOML file presetting flags: the key of a flag is its environment
+    /// variable without TICKPIPE_ (e.g. `[candles] allowed_lateness_ms = 5000`);
+    /// flags and environment variables override the file.
+    #[arg(long, env = "TICKPIPE_CONFIG")]
+    pub config: Option<PathBuf>,
+}
+
+/// Why a configuration file was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("configuration file {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("configuration file {path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+}
+
+/// Parses the command line of `T`, with the defaults taken from the file given
+/// by `--config` or `TICKPIPE_CONFIG`. Exits like any clap parse on `--help` or
+/// a bad value.
+pub fn parse<T: clap::Parser>() -> Result<T, ConfigError> {
+    parse_from(std::env::args_os().collect(), std::env::var_os("TICKPIPE_CONFIG"))
+}
+
+/// [`parse`] over given arguments and `TICKPIPE_CONFIG` value.
+pub fn parse_from<T: clap::Parser>(args: Vec<OsString>, env: Option<OsString>) -> Result<T, ConfigError> {
+    let mut command = T::command();
+    if let Some(path) = config_path(&args).or(env.map(PathBuf::from)) {
+        command = preset(command, &path)?;
+    }
+    let matches = command.get_matches_from(args);
+    T::from_arg_matches(&matches).map_err(|e| e.exit())
+}
+
+/// The value of `--config` on the command line, if given there.
+fn config_path(args: &[OsString]) -> Option<PathBuf> {
+    let mut args = args.iter().skip(1);
+    while let Some(a) = args.next() {
+        let a = a.to_string_lossy();
+        if a == "--" {
+            break;
+        }
+        if a == "--config" {
+            return args.next().map(PathBuf::from);
+        }
+        if let Some(v) = a.strip_prefix("--config=") {
+            return Some(PathBuf::from(v));
+        }
+    }
+    None
+}
+
+/// `command` with the defaults of the flags the file at `path` sets.
+pub fn preset(command: Command, path: &Path) -> Result<Command, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    let invalid = |message: String| ConfigError::Invalid {
+        path: path.to_owned(),
+        message,
+    };
+    let table: toml::Table = text.parse().map_err(|e: toml::de::Error| invalid(e.to_string()))?;
+    let mut values = BTreeMap::new();
+    flatten("", &toml::Value::Table(table), &mut values).map_err(invalid)?;
+
+    // Environment variable name -> (flag id, secret?).
+    let flags: BTreeMap<String, (String, bool)> = command
+        .get_arguments()
+        .filter_map(|a| {
+            let env = a.get_env()?.to_str()?.to_owned();
+            Some((env, (a.get_id().to_string(), a.is_hide_env_values_set())))
+        })
+        .collect();
+    let mut command = command;
+    for (key, value) in values {
+        let env = format!("TICKPIPE_{}", key.to_uppercase());
+        let Some((id, secret)) = flags.get(&env) else {
+            let known: Vec<String> = flags
+                .keys()
+                .filter(|e| *e != "TICKPIPE_CONFIG")
+                .map(|e| key_of(e))
+                .collect();
+            return Err(invalid(format!(
+                "unknown key {key:?} (it would set {env}); this program takes: {}",
+                known.join(", ")
+            )));
+        };
+        if env == "TICKPIPE_CONFIG" {
+            return Err(invalid("a configuration file cannot name another one".into()));
+        }
+        let secret = *secret;
+        command = command.mut_arg(id.as_str(), |arg| arg.default_value(value).hide_default_value(secret));
+    }
+    Ok(command)
+}
+
+/// The file key of an environment variable, as the error message shows it.
+fn key_of(env: &str) -> String {
+    env.trim_start_matches("TICKPIPE_").to_lowercase()
+}
+
+/// Collects `prefix_key = value` for every scalar or list in `value`.
+fn flatten(prefix: &str, value: &toml::Value, out: &mut BTreeMap<String, String>) -> Result<(), String> {
+    let join = |k: &str| {
+        if prefix.is_empty() {
+            k.to_owned()
+        } else {
+            format!("{prefix}_{k}")
+        }
+    };
+    match value {
+        toml::Value::Table(t) => {
+            for (k, v) in t {
+                flatten(&join(k), v, out)?;
+            }
+        }
+        toml::Value::Array(items) => {
+            let items: Result<Vec<String>, String> = items
+                .iter()
+                .map(|v| {
+                    scalar(v).ok_or_else(|| format!("{prefix}: a list may hold only strings, numbers and booleans"))
+                })
+                .collect();
+            out.insert(prefix.to_owned(), items?.join(","));
+        }
+        v => {
+            let s = scalar(v).ok_or_else(|| format!("{prefix}: unsupported value"))?;
+            out.insert(prefix.to_owned(), s);
+        }
+    }
+    Ok(())
+}
+
+fn scalar(v: &toml::Value) -> Option<String> {
+    match v {
+        toml::Value::String(s) => Some(s.clone()),
+        toml::Value::Integer(i) => Some(i.to_string()),
+        toml::Value::Float(f) => Some(f.to_string()),
+        toml::Value::Boolean(b) => Some(b.to_string()),
+        toml::Value::Datetime(d) => Some(d.to_string()),
+        toml::Value::Array(_) | toml::Value::Table(_) => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::{CommandFactory, FromArgMatches, Parser};
+
+    #[derive(Debug, Parser)]
+    struct Args {
+        #[command(flatten)]
+        config: ConfigArg,
+        #[arg(long, env = "TICKPIPE_TEST_LATENESS_MS", default_value_t = 2000)]
+        lateness_ms: i64,
+        #[arg(
+            long,
+            env = "TICKPIPE_TEST_INTERVALS",
+            value_delimiter = ',',
+            default_value = "1s,1m"
+        )]
+        intervals: Vec<String>,
+        #[arg(long, env = "TICKPIPE_TEST_FILL", default_value_t = true, action = clap::ArgAction::Set)]
+        fill: bool,
+        #[arg(long, env = "TICKPIPE_TEST_PASSWORD", hide_env_values = true)]
+        password: Option<String>,
+    }
+
+    fn file(text: &str) -> (tempdir::Dir, PathBuf) {
+        let dir = tempdir::Dir::new();
+        let path = dir.0.join("c.toml");
+        std::fs::write(&path, text).unwrap();
+        (dir, path)
+    }
+
+    /// A directory removed on drop.
+    mod tempdir {
+        pub struct Dir(pub std::path::PathBuf);
+        impl Dir {
+            pub fn new() -> Dir {
+                use std::sync::atomic::{AtomicUsize, Ordering};
+                static N: AtomicUsize = AtomicUsize::new(0);
+                let p = std::env::temp_dir().join(format!(
+                    "tickpipe-config-{}-{}",
+                    std::process::id(),
+                    N.fetch_add(1, Ordering::Relaxed)
+                ));
+                std::fs::create_dir_all(&p).unwrap();
+                Dir(p)
+            }
+        }
+        impl Drop for Dir {
+            fn drop(&mut self) {
+                let _ = std::fs::remove_dir_all(&self.0);
+            }
+        }
+    }
+
+    fn args(v: &[&str]) -> Vec<OsString> {
+        v.iter().map(OsString::from).collect()
+    }
+
+    fn try_parse(path: &Path, argv: &[&str]) -> Result<Args, String> {
+        let command = preset(Args::command(), path).map_err(|e| e.to_string())?;
+        let m = command.try_get_matches_from(args(argv)).map_err(|e| e.to_string())?;
+        Args::from_arg_matches(&m).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn the_file_replaces_defaults_and_flags_override_it() {
+        let (_d, path) = file("test_fill = false\n\n[test]\nlateness_ms = 5000\nintervals = [\"5s\", \"1h\"]\n");
+        let a = try_parse(&path, &["x"]).unwrap();
+        assert_eq!(
+            (a.lateness_ms, a.intervals.clone(), a.fill),
+            (5000, vec!["5s".into(), "1h".into()], false)
+        );
+        let a = try_parse(&path, &["x", "--lateness-ms", "7"]).unwrap();
+        assert_eq!((a.lateness_ms, a.intervals), (7, vec!["5s".to_string(), "1h".into()]));
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_refused_with_the_key() {
+        let (_d, path) = file("[test]\nlateness = 5000\n");
+        let e = try_parse(&path, &["x"]).unwrap_err();
+        assert!(
+            e.contains("unknown key \"test_lateness\"") && e.contains("test_lateness_ms"),
+            "{e}"
+        );
+        let (_d, path) = file("[test]\nlateness_ms = \"soon\"\n");
+        let e = try_parse(&path, &["x"]).unwrap_err();
+        assert!(e.contains("soon") && e.contains("lateness-ms"), "{e}");
+        let (_d, path) = file("[test\n");
+        let e = try_parse(&path, &["x"]).unwrap_err();
+        assert!(e.contains("c.toml"), "{e}");
+        let e = try_parse(Path::new("/nonexistent/tickpipe.toml"), &["x"]).unwrap_err();
+        assert!(e.contains("/nonexistent/tickpipe.toml"), "{e}");
+    }
+
+    #[test]
+    fn secrets_from_the_file_stay_out_of_help() {
+        let (_d, path) = file("test_password = \"hunter2\"\n");
+        let a = try_parse(&path, &["x"]).unwrap();
+        assert_eq!(a.password.as_deref(), Some("hunter2"));
+        let help = preset(Args::command(), &path).unwrap().render_long_help().to_string();
+        assert!(!help.contains("hunter2"), "{help}");
+        assert!(help.contains("TICKPIPE_TEST_PASSWORD"));
+    }
+
+    #[test]
+    fn the_path_comes_from_the_flag_or_the_environment() {
+        assert_eq!(
+            config_path(&args(&["x", "--config", "a.toml"])),
+            Some(PathBuf::from("a.toml"))
+        );
+        assert_eq!(
+            config_path(&args(&["x", "--config=b.toml"])),
+            Some(PathBuf::from("b.toml"))
+        );
+        assert_eq!(config_path(&args(&["x", "--", "--config", "c"])), None);
+        let (_d, path) = file("[test]\nlateness_ms = 9\n");
+        let a: Args = parse_from(args(&["x"]), Some(path.clone().into_os_string())).unwrap();
+        assert_eq!(a.lateness_ms, 9);
+        assert_eq!(a.config.config, None);
+        let a: Args = parse_from(args(&["x", "--config", path.to_str().unwrap()]), None).unwrap();
+        assert_eq!((a.lateness_ms, a.config.config), (9, Some(path)));
+    }
+}
