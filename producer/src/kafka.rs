@@ -97,6 +97,11 @@ pub async fn ensure_topics_configured(
             brokers: brokers.to_owned(),
             source,
         })?;
+    // Dropping the client joins rdkafka's polling thread, which looks at its
+    // stop flag every 100 ms: done on the side, so that start-up does not wait.
+    let _ = std::thread::Builder::new()
+        .name("admin-drop".into())
+        .spawn(move || drop(admin));
     for r in results {
         match r {
             Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}

@@ -9,18 +9,18 @@
 //! up on, so the bound covers retries too.
 
 use std::cell::RefCell;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rdkafka::config::ClientConfig;
 use rdkafka::error::KafkaError;
 use rdkafka::message::{DeliveryResult, Message};
-use rdkafka::producer::{BaseRecord, Producer, ProducerContext, ThreadedProducer};
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer, ProducerContext};
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::ClientContext;
 use tickpipe_schemas::{Codec, DeadLetter, Record, Topic};
-use tokio::sync::Semaphore;
+use tokio::sync::{Notify, Semaphore};
 
 use crate::item::{now_micros, Item, Reject};
 use crate::metrics::Metrics;
@@ -62,6 +62,8 @@ struct Context {
     per_topic: Vec<(prometheus::IntCounter, prometheus::IntCounter)>,
     permits: Arc<Semaphore>,
     unacked: Arc<AtomicU64>,
+    /// Woken when the last unacknowledged record is settled (see `flush`).
+    idle: Notify,
     redeliver: std::sync::mpsc::Sender<Redelivery>,
 }
 
@@ -114,9 +116,11 @@ impl ProducerContext for Context {
 
 impl Context {
     fn release(&self) {
-        self.unacked.fetch_sub(1, Ordering::AcqRel);
         self.metrics.queue_depth.dec();
         self.permits.add_permits(1);
+        if self.unacked.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.idle.notify_waiters();
+        }
     }
 }
 
@@ -127,12 +131,42 @@ pub struct Publisher {
 }
 
 struct Inner {
-    producer: Arc<ThreadedProducer<Context>>,
+    producer: Arc<BaseProducer<Context>>,
+    /// The thread that serves delivery reports (see `poll_deliveries`), and
+    /// the flag that stops it when the publisher is dropped.
+    poller: Option<std::thread::JoinHandle<()>>,
+    stop_polling: Arc<AtomicBool>,
     codec: Codec,
     names: Vec<String>,
     permits: Arc<Semaphore>,
     unacked: Arc<AtomicU64>,
     metrics: Metrics,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.stop_polling.store(true, Ordering::Release);
+        if let Some(poller) = self.poller.take() {
+            let _ = poller.join();
+        }
+    }
+}
+
+/// How long the delivery thread waits for a report before looking at its stop
+/// flag: short, so that dropping a publisher (at exit) does not wait long.
+const POLL_INTERVAL: Duration = Duration::from_millis(10);
+
+/// Serves delivery reports until `stop` is set (what rdkafka's
+/// `ThreadedProducer` does with a 100 ms wait, which every exit paid).
+fn poll_deliveries(
+    producer: Arc<BaseProducer<Context>>,
+    stop: Arc<AtomicBool>,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    std::thread::Builder::new().name("deliveries".into()).spawn(move || {
+        while !stop.load(Ordering::Acquire) {
+            producer.poll(POLL_INTERVAL);
+        }
+    })
 }
 
 thread_local! {
@@ -159,15 +193,20 @@ impl Publisher {
                 )
             })
             .collect();
-        let producer: ThreadedProducer<Context> = kafka.create_with_context(Context {
+        let producer: BaseProducer<Context> = kafka.create_with_context(Context {
             per_topic,
             metrics: metrics.clone(),
             permits: permits.clone(),
             unacked: unacked.clone(),
+            idle: Notify::new(),
             redeliver: tx,
         })?;
         let producer = Arc::new(producer);
+        let stop_polling = Arc::new(AtomicBool::new(false));
+        let poller = poll_deliveries(producer.clone(), stop_polling.clone())
+            .map_err(|e| KafkaError::ClientCreation(e.to_string()))?;
         let names: Vec<String> = Topic::ALL.iter().map(|t| t.name(&config.topic_prefix)).collect();
+        warm_up(&producer, &names[topic_index(Topic::Trades)])?;
         let weak = Arc::downgrade(&producer);
         let redeliver_names = names.clone();
         std::thread::Builder::new()
@@ -193,6 +232,8 @@ impl Publisher {
         Ok(Publisher {
             inner: Arc::new(Inner {
                 producer,
+                poller: Some(poller),
+                stop_polling,
                 codec,
                 names,
                 permits,
@@ -359,17 +400,53 @@ impl Publisher {
         }
     }
 
-    /// Waits until every enqueued record is acknowledged or `timeout` passes;
-    /// returns how many are still unacknowledged.
+    /// Waits until every enqueued record is acknowledged (or given up on) or
+    /// `timeout` passes; returns how many are still unacknowledged. Waits on
+    /// our own count, woken by the delivery report that settles the last one.
     pub async fn flush(&self, timeout: Duration) -> u64 {
-        let producer = self.inner.producer.clone();
-        let _ = tokio::task::spawn_blocking(move || producer.flush(timeout)).await;
-        self.in_flight()
+        let deadline = tokio::time::Instant::now() + timeout;
+        let idle = &self.inner.producer.context().idle;
+        loop {
+            let settled = idle.notified();
+            tokio::pin!(settled);
+            settled.as_mut().enable();
+            if self.in_flight() == 0 {
+                return 0;
+            }
+            if tokio::time::timeout_at(deadline, settled).await.is_err() {
+                return self.in_flight();
+            }
+        }
     }
 }
 
+/// Asks the cluster for metadata twice, from a thread of its own, so that the
+/// idempotent producer gets its producer id at once. librdkafka asks for the id
+/// when a metadata answer arrives; the first one comes from the bootstrap
+/// connection, which it then replaces by a connection to the broker the answer
+/// named, and finding no broker up at that instant it waits 500 ms before asking
+/// again, holding every record back. The second answer comes from the named
+/// broker, which is up. Nothing waits on this thread: records enqueued
+/// meanwhile wait in librdkafka's queue as they would anyway.
+fn warm_up(producer: &Arc<BaseProducer<Context>>, topic: &str) -> Result<(), KafkaError> {
+    let weak = Arc::downgrade(producer);
+    let topic = topic.to_owned();
+    std::thread::Builder::new()
+        .name("kafka-warm-up".into())
+        .spawn(move || {
+            for _ in 0..2 {
+                let Some(producer) = weak.upgrade() else { return };
+                if let Err(e) = producer.client().fetch_metadata(Some(&topic), Duration::from_secs(2)) {
+                    tracing::debug!(error = %e, "metadata at start");
+                }
+            }
+        })
+        .map(drop)
+        .map_err(|e| KafkaError::ClientCreation(e.to_string()))
+}
+
 /// Enqueues from a plain thread, waiting while librdkafka's queue is full.
-fn enqueue_blocking(producer: &ThreadedProducer<Context>, mut record: BaseRecord<'_, [u8], Vec<u8>, Box<Meta>>) {
+fn enqueue_blocking(producer: &BaseProducer<Context>, mut record: BaseRecord<'_, [u8], Vec<u8>, Box<Meta>>) {
     loop {
         match producer.send(record) {
             Ok(()) => return,

@@ -8,7 +8,7 @@
 //! the two overlap on a two-core machine.
 
 use std::future::Future;
-use std::io::{BufRead, BufReader, Read};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::time::Duration;
@@ -192,7 +192,7 @@ fn detect(path: &Path, line: &str, c: &ReplayConfig) -> Result<Format, SourceErr
     }
 }
 
-fn open(path: &Path) -> Result<Box<dyn BufRead + Send>, SourceError> {
+fn open(path: &Path) -> Result<Box<dyn Read + Send>, SourceError> {
     let file = std::fs::File::open(path).map_err(|e| SourceError::Io(format!("{}: {e}", path.display())))?;
     let r: Box<dyn Read + Send> = if path.extension().is_some_and(|e| e == "gz") {
         Box::new(flate2::read::MultiGzDecoder::new(file))
@@ -204,7 +204,76 @@ fn open(path: &Path) -> Result<Box<dyn BufRead + Send>, SourceError> {
     } else {
         Box::new(file)
     };
-    Ok(Box::new(BufReader::with_capacity(1 << 16, r)))
+    Ok(r)
+}
+
+/// The block read at a time.
+const BLOCK: usize = 1 << 20;
+/// The longest line read; a longer one is an error, not an unbounded buffer.
+const MAX_LINE: usize = 16 << 20;
+
+/// Lines of a file, read in large blocks and handed out in place: a capture is
+/// mostly depth and bookTicker lines that are skipped, so no line is copied.
+struct Lines<R> {
+    inner: R,
+    buf: Vec<u8>,
+    /// Where the next line starts in `buf`.
+    start: usize,
+    /// End of the bytes read so far.
+    end: usize,
+    eof: bool,
+    /// The buffer never grows beyond this.
+    max: usize,
+}
+
+impl<R: Read> Lines<R> {
+    fn new(inner: R, block: usize, max: usize) -> Self {
+        Lines {
+            inner,
+            buf: vec![0; block.clamp(1, max)],
+            start: 0,
+            end: 0,
+            eof: false,
+            max,
+        }
+    }
+
+    /// The next line with its `\n` (the last one may lack it), or `None` at the end.
+    fn next_line(&mut self) -> std::io::Result<Option<&[u8]>> {
+        loop {
+            if let Some(i) = memchr::memchr(b'\n', &self.buf[self.start..self.end]) {
+                let line = self.start..self.start + i + 1;
+                self.start = line.end;
+                return Ok(Some(&self.buf[line]));
+            }
+            if self.eof {
+                if self.start == self.end {
+                    return Ok(None);
+                }
+                let line = self.start..self.end;
+                self.start = self.end;
+                return Ok(Some(&self.buf[line]));
+            }
+            self.buf.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
+            self.start = 0;
+            if self.end == self.buf.len() {
+                if self.buf.len() >= self.max {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::InvalidData,
+                        format!("a line longer than {} bytes", self.max),
+                    ));
+                }
+                self.buf.resize((self.buf.len() * 2).min(self.max), 0);
+            }
+            match self.inner.read(&mut self.buf[self.end..]) {
+                Ok(0) => self.eof = true,
+                Ok(n) => self.end += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
 }
 
 /// Reads one file into batches of items.
@@ -214,28 +283,23 @@ fn read_file(
     metrics: &crate::metrics::Metrics,
     tx: &mpsc::Sender<Vec<Item>>,
 ) -> Result<(), SourceError> {
-    let mut reader = open(path)?;
+    let mut lines = Lines::new(open(path)?, BLOCK, MAX_LINE);
     let mut format: Option<Format> = None;
     let mut batch = Vec::with_capacity(256);
-    let mut bytes: Vec<u8> = Vec::with_capacity(1 << 12);
     let received = metrics.received.with_label_values(&[COMPONENT]);
     let rules = rules_now();
     let mut n = 0u64;
-    loop {
-        bytes.clear();
-        let read = reader
-            .read_until(b'\n', &mut bytes)
-            .map_err(|e| SourceError::Io(format!("{}: {e}", path.display())))?;
-        if read == 0 {
-            break;
-        }
+    while let Some(bytes) = lines
+        .next_line()
+        .map_err(|e| SourceError::Io(format!("{}:{}: {e}", path.display(), n + 1)))?
+    {
         n += 1;
-        if format == Some(Format::Capture) && not_published(&bytes) {
+        if format == Some(Format::Capture) && not_published(bytes) {
             // Depth and bookTicker updates: most of a capture, none of ours.
             received.inc();
             continue;
         }
-        let text = match std::str::from_utf8(&bytes) {
+        let text = match std::str::from_utf8(bytes) {
             Ok(t) => t.trim_end_matches(['\n', '\r']),
             Err(e) => {
                 received.inc();
@@ -243,7 +307,7 @@ fn read_file(
                 batch.push(Item::Reject(Reject::parse(
                     COMPONENT,
                     RecordSource::Replay,
-                    &bytes,
+                    bytes,
                     reason,
                 )));
                 continue;
@@ -352,6 +416,57 @@ fn reject(text: &str, reason: String, path: &Path, n: u64) -> Item {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A reader that hands out at most `step` bytes per call, as pipes and
+    /// decompressors do.
+    struct Trickle<'a> {
+        data: &'a [u8],
+        step: usize,
+    }
+
+    impl Read for Trickle<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            let n = self.step.min(buf.len()).min(self.data.len());
+            buf[..n].copy_from_slice(&self.data[..n]);
+            self.data = &self.data[n..];
+            Ok(n)
+        }
+    }
+
+    fn all_lines(data: &[u8], step: usize, block: usize, max: usize) -> std::io::Result<Vec<Vec<u8>>> {
+        let mut lines = Lines::new(Trickle { data, step }, block, max);
+        let mut out = Vec::new();
+        while let Some(l) = lines.next_line()? {
+            out.push(l.to_vec());
+        }
+        Ok(out)
+    }
+
+    #[test]
+    fn lines_cross_block_boundaries_and_the_last_may_lack_its_newline() {
+        let data = b"a\nbbbbbbbbbb\r\n\ncc\ndddddddddddddddd";
+        let want: Vec<Vec<u8>> = [&b"a\n"[..], b"bbbbbbbbbb\r\n", b"\n", b"cc\n", b"dddddddddddddddd"]
+            .iter()
+            .map(|l| l.to_vec())
+            .collect();
+        for (step, block) in [(1, 1), (3, 4), (7, 2), (64, 64), (5, 1 << 20)] {
+            assert_eq!(
+                all_lines(data, step, block, 64).unwrap(),
+                want,
+                "step {step}, block {block}"
+            );
+        }
+        assert!(all_lines(b"", 3, 4, 64).unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_line_longer_than_the_bound_is_an_error_not_a_larger_buffer() {
+        let err = all_lines(b"ok\n0123456789abcdefXYZ\n", 4, 2, 16).unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::InvalidData);
+        assert!(err.to_string().contains("longer than 16 bytes"), "{err}");
+        // Exactly at the bound, with its newline, is fine.
+        assert_eq!(all_lines(b"0123456789abcde\n", 4, 2, 16).unwrap().len(), 1);
+    }
 
     #[test]
     fn formats_are_told_apart() {

@@ -35,21 +35,55 @@ pub struct Origin<'a> {
     pub ingest_time: Micros,
 }
 
+/// A JSON string borrowed from the message when it has no escapes. serde
+/// borrows a `Cow<str>` field only when it is the field's own type, not inside
+/// an `Option`, where it would allocate every time; this newtype keeps the
+/// borrow for optional fields.
+#[derive(Deserialize)]
+struct Text<'a>(#[serde(borrow)] Cow<'a, str>);
+
+impl std::ops::Deref for Text<'_> {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl Text<'_> {
+    fn into_owned(self) -> String {
+        self.0.into_owned()
+    }
+}
+
 #[derive(Deserialize)]
 struct Envelope<'a> {
     #[serde(borrow)]
-    stream: Option<Cow<'a, str>>,
+    stream: Option<Text<'a>>,
     #[serde(borrow)]
     data: Option<&'a serde_json::value::RawValue>,
     #[serde(borrow)]
-    e: Option<Cow<'a, str>>,
+    e: Option<Text<'a>>,
     id: Option<serde_json::Value>,
+}
+
+/// A combined-stream message of a stream this source publishes, read in one
+/// pass (the general path reads the envelope, then the payload again).
+#[derive(Deserialize)]
+struct Combined<'a> {
+    #[serde(borrow)]
+    stream: Cow<'a, str>,
+    #[serde(borrow)]
+    data: Payload<'a>,
 }
 
 /// True for the event types this source publishes; the payloads of others
 /// (depth, bookTicker, ...) reuse field names with other types and are not read.
 pub fn published(event_or_stream: &str) -> bool {
-    let kind = event_or_stream.rsplit('@').next().unwrap_or(event_or_stream);
+    // A plain loop: names are short, and this runs for every line of a capture.
+    let kind = match event_or_stream.bytes().rposition(|b| b == b'@') {
+        Some(at) => &event_or_stream[at + 1..],
+        None => event_or_stream,
+    };
     kind == "trade" || kind == "aggTrade" || kind.starts_with("kline")
 }
 
@@ -59,25 +93,26 @@ pub fn published(event_or_stream: &str) -> bool {
 #[allow(non_snake_case)]
 struct Payload<'a> {
     #[serde(borrow)]
-    e: Option<Cow<'a, str>>,
+    e: Option<Text<'a>>,
     E: Option<i64>,
     #[serde(borrow)]
-    s: Option<Cow<'a, str>>,
+    s: Option<Text<'a>>,
     t: Option<i64>,
     a: Option<i64>,
     #[serde(borrow)]
-    p: Option<Cow<'a, str>>,
+    p: Option<Text<'a>>,
     #[serde(borrow)]
-    q: Option<Cow<'a, str>>,
+    q: Option<Text<'a>>,
     f: Option<i64>,
     l: Option<i64>,
     T: Option<i64>,
     m: Option<bool>,
     /// Futures only: the order type; anything but `MARKET` is not a real trade.
     #[serde(borrow)]
-    X: Option<Cow<'a, str>>,
+    X: Option<Text<'a>>,
+    /// Boxed: most payloads are trades, and this keeps `Payload` small to move.
     #[serde(borrow)]
-    k: Option<Kline<'a>>,
+    k: Option<Box<Kline<'a>>>,
 }
 
 #[derive(Deserialize)]
@@ -126,6 +161,9 @@ pub fn ws_message(text: &str, origin: Origin<'_>) -> Result<WsEvent, String> {
         if let Some((stream, _)) = rest.split_once('"') {
             if !published(stream) {
                 return Ok(WsEvent::Other);
+            }
+            if let Ok(c) = serde_json::from_str::<Combined<'_>>(text) {
+                return payload(c.data, Some(&c.stream), origin);
             }
         }
     }
@@ -450,6 +488,13 @@ mod tests {
     }
 
     #[test]
+    fn optional_strings_are_borrowed_unless_escaped() {
+        let p: Payload<'_> = serde_json::from_str(r#"{"s":"BTCUSDT","p":"1\u002e5"}"#).unwrap();
+        assert!(matches!(p.s.map(|t| t.0), Some(Cow::Borrowed("BTCUSDT"))));
+        assert!(matches!(p.p.map(|t| t.0), Some(Cow::Owned(v)) if v == "1.5"));
+    }
+
+    #[test]
     fn messages_of_every_shape() {
         // Shaped exactly like the documented examples.
         check(
@@ -485,6 +530,16 @@ mod tests {
         check(
             r#"{"stream":"btcusdt@trade","data":{"e":"trade","E":1,"s":"BTCUSDT","p":"1","q":"1","T":1,"m":false}}"#,
             Err("field \"t\""),
+        );
+        // A string with an escape is read like any other; a field of the wrong
+        // type fails the one-pass read and gets the general path's reason.
+        check(
+            r#"{"stream":"btcusdt@trade","data":{"e":"trade","E":1,"s":"BTC\u0055SDT","t":5,"p":"1","q":"1","T":1,"m":false}}"#,
+            Ok("Trade"),
+        );
+        check(
+            r#"{"stream":"btcusdt@trade","data":{"e":"trade","E":1,"s":"BTCUSDT","t":"5","p":"1","q":"1","T":1,"m":false}}"#,
+            Err("not a Binance message: invalid type"),
         );
         check(
             r#"{"e":"aggTrade","E":1,"s":"XRPETH","a":1,"p":"0","q":"0","f":-1,"l":-1,"T":1570752011620,"m":true,"M":true}"#,
