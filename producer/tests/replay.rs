@@ -39,6 +39,18 @@ async fn the_btcusdt_capture_arrives_field_for_field() {
         .flat_map(|f| real::ws_capture_trades(f, "binance"))
         .collect();
     assert_eq!(expected.len(), 19_904);
+    // Every line is to be counted as received, the skipped depth and
+    // bookTicker updates included.
+    let lines: usize = files
+        .iter()
+        .map(|f| {
+            let gz = flate2::read::MultiGzDecoder::new(std::fs::File::open(f).expect("capture"));
+            std::io::BufRead::lines(std::io::BufReader::new(gz))
+                .map(|l| l.expect("capture line"))
+                .filter(|l| l.starts_with(|c: char| c.is_ascii_digit()))
+                .count()
+        })
+        .sum();
     let prefix = format!("{}.", stack::unique_name("replay"));
     let metrics = Metrics::new();
     service::run(replay_config(&prefix, files), metrics.clone(), std::future::pending())
@@ -61,6 +73,7 @@ async fn the_btcusdt_capture_arrives_field_for_field() {
         };
         assert_eq!(g, e);
     }
+    assert_eq!(common::total(&metrics.received), lines as u64, "lines received");
     // The capture's one REST depth snapshot is not a stream message.
     let dead = common::dead_letters(&brokers, &prefix);
     assert_eq!(dead.len(), 1, "{dead:?}");
