@@ -20,7 +20,7 @@ use rdkafka::producer::{BaseProducer, BaseRecord, Producer, ProducerContext};
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::ClientContext;
 use tickpipe_schemas::{Codec, DeadLetter, Record, Topic};
-use tokio::sync::{Notify, Semaphore};
+use tokio::sync::{Notify, Semaphore, TryAcquireError};
 
 use crate::item::{now_micros, Item, Reject};
 use crate::metrics::Metrics;
@@ -262,10 +262,38 @@ impl Publisher {
     /// letters. Waits while `max_in_flight` records are unacknowledged. Never
     /// fails: what cannot be encoded becomes a dead letter itself.
     pub async fn publish(&self, item: Item) {
-        let Ok(permit) = self.inner.permits.acquire().await else {
-            return;
+        self.publish_one(item, &mut None).await;
+    }
+
+    /// Publishes items in order, as `publish` does each, reading the clock
+    /// (for the produce latency) once for the batch, and again after any wait
+    /// for room, instead of once per record.
+    pub async fn publish_batch(&self, items: impl IntoIterator<Item = Item>) {
+        let mut since = Some(Instant::now());
+        for item in items {
+            self.publish_one(item, &mut since).await;
+        }
+    }
+
+    /// `since`: when the batch being published started, or `None` to read the
+    /// clock for this record.
+    async fn publish_one(&self, item: Item, since: &mut Option<Instant>) {
+        let permit = match self.inner.permits.try_acquire() {
+            Ok(permit) => permit,
+            Err(TryAcquireError::Closed) => return,
+            Err(TryAcquireError::NoPermits) => {
+                let Ok(permit) = self.inner.permits.acquire().await else {
+                    return;
+                };
+                // Waiting for room is not produce latency.
+                if since.is_some() {
+                    *since = Some(Instant::now());
+                }
+                permit
+            }
         };
         permit.forget();
+        let enqueued = since.unwrap_or_else(Instant::now);
         let inner = &self.inner;
         inner.unacked.fetch_add(1, Ordering::AcqRel);
         inner.metrics.queue_depth.inc();
@@ -284,7 +312,7 @@ impl Publisher {
             }
         };
         match encoded {
-            Ok(key) => self.enqueue(topic, &key).await,
+            Ok(key) => self.enqueue(topic, &key, enqueued).await,
             Err(reason) => {
                 // Nothing we built should fail to encode (validation ran first);
                 // if it does, the record itself is the dead letter's payload.
@@ -298,7 +326,7 @@ impl Publisher {
                 };
                 inner.metrics.rejected.with_label_values(&["producer", "encode"]).inc();
                 match self.encode(&self.dead_letter(&reject)) {
-                    Ok(key) => self.enqueue(Topic::DeadLetters, &key).await,
+                    Ok(key) => self.enqueue(Topic::DeadLetters, &key, enqueued).await,
                     Err(e) => {
                         tracing::error!(error = %e, "dead letter could not be encoded");
                         inner
@@ -351,10 +379,10 @@ impl Publisher {
     /// Enqueues the record just encoded into this thread's buffer. librdkafka
     /// copies the payload, so the buffer is reused; only when its queue is full
     /// is the payload copied out to wait.
-    async fn enqueue(&self, topic: Topic, key: &str) {
+    async fn enqueue(&self, topic: Topic, key: &str, enqueued: Instant) {
         let name = &self.inner.names[topic_index(topic)];
         let meta = Box::new(Meta {
-            enqueued: Instant::now(),
+            enqueued,
             topic,
             attempts: 0,
         });

@@ -107,6 +107,13 @@ impl Source for Replay {
             let start = tokio::time::Instant::now();
             let mut first: Option<Micros> = None;
             'batches: while let Some(batch) = rx.recv().await {
+                if stop.is_stopped() {
+                    break;
+                }
+                if speed == 0.0 {
+                    publisher.publish_batch(batch).await;
+                    continue;
+                }
                 for item in batch {
                     if stop.is_stopped() {
                         break 'batches;
@@ -164,7 +171,7 @@ fn name_parts(path: &Path) -> (Option<String>, Option<String>) {
 fn detect(path: &Path, line: &str, c: &ReplayConfig) -> Result<Format, SourceError> {
     let head = line.split_whitespace().next().unwrap_or("");
     let ts = head.trim_end_matches(':');
-    if ts.parse::<f64>().is_ok() && line[head.len()..].trim_start().starts_with('{') {
+    if capture_time(ts) && line[head.len()..].trim_start().starts_with('{') {
         return Ok(Format::Capture);
     }
     let (name_symbol, name_kind) = name_parts(path);
@@ -369,7 +376,7 @@ fn read_file(
                 let Some((ts, json)) = text.split_once(' ') else {
                     continue;
                 };
-                if ts.trim_end_matches(':').parse::<f64>().is_err() {
+                if !capture_time(ts.trim_end_matches(':')) {
                     continue;
                 }
                 match parse::ws_message(json.trim_start(), origin) {
@@ -413,6 +420,16 @@ fn read_file(
         let _ = tx.blocking_send(batch);
     }
     Ok(())
+}
+
+/// The time a capture line starts with: digits, with at most one decimal point
+/// (`1723161253993183000`, `1634000912.8214064`).
+fn capture_time(ts: &str) -> bool {
+    let (whole, fraction) = ts.split_once('.').unwrap_or((ts, "0"));
+    !whole.is_empty()
+        && !fraction.is_empty()
+        && whole.bytes().all(|b| b.is_ascii_digit())
+        && fraction.bytes().all(|b| b.is_ascii_digit())
 }
 
 /// A capture line (`<ts> {"stream":"<name>",...`) of a stream this source
@@ -544,6 +561,18 @@ mod tests {
             Format::Capture
         );
         assert!(detect(Path::new("data.csv"), "1,2,3,4,5,6,7", &c).is_err());
+        for (ts, want) in [
+            ("1723161253993183000", true),
+            ("1634000912.8214064", true),
+            ("1.", false),
+            (".5", false),
+            ("1.2.3", false),
+            ("-1", false),
+            ("1e9", false),
+            ("", false),
+        ] {
+            assert_eq!(capture_time(ts), want, "{ts:?}");
+        }
         assert!(detect(p, "1,2,3", &c).is_err());
     }
 }
