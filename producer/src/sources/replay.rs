@@ -252,6 +252,9 @@ struct Lines<R> {
     start: usize,
     /// End of the bytes read so far.
     end: usize,
+    /// How far past `start` is known to hold no newline (a long line is not
+    /// searched again from its start after each read).
+    searched: usize,
     eof: bool,
     /// The buffer never grows beyond this.
     max: usize,
@@ -264,6 +267,7 @@ impl<R: Read> Lines<R> {
             buf: vec![0; block.clamp(1, max)],
             start: 0,
             end: 0,
+            searched: 0,
             eof: false,
             max,
         }
@@ -272,17 +276,21 @@ impl<R: Read> Lines<R> {
     /// The next line with its `\n` (the last one may lack it), or `None` at the end.
     fn next_line(&mut self) -> std::io::Result<Option<&[u8]>> {
         loop {
-            if let Some(i) = memchr::memchr(b'\n', &self.buf[self.start..self.end]) {
-                let line = self.start..self.start + i + 1;
+            let from = self.start + self.searched;
+            if let Some(i) = memchr::memchr(b'\n', &self.buf[from..self.end]) {
+                let line = self.start..from + i + 1;
                 self.start = line.end;
+                self.searched = 0;
                 return Ok(Some(&self.buf[line]));
             }
+            self.searched = self.end - self.start;
             if self.eof {
                 if self.start == self.end {
                     return Ok(None);
                 }
                 let line = self.start..self.end;
                 self.start = self.end;
+                self.searched = 0;
                 return Ok(Some(&self.buf[line]));
             }
             self.buf.copy_within(self.start..self.end, 0);
