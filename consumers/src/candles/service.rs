@@ -25,9 +25,11 @@ use std::time::Duration;
 use tickpipe_ops::now_micros;
 
 use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts, Registry};
-use rdkafka::consumer::{BaseConsumer, Consumer, StreamConsumer};
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, StreamConsumer};
+use rdkafka::error::KafkaError;
 use rdkafka::producer::FutureProducer;
-use rdkafka::{Message, Offset, TopicPartitionList};
+use rdkafka::types::RDKafkaErrorCode;
+use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
 use tickpipe_producer::kafka::{ensure_topic_names, ensure_topics_configured, producer_config, TopicError};
 use tickpipe_schemas::{Codec, DeadLetter, Record, Source, Topic, Trade, WriteFraming};
 
@@ -153,6 +155,29 @@ fn state_key(partition: i32) -> String {
     format!("trades-{partition}")
 }
 
+/// The state reader's client: a partition's end is how the read finishes, so
+/// librdkafka's report of it is not logged as the error rdkafka's default
+/// context calls it.
+struct StateReader;
+
+impl ClientContext for StateReader {
+    fn error(&self, error: KafkaError, reason: &str) {
+        if is_partition_eof(&error) {
+            return;
+        }
+        tracing::error!(%error, reason, "reading the candles state");
+    }
+}
+
+impl ConsumerContext for StateReader {}
+
+fn is_partition_eof(error: &KafkaError) -> bool {
+    matches!(
+        error,
+        KafkaError::PartitionEOF(_) | KafkaError::Global(RDKafkaErrorCode::PartitionEOF)
+    )
+}
+
 /// Reads the newest snapshot of every input partition from the state topic.
 ///
 /// The end of each partition is found from the fetch responses (partition EOF),
@@ -161,7 +186,7 @@ fn read_state(config: &ServiceConfig) -> Result<HashMap<i32, (i64, Vec<u8>)>, Se
     let topic = config.state_topic();
     let mut cc = consumer_config(&config.brokers, &format!("{}-state-reader", config.group));
     cc.set("enable.partition.eof", "true");
-    let consumer: BaseConsumer = cc.create()?;
+    let consumer: BaseConsumer<StateReader> = cc.create_with_context(StateReader)?;
     let meta = consumer.fetch_metadata(Some(&topic), Duration::from_secs(10))?;
     let mut tpl = TopicPartitionList::new();
     let mut open: HashSet<i32> = HashSet::new();
@@ -181,7 +206,7 @@ fn read_state(config: &ServiceConfig) -> Result<HashMap<i32, (i64, Vec<u8>)>, Se
         }
         let msg = match consumer.poll(Duration::from_millis(200)) {
             None => continue,
-            Some(Err(rdkafka::error::KafkaError::PartitionEOF(p))) => {
+            Some(Err(KafkaError::PartitionEOF(p))) => {
                 open.remove(&p);
                 continue;
             }
