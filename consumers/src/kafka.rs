@@ -5,20 +5,21 @@ use std::time::Duration;
 use rdkafka::config::ClientConfig;
 use rdkafka::error::KafkaError;
 use rdkafka::producer::{FutureProducer, FutureRecord};
+use tickpipe_producer::kafka::{client_config, default_to, require};
 use tickpipe_schemas::{Codec, DeadLetter, EncodeError, Record};
 
 /// Settings for a consumer whose offsets move only after its output is durable:
 /// no automatic commit and no automatic offset store (the sink stores offsets
 /// itself, after the write succeeded), reading from the earliest offset when the
-/// group has none.
+/// group has none. The user's librdkafka properties (see
+/// `tickpipe_producer::kafka::PROPERTY_ENV_PREFIX`) may change anything else.
 pub fn consumer_config(brokers: &str, group: &str) -> ClientConfig {
-    let mut c = ClientConfig::new();
-    c.set("bootstrap.servers", brokers)
-        .set("group.id", group)
-        .set("enable.auto.commit", "false")
-        .set("enable.auto.offset.store", "false")
-        .set("auto.offset.reset", "earliest")
-        .set("isolation.level", "read_committed");
+    let mut c = client_config(brokers);
+    c.set("group.id", group);
+    require(&mut c, "enable.auto.commit", "false");
+    require(&mut c, "enable.auto.offset.store", "false");
+    require(&mut c, "isolation.level", "read_committed");
+    default_to(&mut c, "auto.offset.reset", "earliest");
     c
 }
 

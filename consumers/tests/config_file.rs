@@ -1,6 +1,7 @@
 //! Each consumer binary reads `--config` (or `TICKPIPE_CONFIG`): the file's
 //! values become the flags' defaults, shown by `--help`, and a key that names
-//! no flag stops the program with the key in the message.
+//! no flag stops the program with the key in the message. librdkafka
+//! properties come from `TICKPIPE_LIBRDKAFKA_*` variables.
 
 use std::path::PathBuf;
 use std::process::{Command, Output};
@@ -105,5 +106,28 @@ fn the_example_file_is_accepted() {
     assert!(
         help_of(&help, "--intervals").contains("[default: 1s,5s,1m,5m,1h,1d]"),
         "{help}"
+    );
+}
+
+#[test]
+fn a_librdkafka_property_from_the_environment_reaches_the_clients() {
+    // candles talks only to Kafka; an invalid value is refused by librdkafka
+    // before any connection (the broker address is a closed loopback port).
+    let out = run(
+        env!("CARGO_BIN_EXE_candles"),
+        &["--brokers", "127.0.0.1:9", "--metrics-addr", "off"],
+        &[
+            ("TICKPIPE_LIBRDKAFKA_SECURITY_PROTOCOL", "no-such-protocol"),
+            ("RUST_LOG", "off"),
+        ],
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "candles started with an invalid property: {stderr}"
+    );
+    assert!(
+        stderr.contains("security.protocol") && stderr.contains("no-such-protocol"),
+        "the error names the property and its value: {stderr}"
     );
 }

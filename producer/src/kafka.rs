@@ -8,16 +8,89 @@ use rdkafka::config::ClientConfig;
 use rdkafka::types::RDKafkaErrorCode;
 use tickpipe_schemas::Topic;
 
+/// Environment variables with this prefix are librdkafka properties for every
+/// Kafka client of every service: the rest of the name, lowercased, with `_`
+/// for `.` and `__` for `_` (`TICKPIPE_LIBRDKAFKA_SASL_USERNAME` sets
+/// `sasl.username`). This is how security settings (SASL, TLS) and tuning
+/// reach a real cluster.
+pub const PROPERTY_ENV_PREFIX: &str = "TICKPIPE_LIBRDKAFKA_";
+
+/// What every binary's `--help` says about `PROPERTY_ENV_PREFIX`.
+pub const PROPERTIES_HELP: &str = "librdkafka properties for every Kafka client (SASL, TLS, tuning) come from \
+TICKPIPE_LIBRDKAFKA_<NAME> variables: the name lowercased, _ for . and __ for _ \
+(TICKPIPE_LIBRDKAFKA_SECURITY_PROTOCOL=SASL_SSL sets security.protocol). They may change \
+anything but the settings the delivery guarantees rest on (producer: enable.idempotence, acks; \
+consumers: enable.auto.commit, enable.auto.offset.store, isolation.level).";
+
+/// The librdkafka properties named by `PROPERTY_ENV_PREFIX` variables among
+/// `vars`, sorted by name.
+pub fn properties_from_env(vars: impl IntoIterator<Item = (String, String)>) -> Vec<(String, String)> {
+    let mut props: Vec<(String, String)> = vars
+        .into_iter()
+        .filter_map(|(k, v)| {
+            let rest = k.strip_prefix(PROPERTY_ENV_PREFIX)?;
+            let name = rest
+                .to_ascii_lowercase()
+                .split("__")
+                .map(|part| part.replace('_', "."))
+                .collect::<Vec<_>>()
+                .join("_");
+            (!name.is_empty()).then_some((name, v))
+        })
+        .collect();
+    props.sort();
+    props
+}
+
+/// A client for `brokers` with the user's librdkafka properties (from the
+/// environment, see `PROPERTY_ENV_PREFIX`).
+pub fn client_config(brokers: &str) -> ClientConfig {
+    with_properties(brokers, &properties_from_env(std::env::vars()))
+}
+
+fn with_properties(brokers: &str, props: &[(String, String)]) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", brokers);
+    for (k, v) in props {
+        c.set(k, v);
+    }
+    c
+}
+
+/// Sets `key` unless the user's properties already did.
+pub fn default_to(c: &mut ClientConfig, key: &str, value: &str) {
+    if c.get(key).is_none() {
+        c.set(key, value);
+    }
+}
+
+/// Sets `key` to what the delivery guarantees need; a user's property that
+/// says otherwise is overruled, with a warning.
+pub fn require(c: &mut ClientConfig, key: &str, value: &str) {
+    if let Some(v) = c.get(key).filter(|v| *v != value) {
+        tracing::warn!(
+            property = key,
+            given = v,
+            kept = value,
+            "a librdkafka property the delivery guarantees depend on was overruled"
+        );
+    }
+    c.set(key, value);
+}
+
 /// Settings for a producer that never duplicates on retry and never acknowledges
 /// a write the cluster could still lose: idempotence, `acks=all`, lz4 batches.
+/// The user's properties may change anything but the first two.
 pub fn producer_config(brokers: &str) -> ClientConfig {
-    let mut c = ClientConfig::new();
-    c.set("bootstrap.servers", brokers)
-        .set("enable.idempotence", "true")
-        .set("acks", "all")
-        .set("compression.type", "lz4")
-        .set("linger.ms", "5")
-        .set("message.timeout.ms", "30000");
+    producer_settings(client_config(brokers))
+}
+
+fn producer_settings(mut c: ClientConfig) -> ClientConfig {
+    require(&mut c, "enable.idempotence", "true");
+    require(&mut c, "acks", "all");
+    default_to(&mut c, "compression.type", "lz4");
+    default_to(&mut c, "linger.ms", "5");
+    default_to(&mut c, "message.timeout.ms", "30000");
     c
 }
 
@@ -73,10 +146,8 @@ pub async fn ensure_topics_configured(
     replication: i32,
     config: &[(&str, &str)],
 ) -> Result<(), TopicError> {
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .create()
-        .map_err(|source| TopicError::Client {
+    let admin: AdminClient<DefaultClientContext> =
+        client_config(brokers).create().map_err(|source| TopicError::Client {
             brokers: brokers.to_owned(),
             source,
         })?;
@@ -109,4 +180,56 @@ pub async fn ensure_topics_configured(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vars(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect()
+    }
+
+    #[test]
+    fn environment_names_become_property_names() {
+        let props = properties_from_env(vars(&[
+            ("TICKPIPE_LIBRDKAFKA_SASL_USERNAME", "user"),
+            ("TICKPIPE_LIBRDKAFKA_SECURITY_PROTOCOL", "SASL_SSL"),
+            ("TICKPIPE_LIBRDKAFKA_SSL_ENDPOINT_IDENTIFICATION_ALGORITHM", "https"),
+            ("TICKPIPE_LIBRDKAFKA_SOME__UNDERSCORED_NAME", "x"),
+            ("TICKPIPE_LIBRDKAFKA_", "ignored: no name"),
+            ("TICKPIPE_KAFKA_BROKERS", "not a property"),
+            ("SASL_PASSWORD", "not ours"),
+        ]));
+        assert_eq!(
+            props,
+            vars(&[
+                ("sasl.username", "user"),
+                ("security.protocol", "SASL_SSL"),
+                ("some_underscored.name", "x"),
+                ("ssl.endpoint.identification.algorithm", "https"),
+            ])
+        );
+    }
+
+    #[test]
+    fn user_properties_tune_but_never_weaken_the_producer() {
+        let user = vars(&[
+            ("linger.ms", "50"),
+            ("acks", "1"),
+            ("enable.idempotence", "false"),
+            ("sasl.mechanisms", "PLAIN"),
+        ]);
+        let c = producer_settings(with_properties("b:9092", &user));
+        assert_eq!(c.get("bootstrap.servers"), Some("b:9092"));
+        assert_eq!(c.get("linger.ms"), Some("50"), "tuning is the user's");
+        assert_eq!(c.get("sasl.mechanisms"), Some("PLAIN"));
+        assert_eq!(c.get("acks"), Some("all"), "acks=all is kept");
+        assert_eq!(c.get("enable.idempotence"), Some("true"), "idempotence is kept");
+        assert_eq!(
+            c.get("compression.type"),
+            Some("lz4"),
+            "our default where the user said nothing"
+        );
+    }
 }

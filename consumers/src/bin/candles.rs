@@ -11,7 +11,7 @@ use tickpipe_consumers::ops::{self, KafkaArgs};
 
 /// Builds OHLCV candles from trades in event time and publishes them.
 #[derive(Debug, Parser)]
-#[command(version)]
+#[command(version, after_help = tickpipe_producer::kafka::PROPERTIES_HELP)]
 struct Args {
     #[command(flatten)]
     config: ConfigArg,
