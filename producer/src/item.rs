@@ -9,13 +9,15 @@ use tickpipe_schemas::{Asset, Candle, Exchange, Market, Micros, Price, Rate, Sou
 /// One unit of output.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Item {
-    Asset(Asset),
+    // The larger records are boxed so that an `Item` is the size of a trade,
+    // the most frequent one, and moves cheaply between reader and publisher.
+    Asset(Box<Asset>),
     Rate(Rate),
     Exchange(Exchange),
-    Market(Market),
+    Market(Box<Market>),
     Price(Price),
     Trade(Trade),
-    Candle(Candle),
+    Candle(Box<Candle>),
     Reject(Reject),
 }
 

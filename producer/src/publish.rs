@@ -299,13 +299,13 @@ impl Publisher {
         inner.metrics.queue_depth.inc();
         let topic = item.topic();
         let encoded = match &item {
-            Item::Asset(r) => self.encode(r),
+            Item::Asset(r) => self.encode(&**r),
             Item::Rate(r) => self.encode(r),
             Item::Exchange(r) => self.encode(r),
-            Item::Market(r) => self.encode(r),
+            Item::Market(r) => self.encode(&**r),
             Item::Price(r) => self.encode(r),
             Item::Trade(r) => self.encode(r),
-            Item::Candle(r) => self.encode(r),
+            Item::Candle(r) => self.encode(&**r),
             Item::Reject(r) => {
                 inner.metrics.rejected.with_label_values(&[r.component, r.stage]).inc();
                 self.encode(&self.dead_letter(r))

@@ -389,7 +389,7 @@ fn read_file(
                 }
                 match parse::ws_message(json.trim_start(), origin) {
                     Ok(WsEvent::Trade(t)) => Some(Item::Trade(t)),
-                    Ok(WsEvent::Candle(k)) => Some(Item::Candle(k)),
+                    Ok(WsEvent::Candle(k)) => Some(Item::Candle(Box::new(k))),
                     Ok(_) => None,
                     Err(reason) => Some(reject(json, reason, path, n)),
                 }
@@ -407,7 +407,7 @@ fn read_file(
                 origin,
                 Micros::MAX,
             ) {
-                Ok(Some(k)) => Some(Item::Candle(k)),
+                Ok(Some(k)) => Some(Item::Candle(Box::new(k))),
                 Ok(None) => None,
                 Err(reason) => Some(reject(text, reason, path, n)),
             },

@@ -270,7 +270,7 @@ impl Market {
             let closed = b.window.take().map(|w| candle(&venue, &b.symbol, kline, w));
             if let Some(c) = closed {
                 b.last_close = Some(c.close);
-                self.pending.push_back(Item::Candle(c));
+                self.pending.push_back(Item::Candle(Box::new(c)));
             }
             if next_open < open_time {
                 let p = b.last_close.unwrap_or(price);
@@ -301,7 +301,7 @@ impl Market {
         for (rank, b) in self.books.iter().enumerate() {
             let price = Decimal::new(b.ticks, 2);
             let supply = Decimal::from(21_000_000 / (rank as i64 + 1));
-            self.pending.push_back(Item::Asset(Asset {
+            self.pending.push_back(Item::Asset(Box::new(Asset {
                 id: b.asset.clone(),
                 rank: rank as i32 + 1,
                 symbol: b.base.clone(),
@@ -321,7 +321,7 @@ impl Market {
                 source: src,
                 event_time: now,
                 ingest_time: now,
-            }));
+            })));
             self.pending.push_back(Item::Rate(Rate {
                 id: b.asset.clone(),
                 symbol: b.base.clone(),
@@ -332,7 +332,7 @@ impl Market {
                 event_time: now,
                 ingest_time: now,
             }));
-            self.pending.push_back(Item::Market(MarketRecord {
+            self.pending.push_back(Item::Market(Box::new(MarketRecord {
                 exchange_id: self.venue.clone(),
                 rank: rank as i32 + 1,
                 base_symbol: b.base.clone(),
@@ -347,7 +347,7 @@ impl Market {
                 source: src,
                 event_time: now,
                 ingest_time: now,
-            }));
+            })));
             self.pending.push_back(Item::Price(Price {
                 asset_id: b.asset.clone(),
                 price_usd: price,

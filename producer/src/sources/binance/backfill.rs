@@ -200,7 +200,7 @@ async fn one(
                     page_next = c.close_time + 1000;
                     published += 1;
                     publisher
-                        .publish(Item::Candle(c).validated(&rules, COMPONENT, raw.as_bytes()))
+                        .publish(Item::Candle(Box::new(c)).validated(&rules, COMPONENT, raw.as_bytes()))
                         .await;
                 }
                 // The newest candle is still open: it is published by a later run.

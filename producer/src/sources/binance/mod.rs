@@ -289,7 +289,7 @@ async fn run_ws(config: BinanceConfig, publisher: Publisher, mut stop: Stop) -> 
                     Ok(WsEvent::Candle(c)) => {
                         if seq.candle_is_new(&c) {
                             publisher
-                                .publish(Item::Candle(c).validated(&rules_now(), COMPONENT, raw.as_bytes()))
+                                .publish(Item::Candle(Box::new(c)).validated(&rules_now(), COMPONENT, raw.as_bytes()))
                                 .await;
                         } else {
                             metrics.duplicates.with_label_values(&[COMPONENT]).inc();

@@ -263,10 +263,10 @@ async fn poll_once(
         let n = rows.len();
         for row in rows {
             let parsed = match entity {
-                Entity::Assets => parse::asset(&row, times).map(Item::Asset),
+                Entity::Assets => parse::asset(&row, times).map(|a| Item::Asset(Box::new(a))),
                 Entity::Rates => parse::rate(&row, times).map(Item::Rate),
                 Entity::Exchanges => parse::exchange(&row, times).map(Item::Exchange),
-                Entity::Markets => parse::market(&row, times).map(Item::Market),
+                Entity::Markets => parse::market(&row, times).map(|m| Item::Market(Box::new(m))),
             };
             let raw = row.to_string().into_bytes();
             let item = match parsed {
