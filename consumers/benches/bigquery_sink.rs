@@ -77,6 +77,7 @@ async fn main() {
         max_backoff: Duration::from_secs(1),
         session_timeout: Duration::from_secs(10),
         partitions: 3,
+        replication: 1,
         metrics_addr: None,
         registry: None,
     };

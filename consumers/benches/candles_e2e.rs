@@ -109,6 +109,7 @@ async fn main() {
         batch_max: 10_000,
         batch_wait: Duration::from_millis(50),
         partitions: 3,
+        replication: 1,
         metrics_addr: None,
     };
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();

@@ -144,6 +144,7 @@ pub async fn sink_topics(
     prefix: &str,
     topics: &[Topic],
     partitions: i32,
+    replication: i32,
 ) -> Result<(HashMap<String, Topic>, String), TopicError> {
     let topic_of: HashMap<String, Topic> = topics.iter().map(|t| (t.name(prefix), *t)).collect();
     let dead_topic = Topic::DeadLetters.name(prefix);
@@ -151,7 +152,7 @@ pub async fn sink_topics(
     if !names.contains(&dead_topic) {
         names.push(dead_topic.clone());
     }
-    ensure_topic_names(brokers, &names, partitions, 1).await?;
+    ensure_topic_names(brokers, &names, partitions, replication).await?;
     Ok((topic_of, dead_topic))
 }
 

@@ -48,6 +48,7 @@ fn config(prefix: &str, dataset: &str) -> BqSinkConfig {
         max_backoff: Duration::from_secs(1),
         session_timeout: Duration::from_secs(6),
         partitions: 3,
+        replication: 1,
         metrics_addr: None,
         registry: None,
     }

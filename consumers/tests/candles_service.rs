@@ -148,6 +148,7 @@ fn service_config(prefix: &str, group: &str) -> ServiceConfig {
         batch_max: 1000,
         batch_wait: Duration::from_millis(100),
         partitions: 3,
+        replication: 1,
         metrics_addr: None,
     }
 }

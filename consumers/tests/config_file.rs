@@ -45,7 +45,7 @@ fn help_of(help: &str, flag: &str) -> String {
 fn the_file_sets_defaults_in_every_binary() {
     for (bin, section, flag) in BINARIES {
         let path = write(&format!(
-            "[kafka]\nbrokers = \"127.0.0.1:19092\"\n\n[{section}]\nbatch_max = 1234\n"
+            "[kafka]\nbrokers = \"127.0.0.1:19092\"\n\n[topic]\nreplication = 3\n\n[{section}]\nbatch_max = 1234\n"
         ));
         let path_text = path.to_str().expect("utf-8 path");
 
@@ -60,6 +60,11 @@ fn the_file_sets_defaults_in_every_binary() {
         assert!(
             help_of(&help, "--brokers").contains("[default: 127.0.0.1:19092]"),
             "{bin}"
+        );
+        assert!(
+            help_of(&help, "--replication").contains("[default: 3]"),
+            "{bin}: {}",
+            help_of(&help, "--replication")
         );
 
         // The same through the environment variable.

@@ -60,6 +60,7 @@ fn config(prefix: &str, url: &str) -> SinkConfig {
         session_timeout: Duration::from_secs(6),
         instance_id: None,
         partitions: 3,
+        replication: 1,
         metrics_addr: None,
         registry: None,
     }

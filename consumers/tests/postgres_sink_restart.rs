@@ -74,6 +74,7 @@ async fn postgres_restart_mid_stream_loses_and_duplicates_nothing() {
         session_timeout: Duration::from_secs(6),
         instance_id: None,
         partitions: 3,
+        replication: 1,
         metrics_addr: Some(metrics),
         registry: None,
     };

@@ -59,6 +59,11 @@ pub struct KafkaArgs {
     /// Partitions of the topics this service creates when they are missing.
     #[arg(long, env = "TICKPIPE_TOPIC_PARTITIONS", default_value_t = 3)]
     pub partitions: i32,
+    /// Replication factor of the topics this service creates when they are
+    /// missing; -1 = the cluster's `default.replication.factor` (Kafka 2.4 and
+    /// later; give a number for older clusters).
+    #[arg(long, env = "TICKPIPE_TOPIC_REPLICATION", default_value_t = -1, allow_negative_numbers = true)]
+    pub replication: i32,
 }
 
 /// The `--metrics-addr` value: an address, or `off` for no endpoint.

@@ -53,7 +53,8 @@ pub struct KafkaConfig {
     pub create_topics: bool,
     /// Partitions of topics created at start.
     pub partitions: i32,
-    /// Replication factor of topics created at start.
+    /// Replication factor of topics created at start; -1 = the cluster's
+    /// `default.replication.factor`.
     pub replication: i32,
     /// Most records in flight (enqueued, not acknowledged); sources wait beyond.
     pub max_in_flight: usize,
@@ -74,7 +75,7 @@ impl Default for KafkaConfig {
             topic_prefix: String::new(),
             create_topics: true,
             partitions: 3,
-            replication: 1,
+            replication: -1,
             max_in_flight: 50_000,
             message_timeout_ms: 0,
             compression: "lz4".into(),

@@ -45,6 +45,7 @@ pub async fn postgres_sink(brokers: &str, prefix: &str, group: &str, n: usize) -
         session_timeout: Duration::from_secs(10),
         instance_id: None,
         partitions: 3,
+        replication: 1,
         metrics_addr: None,
         registry: None,
     };

@@ -137,6 +137,7 @@ async fn main() -> anyhow::Result<()> {
         max_backoff: Duration::from_millis(args.max_backoff_ms),
         session_timeout: Duration::from_millis(args.session_timeout_ms),
         partitions: args.kafka.partitions,
+        replication: args.kafka.replication,
         metrics_addr,
         registry: args.registry.config(),
     };

@@ -71,6 +71,7 @@ async fn main() -> anyhow::Result<()> {
         batch_max: args.batch_max,
         batch_wait: Duration::from_millis(args.batch_wait_ms),
         partitions: args.kafka.partitions,
+        replication: args.kafka.replication,
         metrics_addr,
     };
     run(config, shutdown).await?;

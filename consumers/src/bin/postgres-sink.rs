@@ -93,6 +93,7 @@ async fn main() -> anyhow::Result<()> {
         session_timeout: Duration::from_millis(args.session_timeout_ms),
         instance_id: args.instance_id,
         partitions: args.kafka.partitions,
+        replication: args.kafka.replication,
         metrics_addr,
         registry: args.registry.config(),
     };

@@ -77,6 +77,8 @@ pub struct BqSinkConfig {
     pub session_timeout: Duration,
     /// Partitions for topics this service creates when they are missing.
     pub partitions: i32,
+    /// Replication factor of the topics it creates when they are missing.
+    pub replication: i32,
     /// Where `/metrics`, `/healthz` and `/readyz` are served, if anywhere.
     pub metrics_addr: Option<SocketAddr>,
     /// The Schema Registry for Confluent-framed records, if any.
@@ -371,8 +373,14 @@ pub async fn run(config: BqSinkConfig, shutdown: impl Future<Output = ()>) -> Re
         "bigquery-sink: tables ready"
     );
 
-    let (topic_of, dead_topic) =
-        sink_topics(&config.brokers, &config.topic_prefix, &config.topics, config.partitions).await?;
+    let (topic_of, dead_topic) = sink_topics(
+        &config.brokers,
+        &config.topic_prefix,
+        &config.topics,
+        config.partitions,
+        config.replication,
+    )
+    .await?;
     let producer: FutureProducer = producer_config(&config.brokers).create()?;
 
     let stop = Arc::new(AtomicBool::new(false));

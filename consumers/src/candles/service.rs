@@ -60,6 +60,8 @@ pub struct ServiceConfig {
     pub batch_wait: Duration,
     /// Partitions for topics this service creates.
     pub partitions: i32,
+    /// Replication factor of the topics it creates when they are missing.
+    pub replication: i32,
     /// Where `/metrics`, `/healthz` and `/readyz` are served, if anywhere.
     pub metrics_addr: Option<SocketAddr>,
 }
@@ -241,7 +243,7 @@ pub async fn run(config: ServiceConfig, shutdown: impl Future<Output = ()>) -> R
         &config.brokers,
         &[trades_topic.clone(), candles_topic.clone(), dead_topic.clone()],
         config.partitions,
-        1,
+        config.replication,
     )
     .await?;
     // Only the newest snapshot of each input partition matters: compaction
@@ -250,7 +252,7 @@ pub async fn run(config: ServiceConfig, shutdown: impl Future<Output = ()>) -> R
         &config.brokers,
         &[config.state_topic()],
         config.partitions,
-        1,
+        config.replication,
         &[("cleanup.policy", "compact")],
     )
     .await?;

@@ -76,6 +76,8 @@ pub struct SinkConfig {
     pub instance_id: Option<String>,
     /// Partitions for topics this service creates when they are missing.
     pub partitions: i32,
+    /// Replication factor of the topics it creates when they are missing.
+    pub replication: i32,
     /// Where `/metrics`, `/healthz` and `/readyz` are served, if anywhere.
     pub metrics_addr: Option<SocketAddr>,
     /// The Schema Registry that Confluent-framed records' ids are looked up
@@ -355,8 +357,14 @@ pub async fn run(config: SinkConfig, shutdown: impl Future<Output = ()>) -> Resu
     drop(client);
     tracing::info!(applied, "postgres-sink: schema ready");
 
-    let (topic_of, dead_topic) =
-        sink_topics(&config.brokers, &config.topic_prefix, &config.topics, config.partitions).await?;
+    let (topic_of, dead_topic) = sink_topics(
+        &config.brokers,
+        &config.topic_prefix,
+        &config.topics,
+        config.partitions,
+        config.replication,
+    )
+    .await?;
     let producer: FutureProducer = producer_config(&config.brokers).create()?;
 
     let stop = Arc::new(AtomicBool::new(false));

@@ -42,6 +42,16 @@ struct Common {
     /// Partitions of the topics created at start [default: 3].
     #[arg(long, env = "TICKPIPE_TOPIC_PARTITIONS", global = true)]
     partitions: Option<i32>,
+    /// Replication factor of the topics created at start; -1 = the cluster's
+    /// `default.replication.factor` (Kafka 2.4 and later; give a number for
+    /// older clusters) [default: -1].
+    #[arg(
+        long,
+        env = "TICKPIPE_TOPIC_REPLICATION",
+        global = true,
+        allow_negative_numbers = true
+    )]
+    replication: Option<i32>,
     /// Most records in flight to Kafka; sources wait beyond it [default: 50000].
     #[arg(long, env = "TICKPIPE_PRODUCER_MAX_IN_FLIGHT", global = true)]
     max_in_flight: Option<usize>,
@@ -176,6 +186,7 @@ fn layered(c: &Common) -> anyhow::Result<Config> {
     set(&mut k.brokers, c.brokers.clone());
     set(&mut k.topic_prefix, c.topic_prefix.clone());
     set(&mut k.partitions, c.partitions);
+    set(&mut k.replication, c.replication);
     set(&mut k.max_in_flight, c.max_in_flight);
     set(&mut k.message_timeout_ms, c.message_timeout_ms);
     set(&mut config.metrics_addr, c.metrics_addr.clone());
