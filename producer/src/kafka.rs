@@ -45,7 +45,16 @@ pub fn properties_from_env(vars: impl IntoIterator<Item = (String, String)>) -> 
 /// A client for `brokers` with the user's librdkafka properties (from the
 /// environment, see `PROPERTY_ENV_PREFIX`).
 pub fn client_config(brokers: &str) -> ClientConfig {
-    with_properties(brokers, &properties_from_env(std::env::vars()))
+    // `vars_os`: `vars` would panic on a variable that is not UTF-8.
+    let vars = std::env::vars_os().filter_map(|(k, v)| match (k.into_string(), v.into_string()) {
+        (Ok(k), Ok(v)) => Some((k, v)),
+        (Ok(k), Err(_)) if k.starts_with(PROPERTY_ENV_PREFIX) => {
+            tracing::warn!(variable = k, "ignored: its value is not UTF-8");
+            None
+        }
+        _ => None,
+    });
+    with_properties(brokers, &properties_from_env(vars))
 }
 
 fn with_properties(brokers: &str, props: &[(String, String)]) -> ClientConfig {

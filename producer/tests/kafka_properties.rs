@@ -1,6 +1,7 @@
 //! librdkafka properties from the environment reach the Kafka clients: an
 //! invalid value set through a `TICKPIPE_LIBRDKAFKA_*` variable stops the
-//! binary with librdkafka's own message naming the property.
+//! binary with librdkafka's own message naming the property (and a variable
+//! whose value is not UTF-8 does not make it panic first).
 
 use std::process::Command;
 
@@ -11,6 +12,11 @@ fn a_property_from_the_environment_reaches_librdkafka() {
         // Loopback only; the client is refused before it connects anywhere.
         .args(["--brokers", "127.0.0.1:9"])
         .env("TICKPIPE_LIBRDKAFKA_SECURITY_PROTOCOL", "no-such-protocol")
+        // A value that is not UTF-8 is skipped with a warning, not a panic.
+        .env(
+            "TICKPIPE_LIBRDKAFKA_CLIENT_ID",
+            <std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(b"\xff\xfe"),
+        )
         .env("RUST_LOG", "off")
         .output()
         .expect("producer binary");
