@@ -91,12 +91,22 @@ pub fn require(c: &mut ClientConfig, key: &str, value: &str) {
 /// a write the cluster could still lose: idempotence, `acks=all`, lz4 batches.
 /// The user's properties may change anything but the first two.
 pub fn producer_config(brokers: &str) -> ClientConfig {
-    producer_settings(client_config(brokers))
+    producer_config_tuned(brokers, &[])
 }
 
-fn producer_settings(mut c: ClientConfig) -> ClientConfig {
+/// `producer_config` with the caller's tuning (such as the producer's own
+/// `linger.ms` setting) in place of the built-in defaults; the user's
+/// librdkafka properties still win over both.
+pub fn producer_config_tuned(brokers: &str, tuning: &[(&str, String)]) -> ClientConfig {
+    producer_settings(client_config(brokers), tuning)
+}
+
+fn producer_settings(mut c: ClientConfig, tuning: &[(&str, String)]) -> ClientConfig {
     require(&mut c, "enable.idempotence", "true");
     require(&mut c, "acks", "all");
+    for (key, value) in tuning {
+        default_to(&mut c, key, value);
+    }
     default_to(&mut c, "compression.type", "lz4");
     default_to(&mut c, "linger.ms", "5");
     default_to(&mut c, "message.timeout.ms", "30000");
@@ -229,7 +239,8 @@ mod tests {
             ("enable.idempotence", "false"),
             ("sasl.mechanisms", "PLAIN"),
         ]);
-        let c = producer_settings(with_properties("b:9092", &user));
+        let tuning = [("linger.ms", "7".to_owned()), ("message.timeout.ms", "0".to_owned())];
+        let c = producer_settings(with_properties("b:9092", &user), &tuning);
         assert_eq!(c.get("bootstrap.servers"), Some("b:9092"));
         assert_eq!(c.get("linger.ms"), Some("50"), "tuning is the user's");
         assert_eq!(c.get("sasl.mechanisms"), Some("PLAIN"));
@@ -239,6 +250,11 @@ mod tests {
             c.get("compression.type"),
             Some("lz4"),
             "our default where the user said nothing"
+        );
+        assert_eq!(
+            c.get("message.timeout.ms"),
+            Some("0"),
+            "the caller's tuning over the built-in default"
         );
     }
 }

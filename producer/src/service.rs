@@ -11,7 +11,7 @@ use tickpipe_schemas::registry::{RegistryClient, RegistryConfig};
 use tickpipe_schemas::{Codec, Topic, WriteFraming};
 
 use crate::config::Config;
-use crate::kafka::{ensure_topics, producer_config};
+use crate::kafka::{ensure_topics, producer_config_tuned};
 use crate::metrics::Metrics;
 use crate::publish::{Publisher, PublisherConfig};
 use crate::sources::binance::backfill::{self, BackfillJob};
@@ -78,11 +78,14 @@ async fn start(config: &Config, metrics: Metrics) -> Result<Running, ServiceErro
             codec
         }
     };
-    let mut kafka = producer_config(&k.brokers);
-    kafka
-        .set("compression.type", &k.compression)
-        .set("linger.ms", k.linger_ms.to_string())
-        .set("message.timeout.ms", k.message_timeout_ms.to_string());
+    let kafka = producer_config_tuned(
+        &k.brokers,
+        &[
+            ("compression.type", k.compression.clone()),
+            ("linger.ms", k.linger_ms.to_string()),
+            ("message.timeout.ms", k.message_timeout_ms.to_string()),
+        ],
+    );
     let publisher = Publisher::new(
         &PublisherConfig {
             kafka,

@@ -1,9 +1,11 @@
 //! librdkafka properties from the environment reach the Kafka clients: an
 //! invalid value set through a `TICKPIPE_LIBRDKAFKA_*` variable stops the
 //! binary with librdkafka's own message naming the property (and a variable
-//! whose value is not UTF-8 does not make it panic first).
+//! whose value is not UTF-8 does not make it panic first); and such a property
+//! wins over the producer's own tuning of the same setting.
 
-use std::process::Command;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
 #[test]
 fn a_property_from_the_environment_reaches_librdkafka() {
@@ -27,6 +29,53 @@ fn a_property_from_the_environment_reaches_librdkafka() {
     );
     assert!(
         stderr.contains("security.protocol") && stderr.contains("no-such-protocol"),
+        "the error names the property and its value: {stderr}"
+    );
+}
+
+#[test]
+fn a_property_from_the_environment_wins_over_the_producers_own_tuning() {
+    // Topics are not created, so the first Kafka client is the publishing
+    // producer, whose compression is also the producer's own setting (lz4).
+    let dir = std::env::temp_dir().join(format!("tickpipe-props-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let config = dir.join("producer.toml");
+    std::fs::write(&config, "[kafka]\ncreate_topics = false\n").expect("config file");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_producer"))
+        .arg("--config")
+        .arg(&config)
+        .args(["--metrics-addr", "off", "--brokers", "127.0.0.1:9"])
+        .args(["run", "--sources", "simulator"])
+        .env("TICKPIPE_LIBRDKAFKA_COMPRESSION_TYPE", "no-such-codec")
+        .env("RUST_LOG", "off")
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("producer binary");
+    // A producer that replaced the property would start and run on: wait for
+    // its exit with a deadline rather than forever.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break Some(status);
+        }
+        if Instant::now() > deadline {
+            child.kill().ok();
+            child.wait().ok();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    std::fs::remove_dir_all(&dir).ok();
+    let mut stderr = String::new();
+    if let Some(mut pipe) = child.stderr.take() {
+        std::io::Read::read_to_string(&mut pipe, &mut stderr).ok();
+    }
+    assert!(
+        status.is_some_and(|s| !s.success()),
+        "the producer replaced the property with its own setting and started: {stderr}"
+    );
+    assert!(
+        stderr.contains("compression.type") && stderr.contains("no-such-codec"),
         "the error names the property and its value: {stderr}"
     );
 }
