@@ -463,12 +463,7 @@ impl CandleBuilder {
                 r.hi = r.hi.min(series.current.1);
             }
             window_for(series, open, fixed.open).merge(&fixed);
-            let target = Target {
-                symbol: si as u32,
-                index: k as u32,
-                source: state.source,
-                interval,
-            };
+            let target = Target::new(si, k, state.source, interval);
             emit_ready(&target, series, state.max_event, watermark, fill, out);
         }
         state.run = run;
@@ -481,12 +476,7 @@ impl CandleBuilder {
             end_run(&self.config, si, state, out);
             for (k, interval) in self.config.intervals.iter().enumerate() {
                 let series = &mut state.series[k];
-                let target = Target {
-                    symbol: si as u32,
-                    index: k as u32,
-                    source: state.source,
-                    interval,
-                };
+                let target = Target::new(si, k, state.source, interval);
                 // Everything complete up to the largest event time is closed;
                 // the window holding it is still forming.
                 emit_ready(&target, series, state.max_event, state.max_event, fill, out);
@@ -601,12 +591,7 @@ fn end_run(config: &CandleConfig, si: usize, state: &mut SymbolState, out: &mut 
         // The window exists: the run's first trade made it, and the watermark
         // stays before the run's end.
         window_for(series, series.current.0, run.acc.open).merge(&run.acc);
-        let target = Target {
-            symbol: si as u32,
-            index: k as u32,
-            source: state.source,
-            interval,
-        };
+        let target = Target::new(si, k, state.source, interval);
         emit_ready(&target, series, state.max_event, watermark, fill, out);
     }
 }
@@ -634,7 +619,16 @@ struct Target<'a> {
     interval: &'a Interval,
 }
 
-impl Target<'_> {
+impl<'a> Target<'a> {
+    fn new(symbol: usize, index: usize, source: Source, interval: &'a Interval) -> Self {
+        Target {
+            symbol: symbol as u32,
+            index: index as u32,
+            source,
+            interval,
+        }
+    }
+
     fn emit(&self, acc: &Acc, closed: bool, out: &mut Vec<Output<Bar>>) {
         out.push(Output::Candle(Bar {
             symbol: self.symbol,
