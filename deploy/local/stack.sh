@@ -237,6 +237,8 @@ case $cmd in
     echo "export TICKPIPE_POSTGRES_URL=$(postgres_url)"
     echo "export TICKPIPE_BIGQUERY_REST=http://127.0.0.1:$BQ_REST_PORT"
     echo "export TICKPIPE_BIGQUERY_GRPC=127.0.0.1:$BQ_GRPC_PORT"
-    echo "export TICKPIPE_BIGQUERY_PROJECT=$BQ_PROJECT" ;;
+    echo "export TICKPIPE_BIGQUERY_PROJECT=$BQ_PROJECT"
+    # Tests that need a broker of their own (behind a TLS proxy) start this one.
+    echo "export TICKPIPE_TANSU_BIN=$(tansu_bin)" ;;
   *) sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2 ;;
 esac

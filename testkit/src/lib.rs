@@ -6,9 +6,11 @@
 //!   real recordings with scripted faults.
 //! - [`real`]: loaders for the recorded real market data, for tests and benches.
 //! - [`stack`]: where the local stack started by `deploy/local/stack.sh` listens,
-//!   and the real-data folder.
+//!   and the real-data folder; a private PostgreSQL server (optionally TLS).
+//! - [`tls`]: a throwaway certificate authority and a TLS-terminating proxy.
 
 pub mod exchange;
 pub mod real;
 pub mod registry;
 pub mod stack;
+pub mod tls;

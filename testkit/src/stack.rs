@@ -15,6 +15,57 @@ pub fn kafka_brokers() -> String {
     var("TICKPIPE_KAFKA_BROKERS", "127.0.0.1:9092")
 }
 
+/// A broker of a test's own: tansu (as built by `make stack-up`) listening on
+/// a free loopback port and advertising `advertised` (for example a TLS proxy
+/// in front of it). Killed on drop.
+pub struct ScratchBroker {
+    child: std::process::Child,
+    /// Where it listens (plaintext).
+    pub addr: std::net::SocketAddr,
+}
+
+impl ScratchBroker {
+    /// Starts the broker; panics with the reason when it cannot.
+    pub fn start(advertised: std::net::SocketAddr) -> Self {
+        let bin = std::env::var("TICKPIPE_TANSU_BIN").unwrap_or_default();
+        assert!(
+            std::path::Path::new(&bin).is_file(),
+            "no tansu binary at TICKPIPE_TANSU_BIN={bin:?}: run the tests through `make test`, \
+             or `make stack-up` and `eval \"$(deploy/local/stack.sh env)\"`"
+        );
+        let addr = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port");
+        let child = std::process::Command::new(&bin)
+            .arg("broker")
+            .arg("--listener-url")
+            .arg(format!("tcp://{addr}"))
+            .arg("--advertised-listener-url")
+            .arg(format!("tcp://{advertised}"))
+            .args(["--storage-engine", "memory://tansu/"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("{bin}: {e}"));
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while std::net::TcpStream::connect(addr).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "tansu did not listen on {addr} within 30 s"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        ScratchBroker { child, addr }
+    }
+}
+
+impl Drop for ScratchBroker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// A libpq URL of a database the tests may create databases from.
 pub fn postgres_admin_url() -> String {
     var("TICKPIPE_POSTGRES_URL", "postgres://postgres@127.0.0.1:5432/postgres")
@@ -121,11 +172,56 @@ pub struct ScratchPostgres {
     bin: PathBuf,
     data: PathBuf,
     pub port: u16,
+    /// Extra `-c name=value` server settings.
+    settings: Vec<String>,
 }
 
 impl ScratchPostgres {
     /// Creates and starts the server; panics with the reason when it cannot.
     pub fn start() -> Self {
+        let pg = Self::init();
+        pg.ctl("start");
+        pg
+    }
+
+    /// A server that speaks TLS with `server`'s certificate, trusts client
+    /// certificates issued by `ca_pem`, and authenticates by `hba` (the whole
+    /// `pg_hba.conf`).
+    pub fn start_tls(server: &crate::tls::Issued, ca_pem: &str, hba: &str) -> Self {
+        let mut pg = Self::init();
+        for (name, text) in [
+            ("server.crt", server.cert_pem.as_str()),
+            ("server.key", server.key_pem.as_str()),
+            ("root.crt", ca_pem),
+            ("pg_hba.conf", hba),
+        ] {
+            let path = pg.data.join(name);
+            std::fs::write(&path, text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        }
+        // The server refuses a key that others can read.
+        let key = pg.data.join("server.key");
+        std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600)).expect("key permissions");
+        if is_root() {
+            pg.run(
+                "chown",
+                &["-R", "postgres", pg.data.to_str().unwrap_or_default()],
+                false,
+            );
+        }
+        pg.settings = [
+            "ssl=on",
+            "ssl_cert_file=server.crt",
+            "ssl_key_file=server.key",
+            "ssl_ca_file=root.crt",
+        ]
+        .iter()
+        .map(|s| format!("-c {s}"))
+        .collect();
+        pg.ctl("start");
+        pg
+    }
+
+    fn init() -> Self {
         let bin = std::fs::read_dir("/usr/lib/postgresql")
             .ok()
             .into_iter()
@@ -146,7 +242,12 @@ impl ScratchPostgres {
             .expect("a free port");
         let data = std::env::temp_dir().join(unique_name("tickpipe-scratch-pg"));
         std::fs::create_dir_all(&data).expect("scratch folder");
-        let pg = ScratchPostgres { bin, data, port };
+        let pg = ScratchPostgres {
+            bin,
+            data,
+            port,
+            settings: Vec::new(),
+        };
         if is_root() {
             pg.run("chown", &["postgres", pg.data.to_str().unwrap_or_default()], false);
         }
@@ -165,7 +266,6 @@ impl ScratchPostgres {
             ],
             true,
         );
-        pg.ctl("start");
         pg
     }
 
@@ -187,9 +287,10 @@ impl ScratchPostgres {
     fn ctl(&self, action: &str) {
         let pg_ctl = self.bin.join("pg_ctl");
         let opts = format!(
-            "-p {} -c listen_addresses=127.0.0.1 -c unix_socket_directories={}",
+            "-p {} -c listen_addresses=127.0.0.1 -c unix_socket_directories={} {}",
             self.port,
-            self.data.display()
+            self.data.display(),
+            self.settings.join(" ")
         );
         let log = self.data.join("server.log");
         let mut args = vec![

@@ -26,8 +26,10 @@ struct Args {
         default_value = "assets,rates,exchanges,markets,prices,trades,candles,dead-letters"
     )]
     topics: Vec<String>,
-    /// PostgreSQL connection (URL or key=value string). The password, if any,
-    /// is never logged; prefer PGPASSWORD-style secrets in the URL from a file.
+    /// PostgreSQL connection (URL or key=value string, as libpq takes them).
+    /// TLS as in libpq: sslmode=disable|allow|prefer|require|verify-ca|verify-full
+    /// (default prefer), sslrootcert=<PEM file or "system">, sslcert and sslkey
+    /// (PKCS#8) for certificate authentication. The password is never logged.
     #[arg(
         long,
         env = "TICKPIPE_POSTGRES_URL",

@@ -31,7 +31,6 @@ use rdkafka::producer::FutureProducer;
 use rdkafka::{Offset, TopicPartitionList};
 use tickpipe_ops::now_micros;
 use tokio::sync::mpsc;
-use tokio_postgres::NoTls;
 
 use tickpipe_producer::kafka::{producer_config, TopicError};
 use tickpipe_schemas::registry::{RegistryConfig, RegistryError};
@@ -39,6 +38,7 @@ use tickpipe_schemas::{Codec, DeadLetter, Source, Topic, WriteFraming};
 
 use super::migrate::{migrate, MigrateError};
 use super::rows::{reject_letter, write_items, Body, Item, Reject};
+use super::tls;
 use super::COMPONENT;
 use crate::kafka::{letter_records, send_all};
 use crate::sink::{sink_topics, spawn_consumer, ConsumeError, ConsumerSettings, Resume, SinkMetrics};
@@ -127,14 +127,15 @@ impl Metrics {
 
 /// Opens the pool and checks that the database answers.
 pub async fn connect(config: &SinkConfig) -> Result<Pool, SinkError> {
-    let pg: tokio_postgres::Config = config
-        .postgres_url
+    let (conn, tls) = tls::split(&config.postgres_url).map_err(|e| SinkError::Url(e.to_string()))?;
+    let pg: tokio_postgres::Config = conn
         .parse()
         .map_err(|e: tokio_postgres::Error| SinkError::Url(e.to_string()))?;
     let target = describe(&pg);
+    let connector = tls::connector(&tls).map_err(|e| SinkError::Url(e.to_string()))?;
     let manager = Manager::from_config(
         pg,
-        NoTls,
+        connector,
         ManagerConfig {
             recycling_method: RecyclingMethod::Fast,
         },
@@ -146,10 +147,25 @@ pub async fn connect(config: &SinkConfig) -> Result<Pool, SinkError> {
         .map_err(|e| SinkError::Url(e.to_string()))?;
     let client = pool.get().await.map_err(|e| SinkError::Unreachable {
         target: target.clone(),
-        detail: e.to_string(),
+        detail: with_causes(&e),
     })?;
     drop(client);
     Ok(pool)
+}
+
+/// An error and its causes ("error performing TLS handshake: certificate
+/// verify failed"): the pool's own message names none of them.
+fn with_causes(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let more = c.to_string();
+        if !text.contains(&more) {
+            text = format!("{text}: {more}");
+        }
+        cause = c.source();
+    }
+    text
 }
 
 /// Host, port, database and user of a connection, never the password.
@@ -351,7 +367,7 @@ pub async fn run(config: SinkConfig, shutdown: impl Future<Output = ()>) -> Resu
     let pool = connect(&config).await?;
     let mut client = pool.get().await.map_err(|e| SinkError::Unreachable {
         target: "pool".into(),
-        detail: e.to_string(),
+        detail: with_causes(&e),
     })?;
     let applied = migrate(&mut client).await?;
     drop(client);

@@ -24,6 +24,12 @@ pub fn read_topic(brokers: &str, topic: &str) -> Vec<(Vec<u8>, Vec<u8>)> {
         .set("enable.partition.eof", "true")
         .create()
         .expect("consumer");
+    read_with(&consumer, topic)
+}
+
+/// `read_topic` with a consumer of the caller's (which must have
+/// `enable.partition.eof`).
+pub fn read_with(consumer: &BaseConsumer, topic: &str) -> Vec<(Vec<u8>, Vec<u8>)> {
     let md = consumer
         .fetch_metadata(Some(topic), Duration::from_secs(10))
         .expect("metadata");
