@@ -54,7 +54,24 @@ pub fn client_config(brokers: &str) -> ClientConfig {
         }
         _ => None,
     });
-    with_properties(brokers, &properties_from_env(vars))
+    let mut c = with_properties(brokers, &properties_from_env(vars));
+    let openssl_env = ["SSL_CERT_FILE", "SSL_CERT_DIR"]
+        .iter()
+        .any(|v| std::env::var_os(v).is_some());
+    trust_system_roots(&mut c, openssl_env);
+    c
+}
+
+/// The OpenSSL inside librdkafka is built from source and looks for CA
+/// certificates under its own prefix (`/usr/local/ssl`), where no system keeps
+/// them: TLS to a cluster with a public certificate would fail. `probe` makes
+/// librdkafka use the system's store (the first of the usual paths that
+/// exists), unless the user named a CA file (`ssl.ca.location`) or pointed
+/// OpenSSL at one (`SSL_CERT_FILE`, `SSL_CERT_DIR`: `openssl_env`).
+fn trust_system_roots(c: &mut ClientConfig, openssl_env: bool) {
+    if !openssl_env {
+        default_to(c, "ssl.ca.location", "probe");
+    }
 }
 
 fn with_properties(brokers: &str, props: &[(String, String)]) -> ClientConfig {
@@ -229,6 +246,19 @@ mod tests {
                 ("ssl.endpoint.identification.algorithm", "https"),
             ])
         );
+    }
+
+    #[test]
+    fn tls_trusts_the_systems_roots_unless_told_otherwise() {
+        let mut c = with_properties("b:9092", &[]);
+        trust_system_roots(&mut c, false);
+        assert_eq!(c.get("ssl.ca.location"), Some("probe"));
+        let mut c = with_properties("b:9092", &vars(&[("ssl.ca.location", "/ca.pem")]));
+        trust_system_roots(&mut c, false);
+        assert_eq!(c.get("ssl.ca.location"), Some("/ca.pem"), "the user's file");
+        let mut c = with_properties("b:9092", &[]);
+        trust_system_roots(&mut c, true);
+        assert_eq!(c.get("ssl.ca.location"), None, "OpenSSL's SSL_CERT_FILE");
     }
 
     #[test]
