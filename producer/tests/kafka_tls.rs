@@ -1,10 +1,11 @@
-//! The producer against a broker that speaks only TLS, configured the way a
-//! managed cluster is (`TICKPIPE_LIBRDKAFKA_SECURITY_PROTOCOL=SSL`, the CA
-//! file through OpenSSL's `SSL_CERT_FILE`, zstd batches): it verifies the broker's certificate, publishes every
-//! record, and what it wrote is read back over TLS. The broker is a tansu of
-//! the test's own behind a rustls proxy (a TLS implementation other than the
-//! OpenSSL inside librdkafka). Also: the librdkafka the binaries carry has the
-//! security and compression features managed clusters need.
+//! The producer against a broker and a Schema Registry that speak only TLS,
+//! configured the way a managed cluster is
+//! (`TICKPIPE_LIBRDKAFKA_SECURITY_PROTOCOL=SSL`, the CA file through OpenSSL's
+//! `SSL_CERT_FILE`, zstd batches): it verifies the certificates, publishes
+//! every record, and what it wrote is read back over TLS. The broker is a
+//! tansu of the test's own behind a rustls proxy (a TLS implementation other
+//! than the OpenSSL inside librdkafka). Also: the librdkafka the binaries
+//! carry has the security and compression features managed clusters need.
 
 mod common;
 
@@ -14,7 +15,9 @@ use std::time::Duration;
 
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
+use tickpipe_schemas::registry::{RegistryClient, RegistryConfig};
 use tickpipe_schemas::{Codec, Record, Trade, WriteFraming};
+use tickpipe_testkit::registry::RegistryDouble;
 use tickpipe_testkit::stack::{self, ScratchBroker};
 use tickpipe_testkit::tls::{TestCa, TlsProxy};
 
@@ -53,8 +56,8 @@ fn tls_consumer(brokers: &str, ca: Option<&std::path::Path>) -> BaseConsumer {
     c.create().expect("consumer")
 }
 
-#[test]
-fn the_producer_publishes_through_verified_tls_with_zstd() {
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_producer_publishes_through_verified_tls_with_zstd() {
     let ca = TestCa::new("kafka-tls");
     let server = ca.issue("broker", "127.0.0.1", &["127.0.0.1"]);
     // The proxy's port first: the broker advertises it, so every connection
@@ -63,6 +66,16 @@ fn the_producer_publishes_through_verified_tls_with_zstd() {
     let broker = ScratchBroker::start(proxy.addr);
     let proxy = proxy.forward_to(broker.addr);
     let brokers = proxy.addr.to_string();
+    // The Schema Registry over HTTPS too (rustls on the client side, trusting
+    // the same CA through the same variable).
+    let registry = RegistryDouble::start().await.expect("registry double");
+    let registry_addr = registry
+        .url
+        .trim_start_matches("http://")
+        .parse()
+        .expect("registry address");
+    let registry_proxy = TlsProxy::bind(&server).forward_to(registry_addr);
+    let registry_url = format!("https://127.0.0.1:{}", registry_proxy.addr.port());
 
     // A few thousand trades as data.binance.vision writes them.
     let dir = ca.dir().join("replay");
@@ -84,18 +97,22 @@ fn the_producer_publishes_through_verified_tls_with_zstd() {
         }
     }
     let prefix = format!("{}.", stack::unique_name("tls"));
-    let out = Command::new(env!("CARGO_BIN_EXE_producer"))
+    let mut producer = Command::new(env!("CARGO_BIN_EXE_producer"));
+    producer
         .args(["--metrics-addr", "off", "replay"])
         .arg(&csv)
         .args(["--brokers", &brokers, "--topic-prefix", &prefix])
+        .args(["--schema-registry-url", &registry_url])
         .args(["--partitions", "2", "--replication", "1"])
         .env("TICKPIPE_LIBRDKAFKA_SECURITY_PROTOCOL", "SSL")
         // OpenSSL's own variable, as a user of any OpenSSL program sets it
         // (the read-back below names the file as a property instead).
         .env("SSL_CERT_FILE", ca.cert_file())
         .env("TICKPIPE_LIBRDKAFKA_COMPRESSION_TYPE", "zstd")
-        .env("RUST_LOG", "warn")
-        .output()
+        .env("RUST_LOG", "warn");
+    let out = tokio::task::spawn_blocking(move || producer.output())
+        .await
+        .expect("join")
         .expect("producer binary");
     assert!(
         out.status.success(),
@@ -103,19 +120,29 @@ fn the_producer_publishes_through_verified_tls_with_zstd() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(proxy.handshakes() > 0, "nothing went through TLS");
+    assert!(registry_proxy.handshakes() > 0, "the registry was not reached over TLS");
+    let subject = format!("{prefix}trades-value");
+    assert!(
+        registry
+            .requests()
+            .iter()
+            .any(|r| r.starts_with("POST") && r.contains(&subject)),
+        "{subject} was not registered: {:?}",
+        registry.requests()
+    );
 
     // Read back over TLS (the only way in), zstd batches decompressed.
     let consumer = tls_consumer(&brokers, Some(&ca.cert_file()));
     let topic = format!("{prefix}trades");
-    let codec = Codec::new(WriteFraming::SingleObject);
-    let mut ids: Vec<i64> = common::read_with(&consumer, &topic)
-        .into_iter()
-        .map(|(key, payload)| {
-            let t: Trade = codec.decode(&payload).expect("a trade");
-            assert_eq!(key, t.key().as_bytes());
-            t.trade_id
-        })
-        .collect();
+    // Confluent framing: the ids come from the registry.
+    let codec = Codec::new(WriteFraming::Confluent);
+    let lookup = RegistryClient::new(RegistryConfig::new(registry.url.clone())).expect("client");
+    let mut ids = Vec::new();
+    for (key, payload) in common::read_with(&consumer, &topic) {
+        let t: Trade = lookup.decode(&codec, &payload).await.expect("a trade");
+        assert_eq!(key, t.key().as_bytes());
+        ids.push(t.trade_id);
+    }
     ids.sort_unstable();
     assert_eq!(ids, (1..=n).collect::<Vec<_>>(), "every trade exactly once");
 
