@@ -1,7 +1,8 @@
 //! Each consumer binary reads `--config` (or `TICKPIPE_CONFIG`): the file's
 //! values become the flags' defaults, shown by `--help`, and a key that names
 //! no flag stops the program with the key in the message. librdkafka
-//! properties come from `TICKPIPE_LIBRDKAFKA_*` variables.
+//! properties come from the file's `[librdkafka]` table and, over it, from
+//! `TICKPIPE_LIBRDKAFKA_*` variables.
 
 use std::path::PathBuf;
 use std::process::{Command, Output};
@@ -135,4 +136,43 @@ fn a_librdkafka_property_from_the_environment_reaches_the_clients() {
         stderr.contains("security.protocol") && stderr.contains("no-such-protocol"),
         "the error names the property and its value: {stderr}"
     );
+}
+
+#[test]
+fn the_files_librdkafka_table_reaches_the_clients_under_the_environment() {
+    let path = write("[librdkafka]\nsecurity.protocol = \"from-the-file\"\n");
+    let path_text = path.to_str().expect("utf-8 path");
+    let args = [
+        "--config",
+        path_text,
+        "--brokers",
+        "127.0.0.1:9",
+        "--metrics-addr",
+        "off",
+    ];
+    let out = run(env!("CARGO_BIN_EXE_candles"), &args, &[("RUST_LOG", "off")]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "candles started with an invalid property: {stderr}"
+    );
+    assert!(
+        stderr.contains("security.protocol") && stderr.contains("from-the-file"),
+        "the file's property reached librdkafka: {stderr}"
+    );
+    // The environment wins over the file.
+    let out = run(
+        env!("CARGO_BIN_EXE_candles"),
+        &args,
+        &[
+            ("TICKPIPE_LIBRDKAFKA_SECURITY_PROTOCOL", "from-the-env"),
+            ("RUST_LOG", "off"),
+        ],
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("from-the-env") && !stderr.contains("from-the-file"),
+        "the environment's value is the one used: {stderr}"
+    );
+    std::fs::remove_file(&path).ok();
 }

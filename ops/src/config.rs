@@ -10,6 +10,10 @@
 //! ```
 //!
 //! (or `candles_allowed_lateness_ms = 5000` at the top). Lists are TOML arrays.
+//! The `[librdkafka]` table is the exception: its keys are librdkafka property
+//! names (`security.protocol = "SASL_SSL"`, dotted keys or nested tables),
+//! given to every Kafka client of the process under the
+//! `TICKPIPE_LIBRDKAFKA_*` variables, which win.
 //! A value from the file takes the place of the built-in default, so a flag or
 //! environment variable still overrides it; values are checked exactly as if
 //! they had been typed. A key that names no flag of this binary is an error, so
@@ -19,6 +23,7 @@
 use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 
 use clap::Command;
 
@@ -52,7 +57,9 @@ pub fn parse<T: clap::Parser>() -> Result<T, ConfigError> {
 pub fn parse_from<T: clap::Parser>(args: Vec<OsString>, env: Option<OsString>) -> Result<T, ConfigError> {
     let mut command = T::command();
     if let Some(path) = config_path(&args).or(env.map(PathBuf::from)) {
-        command = preset(command, &path)?;
+        let (preset, properties) = preset(command, &path)?;
+        command = preset;
+        set_librdkafka_properties(properties);
     }
     let matches = command.get_matches_from(args);
     T::from_arg_matches(&matches).map_err(|e| e.exit())
@@ -76,8 +83,57 @@ fn config_path(args: &[OsString]) -> Option<PathBuf> {
     None
 }
 
-/// `command` with the defaults of the flags the file at `path` sets.
-pub fn preset(command: Command, path: &Path) -> Result<Command, ConfigError> {
+/// The librdkafka properties of the configuration file, for every Kafka
+/// client of the process. Process-wide like the environment they sit under,
+/// and set once, by the binary at start (`parse`, or the producer's own file
+/// reader).
+static LIBRDKAFKA: OnceLock<Vec<(String, String)>> = OnceLock::new();
+
+/// Sets the file's librdkafka properties; only the first call counts.
+pub fn set_librdkafka_properties(properties: Vec<(String, String)>) {
+    let _ = LIBRDKAFKA.set(properties);
+}
+
+/// The file's librdkafka properties (none when no file set them).
+pub fn librdkafka_properties() -> &'static [(String, String)] {
+    LIBRDKAFKA.get().map_or(&[], Vec::as_slice)
+}
+
+/// A `[librdkafka]` table as (property, value) pairs, sorted: nested tables
+/// and dotted keys join with `.`, lists with `,` (librdkafka's list syntax).
+pub fn librdkafka_table(table: &toml::Table) -> Result<Vec<(String, String)>, String> {
+    fn walk(prefix: &str, value: &toml::Value, out: &mut Vec<(String, String)>) -> Result<(), String> {
+        match value {
+            toml::Value::Table(t) => {
+                for (k, v) in t {
+                    let name = if prefix.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{prefix}.{k}")
+                    };
+                    walk(&name, v, out)?;
+                }
+            }
+            toml::Value::Array(items) => {
+                let items: Option<Vec<String>> = items.iter().map(scalar).collect();
+                let items = items.ok_or_else(|| {
+                    format!("librdkafka {prefix}: a list may hold only strings, numbers and booleans")
+                })?;
+                out.push((prefix.to_owned(), items.join(",")));
+            }
+            v => out.push((prefix.to_owned(), scalar(v).unwrap_or_default())),
+        }
+        Ok(())
+    }
+    let mut out = Vec::new();
+    walk("", &toml::Value::Table(table.clone()), &mut out)?;
+    out.sort();
+    Ok(out)
+}
+
+/// `command` with the defaults of the flags the file at `path` sets, and the
+/// file's librdkafka properties.
+pub fn preset(command: Command, path: &Path) -> Result<(Command, Vec<(String, String)>), ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
         path: path.to_owned(),
         source,
@@ -86,7 +142,12 @@ pub fn preset(command: Command, path: &Path) -> Result<Command, ConfigError> {
         path: path.to_owned(),
         message,
     };
-    let table: toml::Table = text.parse().map_err(|e: toml::de::Error| invalid(e.to_string()))?;
+    let mut table: toml::Table = text.parse().map_err(|e: toml::de::Error| invalid(e.to_string()))?;
+    let properties = match table.remove("librdkafka") {
+        None => Vec::new(),
+        Some(toml::Value::Table(t)) => librdkafka_table(&t).map_err(invalid)?,
+        Some(_) => return Err(invalid("librdkafka must be a table of librdkafka properties".into())),
+    };
     let mut values = BTreeMap::new();
     flatten("", &toml::Value::Table(table), &mut values).map_err(invalid)?;
 
@@ -118,7 +179,7 @@ pub fn preset(command: Command, path: &Path) -> Result<Command, ConfigError> {
         let secret = *secret;
         command = command.mut_arg(id.as_str(), |arg| arg.default_value(value).hide_default_value(secret));
     }
-    Ok(command)
+    Ok((command, properties))
 }
 
 /// The file key of an environment variable, as the error message shows it.
@@ -228,7 +289,7 @@ mod tests {
     }
 
     fn try_parse(path: &Path, argv: &[&str]) -> Result<Args, String> {
-        let command = preset(Args::command(), path).map_err(|e| e.to_string())?;
+        let (command, _) = preset(Args::command(), path).map_err(|e| e.to_string())?;
         let m = command.try_get_matches_from(args(argv)).map_err(|e| e.to_string())?;
         Args::from_arg_matches(&m).map_err(|e| e.to_string())
     }
@@ -264,11 +325,46 @@ mod tests {
     }
 
     #[test]
+    fn the_librdkafka_table_holds_properties_not_flags() {
+        let (_d, path) = file(
+            r#"
+            test_lateness_ms = 9
+            [librdkafka]
+            security.protocol = "SASL_SSL"
+            "sasl.mechanisms" = "SCRAM-SHA-512"
+            debug = ["broker", "protocol"]
+            socket.keepalive.enable = true
+            [librdkafka.ssl]
+            ca.location = "/etc/ca.pem"
+            "#,
+        );
+        let (command, properties) = preset(Args::command(), &path).unwrap();
+        let pairs = |v: &[(&str, &str)]| -> Vec<(String, String)> {
+            v.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect()
+        };
+        assert_eq!(
+            properties,
+            pairs(&[
+                ("debug", "broker,protocol"),
+                ("sasl.mechanisms", "SCRAM-SHA-512"),
+                ("security.protocol", "SASL_SSL"),
+                ("socket.keepalive.enable", "true"),
+                ("ssl.ca.location", "/etc/ca.pem"),
+            ])
+        );
+        let a = Args::from_arg_matches(&command.get_matches_from(["x"])).unwrap();
+        assert_eq!(a.lateness_ms, 9, "the flags around it still apply");
+        let (_d, path) = file("librdkafka = \"acks=1\"\n");
+        let e = try_parse(&path, &["x"]).unwrap_err();
+        assert!(e.contains("librdkafka must be a table"), "{e}");
+    }
+
+    #[test]
     fn secrets_from_the_file_stay_out_of_help() {
         let (_d, path) = file("test_password = \"hunter2\"\n");
         let a = try_parse(&path, &["x"]).unwrap();
         assert_eq!(a.password.as_deref(), Some("hunter2"));
-        let help = preset(Args::command(), &path).unwrap().render_long_help().to_string();
+        let help = preset(Args::command(), &path).unwrap().0.render_long_help().to_string();
         assert!(!help.contains("hunter2"), "{help}");
         assert!(help.contains("TICKPIPE_TEST_PASSWORD"));
     }

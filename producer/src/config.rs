@@ -40,6 +40,21 @@ impl fmt::Display for Secret {
     }
 }
 
+/// The `[librdkafka]` table: librdkafka properties for every Kafka client of
+/// the process. The binary applies them at start
+/// (`tickpipe_ops::config::set_librdkafka_properties`), under the
+/// `TICKPIPE_LIBRDKAFKA_*` variables; `service::run` does not read them.
+/// `Debug` shows the names only (a value may be a password).
+#[derive(Clone, Default, Deserialize, PartialEq)]
+#[serde(transparent)]
+pub struct LibrdkafkaTable(pub toml::Table);
+
+impl fmt::Debug for LibrdkafkaTable {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list().entries(self.0.keys()).finish()
+    }
+}
+
 /// The `[kafka]` section.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -108,6 +123,7 @@ pub struct Config {
     pub coincap: CoinCapConfig,
     pub replay: ReplayConfig,
     pub simulator: SimulatorConfig,
+    pub librdkafka: LibrdkafkaTable,
 }
 
 impl Default for Config {
@@ -121,6 +137,7 @@ impl Default for Config {
             coincap: CoinCapConfig::default(),
             replay: ReplayConfig::default(),
             simulator: SimulatorConfig::default(),
+            librdkafka: LibrdkafkaTable::default(),
         }
     }
 }

@@ -17,6 +17,7 @@ pub const PROPERTY_ENV_PREFIX: &str = "TICKPIPE_LIBRDKAFKA_";
 
 /// What every binary's `--help` says about `PROPERTY_ENV_PREFIX`.
 pub const PROPERTIES_HELP: &str = "librdkafka properties for every Kafka client (SASL, TLS, tuning) come from \
+the configuration file's [librdkafka] table (security.protocol = \"SASL_SSL\") and, over it, from \
 TICKPIPE_LIBRDKAFKA_<NAME> variables: the name lowercased, _ for . and __ for _ \
 (TICKPIPE_LIBRDKAFKA_SECURITY_PROTOCOL=SASL_SSL sets security.protocol). They may change \
 anything but the settings the delivery guarantees rest on (producer: enable.idempotence, acks; \
@@ -42,8 +43,9 @@ pub fn properties_from_env(vars: impl IntoIterator<Item = (String, String)>) -> 
     props
 }
 
-/// A client for `brokers` with the user's librdkafka properties (from the
-/// environment, see `PROPERTY_ENV_PREFIX`).
+/// A client for `brokers` with the user's librdkafka properties: the
+/// configuration file's `[librdkafka]` table, then the environment (see
+/// `PROPERTY_ENV_PREFIX`).
 pub fn client_config(brokers: &str) -> ClientConfig {
     // `vars_os`: `vars` would panic on a variable that is not UTF-8.
     let vars = std::env::vars_os().filter_map(|(k, v)| match (k.into_string(), v.into_string()) {
@@ -54,7 +56,10 @@ pub fn client_config(brokers: &str) -> ClientConfig {
         }
         _ => None,
     });
-    let mut c = with_properties(brokers, &properties_from_env(vars));
+    // The configuration file's properties first, so the environment's win.
+    let mut properties = tickpipe_ops::config::librdkafka_properties().to_vec();
+    properties.extend(properties_from_env(vars));
+    let mut c = with_properties(brokers, &properties);
     let openssl_env = ["SSL_CERT_FILE", "SSL_CERT_DIR"]
         .iter()
         .any(|v| std::env::var_os(v).is_some());

@@ -1,4 +1,5 @@
-//! librdkafka properties from the environment reach the Kafka clients: an
+//! librdkafka properties from the environment (and the configuration file's
+//! `[librdkafka]` table, under it) reach the Kafka clients: an
 //! invalid value set through a `TICKPIPE_LIBRDKAFKA_*` variable stops the
 //! binary with librdkafka's own message naming the property (and a variable
 //! whose value is not UTF-8 does not make it panic first); and such a property
@@ -78,4 +79,41 @@ fn a_property_from_the_environment_wins_over_the_producers_own_tuning() {
         stderr.contains("compression.type") && stderr.contains("no-such-codec"),
         "the error names the property and its value: {stderr}"
     );
+}
+
+#[test]
+fn the_config_files_librdkafka_table_reaches_librdkafka_under_the_environment() {
+    let dir = std::env::temp_dir().join(format!("tickpipe-file-props-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let config = dir.join("producer.toml");
+    std::fs::write(
+        &config,
+        "[librdkafka]\nsecurity.protocol = \"from-the-file\"\nsasl.password = \"hunter2\"\n",
+    )
+    .expect("config file");
+    let run = |env: &[(&str, &str)]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_producer"))
+            .arg("--config")
+            .arg(&config)
+            .args(["--metrics-addr", "off", "--brokers", "127.0.0.1:9"])
+            .args(["run", "--sources", "simulator"])
+            .env("RUST_LOG", "off")
+            .envs(env.iter().copied())
+            .output()
+            .expect("producer binary");
+        assert!(!out.status.success(), "the producer started with an invalid property");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let stderr = run(&[]);
+    assert!(
+        stderr.contains("security.protocol") && stderr.contains("from-the-file"),
+        "the file's property reached librdkafka: {stderr}"
+    );
+    assert!(!stderr.contains("hunter2"), "a value from the file was shown: {stderr}");
+    let stderr = run(&[("TICKPIPE_LIBRDKAFKA_SECURITY_PROTOCOL", "from-the-env")]);
+    assert!(
+        stderr.contains("from-the-env") && !stderr.contains("from-the-file"),
+        "the environment's value is the one used: {stderr}"
+    );
+    std::fs::remove_dir_all(&dir).ok();
 }

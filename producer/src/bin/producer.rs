@@ -30,7 +30,8 @@ struct Cli {
 
 #[derive(Debug, Args)]
 struct Common {
-    /// TOML configuration file (sections kafka, schema_registry, binance, coincap, replay, simulator).
+    /// TOML configuration file (sections kafka, schema_registry, binance, coincap, replay, simulator,
+    /// librdkafka).
     #[arg(long, env = "TICKPIPE_CONFIG", global = true)]
     config: Option<PathBuf>,
     /// Kafka bootstrap servers [default: 127.0.0.1:9092].
@@ -182,6 +183,9 @@ fn layered(c: &Common) -> anyhow::Result<Config> {
         Some(p) => Config::from_file(p).map_err(anyhow::Error::msg)?,
         None => Config::default(),
     };
+    let properties =
+        tickpipe_ops::config::librdkafka_table(&config.librdkafka.0).map_err(|e| anyhow::anyhow!("config: {e}"))?;
+    tickpipe_ops::config::set_librdkafka_properties(properties);
     let k = &mut config.kafka;
     set(&mut k.brokers, c.brokers.clone());
     set(&mut k.topic_prefix, c.topic_prefix.clone());
