@@ -5,6 +5,8 @@ use std::time::Duration;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
+use rdkafka::error::KafkaError;
+use rdkafka::producer::{FutureProducer, Producer};
 use rdkafka::types::RDKafkaErrorCode;
 use tickpipe_schemas::Topic;
 
@@ -86,6 +88,43 @@ fn with_properties(brokers: &str, props: &[(String, String)]) -> ClientConfig {
         c.set(k, v);
     }
     c
+}
+
+/// Asks the cluster for metadata twice, from a thread of its own, so that an
+/// idempotent producer gets its producer id at once. librdkafka asks for the
+/// id when a metadata answer arrives; the first one comes from the bootstrap
+/// connection, which it then replaces by a connection to the broker the answer
+/// named, and finding no broker up at that instant it waits 500 ms before
+/// asking again, holding every record back. The second answer comes from the
+/// named broker, which is up. Nothing waits on this thread: records enqueued
+/// meanwhile wait in librdkafka's queue as they would anyway. `fetch` asks
+/// once and says whether the client is still there.
+pub fn warm_up(fetch: impl Fn() -> bool + Send + 'static) -> std::io::Result<()> {
+    std::thread::Builder::new()
+        .name("kafka-warm-up".into())
+        .spawn(move || {
+            for _ in 0..2 {
+                if !fetch() {
+                    return;
+                }
+            }
+        })
+        .map(drop)
+}
+
+/// A `FutureProducer` for `brokers` (`producer_config`), warmed up on
+/// `topic`: the consumers' producers of candles and dead letters.
+pub fn future_producer(brokers: &str, topic: &str) -> Result<FutureProducer, KafkaError> {
+    let producer: FutureProducer = producer_config(brokers).create()?;
+    let (client, topic) = (producer.clone(), topic.to_owned());
+    warm_up(move || {
+        if let Err(e) = client.client().fetch_metadata(Some(&topic), Duration::from_secs(2)) {
+            tracing::debug!(error = %e, "metadata at start");
+        }
+        true
+    })
+    .map_err(|e| KafkaError::ClientCreation(e.to_string()))?;
+    Ok(producer)
 }
 
 /// Sets `key` unless the user's properties already did.

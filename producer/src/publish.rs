@@ -206,7 +206,17 @@ impl Publisher {
         let poller = poll_deliveries(producer.clone(), stop_polling.clone())
             .map_err(|e| KafkaError::ClientCreation(e.to_string()))?;
         let names: Vec<String> = Topic::ALL.iter().map(|t| t.name(&config.topic_prefix)).collect();
-        warm_up(&producer, &names[topic_index(Topic::Trades)])?;
+        {
+            let (weak, topic) = (Arc::downgrade(&producer), names[topic_index(Topic::Trades)].clone());
+            crate::kafka::warm_up(move || {
+                let Some(producer) = weak.upgrade() else { return false };
+                if let Err(e) = producer.client().fetch_metadata(Some(&topic), Duration::from_secs(2)) {
+                    tracing::debug!(error = %e, "metadata at start");
+                }
+                true
+            })
+            .map_err(|e| KafkaError::ClientCreation(e.to_string()))?;
+        }
         let weak = Arc::downgrade(&producer);
         let redeliver_names = names.clone();
         std::thread::Builder::new()
@@ -446,31 +456,6 @@ impl Publisher {
             }
         }
     }
-}
-
-/// Asks the cluster for metadata twice, from a thread of its own, so that the
-/// idempotent producer gets its producer id at once. librdkafka asks for the id
-/// when a metadata answer arrives; the first one comes from the bootstrap
-/// connection, which it then replaces by a connection to the broker the answer
-/// named, and finding no broker up at that instant it waits 500 ms before asking
-/// again, holding every record back. The second answer comes from the named
-/// broker, which is up. Nothing waits on this thread: records enqueued
-/// meanwhile wait in librdkafka's queue as they would anyway.
-fn warm_up(producer: &Arc<BaseProducer<Context>>, topic: &str) -> Result<(), KafkaError> {
-    let weak = Arc::downgrade(producer);
-    let topic = topic.to_owned();
-    std::thread::Builder::new()
-        .name("kafka-warm-up".into())
-        .spawn(move || {
-            for _ in 0..2 {
-                let Some(producer) = weak.upgrade() else { return };
-                if let Err(e) = producer.client().fetch_metadata(Some(&topic), Duration::from_secs(2)) {
-                    tracing::debug!(error = %e, "metadata at start");
-                }
-            }
-        })
-        .map(drop)
-        .map_err(|e| KafkaError::ClientCreation(e.to_string()))
 }
 
 /// Enqueues from a plain thread, waiting while librdkafka's queue is full.

@@ -30,7 +30,7 @@ use rdkafka::producer::FutureProducer;
 use rdkafka::{Offset, TopicPartitionList};
 use serde_json::json;
 use tickpipe_ops::now_micros;
-use tickpipe_producer::kafka::{producer_config, TopicError};
+use tickpipe_producer::kafka::{future_producer, TopicError};
 use tickpipe_schemas::registry::RegistryConfig;
 use tickpipe_schemas::{Codec, Source, Topic, WriteFraming};
 use tokio::sync::mpsc;
@@ -381,7 +381,7 @@ pub async fn run(config: BqSinkConfig, shutdown: impl Future<Output = ()>) -> Re
         config.replication,
     )
     .await?;
-    let producer: FutureProducer = producer_config(&config.brokers).create()?;
+    let producer = future_producer(&config.brokers, &dead_topic)?;
 
     let stop = Arc::new(AtomicBool::new(false));
     let (batches_tx, mut batches) = mpsc::channel::<Vec<Item>>(2);

@@ -27,10 +27,9 @@ use tickpipe_ops::now_micros;
 use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, StreamConsumer};
 use rdkafka::error::KafkaError;
-use rdkafka::producer::FutureProducer;
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
-use tickpipe_producer::kafka::{ensure_topic_names, ensure_topics_configured, producer_config, TopicError};
+use tickpipe_producer::kafka::{ensure_topic_names, ensure_topics_configured, future_producer, TopicError};
 use tickpipe_schemas::{Codec, DeadLetter, Record, Source, Topic, Trade, WriteFraming};
 
 use super::aggregate::{CandleBuilder, CandleConfig, Output};
@@ -306,7 +305,7 @@ pub async fn run(config: ServiceConfig, shutdown: impl Future<Output = ()>) -> R
         "candles: consuming {trades_topic}"
     );
 
-    let producer: FutureProducer = producer_config(&config.brokers).create()?;
+    let producer = future_producer(&config.brokers, &candles_topic)?;
     let codec = Codec::new(WriteFraming::SingleObject);
     let mut shutdown = std::pin::pin!(shutdown);
     let mut stopping = false;

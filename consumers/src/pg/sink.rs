@@ -32,7 +32,7 @@ use rdkafka::{Offset, TopicPartitionList};
 use tickpipe_ops::now_micros;
 use tokio::sync::mpsc;
 
-use tickpipe_producer::kafka::{producer_config, TopicError};
+use tickpipe_producer::kafka::{future_producer, TopicError};
 use tickpipe_schemas::registry::{RegistryConfig, RegistryError};
 use tickpipe_schemas::{Codec, DeadLetter, Source, Topic, WriteFraming};
 
@@ -381,7 +381,7 @@ pub async fn run(config: SinkConfig, shutdown: impl Future<Output = ()>) -> Resu
         config.replication,
     )
     .await?;
-    let producer: FutureProducer = producer_config(&config.brokers).create()?;
+    let producer = future_producer(&config.brokers, &dead_topic)?;
 
     let stop = Arc::new(AtomicBool::new(false));
     let (batches_tx, mut batches) = mpsc::channel::<Vec<Item>>(2);
