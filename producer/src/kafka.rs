@@ -73,10 +73,10 @@ pub fn client_config(brokers: &str) -> ClientConfig {
 /// certificates under its own prefix (`/usr/local/ssl`), where no system keeps
 /// them: TLS to a cluster with a public certificate would fail. `probe` makes
 /// librdkafka use the system's store (the first of the usual paths that
-/// exists), unless the user named a CA file (`ssl.ca.location`) or pointed
-/// OpenSSL at one (`SSL_CERT_FILE`, `SSL_CERT_DIR`: `openssl_env`).
+/// exists), unless the user named the CAs (`ssl.ca.location`, `ssl.ca.pem`)
+/// or pointed OpenSSL at them (`SSL_CERT_FILE`, `SSL_CERT_DIR`: `openssl_env`).
 fn trust_system_roots(c: &mut ClientConfig, openssl_env: bool) {
-    if !openssl_env {
+    if !openssl_env && c.get("ssl.ca.pem").is_none() {
         default_to(c, "ssl.ca.location", "probe");
     }
 }
@@ -300,6 +300,9 @@ mod tests {
         let mut c = with_properties("b:9092", &vars(&[("ssl.ca.location", "/ca.pem")]));
         trust_system_roots(&mut c, false);
         assert_eq!(c.get("ssl.ca.location"), Some("/ca.pem"), "the user's file");
+        let mut c = with_properties("b:9092", &vars(&[("ssl.ca.pem", "-----BEGIN")]));
+        trust_system_roots(&mut c, false);
+        assert_eq!(c.get("ssl.ca.location"), None, "only the user's PEM");
         let mut c = with_properties("b:9092", &[]);
         trust_system_roots(&mut c, true);
         assert_eq!(c.get("ssl.ca.location"), None, "OpenSSL's SSL_CERT_FILE");
