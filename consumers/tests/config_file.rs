@@ -115,23 +115,26 @@ fn the_example_file_is_accepted() {
     );
 }
 
-#[test]
-fn a_librdkafka_property_from_the_environment_reaches_the_clients() {
-    // candles talks only to Kafka; an invalid value is refused by librdkafka
-    // before any connection (the broker address is a closed loopback port).
-    let out = run(
-        env!("CARGO_BIN_EXE_candles"),
-        &["--brokers", "127.0.0.1:9", "--metrics-addr", "off"],
-        &[
-            ("TICKPIPE_LIBRDKAFKA_SECURITY_PROTOCOL", "no-such-protocol"),
-            ("RUST_LOG", "off"),
-        ],
-    );
-    let stderr = String::from_utf8_lossy(&out.stderr);
+/// Runs candles with `args` and `env` against a closed loopback port, where an
+/// invalid librdkafka property must stop it before any connection; its stderr.
+fn refused_by_librdkafka(args: &[&str], env: &[(&str, &str)]) -> String {
+    let mut all_args = vec!["--brokers", "127.0.0.1:9", "--metrics-addr", "off"];
+    all_args.extend_from_slice(args);
+    let mut all_env = vec![("RUST_LOG", "off")];
+    all_env.extend_from_slice(env);
+    let out = run(env!("CARGO_BIN_EXE_candles"), &all_args, &all_env);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(
         !out.status.success(),
         "candles started with an invalid property: {stderr}"
     );
+    stderr
+}
+
+#[test]
+fn a_librdkafka_property_from_the_environment_reaches_the_clients() {
+    // candles talks only to Kafka, so librdkafka is the first to see the value.
+    let stderr = refused_by_librdkafka(&[], &[("TICKPIPE_LIBRDKAFKA_SECURITY_PROTOCOL", "no-such-protocol")]);
     assert!(
         stderr.contains("security.protocol") && stderr.contains("no-such-protocol"),
         "the error names the property and its value: {stderr}"
@@ -141,35 +144,14 @@ fn a_librdkafka_property_from_the_environment_reaches_the_clients() {
 #[test]
 fn the_files_librdkafka_table_reaches_the_clients_under_the_environment() {
     let path = write("[librdkafka]\nsecurity.protocol = \"from-the-file\"\n");
-    let path_text = path.to_str().expect("utf-8 path");
-    let args = [
-        "--config",
-        path_text,
-        "--brokers",
-        "127.0.0.1:9",
-        "--metrics-addr",
-        "off",
-    ];
-    let out = run(env!("CARGO_BIN_EXE_candles"), &args, &[("RUST_LOG", "off")]);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !out.status.success(),
-        "candles started with an invalid property: {stderr}"
-    );
+    let args = ["--config", path.to_str().expect("utf-8 path")];
+    let stderr = refused_by_librdkafka(&args, &[]);
     assert!(
         stderr.contains("security.protocol") && stderr.contains("from-the-file"),
         "the file's property reached librdkafka: {stderr}"
     );
     // The environment wins over the file.
-    let out = run(
-        env!("CARGO_BIN_EXE_candles"),
-        &args,
-        &[
-            ("TICKPIPE_LIBRDKAFKA_SECURITY_PROTOCOL", "from-the-env"),
-            ("RUST_LOG", "off"),
-        ],
-    );
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stderr = refused_by_librdkafka(&args, &[("TICKPIPE_LIBRDKAFKA_SECURITY_PROTOCOL", "from-the-env")]);
     assert!(
         stderr.contains("from-the-env") && !stderr.contains("from-the-file"),
         "the environment's value is the one used: {stderr}"

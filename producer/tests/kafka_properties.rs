@@ -5,28 +5,44 @@
 //! whose value is not UTF-8 does not make it panic first); and such a property
 //! wins over the producer's own tuning of the same setting.
 
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-#[test]
-fn a_property_from_the_environment_reaches_librdkafka() {
-    let out = Command::new(env!("CARGO_BIN_EXE_producer"))
-        .args(["--metrics-addr", "off", "run", "--sources", "simulator"])
-        // Loopback only; the client is refused before it connects anywhere.
-        .args(["--brokers", "127.0.0.1:9"])
-        .env("TICKPIPE_LIBRDKAFKA_SECURITY_PROTOCOL", "no-such-protocol")
-        // A value that is not UTF-8 is skipped with a warning, not a panic.
-        .env(
-            "TICKPIPE_LIBRDKAFKA_CLIENT_ID",
-            <std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(b"\xff\xfe"),
-        )
+/// Runs the producer's simulator with `config` and `env` against a closed
+/// loopback port, where an invalid librdkafka property must stop it before any
+/// connection; its stderr.
+fn refused_by_librdkafka(config: Option<&Path>, env: &[(&str, &OsStr)]) -> String {
+    let mut producer = Command::new(env!("CARGO_BIN_EXE_producer"));
+    if let Some(config) = config {
+        producer.arg("--config").arg(config);
+    }
+    let out = producer
+        .args(["--metrics-addr", "off", "--brokers", "127.0.0.1:9"])
+        .args(["run", "--sources", "simulator"])
         .env("RUST_LOG", "off")
+        .envs(env.iter().copied())
         .output()
         .expect("producer binary");
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(
         !out.status.success(),
         "the producer started with an invalid property: {stderr}"
+    );
+    stderr
+}
+
+#[test]
+fn a_property_from_the_environment_reaches_librdkafka() {
+    let stderr = refused_by_librdkafka(
+        None,
+        &[
+            ("TICKPIPE_LIBRDKAFKA_SECURITY_PROTOCOL", OsStr::new("no-such-protocol")),
+            // A value that is not UTF-8 is skipped with a warning, not a panic.
+            ("TICKPIPE_LIBRDKAFKA_CLIENT_ID", OsStr::from_bytes(b"\xff\xfe")),
+        ],
     );
     assert!(
         stderr.contains("security.protocol") && stderr.contains("no-such-protocol"),
@@ -91,26 +107,16 @@ fn the_config_files_librdkafka_table_reaches_librdkafka_under_the_environment() 
         "[librdkafka]\nsecurity.protocol = \"from-the-file\"\nsasl.password = \"hunter2\"\n",
     )
     .expect("config file");
-    let run = |env: &[(&str, &str)]| {
-        let out = Command::new(env!("CARGO_BIN_EXE_producer"))
-            .arg("--config")
-            .arg(&config)
-            .args(["--metrics-addr", "off", "--brokers", "127.0.0.1:9"])
-            .args(["run", "--sources", "simulator"])
-            .env("RUST_LOG", "off")
-            .envs(env.iter().copied())
-            .output()
-            .expect("producer binary");
-        assert!(!out.status.success(), "the producer started with an invalid property");
-        String::from_utf8_lossy(&out.stderr).into_owned()
-    };
-    let stderr = run(&[]);
+    let stderr = refused_by_librdkafka(Some(&config), &[]);
     assert!(
         stderr.contains("security.protocol") && stderr.contains("from-the-file"),
         "the file's property reached librdkafka: {stderr}"
     );
     assert!(!stderr.contains("hunter2"), "a value from the file was shown: {stderr}");
-    let stderr = run(&[("TICKPIPE_LIBRDKAFKA_SECURITY_PROTOCOL", "from-the-env")]);
+    let stderr = refused_by_librdkafka(
+        Some(&config),
+        &[("TICKPIPE_LIBRDKAFKA_SECURITY_PROTOCOL", OsStr::new("from-the-env"))],
+    );
     assert!(
         stderr.contains("from-the-env") && !stderr.contains("from-the-file"),
         "the environment's value is the one used: {stderr}"
