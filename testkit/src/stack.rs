@@ -15,6 +15,14 @@ pub fn kafka_brokers() -> String {
     var("TICKPIPE_KAFKA_BROKERS", "127.0.0.1:9092")
 }
 
+/// A loopback address no one listens on now (the port is released for the
+/// caller's server to take).
+fn free_loopback_addr() -> std::net::SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+}
+
 /// A broker of a test's own: tansu (as built by `make stack-up`) listening on
 /// a free loopback port and advertising `advertised` (for example a TLS proxy
 /// in front of it). Killed on drop.
@@ -33,9 +41,7 @@ impl ScratchBroker {
             "no tansu binary at TICKPIPE_TANSU_BIN={bin:?}: run the tests through `make test`, \
              or `make stack-up` and `eval \"$(deploy/local/stack.sh env)\"`"
         );
-        let addr = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free port");
+        let addr = free_loopback_addr();
         let child = std::process::Command::new(&bin)
             .arg("broker")
             .arg("--listener-url")
@@ -236,10 +242,7 @@ impl ScratchPostgres {
                     .unwrap_or(0)
             })
             .expect("PostgreSQL server binaries under /usr/lib/postgresql (make stack-up installs them)");
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map(|a| a.port())
-            .expect("a free port");
+        let port = free_loopback_addr().port();
         let data = std::env::temp_dir().join(unique_name("tickpipe-scratch-pg"));
         std::fs::create_dir_all(&data).expect("scratch folder");
         let pg = ScratchPostgres {
