@@ -102,33 +102,11 @@ pub fn librdkafka_properties() -> &'static [(String, String)] {
 /// A `[librdkafka]` table as (property, value) pairs, sorted: nested tables
 /// and dotted keys join with `.`, lists with `,` (librdkafka's list syntax).
 pub fn librdkafka_table(table: &toml::Table) -> Result<Vec<(String, String)>, String> {
-    fn walk(prefix: &str, value: &toml::Value, out: &mut Vec<(String, String)>) -> Result<(), String> {
-        match value {
-            toml::Value::Table(t) => {
-                for (k, v) in t {
-                    let name = if prefix.is_empty() {
-                        k.clone()
-                    } else {
-                        format!("{prefix}.{k}")
-                    };
-                    walk(&name, v, out)?;
-                }
-            }
-            toml::Value::Array(items) => {
-                let items: Option<Vec<String>> = items.iter().map(scalar).collect();
-                let items = items.ok_or_else(|| {
-                    format!("librdkafka {prefix}: a list may hold only strings, numbers and booleans")
-                })?;
-                out.push((prefix.to_owned(), items.join(",")));
-            }
-            v => out.push((prefix.to_owned(), scalar(v).unwrap_or_default())),
-        }
-        Ok(())
+    let mut properties = BTreeMap::new();
+    for (k, v) in table {
+        flatten(k, ".", v, &mut properties)?;
     }
-    let mut out = Vec::new();
-    walk("", &toml::Value::Table(table.clone()), &mut out)?;
-    out.sort();
-    Ok(out)
+    Ok(properties.into_iter().collect())
 }
 
 /// `command` with the defaults of the flags the file at `path` sets, and the
@@ -149,7 +127,7 @@ pub fn preset(command: Command, path: &Path) -> Result<(Command, Vec<(String, St
         Some(_) => return Err(invalid("librdkafka must be a table of librdkafka properties".into())),
     };
     let mut values = BTreeMap::new();
-    flatten("", &toml::Value::Table(table), &mut values).map_err(invalid)?;
+    flatten("", "_", &toml::Value::Table(table), &mut values).map_err(invalid)?;
 
     // Environment variable name -> (flag id, secret?).
     let flags: BTreeMap<String, (String, bool)> = command
@@ -187,19 +165,19 @@ fn key_of(env: &str) -> String {
     env.trim_start_matches("TICKPIPE_").to_lowercase()
 }
 
-/// Collects `prefix_key = value` for every scalar or list in `value`.
-fn flatten(prefix: &str, value: &toml::Value, out: &mut BTreeMap<String, String>) -> Result<(), String> {
+/// Collects `prefix<sep>key = value` for every scalar or list in `value`.
+fn flatten(prefix: &str, sep: &str, value: &toml::Value, out: &mut BTreeMap<String, String>) -> Result<(), String> {
     let join = |k: &str| {
         if prefix.is_empty() {
             k.to_owned()
         } else {
-            format!("{prefix}_{k}")
+            format!("{prefix}{sep}{k}")
         }
     };
     match value {
         toml::Value::Table(t) => {
             for (k, v) in t {
-                flatten(&join(k), v, out)?;
+                flatten(&join(k), sep, v, out)?;
             }
         }
         toml::Value::Array(items) => {
