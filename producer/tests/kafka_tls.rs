@@ -44,12 +44,8 @@ fn librdkafka_carries_tls_sasl_and_every_codec() {
 }
 
 fn tls_consumer(brokers: &str, ca: Option<&std::path::Path>) -> BaseConsumer {
-    let mut c = ClientConfig::new();
-    c.set("bootstrap.servers", brokers)
-        .set("security.protocol", "SSL")
-        .set("group.id", "tickpipe-tls-reader")
-        .set("enable.auto.commit", "false")
-        .set("enable.partition.eof", "true");
+    let mut c = common::reader_config(brokers);
+    c.set("security.protocol", "SSL");
     // `probe`: the system's store, as the services trust by default.
     let ca = ca.map_or("probe", |p| p.to_str().expect("utf-8 path"));
     c.set("ssl.ca.location", ca);

@@ -17,18 +17,22 @@ use tickpipe_schemas::{Codec, DeadLetter, Record, Trade, WriteFraming};
 /// is where each partition reports EOF: tansu's ListOffsets (watermarks) can
 /// report less than the log holds.
 pub fn read_topic(brokers: &str, topic: &str) -> Vec<(Vec<u8>, Vec<u8>)> {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("group.id", "tickpipe-test-reader")
-        .set("enable.auto.commit", "false")
-        .set("enable.partition.eof", "true")
-        .create()
-        .expect("consumer");
+    let consumer: BaseConsumer = reader_config(brokers).create().expect("consumer");
     read_with(&consumer, topic)
 }
 
-/// `read_topic` with a consumer of the caller's (which must have
-/// `enable.partition.eof`).
+/// The settings of `read_topic`'s consumer, for a caller that adds its own
+/// (security, say) and reads with `read_with`.
+pub fn reader_config(brokers: &str) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", brokers)
+        .set("group.id", "tickpipe-test-reader")
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "true");
+    c
+}
+
+/// `read_topic` with a consumer of the caller's (made from `reader_config`).
 pub fn read_with(consumer: &BaseConsumer, topic: &str) -> Vec<(Vec<u8>, Vec<u8>)> {
     let md = consumer
         .fetch_metadata(Some(topic), Duration::from_secs(10))
