@@ -13,8 +13,13 @@
 //! | `disable`     | never                 | -                                    |
 //! | `allow`, `prefer` (default) | when the server offers it | as `require`         |
 //! | `require`     | always                | only against `sslrootcert` if given  |
-//! | `verify-ca`   | always                | chain against `sslrootcert` (or the system's roots with `sslrootcert=system`) |
+//! | `verify-ca`   | always                | chain against `sslrootcert`          |
 //! | `verify-full` | always                | chain and host name                  |
+//!
+//! `sslrootcert=system` trusts the system's roots and, as in libpq 16, makes
+//! `verify-full` the default and any weaker mode an error: anyone can get a
+//! publicly trusted certificate for a host name they control, so a chain
+//! check without the host name proves nothing.
 //!
 //! (`allow` tries TLS first rather than last: the only difference is which
 //! of two working connections is used.) This module does no I/O but reading the
@@ -103,6 +108,11 @@ pub enum TlsError {
     },
     #[error("TLS setup: {0}")]
     Connector(native_tls::Error),
+    #[error(
+        "sslrootcert=system needs sslmode=verify-full (leave sslmode out or set it so), not sslmode={0}: \
+         any public certificate authority signs for a host name its owner controls"
+    )]
+    SystemRootsNeedFullCheck(String),
     #[error("unterminated quoted value in the connection string")]
     Quote,
 }
@@ -120,12 +130,23 @@ pub fn split(conn: &str) -> Result<(String, TlsOptions), TlsError> {
         split_key_values(conn)?
     };
     let mut opts = TlsOptions::default();
+    let mut mode_given = None;
     for (key, value) in pairs {
         match key.as_str() {
-            "sslmode" => opts.mode = SslMode::parse(&value)?,
-            "sslrootcert" => opts.root_cert = (value != "system").then(|| value.into()),
+            "sslmode" => {
+                opts.mode = SslMode::parse(&value)?;
+                mode_given = Some(value);
+            }
+            "sslrootcert" => opts.root_cert = Some(value.into()),
             "sslcert" => opts.client_cert = Some(value.into()),
             _ => opts.client_key = Some(value.into()),
+        }
+    }
+    if opts.root_cert.as_deref() == Some(std::path::Path::new("system")) {
+        opts.root_cert = None;
+        match mode_given {
+            Some(given) if opts.mode != SslMode::VerifyFull => return Err(TlsError::SystemRootsNeedFullCheck(given)),
+            _ => opts.mode = SslMode::VerifyFull,
         }
     }
     let mode = opts.mode.for_tokio_postgres();
@@ -320,9 +341,15 @@ mod tests {
             None,
         );
         check(
-            "postgres://db/x?sslmode=verify-ca&sslrootcert=system",
+            "postgres://db/x?sslrootcert=system",
             "postgres://db/x?sslmode=require",
-            VerifyCa,
+            VerifyFull,
+            None,
+        );
+        check(
+            "postgres://db/x?sslrootcert=system&sslmode=verify-full",
+            "postgres://db/x?sslmode=require",
+            VerifyFull,
             None,
         );
         check(
@@ -356,6 +383,13 @@ mod tests {
     fn bad_tls_settings_are_named() {
         let err = split("postgres://db/x?sslmode=verify").unwrap_err().to_string();
         assert!(err.contains("sslmode=verify is not one of"), "{err}");
+        for weaker in ["disable", "prefer", "require", "verify-ca"] {
+            let err = split(&format!("host=db sslmode={weaker} sslrootcert=system"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("needs sslmode=verify-full"), "{err}");
+            assert!(err.contains(&format!("not sslmode={weaker}")), "{err}");
+        }
         let err = split("host=db sslrootcert='/open").unwrap_err().to_string();
         assert!(err.contains("unterminated"), "{err}");
         let (_, opts) = split("host=db sslcert=/c.pem").expect("split");
