@@ -2,9 +2,11 @@
 
 use std::time::Duration;
 
+use prometheus::{IntGaugeVec, Opts};
 use rdkafka::config::ClientConfig;
 use rdkafka::error::KafkaError;
 use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::Statistics;
 use tickpipe_producer::kafka::{client_config, default_to, require};
 use tickpipe_schemas::{Codec, DeadLetter, EncodeError, Record};
 
@@ -21,6 +23,38 @@ pub fn consumer_config(brokers: &str, group: &str) -> ClientConfig {
     require(&mut c, "isolation.level", "read_committed");
     default_to(&mut c, "auto.offset.reset", "earliest");
     c
+}
+
+/// How often librdkafka reports its statistics, from which the consumer lag
+/// gauge is set.
+pub const STATISTICS_INTERVAL_MS: &str = "5000";
+
+/// `<prefix>_consumer_lag_records{topic, partition}`, set by
+/// [`record_consumer_lag`].
+pub fn consumer_lag_gauge(prefix: &str) -> IntGaugeVec {
+    IntGaugeVec::new(
+        Opts::new(
+            format!("{prefix}_consumer_lag_records"),
+            "Records behind the partition's end (from the committed offset).",
+        ),
+        &["topic", "partition"],
+    )
+    .unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Sets the lag gauge from a statistics report: per partition, the records
+/// between the group's committed offset and the partition's (last stable) end.
+/// Partitions whose lag librdkafka does not know yet (nothing committed) are
+/// left out.
+pub fn record_consumer_lag(lag: &IntGaugeVec, statistics: &Statistics) {
+    for (topic, t) in &statistics.topics {
+        for (partition, p) in &t.partitions {
+            if *partition >= 0 && p.consumer_lag >= 0 {
+                lag.with_label_values(&[topic.as_str(), &partition.to_string()])
+                    .set(p.consumer_lag);
+            }
+        }
+    }
 }
 
 /// Produces records and waits until the broker acknowledged every one. All are

@@ -29,7 +29,7 @@ use tickpipe_schemas::{Codec, Topic, WriteFraming};
 use tokio::sync::mpsc;
 
 use crate::decode::{decode_item, learn_schema, Item};
-use crate::kafka::consumer_config;
+use crate::kafka::{consumer_config, consumer_lag_gauge, record_consumer_lag, STATISTICS_INTERVAL_MS};
 
 pub(crate) fn must<T>(r: prometheus::Result<T>) -> T {
     r.unwrap_or_else(|e| panic!("metric definition: {e}"))
@@ -99,13 +99,7 @@ impl SinkMetrics {
                 .buckets(prometheus::exponential_buckets(0.01, 2.0, 16).unwrap_or_default()),
                 &["topic"],
             )),
-            lag: must(IntGaugeVec::new(
-                Opts::new(
-                    format!("{prefix}_consumer_lag_records"),
-                    "Records behind the partition's end (from the committed offset).",
-                ),
-                &["topic", "partition"],
-            )),
+            lag: consumer_lag_gauge(prefix),
         };
         for c in [
             Box::new(m.consumed.clone()) as Box<dyn prometheus::core::Collector>,
@@ -263,16 +257,7 @@ impl SinkContext {
 
 impl ClientContext for SinkContext {
     fn stats(&self, statistics: Statistics) {
-        for (topic, t) in &statistics.topics {
-            for (partition, p) in &t.partitions {
-                if *partition >= 0 && p.consumer_lag >= 0 {
-                    self.metrics
-                        .lag
-                        .with_label_values(&[topic.as_str(), &partition.to_string()])
-                        .set(p.consumer_lag);
-                }
-            }
-        }
+        record_consumer_lag(&self.metrics.lag, &statistics);
     }
 }
 
@@ -366,7 +351,7 @@ fn consume(
         metrics: metrics.clone(),
     };
     let mut cc = consumer_config(&settings.brokers, &settings.group);
-    cc.set("statistics.interval.ms", "5000")
+    cc.set("statistics.interval.ms", STATISTICS_INTERVAL_MS)
         .set("session.timeout.ms", settings.session_timeout.as_millis().to_string());
     if let Some(id) = &settings.instance_id {
         cc.set("group.instance.id", id);

@@ -43,11 +43,6 @@ fn tool(name: &str) -> PathBuf {
         .unwrap_or_else(|| panic!("{name} is not installed: run deploy/local/prometheus.sh (make test does)"))
 }
 
-fn free_addr() -> SocketAddr {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    l.local_addr().expect("addr")
-}
-
 /// One contract row: type and label names.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Spec {
@@ -174,10 +169,10 @@ async fn the_services_export_exactly_the_metrics_contract() {
         .unwrap_or_else(|e| panic!("is the broker up (make stack-up)? {e}"));
     let url = stack::fresh_database("contract").await;
     let addrs: BTreeMap<&str, SocketAddr> = [
-        ("producer", free_addr()),
-        ("candles", free_addr()),
-        ("postgres_sink", free_addr()),
-        ("bigquery_sink", free_addr()),
+        ("producer", stack::free_loopback_addr()),
+        ("candles", stack::free_loopback_addr()),
+        ("postgres_sink", stack::free_loopback_addr()),
+        ("bigquery_sink", stack::free_loopback_addr()),
     ]
     .into();
 
@@ -276,6 +271,7 @@ async fn the_services_export_exactly_the_metrics_contract() {
         "tickpipe_producer_published_bytes_total",
         "tickpipe_candles_candles_out_total",
         "tickpipe_candles_rejected_total",
+        "tickpipe_candles_consumer_lag_records",
         "tickpipe_postgres_sink_records_consumed_total",
         "tickpipe_postgres_sink_records_written_total",
         "tickpipe_postgres_sink_records_rejected_total",
@@ -476,7 +472,7 @@ async fn a_real_prometheus_scrapes_a_running_service() {
     ensure_topics(&stack::kafka_brokers(), &prefix, &Topic::ALL, 1, 1)
         .await
         .unwrap_or_else(|e| panic!("is the broker up (make stack-up)? {e}"));
-    let metrics = free_addr();
+    let metrics = stack::free_loopback_addr();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let producer = tokio::spawn(tickpipe_producer::service::run(
         simulator_config(&prefix, metrics),
@@ -496,7 +492,7 @@ async fn a_real_prometheus_scrapes_a_running_service() {
         ),
     )
     .expect("config");
-    let listen = free_addr();
+    let listen = stack::free_loopback_addr();
     let server = Prometheus(
         Command::new(tool("prometheus"))
             .arg(format!("--config.file={}", config.display()))

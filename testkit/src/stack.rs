@@ -17,7 +17,7 @@ pub fn kafka_brokers() -> String {
 
 /// A loopback address no one listens on now (the port is released for the
 /// caller's server to take).
-fn free_loopback_addr() -> std::net::SocketAddr {
+pub fn free_loopback_addr() -> std::net::SocketAddr {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .expect("a free port")

@@ -24,16 +24,16 @@ use std::time::Duration;
 
 use tickpipe_ops::now_micros;
 
-use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts, Registry};
+use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, StreamConsumer};
 use rdkafka::error::KafkaError;
 use rdkafka::types::RDKafkaErrorCode;
-use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
+use rdkafka::{ClientContext, Message, Offset, Statistics, TopicPartitionList};
 use tickpipe_producer::kafka::{ensure_topic_names, ensure_topics_configured, future_producer, TopicError};
 use tickpipe_schemas::{Codec, DeadLetter, Record, Source, Topic, Trade, WriteFraming};
 
 use super::aggregate::{CandleBuilder, CandleConfig, Output};
-use crate::kafka::{consumer_config, send_all};
+use crate::kafka::{consumer_config, consumer_lag_gauge, record_consumer_lag, send_all, STATISTICS_INTERVAL_MS};
 
 /// How far before its stored position a partition is re-read on start; the
 /// records below the position are skipped. tansu 0.6 answers a fetch only with
@@ -94,10 +94,12 @@ pub enum ServiceError {
 pub struct Metrics {
     registry: Registry,
     trades_in: IntCounter,
+    already_counted: IntCounter,
     candles_out: IntCounterVec,
     late: IntCounter,
     rejected: IntCounterVec,
     watermark_lag: IntGauge,
+    lag: IntGaugeVec,
 }
 
 impl Metrics {
@@ -105,6 +107,11 @@ impl Metrics {
         let registry = Registry::new();
         let trades_in = IntCounter::new("tickpipe_candles_trades_in_total", "Trades read from the trades topic.")
             .unwrap_or_else(|e| panic!("{e}"));
+        let already_counted = IntCounter::new(
+            "tickpipe_candles_records_already_counted_total",
+            "Trades skipped on re-reading because the restored state already holds them.",
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
         let candles_out = IntCounterVec::new(
             Opts::new(
                 "tickpipe_candles_candles_out_total",
@@ -131,22 +138,27 @@ impl Metrics {
             "Wall clock minus the oldest watermark of the symbols seen.",
         )
         .unwrap_or_else(|e| panic!("{e}"));
+        let lag = consumer_lag_gauge("tickpipe_candles");
         for c in [
             Box::new(trades_in.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(already_counted.clone()),
             Box::new(candles_out.clone()),
             Box::new(late.clone()),
             Box::new(rejected.clone()),
             Box::new(watermark_lag.clone()),
+            Box::new(lag.clone()),
         ] {
             registry.register(c).unwrap_or_else(|e| panic!("{e}"));
         }
         Metrics {
             registry,
             trades_in,
+            already_counted,
             candles_out,
             late,
             rejected,
             watermark_lag,
+            lag,
         }
     }
 }
@@ -171,6 +183,19 @@ impl ClientContext for StateReader {
 }
 
 impl ConsumerContext for StateReader {}
+
+/// The input consumer's client: its statistics set the lag gauge.
+struct InputContext {
+    lag: IntGaugeVec,
+}
+
+impl ClientContext for InputContext {
+    fn stats(&self, statistics: Statistics) {
+        record_consumer_lag(&self.lag, &statistics);
+    }
+}
+
+impl ConsumerContext for InputContext {}
 
 fn is_partition_eof(error: &KafkaError) -> bool {
     matches!(
@@ -274,7 +299,11 @@ pub async fn run(config: ServiceConfig, shutdown: impl Future<Output = ()>) -> R
         .await
         .map_err(|e| ServiceError::State(e.to_string()))??;
 
-    let consumer: StreamConsumer = consumer_config(&config.brokers, &config.group).create()?;
+    let mut cc = consumer_config(&config.brokers, &config.group);
+    cc.set("statistics.interval.ms", STATISTICS_INTERVAL_MS);
+    let consumer: StreamConsumer<InputContext> = cc.create_with_context(InputContext {
+        lag: metrics.lag.clone(),
+    })?;
     let meta = consumer.fetch_metadata(Some(&trades_topic), Duration::from_secs(10))?;
     let mut tpl = TopicPartitionList::new();
     let mut builders: HashMap<i32, CandleBuilder> = HashMap::new();
@@ -326,7 +355,7 @@ pub async fn run(config: ServiceConfig, shutdown: impl Future<Output = ()>) -> R
                     let partition = msg.partition();
                     let position = positions.entry(partition).or_insert(0);
                     if msg.offset() < *position {
-                        metrics.rejected.with_label_values(&["already_counted"]).inc();
+                        metrics.already_counted.inc();
                         continue;
                     }
                     *position = msg.offset() + 1;
