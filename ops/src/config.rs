@@ -9,7 +9,9 @@
 //! allowed_lateness_ms = 5000
 //! ```
 //!
-//! (or `candles_allowed_lateness_ms = 5000` at the top). Lists are TOML arrays.
+//! (or `candles_allowed_lateness_ms = 5000` at the top). Flags that take a
+//! list take a TOML array (or one comma-separated string); an array for any
+//! other flag is an error.
 //! The `[librdkafka]` table is the exception: its keys are librdkafka property
 //! names (`security.protocol = "SASL_SSL"`, dotted keys or nested tables),
 //! given to every Kafka client of the process under the
@@ -106,7 +108,7 @@ pub fn librdkafka_table(table: &toml::Table) -> Result<Vec<(String, String)>, St
     for (k, v) in table {
         flatten(k, ".", v, &mut properties)?;
     }
-    Ok(properties.into_iter().collect())
+    Ok(properties.into_iter().map(|(k, v)| (k, v.text)).collect())
 }
 
 /// `command` with the defaults of the flags the file at `path` sets, and the
@@ -129,18 +131,19 @@ pub fn preset(command: Command, path: &Path) -> Result<(Command, Vec<(String, St
     let mut values = BTreeMap::new();
     flatten("", "_", &toml::Value::Table(table), &mut values).map_err(invalid)?;
 
-    // Environment variable name -> (flag id, secret?).
-    let flags: BTreeMap<String, (String, bool)> = command
+    // Environment variable name -> (flag id, secret?, takes a list?).
+    let flags: BTreeMap<String, (String, bool, bool)> = command
         .get_arguments()
         .filter_map(|a| {
             let env = a.get_env()?.to_str()?.to_owned();
-            Some((env, (a.get_id().to_string(), a.is_hide_env_values_set())))
+            let takes_list = a.get_value_delimiter().is_some();
+            Some((env, (a.get_id().to_string(), a.is_hide_env_values_set(), takes_list)))
         })
         .collect();
     let mut command = command;
     for (key, value) in values {
         let env = format!("TICKPIPE_{}", key.to_uppercase());
-        let Some((id, secret)) = flags.get(&env) else {
+        let Some((id, secret, takes_list)) = flags.get(&env) else {
             let known: Vec<String> = flags
                 .keys()
                 .filter(|e| *e != "TICKPIPE_CONFIG")
@@ -154,8 +157,16 @@ pub fn preset(command: Command, path: &Path) -> Result<(Command, Vec<(String, St
         if env == "TICKPIPE_CONFIG" {
             return Err(invalid("a configuration file cannot name another one".into()));
         }
+        if value.list && !takes_list {
+            return Err(invalid(format!(
+                "{key} takes one value, not a list (a value that is itself comma-separated, such as \
+                 bootstrap servers, is one string: \"a:9092,b:9092\")"
+            )));
+        }
         let secret = *secret;
-        command = command.mut_arg(id.as_str(), |arg| arg.default_value(value).hide_default_value(secret));
+        command = command.mut_arg(id.as_str(), |arg| {
+            arg.default_value(value.text).hide_default_value(secret)
+        });
     }
     Ok((command, properties))
 }
@@ -165,8 +176,15 @@ fn key_of(env: &str) -> String {
     env.trim_start_matches("TICKPIPE_").to_lowercase()
 }
 
+/// A scalar, or a list joined with `,`, as a flag's text.
+struct Flat {
+    text: String,
+    /// Written as a TOML array.
+    list: bool,
+}
+
 /// Collects `prefix<sep>key = value` for every scalar or list in `value`.
-fn flatten(prefix: &str, sep: &str, value: &toml::Value, out: &mut BTreeMap<String, String>) -> Result<(), String> {
+fn flatten(prefix: &str, sep: &str, value: &toml::Value, out: &mut BTreeMap<String, Flat>) -> Result<(), String> {
     let join = |k: &str| {
         if prefix.is_empty() {
             k.to_owned()
@@ -187,11 +205,12 @@ fn flatten(prefix: &str, sep: &str, value: &toml::Value, out: &mut BTreeMap<Stri
                     scalar(v).ok_or_else(|| format!("{prefix}: a list may hold only strings, numbers and booleans"))
                 })
                 .collect();
-            out.insert(prefix.to_owned(), items?.join(","));
+            let text = items?.join(",");
+            out.insert(prefix.to_owned(), Flat { text, list: true });
         }
         v => {
-            let s = scalar(v).ok_or_else(|| format!("{prefix}: unsupported value"))?;
-            out.insert(prefix.to_owned(), s);
+            let text = scalar(v).ok_or_else(|| format!("{prefix}: unsupported value"))?;
+            out.insert(prefix.to_owned(), Flat { text, list: false });
         }
     }
     Ok(())
@@ -298,6 +317,9 @@ mod tests {
         let (_d, path) = file("[test\n");
         let e = try_parse(&path, &["x"]).unwrap_err();
         assert!(e.contains("c.toml"), "{e}");
+        let (_d, path) = file("[test]\nlateness_ms = [1, 2]\n");
+        let e = try_parse(&path, &["x"]).unwrap_err();
+        assert!(e.contains("test_lateness_ms takes one value, not a list"), "{e}");
         let e = try_parse(Path::new("/nonexistent/tickpipe.toml"), &["x"]).unwrap_err();
         assert!(e.contains("/nonexistent/tickpipe.toml"), "{e}");
     }
