@@ -1,8 +1,8 @@
 //! The producer's Prometheus metrics, registered once. Label sets are fixed:
 //! `component` (which source), `topic`, `stage`, `symbol` (configured symbols
-//! only), `api`, `outcome`.
+//! only), `interval`, `api`, `outcome`.
 
-use prometheus::{Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry};
+use prometheus::{GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry};
 
 /// Every metric the producer exports.
 #[derive(Clone)]
@@ -38,6 +38,12 @@ pub struct Metrics {
     pub rest_requests: IntCounterVec,
     /// REST latency by api.
     pub rest_latency: HistogramVec,
+    /// Klines backfill: holes between consecutive klines (exchange outages),
+    /// by symbol and interval.
+    pub kline_gaps: IntCounterVec,
+    /// Klines backfill: close time of the newest kline published, in Unix
+    /// seconds, by symbol and interval (how fresh the history is).
+    pub kline_newest: GaugeVec,
 }
 
 fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -78,6 +84,15 @@ impl Metrics {
         )
         .expect("metric definition");
         r.register(Box::new(rest_latency.clone())).expect("unique metric");
+        let kline_newest = GaugeVec::new(
+            Opts::new(
+                "tickpipe_producer_kline_newest_close_time_seconds",
+                "Close time (Unix seconds) of the newest kline the backfill published.",
+            ),
+            &["symbol", "interval"],
+        )
+        .expect("metric definition");
+        r.register(Box::new(kline_newest.clone())).expect("unique metric");
         Metrics {
             received: counter(
                 r,
@@ -154,6 +169,13 @@ impl Metrics {
                 &["api", "outcome"],
             ),
             rest_latency,
+            kline_gaps: counter(
+                r,
+                "tickpipe_producer_kline_gaps_total",
+                "Holes between consecutive klines the backfill received (exchange outages).",
+                &["symbol", "interval"],
+            ),
+            kline_newest,
             registry,
         }
     }

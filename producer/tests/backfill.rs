@@ -149,3 +149,95 @@ async fn a_restricted_location_is_a_clear_error() {
     assert!(err.to_string().contains("TICKPIPE_BINANCE_REST_URL"), "{err}");
     std::fs::remove_dir_all(&job.state_dir).ok();
 }
+
+/// The BTCUSDT hourly rows (2021-04-04 to 2023-12-30) as REST kline rows. The
+/// data's README counts five real Binance outages of 2 to 5 hours in them.
+fn hourly_klines() -> Option<Vec<serde_json::Value>> {
+    let dir = stack::real_data("binance_spot_klines_multiyear")?;
+    let text = std::fs::read_to_string(dir.join("BTCUSDT_1h_2021-04-04_2023-12-30.csv")).expect("hourly klines");
+    Some(
+        text.lines()
+            .skip(1)
+            .map(|l| {
+                let f: Vec<&str> = l.split(',').collect();
+                let open = chrono::NaiveDateTime::parse_from_str(f[0], "%Y-%m-%d %H:%M:%S")
+                    .expect("open time")
+                    .and_utc()
+                    .timestamp_millis();
+                serde_json::json!([
+                    open,
+                    f[1],
+                    f[2],
+                    f[3],
+                    f[4],
+                    f[5],
+                    open + 3_599_999,
+                    "0",
+                    0,
+                    "0",
+                    "0",
+                    "0"
+                ])
+            })
+            .collect(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outages_are_reported_as_gaps_across_runs_and_never_filled() {
+    let Some(rows) = hourly_klines() else { return };
+    let open = |r: &serde_json::Value| r[0].as_i64().expect("open time");
+    // The first run's history ends just before the first outage, so the second
+    // run meets that outage right at the checkpoint.
+    let cut = (1..rows.len())
+        .find(|&i| open(&rows[i]) - open(&rows[i - 1]) > 3_600_000)
+        .expect("an outage in the data");
+    let serve = |rows: &[serde_json::Value]| BinanceScript {
+        klines: BTreeMap::from([(("BTCUSDT".to_owned(), "1h".to_owned()), rows.to_vec())]),
+        ..BinanceScript::default()
+    };
+    let prefix = format!("{}.", stack::unique_name("backfill_gaps"));
+    let first = FakeBinance::start(serve(&rows[..cut])).await;
+    let (mut config, mut job) = setup(&prefix, &first);
+    job.intervals = vec!["1h".into()];
+    let gaps = |m: &Metrics| m.kline_gaps.with_label_values(&["BTCUSDT", "1h"]).get();
+    let newest = |m: &Metrics| m.kline_newest.with_label_values(&["BTCUSDT", "1h"]).get();
+
+    let before = Metrics::new();
+    let n1 = service::run_backfill(config.clone(), job.clone(), before.clone(), std::future::pending())
+        .await
+        .expect("first run");
+    assert_eq!((n1 as usize, gaps(&before)), (cut, 0));
+    assert_eq!(newest(&before), (open(&rows[cut - 1]) + 3_599_999) as f64 / 1e3);
+
+    let second = FakeBinance::start(serve(&rows)).await;
+    config.binance.rest_url = second.rest_url();
+    let after = Metrics::new();
+    let n2 = service::run_backfill(config, job.clone(), after.clone(), std::future::pending())
+        .await
+        .expect("second run");
+    assert_eq!(n1 as usize + n2 as usize, rows.len(), "every kline once");
+    assert_eq!(gaps(&after), 5, "the five outages, the first at the checkpoint");
+    let last = rows.last().expect("rows");
+    assert_eq!(newest(&after), (open(last) + 3_599_999) as f64 / 1e3);
+    // As Prometheus sees them (names and labels as in docs/metrics.md).
+    let text = prometheus::TextEncoder::new()
+        .encode_to_string(&after.registry.gather())
+        .expect("metrics text");
+    for line in [
+        r#"tickpipe_producer_kline_gaps_total{interval="1h",symbol="BTCUSDT"} 5"#,
+        r#"tickpipe_producer_kline_newest_close_time_seconds{interval="1h",symbol="BTCUSDT"} 1703966399.999"#,
+    ] {
+        assert!(text.lines().any(|l| l == line), "{line} not in\n{text}");
+    }
+
+    // Nothing invented: the topic holds exactly the exchange's klines.
+    let candles: Vec<Candle> = common::decode(&common::read_topic(
+        &stack::kafka_brokers(),
+        &format!("{prefix}candles"),
+    ));
+    let opens: std::collections::BTreeSet<i64> = candles.iter().map(|c| c.open_time / 1000).collect();
+    let want: std::collections::BTreeSet<i64> = rows.iter().map(open).collect();
+    assert_eq!((candles.len(), opens), (rows.len(), want));
+    std::fs::remove_dir_all(&job.state_dir).ok();
+}

@@ -8,6 +8,15 @@
 //! where a page can be published twice is a kill between the acknowledgement
 //! and the checkpoint write; downstream the candle key (venue, symbol,
 //! interval, open time, origin) makes that repeat harmless.
+//!
+//! Load checks, after every (symbol, interval): a summary line with the candles
+//! published and the gaps found. A gap is a kline that does not open where
+//! the previous one closed (or, on a resumed run, at the checkpoint): an
+//! exchange outage, for which Binance has no klines. Gaps are reported (log
+//! line with the missing span, `tickpipe_producer_kline_gaps_total`), never
+//! filled with invented rows. The close time of the newest kline is exported
+//! (`tickpipe_producer_kline_newest_close_time_seconds`) so that a stalled
+//! daily job raises an alert.
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
@@ -149,10 +158,16 @@ async fn one(
     let checkpoint = checkpoint_path(&job.state_dir, &config.venue, symbol, interval);
     let now = now_micros();
     let from = now - job.since.as_micros() as Micros;
-    let mut next = read_checkpoint(&checkpoint)?.unwrap_or(from).max(from);
+    let resumed = read_checkpoint(&checkpoint)?.filter(|c| *c >= from);
+    let mut next = resumed.unwrap_or(from);
     let total_est = ((now - next) / step).max(1);
     let progress = std::io::stderr().is_terminal();
     let mut published = 0u64;
+    // Where the next kline must open: after the checkpoint of a resumed run;
+    // unknown on a first run (history starts at the listing or `since`).
+    let mut expected = resumed;
+    let mut gaps = 0u64;
+    let labels = [symbol, interval];
     loop {
         if stop.is_stopped() {
             break;
@@ -197,6 +212,19 @@ async fn one(
                     if c.open_time < next {
                         continue;
                     }
+                    if let Some(at) = expected.filter(|at| c.open_time > *at) {
+                        gaps += 1;
+                        publisher.metrics().kline_gaps.with_label_values(&labels).inc();
+                        tracing::warn!(
+                            symbol,
+                            interval,
+                            from = %utc(at),
+                            to = %utc(c.open_time),
+                            missing_hours = (c.open_time - at) as f64 / 3.6e9,
+                            "no klines from the exchange for this span (an outage); none are invented"
+                        );
+                    }
+                    expected = Some(c.close_time + 1000);
                     page_next = c.close_time + 1000;
                     published += 1;
                     publisher
@@ -228,6 +256,7 @@ async fn one(
         }
         next = page_next;
         write_checkpoint(&checkpoint, next)?;
+        set_newest(publisher, &labels, next);
         if progress {
             let done = total_est - ((now - next) / step).max(0);
             eprint!(
@@ -242,8 +271,31 @@ async fn one(
     if progress {
         eprintln!();
     }
-    tracing::info!(symbol, interval, published, "klines backfilled");
+    // The newest kline known: published now, or before the checkpoint.
+    if let Some(after_newest) = expected {
+        set_newest(publisher, &labels, after_newest);
+    }
+    tracing::info!(
+        symbol,
+        interval,
+        published,
+        gaps,
+        newest_close = %expected.map_or_else(|| "none".to_owned(), |e| utc(e - 1000)),
+        "klines backfilled"
+    );
     Ok(published)
+}
+
+/// Exports the close time of the newest kline, given the open time of the one
+/// after it (1 ms later).
+fn set_newest(publisher: &Publisher, labels: &[&str; 2], after_newest: Micros) {
+    let gauge = publisher.metrics().kline_newest.with_label_values(labels);
+    gauge.set((after_newest - 1000) as f64 / 1e6);
+}
+
+/// A time for a log line: RFC 3339, UTC.
+fn utc(micros: Micros) -> String {
+    chrono::DateTime::from_timestamp_micros(micros).map_or_else(|| format!("{micros} µs"), |t| t.to_rfc3339())
 }
 
 #[cfg(test)]
