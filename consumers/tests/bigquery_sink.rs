@@ -1,7 +1,8 @@
 //! `bigquery-sink` against the BigQuery emulator and the real broker: a real
 //! recording streamed through, compared row for row with what was produced;
 //! poison and rows BigQuery refuses in the dead letters; SIGKILL during
-//! streaming; tables that evolve or cannot; credentials that fail.
+//! streaming; tables that evolve or cannot; views of an older release
+//! updated; credentials that fail.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::process::{Child, Command, Stdio};
@@ -10,7 +11,7 @@ use std::time::Duration;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde_json::json;
 use tickpipe_consumers::bq::client::{Auth, BigQuery, Endpoint};
-use tickpipe_consumers::bq::schema::{table_spec, DecimalColumns};
+use tickpipe_consumers::bq::schema::{table_spec, view_query, DecimalColumns};
 use tickpipe_consumers::bq::sink::{prepare_tables, run, BqSinkConfig};
 use tickpipe_producer::kafka::{ensure_topics, producer_config};
 use tickpipe_schemas::{Codec, DeadLetter, Decimal, Record, Source, Topic, Trade, WriteFraming};
@@ -484,6 +485,36 @@ async fn tables_gain_new_columns_and_refuse_changed_ones() {
         err.contains("rates_raw column rate_usd is INTEGER but the records need STRING"),
         "{err}"
     );
+}
+
+#[tokio::test]
+async fn a_view_an_older_version_made_gets_the_current_query() {
+    let bq = client().await;
+    let dataset = stack::unique_name("bqview");
+    let project = stack::bigquery_project();
+    prepare_tables(&bq, &dataset, "US", &[Topic::Trades], DecimalColumns::String)
+        .await
+        .expect("tables");
+    // A view whose query is not the sink's (the emulator does not say what a
+    // view's query is, so the difference has to show in what the view answers).
+    bq.patch_table(
+        &dataset,
+        "trades",
+        &json!({"view": {"query": "SELECT 1 AS x", "useLegacySql": false}}),
+    )
+    .await
+    .expect("save another query");
+    let by_offset = format!("SELECT COUNT(*) FROM `{project}.{dataset}.trades` WHERE kafka_offset >= 0");
+    assert!(
+        try_count(&bq, &by_offset).await.is_err(),
+        "the other query has no offsets"
+    );
+    prepare_tables(&bq, &dataset, "US", &[Topic::Trades], DecimalColumns::String)
+        .await
+        .expect("tables again");
+    assert_eq!(try_count(&bq, &by_offset).await, Ok(0), "the sink's query is back");
+    let spec = table_spec(Topic::Trades, DecimalColumns::String);
+    assert!(view_query(&project, &dataset, &spec).contains("PARTITION BY event_time, kafka_topic"));
 }
 
 /// A token endpoint that refuses every grant the way Google's does, and

@@ -51,7 +51,7 @@ resource "google_bigquery_table" "view" {
   deletion_protection = false
 
   view {
-    query          = "SELECT * EXCEPT (_copy) FROM (SELECT *, ROW_NUMBER() OVER (PARTITION BY kafka_topic, kafka_partition, kafka_offset ORDER BY written_at) AS _copy FROM `${var.project}.${var.dataset}.${each.key}_raw`) WHERE _copy = 1"
+    query          = "SELECT * EXCEPT (_copy) FROM (SELECT *, ROW_NUMBER() OVER (PARTITION BY event_time, kafka_topic, kafka_partition, kafka_offset ORDER BY written_at) AS _copy FROM `${var.project}.${var.dataset}.${each.key}_raw`) WHERE _copy = 1"
     use_legacy_sql = false
   }
 

@@ -123,6 +123,15 @@ pub struct TableInfo {
     pub kind: String,
     #[serde(default)]
     pub schema: Option<SchemaInfo>,
+    /// A view's definition.
+    #[serde(default)]
+    pub view: Option<ViewInfo>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct ViewInfo {
+    #[serde(default)]
+    pub query: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -221,11 +221,17 @@ fn column(name: &str, schema: &Schema, decimals: DecimalColumns) -> Field {
     }
 }
 
-/// The view that keeps one row per Kafka coordinate.
+/// The view that keeps one row per Kafka coordinate. The table's partitioning
+/// column leads the window's `PARTITION BY`: copies of a record share it, so
+/// the result is the same, and a filter on it in a query of the view can then
+/// be applied below the window, which prunes the table's day partitions
+/// (without it, every query of the view reads the whole table).
 pub fn view_query(project: &str, dataset: &str, spec: &TableSpec) -> String {
     format!(
-        "SELECT * EXCEPT (_copy) FROM (SELECT *, ROW_NUMBER() OVER (PARTITION BY {KAFKA_TOPIC}, {KAFKA_PARTITION}, \
-         {KAFKA_OFFSET} ORDER BY {WRITTEN_AT}) AS _copy FROM `{project}.{dataset}.{table}`) WHERE _copy = 1",
+        "SELECT * EXCEPT (_copy) FROM (SELECT *, ROW_NUMBER() OVER (PARTITION BY {day}, {KAFKA_TOPIC}, \
+         {KAFKA_PARTITION}, {KAFKA_OFFSET} ORDER BY {WRITTEN_AT}) AS _copy FROM `{project}.{dataset}.{table}`) \
+         WHERE _copy = 1",
+        day = spec.partition_by,
         table = spec.table
     )
 }
@@ -458,7 +464,7 @@ mod tests {
         let spec = table_spec(Topic::Trades, DecimalColumns::BigNumeric);
         let q = view_query("p", "d", &spec);
         assert!(
-            q.contains("PARTITION BY kafka_topic, kafka_partition, kafka_offset"),
+            q.contains("PARTITION BY event_time, kafka_topic, kafka_partition, kafka_offset"),
             "{q}"
         );
         assert!(q.contains("FROM `p.d.trades_raw`"), "{q}");

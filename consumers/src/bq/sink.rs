@@ -190,10 +190,11 @@ pub async fn prepare_tables(
                 }
             }
         }
+        let query = view_query(bq.project(), dataset, &spec);
         let view = json!({
             "tableReference": {"projectId": bq.project(), "datasetId": dataset, "tableId": spec.view},
             "description": format!("{}: one row per Kafka record (de-duplicated {}).", topic.base_name(), spec.table),
-            "view": {"query": view_query(bq.project(), dataset, &spec), "useLegacySql": false},
+            "view": {"query": query, "useLegacySql": false},
         });
         match bq.table(dataset, &spec.view).await? {
             None => bq.create_table(dataset, &view).await?,
@@ -204,10 +205,12 @@ pub async fn prepare_tables(
                     spec.view, info.kind
                 )))
             }
-            // Re-saving the query makes BigQuery pick up the new columns.
-            Some(_) if refresh_view => {
+            // Re-saving the query makes BigQuery pick up the new columns; a
+            // view an older version created gets the current query.
+            Some(info) if refresh_view || info.view.as_ref().is_none_or(|v| v.query != query) => {
                 bq.patch_table(dataset, &spec.view, &json!({"view": view["view"]}))
-                    .await?
+                    .await?;
+                tracing::info!(view = spec.view, "bigquery-sink: view query saved");
             }
             Some(_) => {}
         }
