@@ -206,7 +206,8 @@ pub async fn prepare_tables(
                 )))
             }
             // Re-saving the query makes BigQuery pick up the new columns; a
-            // view an older version created gets the current query.
+            // view an older version created gets the current query (and one
+            // whose query is not reported, as by the emulator, is re-saved).
             Some(info) if refresh_view || info.view.as_ref().is_none_or(|v| v.query != query) => {
                 bq.patch_table(dataset, &spec.view, &json!({"view": view["view"]}))
                     .await?;
