@@ -4,8 +4,9 @@ SHELL := bash
 .DEFAULT_GOAL := help
 
 STACK := deploy/local/stack.sh
-# Exports the addresses of the running local stack and the interop interpreter.
-STACK_ENV = eval "$$($(STACK) env)"; export TICKPIPE_INTEROP_PYTHON="$$(deploy/local/python-env.sh)"; export TICKPIPE_PROMETHEUS_BIN="$$(deploy/local/prometheus.sh)";
+# Exports the addresses of the running local stack, the interop interpreter,
+# Prometheus and the tansu binary for tests that start a broker of their own.
+STACK_ENV = eval "$$($(STACK) env)"; export TICKPIPE_INTEROP_PYTHON="$$(deploy/local/python-env.sh)"; export TICKPIPE_PROMETHEUS_BIN="$$(deploy/local/prometheus.sh)"; export TICKPIPE_TANSU_BIN="$$($(STACK) tansu-bin)";
 
 .PHONY: help
 help: ## list the targets

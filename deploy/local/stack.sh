@@ -6,6 +6,7 @@
 #   deploy/local/stack.sh down [kafka|postgres|bigquery ...] stop what this script started
 #   deploy/local/stack.sh status                             one line per service
 #   deploy/local/stack.sh env                                export lines for the running stack
+#   deploy/local/stack.sh tansu-bin                          install tansu if needed (also where Docker runs Kafka) and print its path
 #
 # Installs are cached in $TICKPIPE_CACHE (default ~/.cache/tickpipe), shared by
 # every checkout on the machine; runtime state (pids, logs, a private Postgres)
@@ -240,5 +241,8 @@ case $cmd in
     echo "export TICKPIPE_BIGQUERY_PROJECT=$BQ_PROJECT"
     # Tests that need a broker of their own (behind a TLS proxy) start this one.
     echo "export TICKPIPE_TANSU_BIN=$(tansu_bin)" ;;
+  # Tests that start a broker of their own need tansu even where Docker runs
+  # the shared one.
+  tansu-bin) install_tansu; tansu_bin ;;
   *) sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2 ;;
 esac
