@@ -13,7 +13,7 @@ use rdkafka::Message;
 use tickpipe_consumers::candles::service::{run, ServiceConfig};
 use tickpipe_consumers::candles::{CandleBuilder, CandleConfig, Output};
 use tickpipe_consumers::kafka::consumer_config;
-use tickpipe_producer::kafka::{ensure_topics, producer_config};
+use tickpipe_producer::kafka::{ensure_topics, ensure_topics_configured, producer_config};
 use tickpipe_schemas::{Candle, Codec, Record, Topic, Trade, WriteFraming};
 use tickpipe_testkit::{real, stack};
 
@@ -183,8 +183,69 @@ async fn publishes_what_the_pure_builder_makes() {
     );
 }
 
+#[tokio::test]
+async fn a_state_topic_made_without_compaction_gets_it_or_a_clear_error() {
+    let brokers = stack::kafka_brokers();
+    let topic = format!("{}.candles-state", stack::unique_name("candles_policy"));
+    // Made by hand (or by an older release): snapshots would expire with
+    // retention, and a restart would then count trades again.
+    ensure_topics_configured(
+        &brokers,
+        std::slice::from_ref(&topic),
+        3,
+        1,
+        &[("retention.ms", "86400000")],
+    )
+    .await
+    .expect("create");
+    assert_ne!(
+        topic_config(&brokers, &topic, "cleanup.policy").await.as_deref(),
+        Some("compact")
+    );
+    match ensure_topics_configured(
+        &brokers,
+        std::slice::from_ref(&topic),
+        3,
+        1,
+        &[("cleanup.policy", "compact")],
+    )
+    .await
+    {
+        // A broker that alters topic configuration (Kafka): compacted, the
+        // topic's own retention kept.
+        Ok(()) => {
+            assert_eq!(
+                topic_config(&brokers, &topic, "cleanup.policy").await.as_deref(),
+                Some("compact")
+            );
+            assert_eq!(
+                topic_config(&brokers, &topic, "retention.ms").await.as_deref(),
+                Some("86400000")
+            );
+        }
+        // One that does not (tansu 0.6 answers UnsupportedFeature): the
+        // service does not start, and the error says what to run.
+        Err(e) => {
+            let e = e.to_string();
+            assert!(
+                e.contains(&format!("topic {topic} exists with cleanup.policy=(unset)"))
+                    && e.contains("UnsupportedFeature")
+                    && e.contains(&format!("--entity-name {topic} --add-config cleanup.policy=compact")),
+                "{e}"
+            );
+        }
+    }
+}
+
 /// The broker's `cleanup.policy` of a topic.
 async fn state_topic_cleanup(brokers: &str, topic: &str) -> String {
+    topic_config(brokers, topic, "cleanup.policy")
+        .await
+        .unwrap_or_else(|| panic!("no cleanup.policy for {topic}"))
+}
+
+/// A topic's configuration value as the broker describes it.
+async fn topic_config(brokers: &str, topic: &str, key: &str) -> Option<String> {
     use rdkafka::admin::{AdminClient, AdminOptions, ResourceSpecifier};
     use rdkafka::client::DefaultClientContext;
     use rdkafka::ClientConfig;
@@ -195,10 +256,7 @@ async fn state_topic_cleanup(brokers: &str, topic: &str) -> String {
         .await
         .unwrap();
     let resource = described.into_iter().next().unwrap().unwrap();
-    resource
-        .get("cleanup.policy")
-        .and_then(|e| e.value.clone())
-        .unwrap_or_else(|| panic!("no cleanup.policy for {topic}: {resource:?}"))
+    resource.get(key).and_then(|e| e.value.clone())
 }
 
 /// The service binary, killed if a failing test leaves it running.

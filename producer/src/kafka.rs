@@ -2,7 +2,9 @@
 
 use std::time::Duration;
 
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::admin::{
+    AdminClient, AdminOptions, AlterConfig, ConfigSource, NewTopic, ResourceSpecifier, TopicReplication,
+};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::error::KafkaError;
@@ -189,6 +191,24 @@ pub enum TopicError {
     },
     #[error("creating topic {topic} failed: {code}")]
     Topic { topic: String, code: RDKafkaErrorCode },
+    #[error("{0}")]
+    Config(Box<ConfigMismatch>),
+}
+
+/// An existing topic's configuration that could not be set.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "topic {topic} exists with {key}={found}, and setting {key}={wanted} failed ({reason}); set it on the \
+     broker, e.g. kafka-configs.sh --bootstrap-server {brokers} --alter --entity-type topics --entity-name \
+     {topic} --add-config {key}={wanted}"
+)]
+pub struct ConfigMismatch {
+    pub brokers: String,
+    pub topic: String,
+    pub key: String,
+    pub found: String,
+    pub wanted: String,
+    pub reason: String,
 }
 
 /// Creates the given entity topics (with `prefix`) if they do not exist yet.
@@ -217,8 +237,10 @@ pub async fn ensure_topic_names(
 }
 
 /// Creates topics by name with the given topic configuration (such as
-/// `cleanup.policy=compact`) if they do not exist yet; existing topics are
-/// left as they are.
+/// `cleanup.policy=compact`) if they do not exist yet. An existing topic whose
+/// configuration differs gets the given values, its other per-topic settings
+/// kept (the non-incremental AlterConfigs call replaces them all, so they are
+/// sent again); a broker that refuses is an error that names the fix.
 pub async fn ensure_topics_configured(
     brokers: &str,
     names: &[String],
@@ -248,23 +270,152 @@ pub async fn ensure_topics_configured(
             brokers: brokers.to_owned(),
             source,
         })?;
+    let mut existing = Vec::new();
+    for r in results {
+        match r {
+            Ok(_) => {}
+            Err((topic, RDKafkaErrorCode::TopicAlreadyExists)) => existing.push(topic),
+            Err((topic, code)) => return Err(TopicError::Topic { topic, code }),
+        }
+    }
+    let outcome = async {
+        for topic in existing.iter().filter(|_| !config.is_empty()) {
+            configure_existing(&admin, &opts, brokers, topic, config).await?;
+        }
+        Ok(())
+    }
+    .await;
     // Dropping the client joins rdkafka's polling thread, which looks at its
     // stop flag every 100 ms: done on the side, so that start-up does not wait.
     let _ = std::thread::Builder::new()
         .name("admin-drop".into())
         .spawn(move || drop(admin));
-    for r in results {
-        match r {
-            Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
-            Err((topic, code)) => return Err(TopicError::Topic { topic, code }),
-        }
+    outcome
+}
+
+/// A topic's configuration as the broker describes it: name -> (value, source).
+type Described = std::collections::BTreeMap<String, (String, ConfigSource)>;
+
+/// The first of `config` that `current` does not have: (key, value found, value wanted).
+fn first_difference(current: &Described, config: &[(&str, &str)]) -> Option<(String, String, String)> {
+    config.iter().find_map(|(k, v)| {
+        let found = current.get(*k).map(|(value, _)| value.as_str());
+        (found != Some(*v)).then(|| ((*k).to_owned(), found.unwrap_or("(unset)").to_owned(), (*v).to_owned()))
+    })
+}
+
+/// What a (non-incremental, replace-all) AlterConfigs request must carry so
+/// that `config` is set and the topic's other own settings stay.
+fn replacement(current: &Described, config: &[(&str, &str)]) -> Vec<(String, String)> {
+    let kept = current
+        .iter()
+        .filter(|(k, (_, source))| *source == ConfigSource::DynamicTopic && !config.iter().any(|(c, _)| c == k))
+        .map(|(k, (v, _))| (k.clone(), v.clone()));
+    kept.chain(config.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())))
+        .collect()
+}
+
+/// Sets `config` on an existing topic where it differs, keeping the topic's
+/// other dynamic settings.
+async fn configure_existing(
+    admin: &AdminClient<DefaultClientContext>,
+    opts: &AdminOptions,
+    brokers: &str,
+    topic: &str,
+    config: &[(&str, &str)],
+) -> Result<(), TopicError> {
+    let spec = [ResourceSpecifier::Topic(topic)];
+    let describe = || async {
+        let described = admin
+            .describe_configs(&spec, opts)
+            .await
+            .map_err(|source| TopicError::Request {
+                brokers: brokers.to_owned(),
+                source,
+            })?;
+        Ok::<Described, TopicError>(
+            described
+                .into_iter()
+                .next()
+                .and_then(Result::ok)
+                .map(|r| {
+                    r.entries
+                        .into_iter()
+                        .map(|e| (e.name, (e.value.unwrap_or_default(), e.source)))
+                        .collect()
+                })
+                .unwrap_or_default(),
+        )
+    };
+    let before = describe().await?;
+    let Some((key, found, wanted)) = first_difference(&before, config) else {
+        return Ok(());
+    };
+    tracing::warn!(topic, key, found, wanted, "topic configuration differs; setting it");
+    let entries = replacement(&before, config);
+    let alter = entries
+        .iter()
+        .fold(AlterConfig::new(ResourceSpecifier::Topic(topic)), |a, (k, v)| {
+            a.set(k, v)
+        });
+    let refused = match admin.alter_configs(&[alter], opts).await {
+        Err(e) => Some(e.to_string()),
+        Ok(results) => results
+            .into_iter()
+            .find_map(|r| r.err())
+            .map(|(_, code)| code.to_string()),
+    };
+    match (refused, first_difference(&describe().await?, config)) {
+        (None, None) => Ok(()),
+        (refused, _) => Err(TopicError::Config(Box::new(ConfigMismatch {
+            brokers: brokers.to_owned(),
+            topic: topic.to_owned(),
+            key,
+            found,
+            wanted,
+            reason: refused.unwrap_or_else(|| "the broker accepted it but kept the old value".into()),
+        }))),
     }
-    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_replacement_sets_the_config_and_keeps_the_topics_own_settings() {
+        let current: Described = [
+            ("cleanup.policy", "delete", ConfigSource::Default),
+            ("retention.ms", "86400000", ConfigSource::DynamicTopic),
+            ("segment.bytes", "1073741824", ConfigSource::StaticBroker),
+            ("max.message.bytes", "2000000", ConfigSource::DynamicTopic),
+        ]
+        .into_iter()
+        .map(|(k, v, s)| (k.to_owned(), (v.to_owned(), s)))
+        .collect();
+        let config = [("cleanup.policy", "compact"), ("max.message.bytes", "3000000")];
+        assert_eq!(
+            first_difference(&current, &config),
+            Some(("cleanup.policy".into(), "delete".into(), "compact".into()))
+        );
+        assert_eq!(
+            replacement(&current, &config),
+            vars(&[
+                ("retention.ms", "86400000"),
+                ("cleanup.policy", "compact"),
+                ("max.message.bytes", "3000000"),
+            ])
+        );
+        assert_eq!(
+            first_difference(&Described::new(), &[("cleanup.policy", "compact")]),
+            Some(("cleanup.policy".into(), "(unset)".into(), "compact".into()))
+        );
+        let done = [("cleanup.policy", "compact"), ("max.message.bytes", "3000000")]
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), (v.to_owned(), ConfigSource::DynamicTopic)))
+            .collect();
+        assert_eq!(first_difference(&done, &config), None);
+    }
 
     fn vars(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
         pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect()
