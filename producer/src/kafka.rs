@@ -325,29 +325,32 @@ async fn configure_existing(
     config: &[(&str, &str)],
 ) -> Result<(), TopicError> {
     let spec = [ResourceSpecifier::Topic(topic)];
+    // The topic's configuration; `None` when the broker will not describe it
+    // (no DescribeConfigs permission, an old broker): then nothing is known
+    // and nothing is changed.
     let describe = || async {
-        let described = admin
+        let resource = admin
             .describe_configs(&spec, opts)
             .await
-            .map_err(|source| TopicError::Request {
-                brokers: brokers.to_owned(),
-                source,
-            })?;
-        Ok::<Described, TopicError>(
-            described
-                .into_iter()
-                .next()
-                .and_then(Result::ok)
-                .map(|r| {
-                    r.entries
-                        .into_iter()
-                        .map(|e| (e.name, (e.value.unwrap_or_default(), e.source)))
-                        .collect()
-                })
-                .unwrap_or_default(),
+            .ok()?
+            .into_iter()
+            .next()?
+            .ok()?;
+        let entries = resource.entries.into_iter();
+        Some(
+            entries
+                .map(|e| (e.name, (e.value.unwrap_or_default(), e.source)))
+                .collect::<Described>(),
         )
     };
-    let before = describe().await?;
+    let Some(before) = describe().await else {
+        tracing::warn!(
+            topic,
+            ?config,
+            "cannot read the topic's configuration; make sure it has these settings"
+        );
+        return Ok(());
+    };
     let Some((key, found, wanted)) = first_difference(&before, config) else {
         return Ok(());
     };
@@ -365,7 +368,8 @@ async fn configure_existing(
             .find_map(|r| r.err())
             .map(|(_, code)| code.to_string()),
     };
-    match (refused, first_difference(&describe().await?, config)) {
+    let after = describe().await.unwrap_or_default();
+    match (refused, first_difference(&after, config)) {
         (None, None) => Ok(()),
         (refused, _) => Err(TopicError::Config(Box::new(ConfigMismatch {
             brokers: brokers.to_owned(),
