@@ -279,8 +279,10 @@ pub async fn ensure_topics_configured(
         }
     }
     let outcome = async {
-        for topic in existing.iter().filter(|_| !config.is_empty()) {
-            configure_existing(&admin, &opts, brokers, topic, config).await?;
+        if !config.is_empty() {
+            for topic in &existing {
+                configure_existing(&admin, &opts, brokers, topic, config).await?;
+            }
         }
         Ok(())
     }
@@ -293,26 +295,35 @@ pub async fn ensure_topics_configured(
     outcome
 }
 
-/// A topic's configuration as the broker describes it: name -> (value, source).
-type Described = std::collections::BTreeMap<String, (String, ConfigSource)>;
+/// A topic's configuration as the broker describes it: name -> (value, source);
+/// no value for a sensitive setting, which brokers do not show.
+type Described = std::collections::BTreeMap<String, (Option<String>, ConfigSource)>;
 
 /// The first of `config` that `current` does not have: (key, value found, value wanted).
 fn first_difference(current: &Described, config: &[(&str, &str)]) -> Option<(String, String, String)> {
     config.iter().find_map(|(k, v)| {
-        let found = current.get(*k).map(|(value, _)| value.as_str());
+        let found = current.get(*k).and_then(|(value, _)| value.as_deref());
         (found != Some(*v)).then(|| ((*k).to_owned(), found.unwrap_or("(unset)").to_owned(), (*v).to_owned()))
     })
 }
 
 /// What a (non-incremental, replace-all) AlterConfigs request must carry so
-/// that `config` is set and the topic's other own settings stay.
-fn replacement(current: &Described, config: &[(&str, &str)]) -> Vec<(String, String)> {
-    let kept = current
-        .iter()
-        .filter(|(k, (_, source))| *source == ConfigSource::DynamicTopic && !config.iter().any(|(c, _)| c == k))
-        .map(|(k, (v, _))| (k.clone(), v.clone()));
-    kept.chain(config.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())))
-        .collect()
+/// that `config` is set and the topic's other own settings stay; `Err` names
+/// a setting of the topic whose value the broker hides (a replacement would
+/// lose it).
+fn replacement(current: &Described, config: &[(&str, &str)]) -> Result<Vec<(String, String)>, String> {
+    let mut entries = Vec::new();
+    for (k, (v, source)) in current {
+        if *source != ConfigSource::DynamicTopic || config.iter().any(|(c, _)| c == k) {
+            continue;
+        }
+        let v = v
+            .clone()
+            .ok_or_else(|| format!("the topic's {k} is hidden and would be lost"))?;
+        entries.push((k.clone(), v));
+    }
+    entries.extend(config.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())));
+    Ok(entries)
 }
 
 /// Sets `config` on an existing topic where it differs, keeping the topic's
@@ -337,11 +348,7 @@ async fn configure_existing(
             .next()?
             .ok()?;
         let entries = resource.entries.into_iter();
-        Some(
-            entries
-                .map(|e| (e.name, (e.value.unwrap_or_default(), e.source)))
-                .collect::<Described>(),
-        )
+        Some(entries.map(|e| (e.name, (e.value, e.source))).collect::<Described>())
     };
     let Some(before) = describe().await else {
         tracing::warn!(
@@ -355,29 +362,34 @@ async fn configure_existing(
         return Ok(());
     };
     tracing::warn!(topic, key, found, wanted, "topic configuration differs; setting it");
-    let entries = replacement(&before, config);
-    let alter = entries
-        .iter()
-        .fold(AlterConfig::new(ResourceSpecifier::Topic(topic)), |a, (k, v)| {
-            a.set(k, v)
-        });
-    let refused = match admin.alter_configs(&[alter], opts).await {
-        Err(e) => Some(e.to_string()),
-        Ok(results) => results
-            .into_iter()
-            .find_map(|r| r.err())
-            .map(|(_, code)| code.to_string()),
+    let refused = match replacement(&before, config) {
+        Err(hidden) => Some(hidden),
+        Ok(entries) => {
+            let alter = entries
+                .iter()
+                .fold(AlterConfig::new(ResourceSpecifier::Topic(topic)), |a, (k, v)| {
+                    a.set(k, v)
+                });
+            match admin.alter_configs(&[alter], opts).await {
+                Err(e) => Some(e.to_string()),
+                Ok(results) => results
+                    .into_iter()
+                    .find_map(|r| r.err())
+                    .map(|(_, code)| code.to_string()),
+            }
+        }
     };
-    let after = describe().await.unwrap_or_default();
-    match (refused, first_difference(&after, config)) {
-        (None, None) => Ok(()),
-        (refused, _) => Err(TopicError::Config(Box::new(ConfigMismatch {
+    // Accepted is done: brokers apply the change asynchronously, so reading
+    // it back at once could see the old value.
+    match refused {
+        None => Ok(()),
+        Some(reason) => Err(TopicError::Config(Box::new(ConfigMismatch {
             brokers: brokers.to_owned(),
             topic: topic.to_owned(),
             key,
             found,
             wanted,
-            reason: refused.unwrap_or_else(|| "the broker accepted it but kept the old value".into()),
+            reason,
         }))),
     }
 }
@@ -395,7 +407,7 @@ mod tests {
             ("max.message.bytes", "2000000", ConfigSource::DynamicTopic),
         ]
         .into_iter()
-        .map(|(k, v, s)| (k.to_owned(), (v.to_owned(), s)))
+        .map(|(k, v, s)| (k.to_owned(), (Some(v.to_owned()), s)))
         .collect();
         let config = [("cleanup.policy", "compact"), ("max.message.bytes", "3000000")];
         assert_eq!(
@@ -404,11 +416,18 @@ mod tests {
         );
         assert_eq!(
             replacement(&current, &config),
-            vars(&[
+            Ok(vars(&[
                 ("retention.ms", "86400000"),
                 ("cleanup.policy", "compact"),
                 ("max.message.bytes", "3000000"),
-            ])
+            ]))
+        );
+        // A hidden (sensitive) setting of the topic cannot be sent again.
+        let mut hidden = current;
+        hidden.insert("some.secret".into(), (None, ConfigSource::DynamicTopic));
+        assert_eq!(
+            replacement(&hidden, &config),
+            Err("the topic's some.secret is hidden and would be lost".into())
         );
         assert_eq!(
             first_difference(&Described::new(), &[("cleanup.policy", "compact")]),
@@ -416,7 +435,7 @@ mod tests {
         );
         let done = [("cleanup.policy", "compact"), ("max.message.bytes", "3000000")]
             .into_iter()
-            .map(|(k, v)| (k.to_owned(), (v.to_owned(), ConfigSource::DynamicTopic)))
+            .map(|(k, v)| (k.to_owned(), (Some(v.to_owned()), ConfigSource::DynamicTopic)))
             .collect();
         assert_eq!(first_difference(&done, &config), None);
     }
