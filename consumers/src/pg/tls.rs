@@ -13,13 +13,15 @@
 //! | `disable`     | never                 | -                                    |
 //! | `allow`, `prefer` (default) | when the server offers it | as `require`         |
 //! | `require`     | always                | only against `sslrootcert` if given  |
-//! | `verify-ca`   | always                | chain against `sslrootcert`          |
+//! | `verify-ca`   | always                | chain against `sslrootcert` (required) |
 //! | `verify-full` | always                | chain and host name                  |
 //!
 //! `sslrootcert=system` trusts the system's roots and, as in libpq 16, makes
 //! `verify-full` the default and any weaker mode an error: anyone can get a
 //! publicly trusted certificate for a host name they control, so a chain
-//! check without the host name proves nothing.
+//! check without the host name proves nothing. For the same reason
+//! `verify-ca` needs a `sslrootcert` file of its own (libpq needs one too),
+//! and `verify-full` without `sslrootcert` checks against the system's roots.
 //!
 //! (`allow` tries TLS first rather than last: the only difference is which
 //! of two working connections is used.) This module does no I/O but reading the
@@ -113,6 +115,12 @@ pub enum TlsError {
          any public certificate authority signs for a host name its owner controls"
     )]
     SystemRootsNeedFullCheck(String),
+    #[error(
+        "sslmode=verify-ca needs sslrootcert=<PEM file of the server's certificate authority>: a chain \
+         check against public roots without the host name proves nothing (for a server with a public \
+         certificate use sslmode=verify-full)"
+    )]
+    VerifyCaWithoutRoot,
     #[error("unterminated quoted value in the connection string")]
     Quote,
 }
@@ -148,6 +156,9 @@ pub fn split(conn: &str) -> Result<(String, TlsOptions), TlsError> {
             Some(given) if opts.mode != SslMode::VerifyFull => return Err(TlsError::SystemRootsNeedFullCheck(given)),
             _ => opts.mode = SslMode::VerifyFull,
         }
+    }
+    if opts.mode == SslMode::VerifyCa && opts.root_cert.is_none() {
+        return Err(TlsError::VerifyCaWithoutRoot);
     }
     let mode = opts.mode.for_tokio_postgres();
     let rest = match (is_url, rest.contains('?')) {
@@ -383,13 +394,15 @@ mod tests {
     fn bad_tls_settings_are_named() {
         let err = split("postgres://db/x?sslmode=verify").unwrap_err().to_string();
         assert!(err.contains("sslmode=verify is not one of"), "{err}");
-        for weaker in ["disable", "prefer", "require", "verify-ca"] {
+        for weaker in ["disable", "allow", "prefer", "require", "verify-ca"] {
             let err = split(&format!("host=db sslmode={weaker} sslrootcert=system"))
                 .unwrap_err()
                 .to_string();
             assert!(err.contains("needs sslmode=verify-full"), "{err}");
             assert!(err.contains(&format!("not sslmode={weaker}")), "{err}");
         }
+        let err = split("postgres://db/x?sslmode=verify-ca").unwrap_err().to_string();
+        assert!(err.contains("verify-ca needs sslrootcert"), "{err}");
         let err = split("host=db sslrootcert='/open").unwrap_err().to_string();
         assert!(err.contains("unterminated"), "{err}");
         let (_, opts) = split("host=db sslcert=/c.pem").expect("split");
