@@ -6,7 +6,8 @@ SHELL := bash
 STACK := deploy/local/stack.sh
 # Exports the addresses of the running local stack, the interop interpreter,
 # Prometheus and the tansu binary for tests that start a broker of their own.
-STACK_ENV = eval "$$($(STACK) env)"; export TICKPIPE_INTEROP_PYTHON="$$(deploy/local/python-env.sh)"; export TICKPIPE_PROMETHEUS_BIN="$$(deploy/local/prometheus.sh)"; export TICKPIPE_TANSU_BIN="$$($(STACK) tansu-bin)";
+# (Assignments apart from `export`, so that a failed install stops the target.)
+STACK_ENV = eval "$$($(STACK) env)"; TICKPIPE_INTEROP_PYTHON="$$(deploy/local/python-env.sh)"; TICKPIPE_PROMETHEUS_BIN="$$(deploy/local/prometheus.sh)"; TICKPIPE_TANSU_BIN="$$($(STACK) tansu-bin)"; export TICKPIPE_INTEROP_PYTHON TICKPIPE_PROMETHEUS_BIN TICKPIPE_TANSU_BIN;
 
 .PHONY: help
 help: ## list the targets

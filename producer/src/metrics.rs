@@ -41,8 +41,9 @@ pub struct Metrics {
     /// Klines backfill: holes between consecutive klines (exchange outages),
     /// by symbol and interval.
     pub kline_gaps: IntCounterVec,
-    /// Klines backfill: close time of the newest kline published, in Unix
-    /// seconds, by symbol and interval (how fresh the history is).
+    /// Klines backfill: close time of the newest kline published or
+    /// checkpointed, in Unix seconds, by symbol and interval (how fresh the
+    /// history is).
     pub kline_newest: GaugeVec,
 }
 
@@ -86,8 +87,8 @@ impl Metrics {
         r.register(Box::new(rest_latency.clone())).expect("unique metric");
         let kline_newest = GaugeVec::new(
             Opts::new(
-                "tickpipe_producer_kline_newest_close_time_seconds",
-                "Close time (Unix seconds) of the newest kline the backfill published.",
+                "tickpipe_producer_kline_newest_close_timestamp_seconds",
+                "Close time (Unix seconds) of the newest kline the backfill published or finds checkpointed.",
             ),
             &["symbol", "interval"],
         )

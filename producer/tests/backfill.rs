@@ -226,7 +226,7 @@ async fn outages_are_reported_as_gaps_across_runs_and_never_filled() {
         .expect("metrics text");
     for line in [
         r#"tickpipe_producer_kline_gaps_total{interval="1h",symbol="BTCUSDT"} 5"#,
-        r#"tickpipe_producer_kline_newest_close_time_seconds{interval="1h",symbol="BTCUSDT"} 1703966399.999"#,
+        r#"tickpipe_producer_kline_newest_close_timestamp_seconds{interval="1h",symbol="BTCUSDT"} 1703966399.999"#,
     ] {
         assert!(text.lines().any(|l| l == line), "{line} not in\n{text}");
     }

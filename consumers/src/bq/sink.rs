@@ -35,7 +35,7 @@ use tickpipe_schemas::registry::RegistryConfig;
 use tickpipe_schemas::{Codec, Source, Topic, WriteFraming};
 use tokio::sync::mpsc;
 
-use super::client::{BigQuery, BqError, Endpoint};
+use super::client::{BigQuery, BqError, Endpoint, TableInfo};
 use super::rows::{row, Coordinates};
 use super::schema::{evolve, table_spec, view_query, DecimalColumns, TableSpec};
 use super::COMPONENT;
@@ -205,10 +205,7 @@ pub async fn prepare_tables(
                     spec.view, info.kind
                 )))
             }
-            // Re-saving the query makes BigQuery pick up the new columns; a
-            // view an older version created gets the current query (and one
-            // whose query is not reported, as by the emulator, is re-saved).
-            Some(info) if refresh_view || info.view.as_ref().is_none_or(|v| v.query != query) => {
+            Some(info) if refresh_view || !saved_as(&info, &query) => {
                 bq.patch_table(dataset, &spec.view, &json!({"view": view["view"]}))
                     .await?;
                 tracing::info!(view = spec.view, "bigquery-sink: view query saved");
@@ -218,6 +215,14 @@ pub async fn prepare_tables(
         specs.insert(*topic, spec);
     }
     Ok(specs)
+}
+
+/// Whether a view holds `query` already. Otherwise it is saved again: a view
+/// an older release created gets the current query, and one whose query is
+/// not reported (the emulator) is re-saved at every start. (Re-saving also
+/// makes BigQuery pick up a table's new columns.)
+fn saved_as(view: &TableInfo, query: &str) -> bool {
+    view.view.as_ref().is_some_and(|v| v.query == query)
 }
 
 /// Rows of one insert request: the batch index of each row and its JSON.
@@ -607,6 +612,20 @@ impl Writer<'_> {
 mod tests {
     use super::*;
     use tickpipe_schemas::{Decimal, Price};
+
+    #[test]
+    fn a_view_is_saved_again_unless_it_holds_the_query() {
+        let query = "SELECT 1";
+        let view = |json: serde_json::Value| serde_json::from_value::<TableInfo>(json).expect("tables.get answer");
+        // As BigQuery's tables.get answers for a view.
+        let same = view(json!({"type": "VIEW", "view": {"query": "SELECT 1", "useLegacySql": false}}));
+        let older = view(json!({"type": "VIEW", "view": {"query": "SELECT 0", "useLegacySql": false}}));
+        // As the emulator answers: no definition.
+        let unknown = view(json!({"type": "VIEW"}));
+        assert!(saved_as(&same, query));
+        assert!(!saved_as(&older, query));
+        assert!(!saved_as(&unknown, query));
+    }
 
     fn item(offset: i64, body: Result<Body, Reject>) -> Item {
         Item {

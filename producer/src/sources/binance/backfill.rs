@@ -15,7 +15,7 @@
 //! exchange outage, for which Binance has no klines. Gaps are reported (log
 //! line with the missing span, `tickpipe_producer_kline_gaps_total`), never
 //! filled with invented rows. The close time of the newest kline is exported
-//! (`tickpipe_producer_kline_newest_close_time_seconds`) so that a stalled
+//! (`tickpipe_producer_kline_newest_close_timestamp_seconds`) so that a stalled
 //! daily job raises an alert.
 
 use std::io::IsTerminal;
