@@ -15,6 +15,26 @@ use tickpipe_schemas::{Candle, CandleOrigin};
 use tickpipe_testkit::exchange::{BinanceScript, FakeBinance, RestFault};
 use tickpipe_testkit::stack;
 
+/// A REST kline row (12 values, as `/api/v3/klines` answers) from a CSV row's
+/// open time (ms), open/high/low/close/volume and the interval's length (ms);
+/// the CSV files have no quote volume, count or taker volumes.
+fn rest_kline(open: i64, ohlcv: &[&str], length_ms: i64) -> serde_json::Value {
+    serde_json::json!([
+        open,
+        ohlcv[0],
+        ohlcv[1],
+        ohlcv[2],
+        ohlcv[3],
+        ohlcv[4],
+        open + length_ms - 1,
+        "0",
+        0,
+        "0",
+        "0",
+        "0"
+    ])
+}
+
 /// The reliable rows (up to 2022-03-21, see the data README) as REST kline rows.
 fn klines() -> Option<Vec<serde_json::Value>> {
     let dir = stack::real_data("binance_spot_klines_multiyear")?;
@@ -26,22 +46,7 @@ fn klines() -> Option<Vec<serde_json::Value>> {
             .filter_map(|l| {
                 let f: Vec<&str> = l.split(',').collect();
                 let open: i64 = f[6].parse().expect("open time");
-                (open <= cutoff).then(|| {
-                    serde_json::json!([
-                        open,
-                        f[1],
-                        f[2],
-                        f[3],
-                        f[4],
-                        f[5],
-                        open + 86_399_999,
-                        "0",
-                        0,
-                        "0",
-                        "0",
-                        "0"
-                    ])
-                })
+                (open <= cutoff).then(|| rest_kline(open, &f[1..6], 86_400_000))
             })
             .collect(),
     )
@@ -164,20 +169,7 @@ fn hourly_klines() -> Option<Vec<serde_json::Value>> {
                     .expect("open time")
                     .and_utc()
                     .timestamp_millis();
-                serde_json::json!([
-                    open,
-                    f[1],
-                    f[2],
-                    f[3],
-                    f[4],
-                    f[5],
-                    open + 3_599_999,
-                    "0",
-                    0,
-                    "0",
-                    "0",
-                    "0"
-                ])
+                rest_kline(open, &f[1..6], 3_600_000)
             })
             .collect(),
     )
