@@ -333,10 +333,7 @@ async fn sigkill_at_any_moment_loses_and_double_counts_nothing() {
     // the lag of the input partition (one symbol: one partition) is zero.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     loop {
-        let text = match reqwest::get(format!("http://{metrics}/metrics")).await {
-            Ok(r) => r.text().await.unwrap_or_default(),
-            Err(_) => String::new(),
-        };
+        let text = stack::scrape(metrics).await;
         let values = |name: &str| -> Vec<f64> {
             text.lines()
                 .filter(|l| l.starts_with(name))

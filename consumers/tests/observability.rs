@@ -116,13 +116,6 @@ fn families(text: &str) -> BTreeMap<String, Spec> {
     out
 }
 
-async fn scrape(addr: SocketAddr) -> String {
-    match reqwest::get(format!("http://{addr}/metrics")).await {
-        Ok(r) => r.text().await.unwrap_or_default(),
-        Err(_) => String::new(),
-    }
-}
-
 fn simulator_config(prefix: &str, metrics: SocketAddr) -> Config {
     let mut c = Config {
         sources: vec!["simulator".into()],
@@ -295,7 +288,7 @@ async fn the_services_export_exactly_the_metrics_contract() {
     let exported = loop {
         let mut all = BTreeMap::new();
         for addr in addrs.values() {
-            all.extend(families(&scrape(*addr).await));
+            all.extend(families(&stack::scrape(*addr).await));
         }
         let missing: Vec<&&str> = expected.iter().filter(|n| !all.contains_key(**n)).collect();
         if missing.is_empty() {

@@ -23,6 +23,15 @@ pub fn free_loopback_addr() -> std::net::SocketAddr {
         .expect("a free port")
 }
 
+/// A service's `/metrics` page (Prometheus text), or an empty string while it
+/// does not answer.
+pub async fn scrape(addr: std::net::SocketAddr) -> String {
+    match reqwest::get(format!("http://{addr}/metrics")).await {
+        Ok(r) => r.text().await.unwrap_or_default(),
+        Err(_) => String::new(),
+    }
+}
+
 /// A broker of a test's own: tansu (as built by `make stack-up`) listening on
 /// a free loopback port and advertising `advertised` (for example a TLS proxy
 /// in front of it). Killed on drop.
