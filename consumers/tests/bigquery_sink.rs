@@ -1,8 +1,7 @@
 //! `bigquery-sink` against the BigQuery emulator and the real broker: a real
 //! recording streamed through, compared row for row with what was produced;
 //! poison and rows BigQuery refuses in the dead letters; SIGKILL during
-//! streaming; tables that evolve or cannot; views of an older release
-//! updated; credentials that fail.
+//! streaming; tables that evolve or cannot; credentials that fail.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::process::{Child, Command, Stdio};
@@ -485,34 +484,6 @@ async fn tables_gain_new_columns_and_refuse_changed_ones() {
         err.contains("rates_raw column rate_usd is INTEGER but the records need STRING"),
         "{err}"
     );
-}
-
-#[tokio::test]
-async fn a_view_an_older_version_made_gets_the_current_query() {
-    let bq = client().await;
-    let dataset = stack::unique_name("bqview");
-    let project = stack::bigquery_project();
-    prepare_tables(&bq, &dataset, "US", &[Topic::Trades], DecimalColumns::String)
-        .await
-        .expect("tables");
-    // A view whose query is not the sink's (the emulator does not say what a
-    // view's query is, so the difference has to show in what the view answers).
-    bq.patch_table(
-        &dataset,
-        "trades",
-        &json!({"view": {"query": "SELECT 1 AS x", "useLegacySql": false}}),
-    )
-    .await
-    .expect("save another query");
-    let by_offset = format!("SELECT COUNT(*) FROM `{project}.{dataset}.trades` WHERE kafka_offset >= 0");
-    assert!(
-        try_count(&bq, &by_offset).await.is_err(),
-        "the other query has no offsets"
-    );
-    prepare_tables(&bq, &dataset, "US", &[Topic::Trades], DecimalColumns::String)
-        .await
-        .expect("tables again");
-    assert_eq!(try_count(&bq, &by_offset).await, Ok(0), "the sink's query is back");
 }
 
 /// A token endpoint that refuses every grant the way Google's does, and
