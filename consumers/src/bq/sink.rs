@@ -219,10 +219,9 @@ pub async fn prepare_tables(
 
 /// Whether a view may stay as it is. BigQuery reports a view's query, and a
 /// view an older release created is saved again with the current one. The
-/// emulator reports none: its views are left alone, because re-saving a view
-/// at every start made the emulator stall for minutes when the previous
-/// sink had been killed mid-write. (Re-saving also makes BigQuery pick up a
-/// table's new columns; that is decided apart.)
+/// emulator reports none: its views are left alone rather than written again
+/// at every start. (Re-saving also makes BigQuery pick up a table's new
+/// columns; that is decided apart.)
 fn saved_as(view: &TableInfo, query: &str) -> bool {
     view.view.as_ref().is_none_or(|v| v.query == query)
 }
