@@ -313,7 +313,7 @@ impl Drop for Sink {
 
 fn start_sink(prefix: &str, dataset: &str) -> Sink {
     let log = std::env::temp_dir().join(format!("{}.log", stack::unique_name("bigquery-sink")));
-    let stderr = std::fs::File::create(&log).expect("a log file for the sink");
+    let log_file = std::fs::File::create(&log).expect("a log file for the sink");
     Sink(
         Command::new(env!("CARGO_BIN_EXE_bigquery-sink"))
             .env("TICKPIPE_KAFKA_BROKERS", stack::kafka_brokers())
@@ -330,7 +330,7 @@ fn start_sink(prefix: &str, dataset: &str) -> Sink {
             .env("TICKPIPE_BIGQUERY_SINK_METRICS_ADDR", "off")
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
-            .stderr(stderr)
+            .stderr(log_file)
             .spawn()
             .expect("the bigquery-sink binary starts"),
         log,

@@ -1,7 +1,8 @@
 //! What every tickpipe service shares, so the producer and the consumers behave
 //! alike: the operations endpoint (`/metrics` in Prometheus text, `/healthz`
 //! while the process answers, `/readyz` 200 while `ready` holds and 503 with
-//! `not_ready` otherwise), the Kafka flags, the configuration file (`config`), and the shutdown signal.
+//! `not_ready` otherwise), the Kafka flags, the configuration file (`config`),
+//! the shutdown signal and the logging set-up.
 
 pub mod config;
 
@@ -95,4 +96,13 @@ pub fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()
             _ = tokio::signal::ctrl_c() => {}
         }
     })
+}
+
+/// Logs to stderr (stdout stays free for a command's output), at the level
+/// `RUST_LOG` sets, `info` when it is unset or unreadable.
+pub fn init_logging() {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
 }

@@ -75,9 +75,7 @@ struct Args {
 async fn main() -> anyhow::Result<()> {
     // Installed before anything else, so a SIGTERM during start-up is a clean stop too.
     let shutdown = ops::shutdown_signal()?;
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
-        .init();
+    ops::init_logging();
     let args: Args = ops::config::parse()?;
     let metrics_addr = ops::metrics_addr(&args.metrics_addr).map_err(anyhow::Error::msg)?;
     let topics = entity_topics(&args.topics).map_err(anyhow::Error::msg)?;

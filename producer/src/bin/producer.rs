@@ -230,10 +230,7 @@ fn apply_run(config: &mut Config, r: RunArgs) {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let shutdown = tickpipe_ops::shutdown_signal()?;
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
-        .with_writer(std::io::stderr)
-        .init();
+    tickpipe_ops::init_logging();
     let cli = Cli::parse();
     let mut config = layered(&cli.common)?;
     let metrics = Metrics::new();
