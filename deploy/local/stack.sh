@@ -211,7 +211,12 @@ bigquery_up() {
   fi
   if bq_ready; then say "bigquery: using the emulator already on 127.0.0.1:$BQ_REST_PORT"; return 0; fi
   install_bqemulator
-  start_daemon bqemulator "$(bq_venv)/bin/bqemulator" start --project "$BQ_PROJECT" \
+  # The emulator copies a table into a time-travel snapshot after every
+  # insertAll and keeps the copies 7 days by default: memory grows with the
+  # square of a streamed table (gigabytes per test run, more in a long demo).
+  # Retention 0 lets its collector (every minute) drop them; nothing here
+  # queries FOR SYSTEM_TIME AS OF.
+  BQEMU_TIME_TRAVEL_RETENTION_DAYS=0 start_daemon bqemulator "$(bq_venv)/bin/bqemulator" start --project "$BQ_PROJECT" \
     --rest-host 127.0.0.1 --rest-port "$BQ_REST_PORT" --grpc-host 127.0.0.1 --grpc-port "$BQ_GRPC_PORT" \
     --log-level warning
   wait_for "bigquery emulator on 127.0.0.1:$BQ_REST_PORT" 60 bq_ready \
