@@ -45,6 +45,9 @@ pub struct Metrics {
     /// checkpointed, in Unix seconds, by symbol and interval (how fresh the
     /// history is).
     pub kline_newest: GaugeVec,
+    /// Klines backfill with `--every`: runs that stopped at a (symbol,
+    /// interval) because Binance or Kafka kept failing, and are retried.
+    pub backfill_failures: IntCounterVec,
 }
 
 fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -177,6 +180,12 @@ impl Metrics {
                 &["symbol", "interval"],
             ),
             kline_newest,
+            backfill_failures: counter(
+                r,
+                "tickpipe_producer_backfill_failures_total",
+                "Klines backfill runs (--every) that Binance or Kafka failed, retried later.",
+                &["symbol", "interval"],
+            ),
             registry,
         }
     }

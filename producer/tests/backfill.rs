@@ -1,6 +1,7 @@
 //! `producer backfill` against a local Binance REST server serving real daily
 //! BTCUSDT klines: pages of 1,000, Retry-After honoured, a rerun publishes
-//! nothing twice, and a 451 is a clear error.
+//! nothing twice, a 451 is a clear error, outages are reported as gaps, and
+//! the daily mode repeats a run that Binance failed.
 
 mod common;
 
@@ -231,5 +232,66 @@ async fn outages_are_reported_as_gaps_across_runs_and_never_filled() {
     let opens: std::collections::BTreeSet<i64> = candles.iter().map(|c| c.open_time / 1000).collect();
     let want: std::collections::BTreeSet<i64> = rows.iter().map(open).collect();
     assert_eq!((candles.len(), opens), (rows.len(), want));
+    std::fs::remove_dir_all(&job.state_dir).ok();
+}
+
+/// An outage longer than a call's retries: a single run stops with the error,
+/// while the daily mode (`--every`) counts the failed run and repeats it from
+/// its checkpoint until the history is complete, each kline once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outage_ends_a_single_run_and_the_daily_mode_repeats_it() {
+    let Some(rows) = klines() else { return };
+    let n = rows.len();
+    let outage = || BinanceScript {
+        rest_faults: vec![RestFault::Outage {
+            path: "/api/v3/klines".into(),
+            // Every attempt of the first call (see BinanceRest).
+            times: 8,
+        }],
+        klines: BTreeMap::from([(("BTCUSDT".to_owned(), "1d".to_owned()), rows.clone())]),
+        ..BinanceScript::default()
+    };
+    let prefix = format!("{}.", stack::unique_name("backfill_outage"));
+
+    let single = FakeBinance::start(outage()).await;
+    let (mut config, mut job) = setup(&prefix, &single);
+    config.binance.max_backoff_ms = 20;
+    let err = service::run_backfill(config.clone(), job.clone(), Metrics::new(), std::future::pending())
+        .await
+        .expect_err("a single run cannot wait for the next day");
+    assert!(err.to_string().contains("failed 8 times"), "{err}");
+    assert_eq!(single.rest_log().len(), 8);
+
+    let daily = FakeBinance::start(outage()).await;
+    config.binance.rest_url = daily.rest_url();
+    job.every = Some(Duration::from_secs(24 * 3600));
+    let metrics = Metrics::new();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let running = tokio::spawn(service::run_backfill(config, job.clone(), metrics.clone(), async {
+        stop_rx.await.ok();
+    }));
+    let last_close = (rows.last().and_then(|r| r[0].as_i64()).expect("open time") + 86_399_999) as f64 / 1e3;
+    let newest = || metrics.kline_newest.with_label_values(&["BTCUSDT", "1d"]).get();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while newest() != last_close {
+        if running.is_finished() {
+            panic!("the daily job ended during the outage: {:?}", running.await);
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the daily job did not complete the history within 60 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    stop_tx.send(()).expect("the job is running");
+    let published = running.await.expect("join").expect("the daily job stops cleanly");
+    assert_eq!(published as usize, n);
+    assert_eq!(metrics.backfill_failures.with_label_values(&["BTCUSDT", "1d"]).get(), 1);
+    let candles: Vec<Candle> = common::decode(&common::read_topic(
+        &stack::kafka_brokers(),
+        &format!("{prefix}candles"),
+    ));
+    let opens: std::collections::BTreeSet<i64> = candles.iter().map(|c| c.open_time).collect();
+    assert_eq!((candles.len(), opens.len()), (n, n), "every kline once");
     std::fs::remove_dir_all(&job.state_dir).ok();
 }

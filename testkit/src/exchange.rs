@@ -196,6 +196,14 @@ pub enum RestFault {
         /// The `Retry-After` value the client must honour.
         retry_after_secs: u64,
     },
+    /// The next `times` requests to `path` answer 503 with Binance's
+    /// `{"code":-1001,"msg":"Internal error…"}` body (an outage).
+    Outage {
+        /// Request path, e.g. `/api/v3/klines`.
+        path: String,
+        /// How many requests fail before the endpoint works again.
+        times: u32,
+    },
     /// Every request to `path` answers `status` with `body` (e.g. 451 with
     /// Binance's restricted-location body, 418, 500).
     Status {
@@ -1079,8 +1087,8 @@ fn control_reply(shared: &BinanceShared, conn: u64, text: &str) -> String {
 struct RestState {
     /// Every request so far.
     log: Vec<RestCall>,
-    /// 429s already answered, per index of a `TooMany` fault.
-    too_many_used: HashMap<usize, u32>,
+    /// Answers already given, per index of a counted fault (`TooMany`, `Outage`).
+    faults_used: HashMap<usize, u32>,
     /// The minute (since the epoch) the weight counter is for.
     minute: i64,
     /// Weight used in that minute.
@@ -1147,12 +1155,23 @@ impl BinanceRest {
                     RestFault::Status { path: p, status, body } if p == path => {
                         fault = Some(Answer::status(*status, body.clone()));
                     }
+                    RestFault::Outage { path: p, times } if p == path => {
+                        let n = st.faults_used.entry(k).or_insert(0);
+                        if *n < *times {
+                            *n += 1;
+                            fault = Some(Answer::binance(
+                                503,
+                                -1001,
+                                "Internal error; unable to process your request. Please try again.",
+                            ));
+                        }
+                    }
                     RestFault::TooMany {
                         path: p,
                         times,
                         retry_after_secs,
                     } if p == path => {
-                        let n = st.too_many_used.entry(k).or_insert(0);
+                        let n = st.faults_used.entry(k).or_insert(0);
                         if *n < *times {
                             *n += 1;
                             let mut a = Answer::binance(

@@ -26,6 +26,10 @@ pub enum SourceError {
     /// The upstream refused for good (e.g. a restricted location).
     #[error("{0}")]
     External(String),
+    /// The upstream kept failing (server errors, timeouts, dropped
+    /// connections) through every retry; a later attempt may succeed.
+    #[error("{0}")]
+    Unavailable(String),
     /// Reading local input failed.
     #[error("{0}")]
     Io(String),

@@ -17,6 +17,12 @@
 //! filled with invented rows. The close time of the newest kline is exported
 //! (`tickpipe_producer_kline_newest_close_timestamp_seconds`) so that a stalled
 //! daily job raises an alert.
+//!
+//! Failures: when Binance (or Kafka) keeps failing through a call's retries
+//! ([`SourceError::Unavailable`]), a single run ends with the error; the daily
+//! mode counts the run in `tickpipe_producer_backfill_failures_total` and
+//! repeats it from the checkpoints after a backoff, because the next period
+//! is too far away. Any other error ends both.
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
@@ -24,6 +30,7 @@ use std::time::Duration;
 
 use tickpipe_schemas::{Interval, Micros, Source as RecordSource};
 
+use super::super::backoff::Backoff;
 use super::parse::{self, Origin};
 use super::rest::BinanceRest;
 use super::BinanceConfig;
@@ -113,33 +120,58 @@ pub async fn run(
 ) -> Result<u64, SourceError> {
     std::fs::create_dir_all(&job.state_dir)
         .map_err(|e| SourceError::Io(format!("state dir {}: {e}", job.state_dir.display())))?;
-    let rest = BinanceRest::new(&config.rest_url, config.weight_limit, publisher.metrics().clone())?;
+    let max_backoff = Duration::from_millis(config.max_backoff_ms);
+    let rest = BinanceRest::new(
+        &config.rest_url,
+        config.weight_limit,
+        max_backoff,
+        publisher.metrics().clone(),
+    )?;
+    // With `every`, a run that Binance or Kafka failed is repeated sooner than
+    // the period, from its checkpoints; anything else ends the job.
+    let mut retry = Backoff::new(max_backoff, job.every.unwrap_or_default().max(max_backoff));
     let mut total = 0;
     loop {
-        for symbol in &job.symbols {
+        let mut failed = None;
+        'run: for symbol in &job.symbols {
+            let symbol = symbol.to_uppercase();
             for interval in &job.intervals {
-                total += one(
-                    job,
-                    config,
-                    &rest,
-                    &symbol.to_uppercase(),
-                    interval,
-                    publisher,
-                    &mut stop,
-                )
-                .await?;
+                match one(job, config, &rest, &symbol, interval, publisher, &mut stop).await {
+                    Ok(n) => total += n,
+                    Err(SourceError::Unavailable(e)) if job.every.is_some() && !stop.is_stopped() => {
+                        publisher
+                            .metrics()
+                            .backfill_failures
+                            .with_label_values(&[symbol.as_str(), interval])
+                            .inc();
+                        failed = Some(e);
+                        break 'run;
+                    }
+                    Err(e) => return Err(e),
+                }
                 if stop.is_stopped() {
                     return Ok(total);
                 }
             }
         }
         let Some(every) = job.every else { return Ok(total) };
-        tracing::info!(
-            published = total,
-            next_in_s = every.as_secs(),
-            "backfill done; waiting for the next run"
-        );
-        if !stop.sleep(every).await {
+        let wait = match failed {
+            Some(e) => {
+                let wait = retry.next_delay();
+                tracing::warn!(error = %e, retry_in_s = wait.as_secs(), "backfill run failed; it will be repeated");
+                wait
+            }
+            None => {
+                retry.reset();
+                tracing::info!(
+                    published = total,
+                    next_in_s = every.as_secs(),
+                    "backfill done; waiting for the next run"
+                );
+                every
+            }
+        };
+        if !stop.sleep(wait).await {
             return Ok(total);
         }
     }
@@ -250,7 +282,7 @@ async fn one(
         }
         let unacked = publisher.flush(Duration::from_secs(60)).await;
         if unacked > 0 {
-            return Err(SourceError::External(format!(
+            return Err(SourceError::Unavailable(format!(
                 "Kafka did not acknowledge {unacked} records within 60 s; the checkpoint stays at the last acknowledged page"
             )));
         }

@@ -63,7 +63,8 @@ pub struct BinanceConfig {
     pub watchdog_secs: u64,
     /// Most connection attempts per 5 minutes (Binance allows 300 per IP).
     pub max_connects_per_5min: usize,
-    /// Longest wait between reconnection attempts.
+    /// Longest wait between reconnection attempts, and between retries of a
+    /// failing REST call.
     pub max_backoff_ms: u64,
     /// The REST weight limit per minute (Binance: 6,000).
     pub weight_limit: u32,
@@ -168,6 +169,7 @@ async fn run_ws(config: BinanceConfig, publisher: Publisher, mut stop: Stop) -> 
     let rest = Arc::new(BinanceRest::new(
         &config.rest_url,
         config.weight_limit,
+        Duration::from_millis(config.max_backoff_ms),
         metrics.clone(),
     )?);
     let symbols: HashSet<String> = config.symbols.iter().map(|s| s.to_uppercase()).collect();

@@ -21,6 +21,8 @@ pub struct BinanceRest {
     state: Mutex<RateState>,
     /// Most attempts per call before it fails (429 waits do not count).
     max_attempts: u32,
+    /// Longest pause between two attempts.
+    max_backoff: Duration,
 }
 
 #[derive(Debug)]
@@ -34,7 +36,8 @@ struct RateState {
 }
 
 impl BinanceRest {
-    pub fn new(base: &str, weight_limit: u32, metrics: Metrics) -> Result<Self, SourceError> {
+    /// `max_backoff` is the longest pause between retries of a failing call.
+    pub fn new(base: &str, weight_limit: u32, max_backoff: Duration, metrics: Metrics) -> Result<Self, SourceError> {
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs(30))
             .build()
@@ -49,6 +52,7 @@ impl BinanceRest {
                 limit: weight_limit,
             }),
             max_attempts: 8,
+            max_backoff,
         })
     }
 
@@ -82,7 +86,7 @@ impl BinanceRest {
         stop: &mut Stop,
     ) -> Result<Vec<u8>, SourceError> {
         let url = format!("{}{}", self.base, path);
-        let mut backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(30));
+        let mut backoff = Backoff::new(Duration::from_millis(250).min(self.max_backoff), self.max_backoff);
         let mut attempts = 0;
         loop {
             let wait = self.wait_for(weight);
@@ -164,7 +168,7 @@ impl BinanceRest {
             };
             self.metrics.rest_requests.with_label_values(&[api, "error"]).inc();
             if attempts >= self.max_attempts {
-                return Err(SourceError::External(format!(
+                return Err(SourceError::Unavailable(format!(
                     "Binance {api} failed {attempts} times, last: {retry}"
                 )));
             }
