@@ -99,10 +99,13 @@ pub fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()
 }
 
 /// Logs to stderr (stdout stays free for a command's output), at the level
-/// `RUST_LOG` sets, `info` when it is unset or unreadable.
+/// `RUST_LOG` sets, `info` when it is unset or unreadable; colours only on a
+/// terminal, so log files and container logs stay plain text.
 pub fn init_logging() {
+    use std::io::IsTerminal;
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
 }
