@@ -53,6 +53,7 @@ fn start_sink(url: &str, prefix: &str, group: &str) -> Sink {
             .env("TICKPIPE_POSTGRES_SINK_METRICS_ADDR", "off")
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
+            .stderr(Stdio::null())
             .spawn()
             .expect("the postgres-sink binary starts"),
     )

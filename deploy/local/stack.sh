@@ -213,7 +213,8 @@ bigquery_up() {
   install_bqemulator
   # The emulator copies a table into a time-travel snapshot after every
   # insertAll and keeps the copies 7 days by default: memory grows with the
-  # square of a streamed table (gigabytes per test run, more in a long demo).
+  # square of a streamed table (0.6 GB per run of the BigQuery sink tests,
+  # more in a long demo).
   # Retention 0 lets its collector (every minute) drop them; nothing here
   # queries FOR SYSTEM_TIME AS OF.
   BQEMU_TIME_TRAVEL_RETENTION_DAYS=0 start_daemon bqemulator "$(bq_venv)/bin/bqemulator" start --project "$BQ_PROJECT" \

@@ -100,12 +100,14 @@ pub fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()
 
 /// Logs to stderr (stdout stays free for a command's output), at the level
 /// `RUST_LOG` sets, `info` when it is unset or unreadable; colours only on a
-/// terminal, so log files and container logs stay plain text.
+/// terminal and without `NO_COLOR`, so log files and container logs stay
+/// plain text.
 pub fn init_logging() {
     use std::io::IsTerminal;
+    let colours = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
+        .with_ansi(colours)
         .init();
 }

@@ -45,8 +45,8 @@ pub struct Metrics {
     /// checkpointed, in Unix seconds, by symbol and interval (how fresh the
     /// history is).
     pub kline_newest: GaugeVec,
-    /// Klines backfill with `--every`: runs that stopped at a (symbol,
-    /// interval) because Binance or Kafka kept failing, and are retried.
+    /// Klines backfill with `--every`: times a (symbol, interval) stopped
+    /// because Binance kept failing; it is repeated.
     pub backfill_failures: IntCounterVec,
 }
 
@@ -183,7 +183,7 @@ impl Metrics {
             backfill_failures: counter(
                 r,
                 "tickpipe_producer_backfill_failures_total",
-                "Klines backfill runs (--every) that Binance or Kafka failed, retried later.",
+                "Klines backfill (--every): symbol and interval runs Binance failed, repeated later.",
                 &["symbol", "interval"],
             ),
             registry,

@@ -147,12 +147,16 @@ async fn a_restricted_location_is_a_clear_error() {
     };
     let fake = FakeBinance::start(script).await;
     let prefix = format!("{}.", stack::unique_name("backfill451"));
-    let (config, job) = setup(&prefix, &fake);
-    let err = service::run_backfill(config, job.clone(), Metrics::new(), std::future::pending())
-        .await
-        .expect_err("451 is final");
-    assert!(err.to_string().contains("HTTP 451"), "{err}");
-    assert!(err.to_string().contains("TICKPIPE_BINANCE_REST_URL"), "{err}");
+    let (config, mut job) = setup(&prefix, &fake);
+    // Final in the daily mode too: no retry can fix it.
+    for every in [None, Some(Duration::from_secs(24 * 3600))] {
+        job.every = every;
+        let err = service::run_backfill(config.clone(), job.clone(), Metrics::new(), std::future::pending())
+            .await
+            .expect_err("451 is final");
+        assert!(err.to_string().contains("HTTP 451"), "{err}");
+        assert!(err.to_string().contains("TICKPIPE_BINANCE_REST_URL"), "{err}");
+    }
     std::fs::remove_dir_all(&job.state_dir).ok();
 }
 
@@ -235,34 +239,47 @@ async fn outages_are_reported_as_gaps_across_runs_and_never_filled() {
     std::fs::remove_dir_all(&job.state_dir).ok();
 }
 
-/// An outage longer than a call's retries: a single run stops with the error,
-/// while the daily mode (`--every`) counts the failed run and repeats it from
-/// its checkpoint until the history is complete, each kline once.
+/// A Binance answer for each attempt of one call (see `BinanceRest`).
+const ATTEMPTS: u32 = 8;
+
+/// Klines served with an outage that starts after `after` answers.
+fn with_outage(rows: &[serde_json::Value], after: u32, times: u32) -> BinanceScript {
+    BinanceScript {
+        rest_faults: vec![RestFault::Outage {
+            path: "/api/v3/klines".into(),
+            after,
+            times,
+        }],
+        klines: BTreeMap::from([(("BTCUSDT".to_owned(), "1d".to_owned()), rows.to_vec())]),
+        ..BinanceScript::default()
+    }
+}
+
+/// An outage longer than a call's retries, after the first page: a single run
+/// stops with the error, while the daily mode (`--every`) counts the failure
+/// and repeats the run from the checkpoint until the history is complete, each
+/// kline once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_outage_ends_a_single_run_and_the_daily_mode_repeats_it() {
     let Some(rows) = klines() else { return };
     let n = rows.len();
-    let outage = || BinanceScript {
-        rest_faults: vec![RestFault::Outage {
-            path: "/api/v3/klines".into(),
-            // Every attempt of the first call (see BinanceRest).
-            times: 8,
-        }],
-        klines: BTreeMap::from([(("BTCUSDT".to_owned(), "1d".to_owned()), rows.clone())]),
-        ..BinanceScript::default()
-    };
+    assert!(n > 1000, "needs two pages");
     let prefix = format!("{}.", stack::unique_name("backfill_outage"));
 
-    let single = FakeBinance::start(outage()).await;
+    let single = FakeBinance::start(with_outage(&rows, 1, ATTEMPTS)).await;
     let (mut config, mut job) = setup(&prefix, &single);
     config.binance.max_backoff_ms = 20;
-    let err = service::run_backfill(config.clone(), job.clone(), Metrics::new(), std::future::pending())
+    let metrics = Metrics::new();
+    let err = service::run_backfill(config.clone(), job.clone(), metrics.clone(), std::future::pending())
         .await
         .expect_err("a single run cannot wait for the next day");
     assert!(err.to_string().contains("failed 8 times"), "{err}");
-    assert_eq!(single.rest_log().len(), 8);
+    assert_eq!(single.rest_log().len() as u32, 1 + ATTEMPTS);
+    let failures = |m: &Metrics| m.backfill_failures.with_label_values(&["BTCUSDT", "1d"]).get();
+    assert_eq!(failures(&metrics), 0, "a single run counts no repeats");
 
-    let daily = FakeBinance::start(outage()).await;
+    // The daily job resumes after the first page, right into the outage.
+    let daily = FakeBinance::start(with_outage(&rows, 0, ATTEMPTS)).await;
     config.binance.rest_url = daily.rest_url();
     job.every = Some(Duration::from_secs(24 * 3600));
     let metrics = Metrics::new();
@@ -285,13 +302,40 @@ async fn an_outage_ends_a_single_run_and_the_daily_mode_repeats_it() {
     }
     stop_tx.send(()).expect("the job is running");
     let published = running.await.expect("join").expect("the daily job stops cleanly");
-    assert_eq!(published as usize, n);
-    assert_eq!(metrics.backfill_failures.with_label_values(&["BTCUSDT", "1d"]).get(), 1);
+    assert_eq!(published as usize, n - 1000, "all but the single run's first page");
+    assert_eq!(failures(&metrics), 1);
     let candles: Vec<Candle> = common::decode(&common::read_topic(
         &stack::kafka_brokers(),
         &format!("{prefix}candles"),
     ));
     let opens: std::collections::BTreeSet<i64> = candles.iter().map(|c| c.open_time).collect();
     assert_eq!((candles.len(), opens.len()), (n, n), "every kline once");
+    std::fs::remove_dir_all(&job.state_dir).ok();
+}
+
+/// A stop while Binance keeps failing ends the daily job cleanly (the service
+/// then exits 0) instead of with the interrupted call's error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_during_an_outage_is_a_clean_stop() {
+    let Some(rows) = klines() else { return };
+    let fake = FakeBinance::start(with_outage(&rows, 0, u32::MAX)).await;
+    let prefix = format!("{}.", stack::unique_name("backfill_stop"));
+    let (mut config, mut job) = setup(&prefix, &fake);
+    config.binance.max_backoff_ms = 20;
+    job.every = Some(Duration::from_secs(24 * 3600));
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let running = tokio::spawn(service::run_backfill(config, job.clone(), Metrics::new(), async {
+        stop_rx.await.ok();
+    }));
+    // Past one failed run, into the retries of the next.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while (fake.rest_log().len() as u32) < ATTEMPTS + 2 {
+        assert!(!running.is_finished(), "the daily job ended during the outage");
+        assert!(tokio::time::Instant::now() < deadline, "no retries within 30 s");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    stop_tx.send(()).expect("the job is running");
+    let published = running.await.expect("join").expect("a stop is not an error");
+    assert_eq!(published, 0);
     std::fs::remove_dir_all(&job.state_dir).ok();
 }

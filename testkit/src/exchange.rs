@@ -196,11 +196,14 @@ pub enum RestFault {
         /// The `Retry-After` value the client must honour.
         retry_after_secs: u64,
     },
-    /// The next `times` requests to `path` answer 503 with Binance's
-    /// `{"code":-1001,"msg":"Internal error…"}` body (an outage).
+    /// After `after` good answers, the next `times` requests to `path` answer
+    /// 503 with Binance's `{"code":-1001,"msg":"Internal error…"}` body (an
+    /// outage).
     Outage {
         /// Request path, e.g. `/api/v3/klines`.
         path: String,
+        /// How many requests are answered before the outage.
+        after: u32,
         /// How many requests fail before the endpoint works again.
         times: u32,
     },
@@ -1087,7 +1090,7 @@ fn control_reply(shared: &BinanceShared, conn: u64, text: &str) -> String {
 struct RestState {
     /// Every request so far.
     log: Vec<RestCall>,
-    /// Answers already given, per index of a counted fault (`TooMany`, `Outage`).
+    /// Requests seen, per index of a counted fault (`TooMany`: 429s given; `Outage`: all).
     faults_used: HashMap<usize, u32>,
     /// The minute (since the epoch) the weight counter is for.
     minute: i64,
@@ -1155,10 +1158,10 @@ impl BinanceRest {
                     RestFault::Status { path: p, status, body } if p == path => {
                         fault = Some(Answer::status(*status, body.clone()));
                     }
-                    RestFault::Outage { path: p, times } if p == path => {
+                    RestFault::Outage { path: p, after, times } if p == path => {
                         let n = st.faults_used.entry(k).or_insert(0);
-                        if *n < *times {
-                            *n += 1;
+                        *n = n.saturating_add(1);
+                        if *n > *after && *n - *after <= *times {
                             fault = Some(Answer::binance(
                                 503,
                                 -1001,

@@ -18,11 +18,13 @@
 //! (`tickpipe_producer_kline_newest_close_timestamp_seconds`) so that a stalled
 //! daily job raises an alert.
 //!
-//! Failures: when Binance (or Kafka) keeps failing through a call's retries
+//! Failures: when Binance keeps failing through a call's retries
 //! ([`SourceError::Unavailable`]), a single run ends with the error; the daily
-//! mode counts the run in `tickpipe_producer_backfill_failures_total` and
-//! repeats it from the checkpoints after a backoff, because the next period
-//! is too far away. Any other error ends both.
+//! mode counts it in `tickpipe_producer_backfill_failures_total`, goes on with
+//! the other symbols and intervals, and repeats the run from the checkpoints
+//! after a backoff, because the next period is too far away. Any other error
+//! ends both. A broker that does not acknowledge a page is waited for (the
+//! page is not published again), and a stop ends the job cleanly at any point.
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
@@ -127,49 +129,66 @@ pub async fn run(
         max_backoff,
         publisher.metrics().clone(),
     )?;
-    // With `every`, a run that Binance or Kafka failed is repeated sooner than
-    // the period, from its checkpoints; anything else ends the job.
-    let mut retry = Backoff::new(max_backoff, job.every.unwrap_or_default().max(max_backoff));
+    // With `every`, a (symbol, interval) that Binance kept failing is repeated
+    // sooner than the period, from its checkpoint; any other error ends the job.
+    let mut retry = Backoff::new(
+        max_backoff.max(Duration::from_secs(1)),
+        job.every.unwrap_or_default().max(Duration::from_secs(1)),
+    );
+    let shared = Shared {
+        job,
+        config,
+        rest: &rest,
+        publisher,
+    };
     let mut total = 0;
     loop {
-        let mut failed = None;
-        'run: for symbol in &job.symbols {
+        let before = total;
+        let mut failed = 0;
+        for symbol in &job.symbols {
             let symbol = symbol.to_uppercase();
             for interval in &job.intervals {
-                match one(job, config, &rest, &symbol, interval, publisher, &mut stop).await {
-                    Ok(n) => total += n,
-                    Err(SourceError::Unavailable(e)) if job.every.is_some() && !stop.is_stopped() => {
+                let result = one(&shared, &symbol, interval, &mut stop, &mut total).await;
+                if stop.is_stopped() {
+                    // Whatever was interrupted resumes from its checkpoint.
+                    return Ok(total);
+                }
+                match result {
+                    Ok(()) => {}
+                    Err(SourceError::Unavailable(e)) if job.every.is_some() => {
                         publisher
                             .metrics()
                             .backfill_failures
                             .with_label_values(&[symbol.as_str(), interval])
                             .inc();
-                        failed = Some(e);
-                        break 'run;
+                        tracing::warn!(symbol, interval, error = %e, "backfill failed; it is repeated from its checkpoint");
+                        failed += 1;
                     }
                     Err(e) => return Err(e),
-                }
-                if stop.is_stopped() {
-                    return Ok(total);
                 }
             }
         }
         let Some(every) = job.every else { return Ok(total) };
-        let wait = match failed {
-            Some(e) => {
-                let wait = retry.next_delay();
-                tracing::warn!(error = %e, retry_in_s = wait.as_secs(), "backfill run failed; it will be repeated");
-                wait
-            }
-            None => {
+        let wait = if failed == 0 {
+            retry.reset();
+            tracing::info!(
+                published = total,
+                next_in_s = every.as_secs(),
+                "backfill done; waiting for the next run"
+            );
+            every
+        } else {
+            if total > before {
+                // It advanced: the next attempt starts from the shortest pause.
                 retry.reset();
-                tracing::info!(
-                    published = total,
-                    next_in_s = every.as_secs(),
-                    "backfill done; waiting for the next run"
-                );
-                every
             }
+            let wait = retry.next_delay();
+            tracing::warn!(
+                failed,
+                retry_in_s = wait.as_secs(),
+                "backfill run incomplete; repeating it"
+            );
+            wait
         };
         if !stop.sleep(wait).await {
             return Ok(total);
@@ -177,15 +196,29 @@ pub async fn run(
     }
 }
 
+/// What every (symbol, interval) of a run shares.
+struct Shared<'a> {
+    job: &'a BackfillJob,
+    config: &'a BinanceConfig,
+    rest: &'a BinanceRest,
+    publisher: &'a Publisher,
+}
+
+/// Backfills one symbol and interval from its checkpoint, adding the candles
+/// published to `total` as it goes (a failure keeps what it did).
 async fn one(
-    job: &BackfillJob,
-    config: &BinanceConfig,
-    rest: &BinanceRest,
+    shared: &Shared<'_>,
     symbol: &str,
     interval: &str,
-    publisher: &Publisher,
     stop: &mut Stop,
-) -> Result<u64, SourceError> {
+    total: &mut u64,
+) -> Result<(), SourceError> {
+    let Shared {
+        job,
+        config,
+        rest,
+        publisher,
+    } = *shared;
     let step = interval_micros(interval).map_err(SourceError::User)?;
     let checkpoint = checkpoint_path(&job.state_dir, &config.venue, symbol, interval);
     let now = now_micros();
@@ -259,6 +292,7 @@ async fn one(
                     expected = Some(c.close_time + 1000);
                     page_next = c.close_time + 1000;
                     published += 1;
+                    *total += 1;
                     publisher
                         .publish(Item::Candle(Box::new(c)).validated(&rules, COMPONENT, raw.as_bytes()))
                         .await;
@@ -280,11 +314,28 @@ async fn one(
         if page_next == next {
             break;
         }
-        let unacked = publisher.flush(Duration::from_secs(60)).await;
-        if unacked > 0 {
-            return Err(SourceError::Unavailable(format!(
-                "Kafka did not acknowledge {unacked} records within 60 s; the checkpoint stays at the last acknowledged page"
-            )));
+        // The checkpoint moves only past an acknowledged page. Publishing the
+        // page again would duplicate it (librdkafka keeps retrying the first
+        // copy), so a slow or absent broker is waited for, until stopped.
+        let mut waited = 0u64;
+        loop {
+            let unacked = publisher.flush(Duration::from_secs(10)).await;
+            if unacked == 0 {
+                break;
+            }
+            if stop.is_stopped() {
+                return Ok(());
+            }
+            waited += 10;
+            if waited % 60 == 0 {
+                tracing::warn!(
+                    symbol,
+                    interval,
+                    unacked,
+                    waited_s = waited,
+                    "Kafka has not acknowledged the page yet"
+                );
+            }
         }
         next = page_next;
         write_checkpoint(&checkpoint, next)?;
@@ -315,7 +366,7 @@ async fn one(
         newest_close = %expected.map_or_else(|| "none".to_owned(), |e| utc(e - 1000)),
         "klines backfilled"
     );
-    Ok(published)
+    Ok(())
 }
 
 /// Exports the close time of the newest kline, given the open time of the one

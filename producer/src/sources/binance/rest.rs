@@ -86,7 +86,8 @@ impl BinanceRest {
         stop: &mut Stop,
     ) -> Result<Vec<u8>, SourceError> {
         let url = format!("{}{}", self.base, path);
-        let mut backoff = Backoff::new(Duration::from_millis(250).min(self.max_backoff), self.max_backoff);
+        let ceiling = self.max_backoff.max(Duration::from_millis(10));
+        let mut backoff = Backoff::new(Duration::from_millis(250).min(ceiling), ceiling);
         let mut attempts = 0;
         loop {
             let wait = self.wait_for(weight);
@@ -122,14 +123,14 @@ impl BinanceRest {
                     }
                     let retry_after = header("retry-after");
                     match status {
-                        s if s.is_success() => {
-                            self.metrics.rest_requests.with_label_values(&[api, "ok"]).inc();
-                            return resp
-                                .bytes()
-                                .await
-                                .map(|b| b.to_vec())
-                                .map_err(|e| SourceError::Io(format!("reading {api} response: {e}")));
-                        }
+                        s if s.is_success() => match resp.bytes().await {
+                            Ok(body) => {
+                                self.metrics.rest_requests.with_label_values(&[api, "ok"]).inc();
+                                return Ok(body.to_vec());
+                            }
+                            // Cut off or timed out mid-answer: as retryable as a failed send.
+                            Err(e) => format!("reading the answer: {e}"),
+                        },
                         StatusCode::TOO_MANY_REQUESTS | StatusCode::IM_A_TEAPOT => {
                             self.metrics
                                 .rest_requests
