@@ -339,7 +339,7 @@ async fn configure_existing(
     // The topic's configuration; `None` when the broker will not describe it
     // (no DescribeConfigs permission, an old broker): then nothing is known
     // and nothing is changed.
-    let describe = || async {
+    let described = async {
         let resource = admin
             .describe_configs(&spec, opts)
             .await
@@ -350,7 +350,7 @@ async fn configure_existing(
         let entries = resource.entries.into_iter();
         Some(entries.map(|e| (e.name, (e.value, e.source))).collect::<Described>())
     };
-    let Some(before) = describe().await else {
+    let Some(before) = described.await else {
         tracing::warn!(
             topic,
             ?config,

@@ -227,7 +227,7 @@ async fn one(
     let mut next = resumed.unwrap_or(from);
     let total_est = ((now - next) / step).max(1);
     let progress = std::io::stderr().is_terminal();
-    let mut published = 0u64;
+    let start = *total;
     // Where the next kline must open: after the checkpoint of a resumed run;
     // unknown on a first run (history starts at the listing or `since`).
     let mut expected = resumed;
@@ -291,7 +291,6 @@ async fn one(
                     }
                     expected = Some(c.close_time + 1000);
                     page_next = c.close_time + 1000;
-                    published += 1;
                     *total += 1;
                     publisher
                         .publish(Item::Candle(Box::new(c)).validated(&rules, COMPONENT, raw.as_bytes()))
@@ -343,7 +342,8 @@ async fn one(
         if progress {
             let done = total_est - ((now - next) / step).max(0);
             eprint!(
-                "\r{symbol} {interval}: {published} candles, {:>3}%",
+                "\r{symbol} {interval}: {} candles, {:>3}%",
+                *total - start,
                 (done * 100 / total_est).clamp(0, 100)
             );
         }
@@ -361,7 +361,7 @@ async fn one(
     tracing::info!(
         symbol,
         interval,
-        published,
+        published = *total - start,
         gaps,
         newest_close = %expected.map_or_else(|| "none".to_owned(), |e| utc(e - 1000)),
         "klines backfilled"
