@@ -128,7 +128,7 @@ pub fn decode_item(codec: &Codec, rules: &Rules, topic_of: &HashMap<String, Topi
                     Body::Exchange(r) => rules.exchange(r),
                     Body::Market(r) => rules.market(r),
                     Body::Price(r) => rules.price(r),
-                    Body::DeadLetter(_) => Ok(()),
+                    Body::DeadLetter(r) => rules.dead_letter(r),
                 };
                 match checked {
                     Ok(()) => Ok(body),

@@ -10,8 +10,9 @@ use std::time::Duration;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::Message;
+use tickpipe_consumers::decode::{Body, Item, Reject};
 use tickpipe_consumers::kafka::consumer_config;
-use tickpipe_consumers::pg::sink::{run, SinkConfig};
+use tickpipe_consumers::pg::sink::{run, write_batch, SinkConfig};
 use tickpipe_producer::kafka::{ensure_topics, producer_config};
 use tickpipe_schemas::decimal::put_unscaled;
 use tickpipe_schemas::field::AvroField;
@@ -557,4 +558,171 @@ async fn an_unreachable_database_or_missing_rights_stop_the_sink_with_a_clear_er
         .to_string();
     assert!(err.contains("lacks the rights"), "{err}");
     let _ = client.batch_execute(&format!("DROP ROLE {role}")).await;
+}
+
+/// A batch handed to `write_batch` as the consumer builds one after a partition
+/// was revoked and given back while the batch was open: the partition is read
+/// again from the stored position, so the batch holds offsets 0 and 1 twice.
+/// Each offset is written once (the candle keeps its latest version, the
+/// poison record one dead letter), and a value Postgres refuses for a limit
+/// (an index entry past its size) is isolated like any refused value.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offsets_read_twice_into_one_batch_are_written_once() {
+    let (prefix, url, mut client) = setup("pgsink_twice").await;
+    tickpipe_consumers::pg::migrate::migrate(&mut client).await.unwrap();
+    let pool = tickpipe_consumers::pg::sink::connect(&config(&prefix, &url))
+        .await
+        .unwrap();
+    let candles = Topic::Candles.name(&prefix);
+    let trades = Topic::Trades.name(&prefix);
+    let item = |topic: &str, offset: i64, body: Result<Body, Reject>| Item {
+        topic: topic.to_owned(),
+        partition: 0,
+        offset,
+        key: Some(b"binance:TRXUSDT".to_vec()),
+        payload: format!("payload {offset}").into_bytes(),
+        body,
+    };
+    let poison = || Reject {
+        stage: "validate",
+        error: "price must be positive, got -1".into(),
+        source: Source::Binance,
+    };
+    // An incompressible 3,000-byte symbol: the trades key index refuses it (54000).
+    let mut x: u64 = 7;
+    let huge: String = (0..3000)
+        .map(|_| {
+            x = x
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            char::from(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"[(x >> 33) as usize % 62])
+        })
+        .collect();
+    let mut too_long = trade(1, "0.2391");
+    too_long.symbol = huge;
+    let items = vec![
+        item(&candles, 0, Ok(Body::Candle(candle_version("1", 1)))),
+        item(&candles, 1, Ok(Body::Candle(candle_version("2", 2)))),
+        item(&candles, 2, Err(poison())),
+        // Given back and read again up to offset 1.
+        item(&candles, 0, Ok(Body::Candle(candle_version("1", 1)))),
+        item(&candles, 1, Ok(Body::Candle(candle_version("2", 2)))),
+        item(&trades, 0, Ok(Body::Trade(too_long))),
+        item(&trades, 1, Ok(Body::Trade(trade(2, "0.2392")))),
+        item(&trades, 0, Ok(Body::Trade(trade(1, "0.2391")))),
+    ];
+    let written = write_batch(&pool, "g", &items, None).await.unwrap();
+    assert_eq!(written.already_written.get(&candles), Some(&2));
+    assert_eq!(written.already_written.get(&trades), Some(&1));
+    assert_eq!(written.written.get(&candles), Some(&2));
+    assert_eq!(written.written.get(&trades), Some(&1));
+    assert_eq!(written.next.get(&(candles.clone(), 0)), Some(&3));
+    assert_eq!(written.next.get(&(trades.clone(), 0)), Some(&2));
+
+    let row = client
+        .query_one("SELECT volume, trade_count FROM candles", &[])
+        .await
+        .unwrap();
+    assert_eq!((row.get::<_, Decimal>(0), row.get::<_, i64>(1)), (dec("2"), 2));
+    let ids: Vec<i64> = client
+        .query("SELECT trade_id FROM trades", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(ids, vec![2]);
+    let letters: Vec<(String, i64, String, String)> = client
+        .query(
+            "SELECT topic, \"offset\", stage, error FROM dead_letters ORDER BY topic, \"offset\"",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+        .collect();
+    assert_eq!(letters.len(), 2, "{letters:?}");
+    assert_eq!(letters[0].0, candles);
+    assert_eq!((letters[0].1, letters[0].2.as_str()), (2, "validate"));
+    assert_eq!(letters[1].0, trades);
+    assert_eq!((letters[1].1, letters[1].2.as_str()), (0, "write"));
+    assert!(letters[1].3.contains("postgres 54000"), "{}", letters[1].3);
+}
+
+/// Two instances race for a partition nobody has written yet: while this
+/// sink's batch (partitions 0 and 1) is being written, another instance
+/// creates partition 1's row (held open here in a transaction, then
+/// committed as if it had written offsets 0..4). The batch is written again,
+/// not dropped: partition 0 loses nothing and partition 1 continues at 5.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partition_started_elsewhere_mid_batch_costs_the_batch_nothing() {
+    let (prefix, url, mut client) = setup("pgsink_race").await;
+    tickpipe_consumers::pg::migrate::migrate(&mut client).await.unwrap();
+    let topic = Topic::Trades.name(&prefix);
+    let codec = Codec::new(WriteFraming::SingleObject);
+    let producer: FutureProducer = producer_config(&stack::kafka_brokers()).create().unwrap();
+    for (partition, first) in [(0, 0), (1, 100)] {
+        for id in first..first + 20 {
+            let t = trade(id, "0.24");
+            producer
+                .send(
+                    FutureRecord::to(&topic)
+                        .partition(partition)
+                        .key(&t.key())
+                        .payload(&codec.encode(&t).unwrap()),
+                    Duration::from_secs(10),
+                )
+                .await
+                .unwrap();
+        }
+    }
+    let mut cfg = config(&prefix, &url);
+    cfg.topics = vec![Topic::Trades];
+    // One batch for all forty records.
+    cfg.batch_wait = Duration::from_secs(2);
+    let group = cfg.group.clone();
+
+    let (mut other, conn) = tokio_postgres::connect(&url, NoTls).await.unwrap();
+    tokio::spawn(conn);
+    let other = other.transaction().await.unwrap();
+    other
+        .execute(
+            "INSERT INTO sink_offsets (consumer_group, topic, partition, next_offset) VALUES ($1, $2, 1, 5)",
+            &[&group, &topic],
+        )
+        .await
+        .unwrap();
+
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let sink = tokio::spawn(run(cfg, async {
+        let _ = stopped.await;
+    }));
+    // The sink's offset update waits on the other instance's row.
+    wait_count(
+        &client,
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'",
+        1,
+        60,
+    )
+    .await;
+    other.commit().await.unwrap();
+
+    wait_count(&client, "SELECT count(*) FROM trades", 35, 60).await;
+    let offsets = format!(
+        "SELECT (sum(next_offset) FILTER (WHERE partition = 0) * 100 + sum(next_offset) FILTER (WHERE partition = 1))::bigint \
+         FROM sink_offsets WHERE topic = '{topic}'"
+    );
+    wait_count(&client, &offsets, 20 * 100 + 20, 10).await;
+    let _ = stop.send(());
+    sink.await.unwrap().unwrap();
+    let ids: Vec<i64> = client
+        .query("SELECT trade_id FROM trades ORDER BY trade_id", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let want: Vec<i64> = (0..20).chain(105..120).collect();
+    assert_eq!(ids, want);
 }

@@ -4,7 +4,7 @@
 //! stored with the dead letter.
 
 use crate::interval::Interval;
-use crate::records::{Asset, Candle, Exchange, Market, Micros, Price, Rate, Trade};
+use crate::records::{Asset, Candle, DeadLetter, Exchange, Market, Micros, Price, Rate, Trade};
 use rust_decimal::Decimal;
 
 /// 2009-01-03, the first block of the first cryptocurrency: nothing we carry is older.
@@ -40,9 +40,22 @@ fn opt(field: &str, v: &Option<Decimal>, f: fn(&str, &Decimal) -> Check) -> Chec
     v.as_ref().map_or(Ok(()), |v| f(field, v))
 }
 
-fn not_empty(field: &str, v: &str) -> Check {
+/// Longest name (venue, symbol, id, topic) accepted, in bytes. Real ones are
+/// a few dozen bytes (Kafka caps topic names at 249); a longer one is garbage,
+/// and a sink's keys are indexed, where Postgres refuses entries past 2.7 kB.
+pub const MAX_NAME_BYTES: usize = 255;
+
+fn name(field: &str, v: &str) -> Check {
     if v.trim().is_empty() {
         Err(format!("{field} is empty"))
+    } else {
+        short(field, v)
+    }
+}
+
+fn short(field: &str, v: &str) -> Check {
+    if v.len() > MAX_NAME_BYTES {
+        Err(format!("{field} is {} bytes long, more than {MAX_NAME_BYTES}", v.len()))
     } else {
         Ok(())
     }
@@ -69,8 +82,8 @@ impl Rules {
     }
 
     pub fn trade(&self, t: &Trade) -> Check {
-        not_empty("venue", &t.venue)?;
-        not_empty("symbol", &t.symbol)?;
+        name("venue", &t.venue)?;
+        name("symbol", &t.symbol)?;
         if t.trade_id < 0 {
             return Err(format!("trade_id must not be negative, got {}", t.trade_id));
         }
@@ -85,8 +98,8 @@ impl Rules {
     }
 
     pub fn candle(&self, c: &Candle) -> Check {
-        not_empty("venue", &c.venue)?;
-        not_empty("symbol", &c.symbol)?;
+        name("venue", &c.venue)?;
+        name("symbol", &c.symbol)?;
         // Binance's calendar intervals (weeks start on Monday, months vary) are
         // known but not epoch-aligned; every other interval must be.
         if !matches!(c.interval.as_str(), "1w" | "1M") {
@@ -143,8 +156,8 @@ impl Rules {
     }
 
     pub fn asset(&self, a: &Asset) -> Check {
-        not_empty("id", &a.id)?;
-        not_empty("symbol", &a.symbol)?;
+        name("id", &a.id)?;
+        name("symbol", &a.symbol)?;
         if a.rank < 1 {
             return Err(format!("rank must be at least 1, got {}", a.rank));
         }
@@ -158,14 +171,14 @@ impl Rules {
     }
 
     pub fn rate(&self, r: &Rate) -> Check {
-        not_empty("id", &r.id)?;
-        not_empty("symbol", &r.symbol)?;
+        name("id", &r.id)?;
+        name("symbol", &r.symbol)?;
         positive("rate_usd", &r.rate_usd)?;
         self.times(r.event_time, r.ingest_time)
     }
 
     pub fn exchange(&self, e: &Exchange) -> Check {
-        not_empty("exchange_id", &e.exchange_id)?;
+        name("exchange_id", &e.exchange_id)?;
         if e.rank < 1 {
             return Err(format!("rank must be at least 1, got {}", e.rank));
         }
@@ -178,9 +191,9 @@ impl Rules {
     }
 
     pub fn market(&self, m: &Market) -> Check {
-        not_empty("exchange_id", &m.exchange_id)?;
-        not_empty("base_symbol", &m.base_symbol)?;
-        not_empty("quote_symbol", &m.quote_symbol)?;
+        name("exchange_id", &m.exchange_id)?;
+        name("base_symbol", &m.base_symbol)?;
+        name("quote_symbol", &m.quote_symbol)?;
         positive("price_quote", &m.price_quote)?;
         positive("price_usd", &m.price_usd)?;
         opt("volume_usd_24h", &m.volume_usd_24h, not_negative)?;
@@ -191,9 +204,85 @@ impl Rules {
         self.times(m.event_time, m.ingest_time)
     }
 
+    /// A dead letter may come from another writer, and its names become a
+    /// sink's indexed columns; anything else in it is kept as it came.
+    pub fn dead_letter(&self, d: &DeadLetter) -> Check {
+        short("component", &d.component)?;
+        d.topic.as_deref().map_or(Ok(()), |t| short("topic", t))
+    }
+
     pub fn price(&self, p: &Price) -> Check {
-        not_empty("asset_id", &p.asset_id)?;
+        name("asset_id", &p.asset_id)?;
         positive("price_usd", &p.price_usd)?;
         self.times(p.event_time, p.ingest_time)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::records::{Source, TradeKind};
+
+    const NOW: Micros = 1_767_225_600_000_000;
+
+    fn trade(symbol: &str) -> Trade {
+        Trade {
+            venue: "binance".into(),
+            symbol: symbol.into(),
+            kind: TradeKind::Trade,
+            trade_id: 1,
+            price: Decimal::new(68_000, 0),
+            quantity: Decimal::new(1, 3),
+            buyer_is_maker: false,
+            first_trade_id: None,
+            last_trade_id: None,
+            source: Source::Binance,
+            event_time: NOW,
+            ingest_time: NOW,
+        }
+    }
+
+    fn letter(component: &str, topic: Option<&str>) -> DeadLetter {
+        DeadLetter {
+            stage: "parse".into(),
+            error: "x".repeat(10_000),
+            component: component.into(),
+            topic: topic.map(str::to_owned),
+            partition: None,
+            offset: None,
+            key: None,
+            payload: vec![0; 10_000],
+            source: Source::Unknown,
+            event_time: NOW,
+            ingest_time: NOW,
+        }
+    }
+
+    #[test]
+    fn names_are_present_and_short() {
+        let rules = Rules::at(NOW);
+        let longest = "A".repeat(MAX_NAME_BYTES);
+        let too_long = "A".repeat(MAX_NAME_BYTES + 1);
+        assert_eq!(rules.trade(&trade("BTCUSDT")), Ok(()));
+        assert_eq!(rules.trade(&trade(&longest)), Ok(()));
+        assert_eq!(rules.trade(&trade(" ")), Err("symbol is empty".to_owned()));
+        assert_eq!(
+            rules.trade(&trade(&too_long)),
+            Err("symbol is 256 bytes long, more than 255".to_owned())
+        );
+    }
+
+    #[test]
+    fn dead_letters_are_kept_as_they_came_but_for_long_names() {
+        let rules = Rules::at(NOW);
+        // Another writer's letter: empty names and long bodies are its own business.
+        assert_eq!(rules.dead_letter(&letter("", None)), Ok(()));
+        assert_eq!(rules.dead_letter(&letter("producer", Some("trades"))), Ok(()));
+        assert!(rules
+            .dead_letter(&letter("producer", Some(&"t".repeat(300))))
+            .is_err_and(|e| e.starts_with("topic is 300 bytes")));
+        assert!(rules
+            .dead_letter(&letter(&"c".repeat(300), None))
+            .is_err_and(|e| e.starts_with("component is 300 bytes")));
     }
 }

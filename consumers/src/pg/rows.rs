@@ -29,13 +29,17 @@ fn clean(s: &str) -> String {
     s.replace('\0', "\\0")
 }
 
-/// Whether Postgres refused the data itself (a bad value, a constraint), as
-/// opposed to the connection or the server failing: only the former is
-/// isolated to the offending rows; the latter retries the whole batch.
+/// Whether Postgres refused the data itself (a bad value, a constraint, a
+/// value past a limit such as an index entry's size), as opposed to the
+/// connection or the server failing: only the former is isolated to the
+/// offending rows; the latter retries the whole batch.
 pub fn is_data_error(e: &Error) -> bool {
     e.code().is_some_and(|c| {
         let s = c.code();
-        s.starts_with("22") || s.starts_with("23") || *c == SqlState::INVALID_BINARY_REPRESENTATION
+        s.starts_with("22")
+            || s.starts_with("23")
+            || s.starts_with("54")
+            || *c == SqlState::INVALID_BINARY_REPRESENTATION
     })
 }
 

@@ -210,7 +210,7 @@ pub enum WriteError {
     Kafka(#[from] rdkafka::error::KafkaError),
     #[error("encoding a dead letter: {0}")]
     Encode(String),
-    #[error("another instance moved offset {topic}[{partition}] while this batch was written")]
+    #[error("another instance started {topic}[{partition}] while this batch was written")]
     Fenced { topic: String, partition: i32 },
 }
 
@@ -249,7 +249,11 @@ pub async fn write_batch(
     for item in items {
         let tp = (item.topic.clone(), item.partition);
         let from = stored.get(&tp).copied().flatten().unwrap_or(0);
-        if item.offset < from {
+        // Below the stored position, or read twice into this batch: a partition
+        // revoked and given back while the batch was open is read again from
+        // the stored position, after the copies the batch already holds.
+        let repeated = out.next.get(&tp).is_some_and(|next| item.offset < *next);
+        if item.offset < from || repeated {
             *out.already_written.entry(item.topic.clone()).or_default() += 1;
             continue;
         }
@@ -313,7 +317,9 @@ pub async fn write_batch(
         }
     }
 
-    // Move the offsets; a row another instance moved meanwhile fences us off.
+    // Move the offsets. A partition without a row had nothing to lock: if
+    // another instance created the row meanwhile, the update finds a value it
+    // did not expect, and the whole batch is written again (locking that row).
     let update = tx
         .prepare(
             "INSERT INTO sink_offsets AS o (consumer_group, topic, partition, next_offset) VALUES ($1, $2, $3, $4) \
@@ -458,9 +464,12 @@ pub async fn run(config: SinkConfig, shutdown: impl Future<Output = ()>) -> Resu
                     let _ = commits_tx.send(tpl);
                     break;
                 }
-                Err(WriteError::Fenced { topic, partition }) => {
-                    tracing::warn!("postgres-sink: {topic}[{partition}] moved on elsewhere; dropping the batch");
-                    break;
+                Err(e @ WriteError::Fenced { .. }) => {
+                    // Not an outage: write the batch again at once. Its other
+                    // partitions are still this instance's to write, and what
+                    // the other instance wrote is skipped as already written.
+                    metrics.sink.retries.inc();
+                    tracing::info!("postgres-sink: {e}; writing the batch again");
                 }
                 Err(e) => {
                     ready.store(false, Ordering::Relaxed);
