@@ -37,6 +37,9 @@ use super::parse::{self, Origin};
 use super::rest::BinanceRest;
 use super::BinanceConfig;
 use crate::item::{now_micros, rules_now, Item, Reject};
+
+/// How long after its close time a kline is taken as final (see `one`).
+const CLOSE_MARGIN_MICROS: Micros = 10_000_000;
 use crate::publish::Publisher;
 use crate::sources::{SourceError, Stop};
 
@@ -263,7 +266,11 @@ async fn one(
                 )));
             }
         };
-        let now = now_micros();
+        // A kline counts as closed a little after its close time: with this
+        // clock ahead of Binance's, or Binance still folding in the last
+        // trades, the newest row may not be final yet, and the checkpoint
+        // would move past it for good.
+        let now = now_micros() - CLOSE_MARGIN_MICROS;
         let rules = rules_now();
         let mut page_next = next;
         for row in &rows {

@@ -164,6 +164,48 @@ struct Conn {
     opened_at: Option<Instant>,
 }
 
+/// A connection that delivered data for at least this long was healthy: the
+/// next one opens at once and the backoff starts over. A shorter one (a server
+/// that accepts, answers once and hangs up) counts as a failed attempt, or
+/// reconnects would follow each other as fast as the attempt limit allows.
+const HEALTHY: Duration = Duration::from_secs(10);
+
+/// When the manager opens connections. Pure, so the policy is unit-tested.
+struct Redial {
+    backoff: Backoff,
+    /// No replacement (rollover) before this: the last one failed.
+    replace_after: Option<Instant>,
+}
+
+impl Redial {
+    /// The pause before reopening after the active connection closed, given
+    /// how long it had been open if it delivered data.
+    fn after_close(&mut self, delivered_for: Option<Duration>) -> Duration {
+        if delivered_for.is_some_and(|d| d >= HEALTHY) {
+            self.backoff.reset();
+            Duration::ZERO
+        } else {
+            self.backoff.next_delay()
+        }
+    }
+
+    /// A replacement closed before delivering: the next one waits its turn in
+    /// the backoff instead of following at once (its due time has passed).
+    fn replacement_failed(&mut self, now: Instant) {
+        self.replace_after = Some(now + self.backoff.next_delay());
+    }
+
+    fn replaced(&mut self) {
+        self.replace_after = None;
+    }
+
+    /// When the connection opened at `opened` is replaced.
+    fn rollover_at(&self, opened: Instant, rollover: Duration) -> Instant {
+        let due = opened + rollover;
+        self.replace_after.map_or(due, |after| after.max(due))
+    }
+}
+
 async fn run_ws(config: BinanceConfig, publisher: Publisher, mut stop: Stop) -> Result<(), SourceError> {
     let metrics = publisher.metrics().clone();
     let rest = Arc::new(BinanceRest::new(
@@ -177,7 +219,10 @@ async fn run_ws(config: BinanceConfig, publisher: Publisher, mut stop: Stop) -> 
     let (tx, mut rx) = mpsc::channel::<(u64, Report)>(4096);
     let mut conns: HashMap<u64, Conn> = HashMap::new();
     let mut next_id = 0u64;
-    let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_millis(config.max_backoff_ms));
+    let mut redial = Redial {
+        backoff: Backoff::new(Duration::from_millis(500), Duration::from_millis(config.max_backoff_ms)),
+        replace_after: None,
+    };
     let mut limit = AttemptLimit::new(config.max_connects_per_5min, Duration::from_secs(300));
     let watchdog = Duration::from_secs(config.watchdog_secs.max(1));
     let rollover = Duration::from_secs(config.rollover_secs.max(1));
@@ -208,7 +253,7 @@ async fn run_ws(config: BinanceConfig, publisher: Publisher, mut stop: Stop) -> 
             .get(&active)
             .and_then(|c| c.opened_at)
             .filter(|_| replacing.is_none())
-            .map(|t| t + rollover);
+            .map(|t| redial.rollover_at(t, rollover));
         let report = tokio::select! {
             r = rx.recv() => r,
             _ = stop.wait() => break,
@@ -234,13 +279,15 @@ async fn run_ws(config: BinanceConfig, publisher: Publisher, mut stop: Stop) -> 
                     match replacing.take() {
                         Some(r) => active = r,
                         None => {
-                            let delay = if got_data { Duration::ZERO } else { backoff.next_delay() };
-                            got_data = false;
+                            let lived = conn.opened_at.map(|t| t.elapsed());
+                            let delay = redial.after_close(lived.filter(|_| got_data));
                             active = spawn(delay, &mut conns, &mut limit);
                         }
                     }
+                    got_data = false;
                 } else if Some(id) == replacing {
                     replacing = None;
+                    redial.replacement_failed(Instant::now());
                 }
             }
             Report::Frame(parsed, raw) => {
@@ -252,10 +299,10 @@ async fn run_ws(config: BinanceConfig, publisher: Publisher, mut stop: Stop) -> 
                     }
                     active = id;
                     replacing = None;
+                    redial.replaced();
                 }
-                if id == active && !got_data {
+                if id == active {
                     got_data = true;
-                    backoff.reset();
                 }
                 match parsed {
                     Err(reason) => {
@@ -542,4 +589,49 @@ async fn connection(
     };
     let _ = ws.close(None).await;
     let _ = tx.send((id, Report::Closed(why))).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn redial() -> Redial {
+        Redial {
+            backoff: Backoff::new(Duration::from_millis(500), Duration::from_secs(30)),
+            replace_after: None,
+        }
+    }
+
+    #[test]
+    fn only_a_connection_that_delivered_for_a_while_reconnects_at_once() {
+        let mut r = redial();
+        // Answered once and hung up, again and again: the pauses grow.
+        let pauses: Vec<Duration> = (0..4).map(|_| r.after_close(Some(Duration::from_millis(50)))).collect();
+        assert!(pauses[0] >= Duration::from_millis(250), "{pauses:?}");
+        assert!(pauses[3] >= Duration::from_secs(2), "{pauses:?}");
+        // Never delivered at all: the same.
+        assert!(r.after_close(None) >= Duration::from_secs(4));
+        // A healthy connection ends: reopen at once, and start over.
+        assert_eq!(r.after_close(Some(HEALTHY)), Duration::ZERO);
+        assert!(r.after_close(None) <= Duration::from_millis(500));
+    }
+
+    #[test]
+    fn a_failed_replacement_is_retried_after_a_pause_not_at_once() {
+        let mut r = redial();
+        let opened = Instant::now();
+        let day = Duration::from_secs(23 * 3600);
+        assert_eq!(r.rollover_at(opened, day), opened + day);
+        // The replacement failed a day later: the due time has passed, but the
+        // next attempt waits for the backoff.
+        let failed = opened + day + Duration::from_secs(1);
+        r.replacement_failed(failed);
+        let next = r.rollover_at(opened, day);
+        assert!(next >= failed + Duration::from_millis(250), "{:?}", next - failed);
+        r.replacement_failed(next);
+        let after = r.rollover_at(opened, day);
+        assert!(after >= next + Duration::from_millis(500), "the pauses grow");
+        r.replaced();
+        assert_eq!(r.rollover_at(opened, day), opened + day);
+    }
 }

@@ -13,6 +13,32 @@ use super::super::backoff::Backoff;
 use super::super::{SourceError, Stop};
 use crate::metrics::Metrics;
 
+fn now_millis() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+impl RateState {
+    /// How long to wait, at `now_ms`, before spending `weight`: until the next
+    /// wall-clock minute (Binance's window) when this one's budget is nearly
+    /// spent. What was used in an earlier minute no longer counts, since no
+    /// answer may come to say so: nothing is asked while waiting.
+    fn budget_wait(&self, weight: u32, now_ms: u64) -> Duration {
+        let used = if self.used_minute == now_ms / 60_000 {
+            self.used
+        } else {
+            0
+        };
+        if used.saturating_add(weight) > self.limit / 10 * 9 {
+            Duration::from_millis(60_000 - now_ms % 60_000 + 50)
+        } else {
+            Duration::ZERO
+        }
+    }
+}
+
 /// A Binance REST client shared by gap repair and the klines backfill.
 pub struct BinanceRest {
     http: reqwest::Client,
@@ -29,8 +55,10 @@ pub struct BinanceRest {
 struct RateState {
     /// No request before this instant (a 429/418 `Retry-After`).
     blocked_until: Option<Instant>,
-    /// The weight Binance last reported as used this minute.
+    /// The weight Binance last reported as used, and the wall-clock minute
+    /// (since the epoch) it was reported in: a new minute starts from zero.
     used: u32,
+    used_minute: u64,
     /// The weight limit per minute (6,000 unless configured otherwise).
     limit: u32,
 }
@@ -49,6 +77,7 @@ impl BinanceRest {
             state: Mutex::new(RateState {
                 blocked_until: None,
                 used: 0,
+                used_minute: 0,
                 limit: weight_limit,
             }),
             max_attempts: 8,
@@ -65,15 +94,7 @@ impl BinanceRest {
                 return d;
             }
         }
-        if s.used + weight > s.limit * 9 / 10 {
-            // The window is the wall-clock minute: wait for the next one.
-            let ms = SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map(|d| d.as_millis() as u64)
-                .unwrap_or(0);
-            return Duration::from_millis(60_000 - ms % 60_000 + 50);
-        }
-        Duration::ZERO
+        s.budget_wait(weight, now_millis())
     }
 
     /// GETs `path` (with its query) and returns the body; `api` names the call
@@ -119,7 +140,9 @@ impl BinanceRest {
                             .and_then(|v| v.trim().parse::<u64>().ok())
                     };
                     if let Some(used) = header("x-mbx-used-weight-1m") {
-                        self.state.lock().unwrap_or_else(|e| e.into_inner()).used = used as u32;
+                        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+                        s.used = u32::try_from(used).unwrap_or(u32::MAX);
+                        s.used_minute = now_millis() / 60_000;
                     }
                     let retry_after = header("retry-after");
                     match status {
@@ -179,5 +202,35 @@ impl BinanceRest {
                 return Err(SourceError::Io("stopped".into()));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_weight_budget_is_per_wall_clock_minute() {
+        let minute = 29_000_000u64;
+        let at = |second: u64| minute * 60_000 + second * 1000;
+        let state = RateState {
+            blocked_until: None,
+            used: 5_390,
+            used_minute: minute,
+            limit: 6_000,
+        };
+        // 5,390 + 25 passes 90% of 6,000: wait for the next minute, 50 ms in.
+        assert_eq!(state.budget_wait(25, at(20)), Duration::from_millis(40_050));
+        assert_eq!(state.budget_wait(4, at(20)), Duration::ZERO);
+        // In the next minute (and any later one) the old figure is spent.
+        assert_eq!(state.budget_wait(25, at(60)), Duration::ZERO);
+        assert_eq!(state.budget_wait(25, at(3_600)), Duration::ZERO);
+        // Even a figure past the limit (a 429's header) waits only for the minute.
+        let over = RateState {
+            used: u32::MAX,
+            ..state
+        };
+        assert_eq!(over.budget_wait(25, at(59)), Duration::from_millis(1_050));
+        assert_eq!(over.budget_wait(25, at(61)), Duration::ZERO);
     }
 }

@@ -41,8 +41,9 @@ impl Sequencer {
 
     /// Records `id` as published: the next expected is `id + 1`.
     pub fn advance(&mut self, symbol: &str, kind: TradeKind, id: i64) {
-        let next = self.next.entry((symbol.to_owned(), kind)).or_insert(id + 1);
-        *next = (*next).max(id + 1);
+        let after = id.saturating_add(1);
+        let next = self.next.entry((symbol.to_owned(), kind)).or_insert(after);
+        *next = (*next).max(after);
     }
 
     /// The next expected id, if any trade of the symbol was seen.
@@ -86,5 +87,8 @@ mod tests {
         // Advancing never goes back.
         s.advance("BTCUSDT", k, 90);
         assert_eq!(s.expected("BTCUSDT", k), Some(106));
+        // An id at the end of the range (outside input) does not overflow.
+        s.advance("ETHUSDT", k, i64::MAX);
+        assert_eq!(s.check("ETHUSDT", k, 5), Order::Duplicate);
     }
 }
