@@ -160,7 +160,18 @@ async fn publishes_what_the_pure_builder_makes() {
     let expected = expected(&trades);
     let brokers = stack::kafka_brokers();
     let prefix = format!("{}.", stack::unique_name("candles"));
-    publish_trades(&brokers, &prefix, &trades).await;
+    // One trade stamped two days ahead of this clock (another writer's clock
+    // or unit gone wrong) is a dead letter: it moves no watermark, or every
+    // window up to then would close at once.
+    let mut published = trades.clone();
+    let mut ahead = trades[trades.len() / 2].clone();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_micros() as i64;
+    ahead.event_time = now + 2 * 86_400_000_000;
+    published.insert(trades.len() / 2 + 1, ahead);
+    publish_trades(&brokers, &prefix, &published).await;
 
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let service = tokio::spawn(run(service_config(&prefix, "candles-it"), async {

@@ -157,7 +157,8 @@ pub fn agg_trades_csv(path: &Path, symbol: &str) -> Vec<Trade> {
                 last_trade_id: Some(int(f[4], &at)),
                 source: Source::Replay,
                 event_time: int(f[5], &at) * 1000,
-                ingest_time: 0,
+                // The file does not say when a trade was read: as if at once.
+                ingest_time: int(f[5], &at) * 1000,
             }
         })
         .collect()

@@ -83,12 +83,16 @@ impl BqError {
     }
 
     /// Whether the server refused the data itself (a whole request refused
-    /// as invalid, or an internal error that may be the data's fault; the
-    /// writer tells these apart by trying the rows on their own).
+    /// as invalid, or an internal error that may be the data's fault, as the
+    /// emulator answers bad rows; the writer tells these apart by trying the
+    /// rows on their own). A temporary failure (`backendError`, 502, 503,
+    /// 504) is never the data: a row is not blamed for an outage that began
+    /// while its request was being split.
     pub fn may_be_the_data(&self) -> bool {
         match self {
             BqError::Status { status, reason, .. } => {
-                *status >= 500 || (*status == 400 && matches!(reason.as_str(), "invalid" | "invalidQuery"))
+                (*status == 500 && reason != "backendError")
+                    || (*status == 400 && matches!(reason.as_str(), "invalid" | "invalidQuery"))
             }
             _ => false,
         }
@@ -498,6 +502,9 @@ mod tests {
         assert!(!status(400, "invalid").is_retriable());
         assert!(status(400, "invalid").may_be_the_data());
         assert!(status(500, "internalError").may_be_the_data());
+        assert!(!status(500, "backendError").may_be_the_data());
+        assert!(!status(503, "backendError").may_be_the_data());
+        assert!(!status(502, "").may_be_the_data());
         assert!(!status(404, "notFound").may_be_the_data());
         assert!(BqError::Auth("x".into()).is_fatal());
         assert!(BqError::Permission {

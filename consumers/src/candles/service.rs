@@ -30,6 +30,7 @@ use rdkafka::error::KafkaError;
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{ClientContext, Message, Offset, Statistics, TopicPartitionList};
 use tickpipe_producer::kafka::{ensure_topic_names, ensure_topics_configured, future_producer, TopicError};
+use tickpipe_schemas::validate::Rules;
 use tickpipe_schemas::{Codec, DeadLetter, Record, Source, Topic, Trade, WriteFraming};
 
 use super::aggregate::{CandleBuilder, CandleConfig, Output};
@@ -365,6 +366,14 @@ pub async fn run(config: ServiceConfig, shutdown: impl Future<Output = ()>) -> R
                     let payload = msg.payload().unwrap_or_default();
                     match codec.decode::<Trade>(payload) {
                         Ok(trade) => {
+                            // A trade from another writer, or stamped in the
+                            // wrong unit, must not move a watermark (a day
+                            // ahead would close a day of windows at once).
+                            if let Err(reason) = Rules::at(now_micros()).trade(&trade) {
+                                metrics.rejected.with_label_values(&["invalid_trade"]).inc();
+                                dead.push(dead_letter("validate", reason, Some(&msg), payload.to_vec(), trade.source));
+                                continue;
+                            }
                             if let Some(b) = builders.get_mut(&partition) {
                                 b.push(&trade, &mut bars);
                                 outputs.extend(bars.drain(..).map(|o| b.resolve(o)));
