@@ -339,3 +339,56 @@ async fn a_stop_during_an_outage_is_a_clean_stop() {
     assert_eq!(published, 0);
     std::fs::remove_dir_all(&job.state_dir).ok();
 }
+
+/// A page Kafka refuses for good (after the producer's own retries) is not
+/// checkpointed: the run ends with the error, and the next run publishes the
+/// page again, so every kline reaches the topic.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_page_kafka_refuses_is_published_again_not_skipped() {
+    use rdkafka::mocking::MockCluster;
+    use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+    use tickpipe_schemas::Topic;
+
+    let Some(rows) = klines() else { return };
+    let n = rows.len();
+    let script = BinanceScript {
+        messages: Vec::new(),
+        faults: Vec::new(),
+        rate: 0,
+        rest_faults: Vec::new(),
+        klines: BTreeMap::from([(("BTCUSDT".to_owned(), "1d".to_owned()), rows)]),
+        skip_trades: Vec::new(),
+    };
+    let fake = FakeBinance::start(script).await;
+    let cluster = MockCluster::new(1).expect("mock cluster");
+    let prefix = format!("{}.", stack::unique_name("backfill_refused"));
+    for t in Topic::ALL {
+        cluster.create_topic(&t.name(&prefix), 1, 1).expect("topic");
+    }
+    let (mut config, job) = setup(&prefix, &fake);
+    config.kafka.brokers = cluster.bootstrap_servers();
+    config.kafka.create_topics = false;
+    // The first produce request is refused as too large: a permanent error.
+    cluster.request_errors(
+        RDKafkaApiKey::Produce,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_MSG_SIZE_TOO_LARGE],
+    );
+    let metrics = Metrics::new();
+    let err = service::run_backfill(config.clone(), job.clone(), metrics.clone(), std::future::pending())
+        .await
+        .expect_err("a refused page ends the run");
+    assert!(err.to_string().contains("the checkpoint stays before it"), "{err}");
+    assert!(common::total(&metrics.delivery_failures) > 0);
+
+    let again = service::run_backfill(config.clone(), job.clone(), Metrics::new(), std::future::pending())
+        .await
+        .expect("the rerun");
+    assert_eq!(again as usize, n, "the rerun starts before the refused page");
+    let candles: Vec<Candle> = common::decode(&common::read_topic(
+        &cluster.bootstrap_servers(),
+        &format!("{prefix}candles"),
+    ));
+    let distinct: std::collections::BTreeSet<i64> = candles.iter().map(|c| c.open_time).collect();
+    assert_eq!(distinct.len(), n, "every kline reached the topic");
+    std::fs::remove_dir_all(&job.state_dir).ok();
+}

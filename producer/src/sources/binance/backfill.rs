@@ -24,7 +24,10 @@
 //! the other symbols and intervals, and repeats the run from the checkpoints
 //! after a backoff, because the next period is too far away. Any other error
 //! ends both. A broker that does not acknowledge a page is waited for (the
-//! page is not published again), and a stop ends the job cleanly at any point.
+//! page is not published again); a page with a record Kafka refused for good
+//! is not checkpointed and ends the run as `Unavailable`, so it is published
+//! again (its delivered candles twice) rather than never. A stop ends the job
+//! cleanly at any point.
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
@@ -37,6 +40,19 @@ use super::parse::{self, Origin};
 use super::rest::BinanceRest;
 use super::BinanceConfig;
 use crate::item::{now_micros, rules_now, Item, Reject};
+
+/// Records the publisher gave up on so far (any topic).
+fn given_up(publisher: &Publisher) -> u64 {
+    use prometheus::core::Collector;
+    publisher
+        .metrics()
+        .delivery_failures
+        .collect()
+        .iter()
+        .flat_map(|f| f.get_metric())
+        .map(|m| m.get_counter().get_value() as u64)
+        .sum()
+}
 
 /// How long after its close time a kline is taken as final (see `one`).
 const CLOSE_MARGIN_MICROS: Micros = 10_000_000;
@@ -273,6 +289,7 @@ async fn one(
         let now = now_micros() - CLOSE_MARGIN_MICROS;
         let rules = rules_now();
         let mut page_next = next;
+        let given_up_before = given_up(publisher);
         for row in &rows {
             let raw = row.to_string();
             let candle = parse::kline_json_fields(row).and_then(|f| {
@@ -342,6 +359,17 @@ async fn one(
                     "Kafka has not acknowledged the page yet"
                 );
             }
+        }
+        // A record Kafka refused for good (after the producer's own retries)
+        // was settled, not delivered: the checkpoint stays before the page,
+        // and a later run publishes it again (its delivered candles twice,
+        // which the sinks' keys absorb) rather than never.
+        let failed = given_up(publisher) - given_up_before;
+        if failed > 0 {
+            return Err(SourceError::Unavailable(format!(
+                "Kafka refused {failed} records of the {symbol} {interval} page from {next}; \
+                 the checkpoint stays before it"
+            )));
         }
         next = page_next;
         write_checkpoint(&checkpoint, next)?;
