@@ -209,6 +209,9 @@ fn is_partition_eof(error: &KafkaError) -> bool {
 ///
 /// The end of each partition is found from the fetch responses (partition EOF),
 /// not from ListOffsets, which some Kafka-protocol brokers (tansu) answer wrongly.
+/// How long reading the state topic at start may go without a record.
+const STATE_READ_STALL: Duration = Duration::from_secs(60);
+
 fn read_state(config: &ServiceConfig) -> Result<HashMap<i32, (i64, Vec<u8>)>, ServiceError> {
     let topic = config.state_topic();
     let mut cc = consumer_config(&config.brokers, &format!("{}-state-reader", config.group));
@@ -224,11 +227,16 @@ fn read_state(config: &ServiceConfig) -> Result<HashMap<i32, (i64, Vec<u8>)>, Se
     let mut state = HashMap::new();
     let mut reads = 0;
     consumer.assign(&tpl)?;
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    // A deadline on progress, not on the whole read: a state topic the broker
+    // has not compacted yet (Kafka leaves the active segment alone; tansu
+    // never compacts) can take longer than any fixed limit to read, and
+    // failing then would fail every restart after it.
+    let mut deadline = std::time::Instant::now() + STATE_READ_STALL;
     while !open.is_empty() {
         if std::time::Instant::now() > deadline {
             return Err(ServiceError::State(format!(
-                "reading {topic} did not reach its end within 60 s"
+                "reading {topic} made no progress for {} s ({reads} records read)",
+                STATE_READ_STALL.as_secs()
             )));
         }
         let msg = match consumer.poll(Duration::from_millis(200)) {
@@ -241,6 +249,7 @@ fn read_state(config: &ServiceConfig) -> Result<HashMap<i32, (i64, Vec<u8>)>, Se
             Some(Ok(m)) => m,
         };
         reads += 1;
+        deadline = std::time::Instant::now() + STATE_READ_STALL;
         if let (Some(key), Some(value)) = (msg.key(), msg.payload()) {
             let partition = std::str::from_utf8(key)
                 .ok()
