@@ -1,7 +1,8 @@
 //! `bigquery-sink` against the BigQuery emulator and the real broker: a real
 //! recording streamed through, compared row for row with what was produced;
 //! poison and rows BigQuery refuses in the dead letters; SIGKILL during
-//! streaming; tables that evolve or cannot; credentials that fail.
+//! streaming; BigQuery failing at start; tables that evolve or cannot;
+//! credentials that fail.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::process::{Child, Command, Stdio};
@@ -347,31 +348,38 @@ async fn sigkill_while_streaming_leaves_the_view_exact() {
         .await
         .unwrap_or_else(|e| panic!("is the broker up (make stack-up)? {e}"));
     let topic = Topic::Trades.name(&prefix);
-    let to_publish = trades.clone();
-    let publisher = tokio::spawn(async move {
-        let codec = Codec::new(WriteFraming::SingleObject);
-        let producer: FutureProducer = producer_config(&stack::kafka_brokers()).create().expect("producer");
-        for chunk in to_publish.chunks(2_000) {
-            let records: Vec<(String, Vec<u8>)> = chunk
-                .iter()
-                .map(|t| (t.key(), codec.encode(t).expect("encode")))
-                .collect();
-            publish(&producer, &topic, &records).await;
-            tokio::time::sleep(Duration::from_millis(700)).await;
-        }
-    });
+    let codec = Codec::new(WriteFraming::SingleObject);
+    let producer: FutureProducer = producer_config(&brokers).create().expect("producer");
+    // A part of the recording per round, published as the round starts: a
+    // round always has rows to write (a stream published ahead of the kills
+    // could be written and committed whole, leaving a later round nothing).
+    const ROUNDS: usize = 5;
+    let mut parts = trades.chunks(trades.len().div_ceil(ROUNDS + 1));
 
     let bq = client().await;
     let project = stack::bigquery_project();
     let raw = format!("SELECT COUNT(*) FROM `{project}.{dataset}.trades_raw`");
     let mut kills = 0;
     let mut progress = Vec::new();
-    for round in 0..5 {
+    for round in 0..ROUNDS {
         let before = count(&bq, &raw).await;
+        let part: Vec<(String, Vec<u8>)> = parts
+            .next()
+            .expect("a part per round")
+            .iter()
+            .map(|t| (t.key(), codec.encode(t).expect("encode")))
+            .collect();
+        publish(&producer, &topic, &part).await;
         let mut sink = start_sink(&prefix, &dataset);
         let started = tokio::time::Instant::now();
         let mut last = Ok(before);
         while !last.as_ref().is_ok_and(|n| *n > before) {
+            if let Some(status) = sink.0.try_wait().expect("try_wait") {
+                panic!(
+                    "round {round}: the sink exited with {status}; its log ends:\n{}",
+                    sink.log_tail()
+                );
+            }
             assert!(
                 started.elapsed() < Duration::from_secs(90),
                 "round {round}: no rows written in 90 s (raw rows before: {before}, last count: {last:?}); \
@@ -387,7 +395,13 @@ async fn sigkill_while_streaming_leaves_the_view_exact() {
         kills += 1;
         progress.push(count(&bq, &raw).await);
     }
-    publisher.await.expect("publisher");
+    for rest in parts {
+        let records: Vec<(String, Vec<u8>)> = rest
+            .iter()
+            .map(|t| (t.key(), codec.encode(t).expect("encode")))
+            .collect();
+        publish(&producer, &topic, &records).await;
+    }
     let total = trades.len() as i64;
     assert!(
         progress.iter().any(|p| *p < total),
@@ -576,4 +590,75 @@ async fn credentials_that_fail_stop_the_sink_with_a_clear_message() {
     let request = seen.await.expect("the token service was asked");
     assert!(request.starts_with("POST /token"), "{request}");
     assert!(request.contains("jwt-bearer"), "a signed JWT grant was sent: {request}");
+}
+
+/// BigQuery unreachable when the sink starts (here: the first two connections
+/// to it are cut) is waited out like an outage while writing, not a reason to
+/// exit: once it answers, the tables are made and the rows arrive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bigquery_failing_at_start_is_waited_for() {
+    let Some(mut trades) = recorded_trades() else { return };
+    trades.truncate(100);
+    let brokers = stack::kafka_brokers();
+    let prefix = format!("{}.", stack::unique_name("bqstart"));
+    let dataset = stack::unique_name("bqstart");
+    ensure_topics(&brokers, &prefix, &Topic::ALL, 3, 1)
+        .await
+        .unwrap_or_else(|e| panic!("is the broker up (make stack-up)? {e}"));
+
+    // A proxy in front of the emulator that cuts its first two connections.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let upstream = stack::bigquery_rest_url()
+        .trim_start_matches("http://")
+        .trim_end_matches('/')
+        .to_owned();
+    let cut = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = cut.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut inbound, _)) = listener.accept().await else {
+                return;
+            };
+            if counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst) < 2 {
+                drop(inbound);
+                continue;
+            }
+            let upstream = upstream.clone();
+            tokio::spawn(async move {
+                if let Ok(mut outbound) = tokio::net::TcpStream::connect(&upstream).await {
+                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                }
+            });
+        }
+    });
+    let mut cfg = config(&prefix, &dataset);
+    cfg.endpoint.api_url = format!("http://127.0.0.1:{port}");
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let sink = tokio::spawn(run(cfg, async {
+        let _ = stopped.await;
+    }));
+
+    let codec = Codec::new(WriteFraming::SingleObject);
+    let producer: FutureProducer = producer_config(&brokers).create().expect("producer");
+    let records: Vec<(String, Vec<u8>)> = trades
+        .iter()
+        .map(|t| (t.key(), codec.encode(t).expect("encode")))
+        .collect();
+    publish(&producer, &Topic::Trades.name(&prefix), &records).await;
+    let bq = client().await;
+    wait_for_count(
+        &bq,
+        &format!("SELECT COUNT(*) FROM `{}.{dataset}.trades`", stack::bigquery_project()),
+        trades.len() as i64,
+        120,
+    )
+    .await;
+    assert!(
+        cut.load(std::sync::atomic::Ordering::SeqCst) > 2,
+        "the cut connections were retried"
+    );
+    assert!(!sink.is_finished(), "the sink kept running");
+    let _ = stop.send(());
+    sink.await.unwrap().expect("a clean stop");
 }

@@ -376,7 +376,25 @@ pub async fn run(config: BqSinkConfig, shutdown: impl Future<Output = ()>) -> Re
         .map_err(BqSinkError::Metrics)?;
     }
     let bq = BigQuery::connect(config.endpoint.clone(), Some(metrics.requests.clone())).await?;
-    let specs = prepare_tables(&bq, &config.dataset, &config.location, &config.topics, config.decimals).await?;
+    let mut shutdown = std::pin::pin!(shutdown);
+    // BigQuery failing for a while at start (quota, 5xx, the network) is
+    // waited out like it is when writing; other errors need the operator.
+    let mut backoff = Duration::from_millis(200);
+    let specs = loop {
+        match prepare_tables(&bq, &config.dataset, &config.location, &config.topics, config.decimals).await {
+            Ok(specs) => break specs,
+            Err(BqSinkError::BigQuery(e)) if e.is_retriable() => {
+                metrics.sink.retries.inc();
+                tracing::warn!("bigquery-sink: preparing the tables failed, retrying in {backoff:?}: {e}");
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = &mut shutdown => return Ok(()),
+                }
+                backoff = (backoff * 2).min(config.max_backoff);
+            }
+            Err(e) => return Err(e),
+        }
+    };
     tracing::info!(
         dataset = config.dataset,
         tables = specs.len(),
@@ -430,7 +448,6 @@ pub async fn run(config: BqSinkConfig, shutdown: impl Future<Output = ()>) -> Re
         ready: &ready,
         stop: &stop,
     };
-    let mut shutdown = std::pin::pin!(shutdown);
     let mut result = Ok(());
     loop {
         let batch = tokio::select! {
