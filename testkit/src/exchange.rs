@@ -207,6 +207,14 @@ pub enum RestFault {
         /// How many requests fail before the endpoint works again.
         times: u32,
     },
+    /// The next `times` requests to `path` answer an empty list, like an
+    /// endpoint that does not serve the newest ids yet.
+    Lagging {
+        /// Request path, e.g. `/api/v3/historicalTrades`.
+        path: String,
+        /// How many requests answer `[]` before the endpoint catches up.
+        times: u32,
+    },
     /// Every request to `path` answers `status` with `body` (e.g. 451 with
     /// Binance's restricted-location body, 418, 500).
     Status {
@@ -1167,6 +1175,13 @@ impl BinanceRest {
                                 -1001,
                                 "Internal error; unable to process your request. Please try again.",
                             ));
+                        }
+                    }
+                    RestFault::Lagging { path: p, times } if p == path => {
+                        let n = st.faults_used.entry(k).or_insert(0);
+                        if *n < *times {
+                            *n += 1;
+                            fault = Some(Answer::ok("[]".to_owned()));
                         }
                     }
                     RestFault::TooMany {

@@ -390,6 +390,7 @@ fn read_file(
                 match parse::ws_message(json.trim_start(), origin) {
                     Ok(WsEvent::Trade(t)) => Some(Item::Trade(t)),
                     Ok(WsEvent::Candle(k)) => Some(Item::Candle(Box::new(k))),
+                    Ok(WsEvent::Excluded(_, reason)) => Some(reject(json, reason, path, n)),
                     Ok(_) => None,
                     Err(reason) => Some(reject(json, reason, path, n)),
                 }

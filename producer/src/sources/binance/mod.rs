@@ -70,6 +70,11 @@ pub struct BinanceConfig {
     pub weight_limit: u32,
     /// Fill trade-id gaps over REST.
     pub gap_repair: bool,
+    /// Longest one gap repair may hold up the live stream, in seconds: the
+    /// sockets are not read meanwhile (Binance drops one whose pong is a
+    /// minute late, opening a new gap); what is not repaired by then is
+    /// counted in `tickpipe_producer_trades_unrepaired_total`.
+    pub repair_budget_secs: u64,
 }
 
 impl Default for BinanceConfig {
@@ -87,6 +92,7 @@ impl Default for BinanceConfig {
             max_backoff_ms: 30_000,
             weight_limit: 6000,
             gap_repair: true,
+            repair_budget_secs: 30,
         }
     }
 }
@@ -304,6 +310,12 @@ async fn run_ws(config: BinanceConfig, publisher: Publisher, mut stop: Stop) -> 
                 if id == active {
                     got_data = true;
                 }
+                // An excluded trade is sequenced like any other (its id is
+                // real) and published as a dead letter.
+                let (parsed, excluded) = match parsed {
+                    Ok(WsEvent::Excluded(t, reason)) => (Ok(WsEvent::Trade(t)), Some(reason)),
+                    other => (other, None),
+                };
                 match parsed {
                     Err(reason) => {
                         publisher
@@ -323,10 +335,12 @@ async fn run_ws(config: BinanceConfig, publisher: Publisher, mut stop: Stop) -> 
                                 .await;
                             continue;
                         }
-                        let repair = config.gap_repair.then_some(rest.as_ref());
+                        let budget = Duration::from_secs(config.repair_budget_secs.max(1));
+                        let repair = config.gap_repair.then_some((rest.as_ref(), budget));
                         sequence_trade(
                             &mut seq,
                             t,
+                            excluded,
                             raw.as_bytes(),
                             repair,
                             &config.venue,
@@ -350,7 +364,8 @@ async fn run_ws(config: BinanceConfig, publisher: Publisher, mut stop: Stop) -> 
                             replacing = Some(spawn(Duration::ZERO, &mut conns, &mut limit));
                         }
                     }
-                    Ok(WsEvent::OpenKline | WsEvent::Reply | WsEvent::Other) => {}
+                    // Excluded trades were turned into trades above.
+                    Ok(WsEvent::OpenKline | WsEvent::Reply | WsEvent::Other | WsEvent::Excluded(..)) => {}
                 }
             }
         }
@@ -380,12 +395,16 @@ fn validate_reject(raw: &[u8], reason: String) -> Reject {
 }
 
 /// Publishes a live trade in id order: drops what was already published, and
-/// fills a gap before it over REST (when `repair` is given).
+/// fills a gap before it over REST (when `repair` is given). An `excluded`
+/// trade (with the reason) is sequenced the same way but published as a dead
+/// letter: its id is real, and skipping it would make the next one a gap.
+#[allow(clippy::too_many_arguments)]
 async fn sequence_trade(
     seq: &mut Sequencer,
     t: Trade,
+    excluded: Option<String>,
     raw: &[u8],
-    repair: Option<&BinanceRest>,
+    repair: Option<(&BinanceRest, Duration)>,
     venue: &str,
     publisher: &Publisher,
     stop: &mut Stop,
@@ -399,26 +418,37 @@ async fn sequence_trade(
         Order::Gap { from, to } => {
             metrics.gaps.with_label_values(&[&t.symbol]).inc();
             tracing::info!(symbol = %t.symbol, from, to, "trade-id gap: repairing over REST");
-            let filled = match repair {
-                Some(rest) => fill_gap(rest, &t.symbol, t.kind, from, to, venue, publisher, stop).await,
-                None => from,
+            let (filled, skipped) = match repair {
+                Some((rest, budget)) => {
+                    let deadline = tokio::time::Instant::now() + budget;
+                    fill_gap(rest, &t.symbol, t.kind, from, to, deadline, venue, publisher, stop).await
+                }
+                None => (from, 0),
             };
-            if filled <= to {
-                let missing = (to - filled + 1) as u64;
+            let missing = (to - filled + 1).max(0) as u64 + skipped;
+            if missing > 0 {
                 metrics.unrepaired.with_label_values(&[&t.symbol]).inc_by(missing);
-                tracing::error!(symbol = %t.symbol, from = filled, to, "trade ids could not be repaired");
+                tracing::error!(symbol = %t.symbol, from, to, missing, "trade ids could not be repaired");
             }
         }
         Order::First | Order::Next => {}
     }
     seq.advance(&t.symbol, t.kind, t.trade_id);
-    publisher
-        .publish(Item::Trade(t).validated(&rules_now(), COMPONENT, raw))
-        .await;
+    let item = match excluded {
+        Some(reason) => Item::Reject(Reject::parse(COMPONENT, RecordSource::Binance, raw, reason)),
+        None => Item::Trade(t).validated(&rules_now(), COMPONENT, raw),
+    };
+    publisher.publish(item).await;
 }
 
-/// Fetches and publishes trades `from..=to` in pages; returns the first id not
-/// published (`to + 1` when the gap is closed).
+/// How often an empty answer is asked again before the rest of a gap is given
+/// up: the live trade after the gap proves its ids exist, and REST may serve
+/// the newest ones a moment later than the socket.
+const EMPTY_PAGE_RETRIES: u32 = 3;
+
+/// Fetches and publishes trades `from..=to` in pages until `deadline`;
+/// returns the first id not published (`to + 1` when the gap is closed) and
+/// how many ids before it Binance's answers skipped.
 #[allow(clippy::too_many_arguments)]
 async fn fill_gap(
     rest: &BinanceRest,
@@ -426,16 +456,19 @@ async fn fill_gap(
     kind: TradeKind,
     from: i64,
     to: i64,
+    deadline: tokio::time::Instant,
     venue: &str,
     publisher: &Publisher,
     stop: &mut Stop,
-) -> i64 {
+) -> (i64, u64) {
     let origin = Origin {
         venue,
         source: RecordSource::Binance,
         ingest_time: now_micros(),
     };
     let mut next = from;
+    let mut skipped = 0u64;
+    let mut empty = 0;
     while next <= to {
         let limit = (to - next + 1).min(1000);
         let (api, path, weight) = match kind {
@@ -450,18 +483,22 @@ async fn fill_gap(
                 4,
             ),
         };
-        let body = match rest.get(api, &path, weight, stop).await {
-            Ok(b) => b,
-            Err(e) => {
+        let body = match tokio::time::timeout_at(deadline, rest.get(api, &path, weight, stop)).await {
+            Ok(Ok(b)) => b,
+            Ok(Err(e)) => {
                 tracing::error!(symbol, error = %e, "gap repair request failed");
-                return next;
+                return (next, skipped);
+            }
+            Err(_) => {
+                tracing::error!(symbol, "gap repair ran out of its time budget; the live stream goes on");
+                return (next, skipped);
             }
         };
         let page = match serde_json::from_slice::<Vec<serde_json::Value>>(&body) {
             Ok(page) => page,
             Err(e) => {
                 publish_bad_page(publisher, &body, format!("{api} answer is not a list: {e}")).await;
-                return next;
+                return (next, skipped);
             }
         };
         let rows = page.into_iter().map(|row| {
@@ -487,6 +524,7 @@ async fn fill_gap(
             match trade {
                 Ok(t) => {
                     publisher.metrics().backfilled.with_label_values(&[symbol]).inc();
+                    skipped += (t.trade_id - next).max(0) as u64;
                     next = t.trade_id + 1;
                     publisher
                         .publish(Item::Trade(t).validated(&rules_now(), "binance-rest", &raw))
@@ -494,6 +532,7 @@ async fn fill_gap(
                 }
                 Err(reason) => {
                     if id >= 0 {
+                        skipped += (id - next).max(0) as u64;
                         next = id + 1;
                     }
                     publisher
@@ -510,11 +549,16 @@ async fn fill_gap(
             }
         }
         if next == before {
-            // Binance has nothing from this id on: the rest cannot be repaired.
-            return next;
+            empty += 1;
+            if empty > EMPTY_PAGE_RETRIES || !stop.sleep(Duration::from_millis(500)).await {
+                // Binance has nothing from this id on: the rest cannot be repaired.
+                return (next, skipped);
+            }
+            continue;
         }
+        empty = 0;
     }
-    next
+    (next, skipped)
 }
 
 async fn publish_bad_page(publisher: &Publisher, body: &[u8], reason: String) {

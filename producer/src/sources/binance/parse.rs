@@ -15,6 +15,9 @@ use crate::item::{decimal, micros};
 pub enum WsEvent {
     /// A trade or aggregate trade.
     Trade(Trade),
+    /// A trade Binance leaves out of its klines (see [`excluded_trade`]), with
+    /// the reason: a dead letter, but a real id, which counts as seen.
+    Excluded(Trade, String),
     /// A closed kline (`x: true`).
     Candle(Candle),
     /// A kline update of a candle still open: not published.
@@ -228,8 +231,10 @@ fn payload(p: Payload<'_>, stream: Option<&str>, origin: Origin<'_>) -> Result<W
                 event_time: micros(need(p.T, "T", event)?),
                 ingest_time: origin.ingest_time,
             };
-            excluded_trade(&trade, p.X.as_deref())?;
-            Ok(WsEvent::Trade(trade))
+            match excluded_trade(&trade, p.X.as_deref()) {
+                Ok(()) => Ok(WsEvent::Trade(trade)),
+                Err(reason) => Ok(WsEvent::Excluded(trade, reason)),
+            }
         }
         "kline" => {
             let k = need(p.k, "k", event)?;
@@ -543,11 +548,19 @@ mod tests {
         );
         check(
             r#"{"e":"aggTrade","E":1,"s":"XRPETH","a":1,"p":"0","q":"0","f":-1,"l":-1,"T":1570752011620,"m":true,"M":true}"#,
-            Err("invalid audited"),
+            Ok("Excluded"),
         );
         check(
             r#"{"e":"trade","E":1,"s":"TRXUSDT","t":548331095,"p":"0.0","q":"0.0","T":1,"m":false,"X":"NA"}"#,
-            Err("not a MARKET trade"),
+            Ok("Excluded"),
+        );
+        let excluded = ws_message(
+            r#"{"e":"trade","E":1,"s":"TRXUSDT","t":548331095,"p":"0.0","q":"0.0","T":1,"m":false,"X":"NA"}"#,
+            ORIGIN,
+        );
+        assert!(
+            matches!(&excluded, Ok(WsEvent::Excluded(t, why)) if t.trade_id == 548_331_095 && why.contains("not a MARKET trade")),
+            "{excluded:?}"
         );
         check("Unauthorized", Err("not a Binance message"));
     }
