@@ -677,9 +677,18 @@ async fn a_partition_started_elsewhere_mid_batch_costs_the_batch_nothing() {
                 .unwrap();
         }
     }
+    // And a poison record: its dead letter must be published once, though the
+    // batch is written twice.
+    producer
+        .send(
+            FutureRecord::to(&topic).partition(0).key("x").payload(&b"garbage"[..]),
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap();
     let mut cfg = config(&prefix, &url);
     cfg.topics = vec![Topic::Trades];
-    // One batch for all forty records.
+    // One batch for all forty-one records.
     cfg.batch_wait = Duration::from_secs(2);
     let group = cfg.group.clone();
 
@@ -713,9 +722,22 @@ async fn a_partition_started_elsewhere_mid_batch_costs_the_batch_nothing() {
         "SELECT (sum(next_offset) FILTER (WHERE partition = 0) * 100 + sum(next_offset) FILTER (WHERE partition = 1))::bigint \
          FROM sink_offsets WHERE topic = '{topic}'"
     );
-    wait_count(&client, &offsets, 20 * 100 + 20, 10).await;
+    wait_count(&client, &offsets, 21 * 100 + 20, 10).await;
     let _ = stop.send(());
     sink.await.unwrap().unwrap();
+    wait_count(&client, "SELECT count(*) FROM dead_letters", 1, 1).await;
+    let reader: rdkafka::consumer::BaseConsumer = consumer_config(&stack::kafka_brokers(), &stack::unique_name("wm"))
+        .create()
+        .unwrap();
+    let letters: i64 = (0..3)
+        .map(|p| {
+            let (low, high) = reader
+                .fetch_watermarks(&Topic::DeadLetters.name(&prefix), p, Duration::from_secs(10))
+                .unwrap();
+            high - low
+        })
+        .sum();
+    assert_eq!(letters, 1, "the dead letter was published once");
     let ids: Vec<i64> = client
         .query("SELECT trade_id FROM trades ORDER BY trade_id", &[])
         .await

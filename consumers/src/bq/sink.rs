@@ -381,7 +381,11 @@ pub async fn run(config: BqSinkConfig, shutdown: impl Future<Output = ()>) -> Re
     // waited out like it is when writing; other errors need the operator.
     let mut backoff = Duration::from_millis(200);
     let specs = loop {
-        match prepare_tables(&bq, &config.dataset, &config.location, &config.topics, config.decimals).await {
+        let prepared = tokio::select! {
+            p = prepare_tables(&bq, &config.dataset, &config.location, &config.topics, config.decimals) => p,
+            _ = &mut shutdown => return Ok(()),
+        };
+        match prepared {
             Ok(specs) => break specs,
             Err(BqSinkError::BigQuery(e)) if e.is_retriable() => {
                 metrics.sink.retries.inc();

@@ -205,13 +205,13 @@ fn is_partition_eof(error: &KafkaError) -> bool {
     )
 }
 
+/// How long reading the state topic at start may go without a record.
+const STATE_READ_STALL: Duration = Duration::from_secs(60);
+
 /// Reads the newest snapshot of every input partition from the state topic.
 ///
 /// The end of each partition is found from the fetch responses (partition EOF),
 /// not from ListOffsets, which some Kafka-protocol brokers (tansu) answer wrongly.
-/// How long reading the state topic at start may go without a record.
-const STATE_READ_STALL: Duration = Duration::from_secs(60);
-
 fn read_state(config: &ServiceConfig) -> Result<HashMap<i32, (i64, Vec<u8>)>, ServiceError> {
     let topic = config.state_topic();
     let mut cc = consumer_config(&config.brokers, &format!("{}-state-reader", config.group));

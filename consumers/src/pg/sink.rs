@@ -307,10 +307,6 @@ pub async fn write_batch(
     }
     if !letters.is_empty() {
         super::rows::dead_letters(&tx, &letters.iter().collect::<Vec<_>>()).await?;
-        if let Some((producer, topic, codec)) = dead_letters {
-            let records = letter_records(topic, codec, &letters).map_err(|e| WriteError::Encode(e.to_string()))?;
-            send_all(producer, records).await?;
-        }
         for l in &letters {
             out.rejected
                 .push((l.topic.clone().unwrap_or_default(), stage_label(&l.stage)));
@@ -342,6 +338,12 @@ pub async fn write_batch(
                 partition: *partition,
             });
         }
+    }
+    // The letters go to Kafka once the fence check passed: a batch written
+    // again would publish them twice.
+    if let Some((producer, topic, codec)) = dead_letters.filter(|_| !letters.is_empty()) {
+        let records = letter_records(topic, codec, &letters).map_err(|e| WriteError::Encode(e.to_string()))?;
+        send_all(producer, records).await?;
     }
     tx.commit().await?;
     Ok(out)

@@ -41,7 +41,8 @@ use super::rest::BinanceRest;
 use super::BinanceConfig;
 use crate::item::{now_micros, rules_now, Item, Reject};
 
-/// Records the publisher gave up on so far (any topic).
+/// Candles the publisher gave up on so far (read without creating the
+/// series, which appears with the first failure).
 fn given_up(publisher: &Publisher) -> u64 {
     use prometheus::core::Collector;
     publisher
@@ -50,6 +51,7 @@ fn given_up(publisher: &Publisher) -> u64 {
         .collect()
         .iter()
         .flat_map(|f| f.get_metric())
+        .filter(|m| m.get_label().iter().any(|l| l.value() == "candles"))
         .map(|m| m.get_counter().get_value() as u64)
         .sum()
 }
@@ -360,14 +362,14 @@ async fn one(
                 );
             }
         }
-        // A record Kafka refused for good (after the producer's own retries)
+        // A candle Kafka refused for good (after the producer's own retries)
         // was settled, not delivered: the checkpoint stays before the page,
         // and a later run publishes it again (its delivered candles twice,
         // which the sinks' keys absorb) rather than never.
         let failed = given_up(publisher) - given_up_before;
         if failed > 0 {
             return Err(SourceError::Unavailable(format!(
-                "Kafka refused {failed} records of the {symbol} {interval} page from {next}; \
+                "Kafka refused {failed} candles of the {symbol} {interval} page from {next}; \
                  the checkpoint stays before it"
             )));
         }

@@ -70,10 +70,11 @@ pub struct BinanceConfig {
     pub weight_limit: u32,
     /// Fill trade-id gaps over REST.
     pub gap_repair: bool,
-    /// Longest one gap repair may hold up the live stream, in seconds: the
-    /// sockets are not read meanwhile (Binance drops one whose pong is a
-    /// minute late, opening a new gap); what is not repaired by then is
-    /// counted in `tickpipe_producer_trades_unrepaired_total`.
+    /// Most seconds per minute that gap repairs may hold up the live stream
+    /// (together: a reconnect opens a gap in every symbol at once): the
+    /// sockets are not read meanwhile, and Binance drops one whose pong is a
+    /// minute late, opening a new gap. What is not repaired within the budget
+    /// is counted in `tickpipe_producer_trades_unrepaired_total`.
     pub repair_budget_secs: u64,
 }
 
@@ -170,11 +171,43 @@ struct Conn {
     opened_at: Option<Instant>,
 }
 
-/// A connection that delivered data for at least this long was healthy: the
-/// next one opens at once and the backoff starts over. A shorter one (a server
-/// that accepts, answers once and hangs up) counts as a failed attempt, or
-/// reconnects would follow each other as fast as the attempt limit allows.
+/// A connection open for at least this long that delivered data was healthy:
+/// the next one opens at once and the backoff starts over. A shorter one (a
+/// server that accepts, answers once and hangs up) counts as a failed attempt,
+/// or reconnects would follow each other as fast as the attempt limit allows.
 const HEALTHY: Duration = Duration::from_secs(10);
+
+/// The time gap repairs may hold up the live stream: `per_minute` in any
+/// window of a minute, shared by the repairs that follow each other. Pure,
+/// with the clock passed in.
+struct RepairBudget {
+    per_minute: Duration,
+    window_start: Instant,
+    spent: Duration,
+}
+
+impl RepairBudget {
+    fn new(per_minute: Duration, now: Instant) -> Self {
+        RepairBudget {
+            per_minute,
+            window_start: now,
+            spent: Duration::ZERO,
+        }
+    }
+
+    /// When a repair starting at `now` must give up.
+    fn deadline(&mut self, now: Instant) -> Instant {
+        if now.duration_since(self.window_start) >= Duration::from_secs(60) {
+            self.window_start = now;
+            self.spent = Duration::ZERO;
+        }
+        now + self.per_minute.saturating_sub(self.spent)
+    }
+
+    fn spend(&mut self, took: Duration) {
+        self.spent += took;
+    }
+}
 
 /// When the manager opens connections. Pure, so the policy is unit-tested.
 struct Redial {
@@ -233,6 +266,7 @@ async fn run_ws(config: BinanceConfig, publisher: Publisher, mut stop: Stop) -> 
     let watchdog = Duration::from_secs(config.watchdog_secs.max(1));
     let rollover = Duration::from_secs(config.rollover_secs.max(1));
     let mut seq = Sequencer::default();
+    let mut budget = RepairBudget::new(Duration::from_secs(config.repair_budget_secs.max(1)), Instant::now());
     // Resolved once: every frame counts here.
     let received = metrics.received.with_label_values(&[COMPONENT]);
     let mut spawn = |delay: Duration, conns: &mut HashMap<u64, Conn>, limit: &mut AttemptLimit| -> u64 {
@@ -335,8 +369,7 @@ async fn run_ws(config: BinanceConfig, publisher: Publisher, mut stop: Stop) -> 
                                 .await;
                             continue;
                         }
-                        let budget = Duration::from_secs(config.repair_budget_secs.max(1));
-                        let repair = config.gap_repair.then_some((rest.as_ref(), budget));
+                        let repair = config.gap_repair.then_some((rest.as_ref(), &mut budget));
                         sequence_trade(
                             &mut seq,
                             t,
@@ -404,7 +437,7 @@ async fn sequence_trade(
     t: Trade,
     excluded: Option<String>,
     raw: &[u8],
-    repair: Option<(&BinanceRest, Duration)>,
+    repair: Option<(&BinanceRest, &mut RepairBudget)>,
     venue: &str,
     publisher: &Publisher,
     stop: &mut Stop,
@@ -420,8 +453,11 @@ async fn sequence_trade(
             tracing::info!(symbol = %t.symbol, from, to, "trade-id gap: repairing over REST");
             let (filled, skipped) = match repair {
                 Some((rest, budget)) => {
-                    let deadline = tokio::time::Instant::now() + budget;
-                    fill_gap(rest, &t.symbol, t.kind, from, to, deadline, venue, publisher, stop).await
+                    let started = Instant::now();
+                    let deadline = budget.deadline(started).into();
+                    let filled = fill_gap(rest, &t.symbol, t.kind, from, to, deadline, venue, publisher, stop).await;
+                    budget.spend(started.elapsed());
+                    filled
                 }
                 None => (from, 0),
             };
@@ -501,6 +537,14 @@ async fn fill_gap(
                 return (next, skipped);
             }
         };
+        if page.is_empty() {
+            empty += 1;
+            if empty > EMPTY_PAGE_RETRIES || !stop.sleep(Duration::from_millis(500)).await {
+                // Binance has nothing from this id on: the rest cannot be repaired.
+                return (next, skipped);
+            }
+            continue;
+        }
         let rows = page.into_iter().map(|row| {
             let raw = row.to_string().into_bytes();
             let parsed = match kind {
@@ -549,14 +593,9 @@ async fn fill_gap(
             }
         }
         if next == before {
-            empty += 1;
-            if empty > EMPTY_PAGE_RETRIES || !stop.sleep(Duration::from_millis(500)).await {
-                // Binance has nothing from this id on: the rest cannot be repaired.
-                return (next, skipped);
-            }
-            continue;
+            // Rows, but none of the ids asked for: asking again would not help.
+            return (next, skipped);
         }
-        empty = 0;
     }
     (next, skipped)
 }
@@ -658,6 +697,23 @@ mod tests {
         // A healthy connection ends: reopen at once, and start over.
         assert_eq!(r.after_close(Some(HEALTHY)), Duration::ZERO);
         assert!(r.after_close(None) <= Duration::from_millis(500));
+    }
+
+    #[test]
+    fn repairs_share_their_budget_within_a_minute() {
+        let t0 = Instant::now();
+        let mut b = RepairBudget::new(Duration::from_secs(30), t0);
+        assert_eq!(b.deadline(t0), t0 + Duration::from_secs(30));
+        b.spend(Duration::from_secs(20));
+        // The next symbol's repair right after gets what is left.
+        let t1 = t0 + Duration::from_secs(20);
+        assert_eq!(b.deadline(t1), t1 + Duration::from_secs(10));
+        b.spend(Duration::from_secs(10));
+        let t2 = t1 + Duration::from_secs(10);
+        assert_eq!(b.deadline(t2), t2, "spent: nothing until the minute is over");
+        // A new minute, a new budget.
+        let t3 = t0 + Duration::from_secs(60);
+        assert_eq!(b.deadline(t3), t3 + Duration::from_secs(30));
     }
 
     #[test]

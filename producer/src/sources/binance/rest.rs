@@ -31,7 +31,9 @@ impl RateState {
         } else {
             0
         };
-        if used.saturating_add(weight) > self.limit / 10 * 9 {
+        // Nothing used yet: go, whatever the weight (a call heavier than the
+        // budget would otherwise wait for ever).
+        if used > 0 && used.saturating_add(weight) > self.limit / 10 * 9 {
             Duration::from_millis(60_000 - now_ms % 60_000 + 50)
         } else {
             Duration::ZERO
@@ -232,5 +234,12 @@ mod tests {
         };
         assert_eq!(over.budget_wait(25, at(59)), Duration::from_millis(1_050));
         assert_eq!(over.budget_wait(25, at(61)), Duration::ZERO);
+        // A limit below one call's weight does not stop every call.
+        let tiny = RateState {
+            used: 0,
+            limit: 20,
+            ..state
+        };
+        assert_eq!(tiny.budget_wait(25, at(20)), Duration::ZERO);
     }
 }
