@@ -223,3 +223,73 @@ async fn a_repair_that_cannot_finish_gives_way_to_the_live_stream() {
     let ids = common::trades(&stack::kafka_brokers(), &prefix);
     assert_eq!(ids.len() as u64, expected, "every other trade once");
 }
+
+/// A trade Binance leaves out of its klines (here `X: "NA"`) arrives in place
+/// of a real one: it is a dead letter, and its id counts as seen, so the next
+/// trade is no gap and nothing is fetched over REST for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_excluded_trade_is_a_dead_letter_not_a_gap() {
+    let Some(dir) = stack::real_data("binance_ws_raw_2024-08-08") else {
+        return;
+    };
+    let file = dir.join("spot_btcusdt_20240808.ts_json.txt.gz");
+    let recorded = real::ws_capture_trades(&file, "binance");
+    let messages = capture_messages(&file);
+    let at = (messages.len() / 2..messages.len())
+        .find(|&i| messages[i].starts_with(r#"{"stream":"btcusdt@trade""#))
+        .expect("a trade after the middle");
+    let frame: serde_json::Value = serde_json::from_str(&messages[at]).expect("json");
+    let id = frame["data"]["t"].as_i64().expect("trade id");
+    let mut data = frame["data"].clone();
+    data["X"] = "NA".into();
+    let excluded = serde_json::json!({"stream": "btcusdt@trade", "data": data}).to_string();
+    let script = BinanceScript {
+        messages,
+        faults: vec![WsFault::Malformed { at, text: excluded }],
+        rate: 0,
+        rest_faults: Vec::new(),
+        klines: Default::default(),
+        skip_trades: Vec::new(),
+    }
+    .without_trades("BTCUSDT", id..=id);
+    let fake = FakeBinance::start(script).await;
+    let prefix = format!("{}.", stack::unique_name("binance_excluded"));
+    let mut config = Config {
+        sources: vec!["binance".into()],
+        metrics_addr: "off".into(),
+        ..Config::default()
+    };
+    config.kafka.brokers = stack::kafka_brokers();
+    config.kafka.topic_prefix = prefix.clone();
+    config.binance.ws_url = fake.ws_url();
+    config.binance.rest_url = fake.rest_url();
+    config.binance.symbols = vec!["BTCUSDT".into()];
+    config.binance.streams = vec!["trade".into()];
+    let metrics = Metrics::new();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let run = tokio::spawn(service::run(config, metrics.clone(), async move {
+        let _ = stop_rx.await;
+    }));
+    let expected = recorded.len() as u64 - 1;
+    wait_for("every other trade", Duration::from_secs(60), || {
+        metrics.published.with_label_values(&["trades"]).get() >= expected
+    })
+    .await;
+    stop_tx.send(()).ok();
+    tokio::time::timeout(Duration::from_secs(60), run)
+        .await
+        .expect("the stop returns")
+        .expect("task")
+        .expect("clean stop");
+    assert_eq!(total(&metrics.gaps), 0, "no false gap");
+    assert!(fake.rest_log().is_empty(), "nothing asked over REST");
+    let ids: Vec<i64> = common::trades(&stack::kafka_brokers(), &prefix)
+        .iter()
+        .map(|t| t.trade_id)
+        .collect();
+    assert_eq!(ids.len() as u64, expected);
+    assert!(!ids.contains(&id));
+    let dead = common::dead_letters(&stack::kafka_brokers(), &prefix);
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert!(dead[0].error.contains("not a MARKET trade"), "{}", dead[0].error);
+}
