@@ -355,6 +355,8 @@ pub async fn run(config: ServiceConfig, shutdown: impl Future<Output = ()>) -> R
         let mut next_offsets: HashMap<i32, i64> = HashMap::new();
         let mut dead: Vec<DeadLetter> = Vec::new();
         let deadline = tokio::time::Instant::now() + config.batch_wait;
+        // One clock reading per batch: a batch lasts at most `batch_wait`.
+        let rules = Rules::at(now_micros());
         let mut n = 0;
         while n < config.batch_max {
             tokio::select! {
@@ -378,7 +380,7 @@ pub async fn run(config: ServiceConfig, shutdown: impl Future<Output = ()>) -> R
                             // A trade from another writer, or stamped in the
                             // wrong unit, must not move a watermark (a day
                             // ahead would close a day of windows at once).
-                            if let Err(reason) = Rules::at(now_micros()).trade(&trade) {
+                            if let Err(reason) = rules.trade(&trade) {
                                 metrics.rejected.with_label_values(&["invalid_trade"]).inc();
                                 dead.push(dead_letter("validate", reason, Some(&msg), payload.to_vec(), trade.source));
                                 continue;
