@@ -229,7 +229,11 @@ impl Market {
             books,
             venue: c.venue.clone(),
             now: start,
-            mean_gap: if c.rate > 0.0 { 1e6 / c.rate } else { 1000.0 },
+            // Flat out, virtual time must not race ahead of the wall clock
+            // (every consumer refuses event times a day ahead): a market of
+            // about half a million trades per virtual second keeps pace with
+            // a producer running flat out.
+            mean_gap: if c.rate > 0.0 { 1e6 / c.rate } else { 2.0 },
             kline: c.kline_secs * 1_000_000,
             coincap_every: c.coincap_every_secs * 1_000_000,
             next_coincap: start,
@@ -496,6 +500,24 @@ mod tests {
     }
 
     const START: Micros = 1_767_225_600_000_000;
+
+    #[test]
+    fn flat_out_the_virtual_clock_keeps_pace_with_the_wall() {
+        let c = SimulatorConfig {
+            rate: 0.0,
+            max_trades: Some(200_000),
+            ..config()
+        };
+        let last = Market::new(&c, START)
+            .filter_map(|i| match i {
+                Item::Trade(t) => Some(t.event_time),
+                _ => None,
+            })
+            .max()
+            .expect("trades");
+        // 200,000 trades take well under a second of wall time flat out.
+        assert!(last - START < 1_000_000, "{} µs of virtual time", last - START);
+    }
 
     #[test]
     fn the_same_seed_gives_the_same_market() {
