@@ -1,6 +1,7 @@
 //! PostgreSQL restarting under `postgres-sink` mid-stream: the sink reports not
 //! ready while the database is away, retries, and afterwards every trade is
-//! written once and the stored offsets equal the ends of the partitions.
+//! written once and the stored offsets equal the ends of the partitions; an
+//! idle sink reports an outage too.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -140,6 +141,23 @@ async fn postgres_restart_mid_stream_loses_and_duplicates_nothing() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(readyz(&metrics.to_string()).await, 200, "ready again");
+
+    // An outage while nothing arrives (no write to fail) is told too.
+    pg.stop();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while readyz(&metrics.to_string()).await != 503 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "/readyz never reported the outage of an idle sink"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    pg.start_again();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while readyz(&metrics.to_string()).await != 200 {
+        assert!(tokio::time::Instant::now() < deadline, "/readyz never recovered");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let text = reqwest::get(format!("http://{metrics}/metrics"))
         .await
         .unwrap()

@@ -357,6 +357,9 @@ fn stage_label(stage: &str) -> &'static str {
     }
 }
 
+/// How often an idle sink asks the database whether it answers.
+const PROBE_EVERY: Duration = Duration::from_secs(5);
+
 /// Runs until `shutdown` resolves, then writes the batch in hand and returns.
 pub async fn run(config: SinkConfig, shutdown: impl Future<Output = ()>) -> Result<(), SinkError> {
     let metrics = Metrics::new();
@@ -441,6 +444,10 @@ pub async fn run(config: SinkConfig, shutdown: impl Future<Output = ()>) -> Resu
     let mut shutdown = std::pin::pin!(shutdown);
     let mut stopping = false;
     let mut result = Ok(());
+    // Between batches (an idle sink writes nothing that could fail), the
+    // database is asked now and then, so that `/readyz` tells an outage.
+    let mut probe = tokio::time::interval(PROBE_EVERY);
+    probe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let batch = tokio::select! {
             _ = &mut shutdown, if !stopping => {
@@ -450,6 +457,19 @@ pub async fn run(config: SinkConfig, shutdown: impl Future<Output = ()>) -> Resu
                 continue;
             }
             b = batches.recv() => match b { Some(b) => b, None => break },
+            _ = probe.tick() => {
+                let answered = tokio::time::timeout(PROBE_EVERY, async {
+                    pool.get().await.ok()?.simple_query("SELECT 1").await.ok()
+                })
+                .await;
+                let up = matches!(answered, Ok(Some(_)));
+                match (up, ready.swap(up, Ordering::Relaxed)) {
+                    (false, true) => tracing::warn!("postgres-sink: the database does not answer"),
+                    (true, false) => tracing::info!("postgres-sink: the database answers again"),
+                    _ => {}
+                }
+                continue;
+            }
         };
         let mut backoff = Duration::from_millis(100);
         let mut stopping_since: Option<Instant> = None;
