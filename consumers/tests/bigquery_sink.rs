@@ -133,6 +133,24 @@ async fn stored_trades(bq: &BigQuery, dataset: &str, from: &str) -> Vec<(String,
 }
 
 /// Publishes records and returns the next offset of each partition touched.
+/// Fresh topics (all entities, 3 partitions) under a prefix, and a dataset
+/// name, both from `name`.
+async fn setup(name: &str) -> (String, String) {
+    let prefix = format!("{}.", stack::unique_name(name));
+    ensure_topics(&stack::kafka_brokers(), &prefix, &Topic::ALL, 3, 1)
+        .await
+        .unwrap_or_else(|e| panic!("is the broker up (make stack-up)? {e}"));
+    (prefix, stack::unique_name(name))
+}
+
+/// Trades as (key, single-object payload) records.
+fn encoded(codec: &Codec, trades: &[Trade]) -> Vec<(String, Vec<u8>)> {
+    trades
+        .iter()
+        .map(|t| (t.key(), codec.encode(t).expect("encode")))
+        .collect()
+}
+
 async fn publish(producer: &FutureProducer, topic: &str, records: &[(String, Vec<u8>)]) -> BTreeMap<i32, i64> {
     let mut pending = Vec::with_capacity(records.len());
     for (key, payload) in records {
@@ -171,19 +189,12 @@ fn letter(component: &str, event_time: i64, error: &str) -> DeadLetter {
 async fn a_recording_arrives_exactly_and_refused_rows_become_dead_letters() {
     let Some(trades) = recorded_trades() else { return };
     let brokers = stack::kafka_brokers();
-    let prefix = format!("{}.", stack::unique_name("bqsink"));
-    let dataset = stack::unique_name("bqsink");
-    ensure_topics(&brokers, &prefix, &Topic::ALL, 3, 1)
-        .await
-        .unwrap_or_else(|e| panic!("is the broker up (make stack-up)? {e}"));
+    let (prefix, dataset) = setup("bqsink").await;
     let codec = Codec::new(WriteFraming::SingleObject);
     let producer: FutureProducer = producer_config(&brokers).create().expect("producer");
 
     // The recording, with two poison records: garbage and a negative price.
-    let mut records: Vec<(String, Vec<u8>)> = trades
-        .iter()
-        .map(|t| (t.key(), codec.encode(t).expect("encode")))
-        .collect();
+    let mut records = encoded(&codec, &trades);
     records.insert(100, ("binance:XRPETH".into(), b"not avro at all".to_vec()));
     let mut negative = trades[0].clone();
     negative.trade_id = 9_000_000_000;
@@ -342,11 +353,7 @@ fn start_sink(prefix: &str, dataset: &str) -> Sink {
 async fn sigkill_while_streaming_leaves_the_view_exact() {
     let Some(trades) = recorded_trades() else { return };
     let brokers = stack::kafka_brokers();
-    let prefix = format!("{}.", stack::unique_name("bqkill"));
-    let dataset = stack::unique_name("bqkill");
-    ensure_topics(&brokers, &prefix, &Topic::ALL, 3, 1)
-        .await
-        .unwrap_or_else(|e| panic!("is the broker up (make stack-up)? {e}"));
+    let (prefix, dataset) = setup("bqkill").await;
     let topic = Topic::Trades.name(&prefix);
     let codec = Codec::new(WriteFraming::SingleObject);
     let producer: FutureProducer = producer_config(&brokers).create().expect("producer");
@@ -363,13 +370,8 @@ async fn sigkill_while_streaming_leaves_the_view_exact() {
     let mut progress = Vec::new();
     for round in 0..ROUNDS {
         let before = count(&bq, &raw).await;
-        let part: Vec<(String, Vec<u8>)> = parts
-            .next()
-            .expect("a part per round")
-            .iter()
-            .map(|t| (t.key(), codec.encode(t).expect("encode")))
-            .collect();
-        publish(&producer, &topic, &part).await;
+        let part = parts.next().expect("a part per round");
+        publish(&producer, &topic, &encoded(&codec, part)).await;
         let mut sink = start_sink(&prefix, &dataset);
         let started = tokio::time::Instant::now();
         let mut last = Ok(before);
@@ -396,11 +398,7 @@ async fn sigkill_while_streaming_leaves_the_view_exact() {
         progress.push(count(&bq, &raw).await);
     }
     for rest in parts {
-        let records: Vec<(String, Vec<u8>)> = rest
-            .iter()
-            .map(|t| (t.key(), codec.encode(t).expect("encode")))
-            .collect();
-        publish(&producer, &topic, &records).await;
+        publish(&producer, &topic, &encoded(&codec, rest)).await;
     }
     let total = trades.len() as i64;
     assert!(
@@ -600,11 +598,7 @@ async fn bigquery_failing_at_start_is_waited_for() {
     let Some(mut trades) = recorded_trades() else { return };
     trades.truncate(100);
     let brokers = stack::kafka_brokers();
-    let prefix = format!("{}.", stack::unique_name("bqstart"));
-    let dataset = stack::unique_name("bqstart");
-    ensure_topics(&brokers, &prefix, &Topic::ALL, 3, 1)
-        .await
-        .unwrap_or_else(|e| panic!("is the broker up (make stack-up)? {e}"));
+    let (prefix, dataset) = setup("bqstart").await;
 
     // A proxy in front of the emulator that cuts its first two connections.
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -641,11 +635,7 @@ async fn bigquery_failing_at_start_is_waited_for() {
 
     let codec = Codec::new(WriteFraming::SingleObject);
     let producer: FutureProducer = producer_config(&brokers).create().expect("producer");
-    let records: Vec<(String, Vec<u8>)> = trades
-        .iter()
-        .map(|t| (t.key(), codec.encode(t).expect("encode")))
-        .collect();
-    publish(&producer, &Topic::Trades.name(&prefix), &records).await;
+    publish(&producer, &Topic::Trades.name(&prefix), &encoded(&codec, &trades)).await;
     let bq = client().await;
     wait_for_count(
         &bq,

@@ -112,6 +112,17 @@ async fn wait_count(client: &Client, sql: &str, want: i64, secs: u64) {
     }
 }
 
+/// Every trade id in `trades`, in order.
+async fn trade_ids(client: &Client) -> Vec<i64> {
+    client
+        .query("SELECT trade_id FROM trades ORDER BY trade_id", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
 /// A trade body whose price is a 38-digit decimal: valid Avro decimal(38, 18),
 /// but beyond the 28 digits the pipeline carries exactly.
 fn overflowing_trade(codec: &Codec) -> Vec<u8> {
@@ -624,14 +635,7 @@ async fn offsets_read_twice_into_one_batch_are_written_once() {
         .await
         .unwrap();
     assert_eq!((row.get::<_, Decimal>(0), row.get::<_, i64>(1)), (dec("2"), 2));
-    let ids: Vec<i64> = client
-        .query("SELECT trade_id FROM trades", &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
-    assert_eq!(ids, vec![2]);
+    assert_eq!(trade_ids(&client).await, vec![2]);
     let letters: Vec<(String, i64, String, String)> = client
         .query(
             "SELECT topic, \"offset\", stage, error FROM dead_letters ORDER BY topic, \"offset\"",
@@ -738,13 +742,6 @@ async fn a_partition_started_elsewhere_mid_batch_costs_the_batch_nothing() {
         })
         .sum();
     assert_eq!(letters, 1, "the dead letter was published once");
-    let ids: Vec<i64> = client
-        .query("SELECT trade_id FROM trades ORDER BY trade_id", &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
     let want: Vec<i64> = (0..20).chain(105..120).collect();
-    assert_eq!(ids, want);
+    assert_eq!(trade_ids(&client).await, want);
 }

@@ -32,6 +32,15 @@ async fn readyz(addr: &str) -> u16 {
         .unwrap_or(0)
 }
 
+/// Polls `/readyz` until it answers `status`, or fails with `failure` after 30 s.
+async fn wait_readyz(addr: &str, status: u16, failure: &str) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while readyz(addr).await != status {
+        assert!(tokio::time::Instant::now() < deadline, "{failure}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_restart_mid_stream_loses_and_duplicates_nothing() {
     let Some(dir) = stack::real_data("binance_trxusdt_2025-03-04") else {
@@ -117,14 +126,7 @@ async fn postgres_restart_mid_stream_loses_and_duplicates_nothing() {
         let d = d.await.unwrap().unwrap();
         ends.insert(d.partition, d.offset + 1);
     }
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while readyz(&metrics.to_string()).await != 503 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "/readyz never reported the database outage"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_readyz(&metrics.to_string(), 503, "/readyz never reported the database outage").await;
     pg.start_again();
     for d in publish(after) {
         let d = d.await.unwrap().unwrap();
@@ -144,20 +146,14 @@ async fn postgres_restart_mid_stream_loses_and_duplicates_nothing() {
 
     // An outage while nothing arrives (no write to fail) is told too.
     pg.stop();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while readyz(&metrics.to_string()).await != 503 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "/readyz never reported the outage of an idle sink"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_readyz(
+        &metrics.to_string(),
+        503,
+        "/readyz never reported the outage of an idle sink",
+    )
+    .await;
     pg.start_again();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while readyz(&metrics.to_string()).await != 200 {
-        assert!(tokio::time::Instant::now() < deadline, "/readyz never recovered");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_readyz(&metrics.to_string(), 200, "/readyz never recovered").await;
     let text = reqwest::get(format!("http://{metrics}/metrics"))
         .await
         .unwrap()

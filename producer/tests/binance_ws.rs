@@ -8,34 +8,96 @@
 
 mod common;
 
+use std::ops::Range;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use tickpipe_producer::config::Config;
 use tickpipe_producer::metrics::Metrics;
-use tickpipe_producer::service;
+use tickpipe_producer::service::{self, ServiceError, Summary};
 use tickpipe_testkit::exchange::{capture_messages, BinanceScript, FakeBinance, RestFault, WsFault};
 use tickpipe_testkit::{real, stack};
 
 use common::{total, wait_for};
 
+/// How a trade frame of the capture starts.
+const TRADE_FRAME: &str = r#"{"stream":"btcusdt@trade""#;
+
+/// The real spot BTCUSDT capture, or `None` (said loudly) without the data.
+fn capture() -> Option<PathBuf> {
+    stack::real_data("binance_ws_raw_2024-08-08").map(|dir| dir.join("spot_btcusdt_20240808.ts_json.txt.gz"))
+}
+
+/// Trades among some of the capture's messages (it interleaves depth and
+/// bookTicker updates).
+fn trades_among(messages: &[String], range: Range<usize>) -> u64 {
+    messages[range].iter().filter(|m| m.starts_with(TRADE_FRAME)).count() as u64
+}
+
+/// The producer with only the live Binance source, BTCUSDT trades, pointed at
+/// `fake`; and the fresh topic prefix it publishes under.
+fn live_config(name: &str, fake: &FakeBinance) -> (String, Config) {
+    let prefix = format!("{}.", stack::unique_name(name));
+    let mut config = Config {
+        sources: vec!["binance".into()],
+        metrics_addr: "off".into(),
+        ..Config::default()
+    };
+    config.kafka.brokers = stack::kafka_brokers();
+    config.kafka.topic_prefix = prefix.clone();
+    config.binance.ws_url = fake.ws_url();
+    config.binance.rest_url = fake.rest_url();
+    config.binance.symbols = vec!["BTCUSDT".into()];
+    config.binance.streams = vec!["trade".into()];
+    (prefix, config)
+}
+
+/// The producer running in this process until stopped.
+struct Producer {
+    metrics: Metrics,
+    stop: tokio::sync::oneshot::Sender<()>,
+    run: tokio::task::JoinHandle<Result<Summary, ServiceError>>,
+}
+
+impl Producer {
+    fn start(config: Config) -> Self {
+        let metrics = Metrics::new();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let run = tokio::spawn(service::run(config, metrics.clone(), async move {
+            let _ = stopped.await;
+        }));
+        Producer { metrics, stop, run }
+    }
+
+    /// Waits until at least `want` trades are acknowledged.
+    async fn wait_published(&self, what: &str, secs: u64, want: u64) {
+        let published = self.metrics.published.with_label_values(&["trades"]);
+        wait_for(what, Duration::from_secs(secs), || published.get() >= want).await;
+    }
+
+    /// Stops it the way SIGTERM does and expects a clean stop; returns its metrics.
+    async fn stop(self) -> Metrics {
+        self.stop.send(()).ok();
+        tokio::time::timeout(Duration::from_secs(60), self.run)
+            .await
+            .expect("SIGTERM-style stop returns")
+            .expect("task")
+            .expect("clean stop");
+        self.metrics
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_trade_id_exactly_once_through_disconnects_gaps_and_rollover() {
-    let Some(dir) = stack::real_data("binance_ws_raw_2024-08-08") else {
-        return;
-    };
-    let file = dir.join("spot_btcusdt_20240808.ts_json.txt.gz");
+    let Some(file) = capture() else { return };
     let recorded = real::ws_capture_trades(&file, "binance");
     let first = recorded[0].trade_id;
     let last = recorded[recorded.len() - 1].trade_id;
     assert_eq!(recorded.len() as i64, last - first + 1, "the recording has no gaps");
     let messages = capture_messages(&file);
     let n = messages.len();
-    // Trades among the messages the drop loses (the capture interleaves depth
-    // and bookTicker updates).
-    let lost_trades = messages[n / 10..n / 10 + 3000]
-        .iter()
-        .filter(|m| m.starts_with(r#"{"stream":"btcusdt@trade""#))
-        .count() as u64;
+    // Trades among the messages the drop loses.
+    let lost_trades = trades_among(&messages, n / 10..n / 10 + 3000);
     assert!(lost_trades > 100);
     let script = BinanceScript {
         messages,
@@ -77,39 +139,13 @@ async fn every_trade_id_exactly_once_through_disconnects_gaps_and_rollover() {
     .without_trades("BTCUSDT", first + 6000..=first + 6099);
     let fake = FakeBinance::start(script).await;
 
-    let prefix = format!("{}.", stack::unique_name("binance_ws"));
-    let mut config = Config {
-        sources: vec!["binance".into()],
-        metrics_addr: "off".into(),
-        ..Config::default()
-    };
-    config.kafka.brokers = stack::kafka_brokers();
-    config.kafka.topic_prefix = prefix.clone();
-    config.binance.ws_url = fake.ws_url();
-    config.binance.rest_url = fake.rest_url();
-    config.binance.symbols = vec!["BTCUSDT".into()];
-    config.binance.streams = vec!["trade".into()];
+    let (prefix, mut config) = live_config("binance_ws", &fake);
     config.binance.watchdog_secs = 1;
-    let metrics = Metrics::new();
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let run = tokio::spawn(service::run(config, metrics.clone(), async move {
-        let _ = stop_rx.await;
-    }));
-
-    let expected = recorded.len() as u64;
-    let published_trades = || metrics.published.with_label_values(&["trades"]).get();
-    wait_for(
-        "every recorded trade to be acknowledged",
-        Duration::from_secs(120),
-        || published_trades() >= expected,
-    )
-    .await;
-    stop_tx.send(()).ok();
-    tokio::time::timeout(Duration::from_secs(60), run)
-        .await
-        .expect("SIGTERM-style stop returns")
-        .expect("task")
-        .expect("clean stop");
+    let producer = Producer::start(config);
+    producer
+        .wait_published("every recorded trade to be acknowledged", 120, recorded.len() as u64)
+        .await;
+    let metrics = producer.stop().await;
 
     let mut ids: Vec<i64> = common::trades(&stack::kafka_brokers(), &prefix)
         .iter()
@@ -162,17 +198,11 @@ async fn every_trade_id_exactly_once_through_disconnects_gaps_and_rollover() {
 /// lost trades are counted as unrepaired and every later trade is published.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_repair_that_cannot_finish_gives_way_to_the_live_stream() {
-    let Some(dir) = stack::real_data("binance_ws_raw_2024-08-08") else {
-        return;
-    };
-    let file = dir.join("spot_btcusdt_20240808.ts_json.txt.gz");
+    let Some(file) = capture() else { return };
     let recorded = real::ws_capture_trades(&file, "binance");
     let messages = capture_messages(&file);
     let n = messages.len();
-    let lost = messages[n / 10..n / 10 + 3000]
-        .iter()
-        .filter(|m| m.starts_with(r#"{"stream":"btcusdt@trade""#))
-        .count() as u64;
+    let lost = trades_among(&messages, n / 10..n / 10 + 3000);
     let script = BinanceScript {
         messages,
         faults: vec![WsFault::Drop { at: n / 10, lose: 3000 }],
@@ -186,38 +216,18 @@ async fn a_repair_that_cannot_finish_gives_way_to_the_live_stream() {
         skip_trades: Vec::new(),
     };
     let fake = FakeBinance::start(script).await;
-    let prefix = format!("{}.", stack::unique_name("binance_budget"));
-    let mut config = Config {
-        sources: vec!["binance".into()],
-        metrics_addr: "off".into(),
-        ..Config::default()
-    };
-    config.kafka.brokers = stack::kafka_brokers();
-    config.kafka.topic_prefix = prefix.clone();
-    config.binance.ws_url = fake.ws_url();
-    config.binance.rest_url = fake.rest_url();
-    config.binance.symbols = vec!["BTCUSDT".into()];
-    config.binance.streams = vec!["trade".into()];
+    let (prefix, mut config) = live_config("binance_budget", &fake);
     config.binance.repair_budget_secs = 2;
-    let metrics = Metrics::new();
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let run = tokio::spawn(service::run(config, metrics.clone(), async move {
-        let _ = stop_rx.await;
-    }));
-
+    let producer = Producer::start(config);
     let expected = recorded.len() as u64 - lost;
-    wait_for(
-        "every trade but the lost ones, well before the Retry-After ends",
-        Duration::from_secs(60),
-        || metrics.published.with_label_values(&["trades"]).get() >= expected,
-    )
-    .await;
-    stop_tx.send(()).ok();
-    tokio::time::timeout(Duration::from_secs(60), run)
-        .await
-        .expect("the stop returns")
-        .expect("task")
-        .expect("clean stop");
+    producer
+        .wait_published(
+            "every trade but the lost ones, well before the Retry-After ends",
+            60,
+            expected,
+        )
+        .await;
+    let metrics = producer.stop().await;
     assert_eq!(total(&metrics.unrepaired), lost, "the lost trades are counted");
     assert_eq!(total(&metrics.backfilled), 0);
     let ids = common::trades(&stack::kafka_brokers(), &prefix);
@@ -229,14 +239,11 @@ async fn a_repair_that_cannot_finish_gives_way_to_the_live_stream() {
 /// trade is no gap and nothing is fetched over REST for it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_excluded_trade_is_a_dead_letter_not_a_gap() {
-    let Some(dir) = stack::real_data("binance_ws_raw_2024-08-08") else {
-        return;
-    };
-    let file = dir.join("spot_btcusdt_20240808.ts_json.txt.gz");
+    let Some(file) = capture() else { return };
     let recorded = real::ws_capture_trades(&file, "binance");
     let messages = capture_messages(&file);
     let at = (messages.len() / 2..messages.len())
-        .find(|&i| messages[i].starts_with(r#"{"stream":"btcusdt@trade""#))
+        .find(|&i| messages[i].starts_with(TRADE_FRAME))
         .expect("a trade after the middle");
     let frame: serde_json::Value = serde_json::from_str(&messages[at]).expect("json");
     let id = frame["data"]["t"].as_i64().expect("trade id");
@@ -253,34 +260,11 @@ async fn an_excluded_trade_is_a_dead_letter_not_a_gap() {
     }
     .without_trades("BTCUSDT", id..=id);
     let fake = FakeBinance::start(script).await;
-    let prefix = format!("{}.", stack::unique_name("binance_excluded"));
-    let mut config = Config {
-        sources: vec!["binance".into()],
-        metrics_addr: "off".into(),
-        ..Config::default()
-    };
-    config.kafka.brokers = stack::kafka_brokers();
-    config.kafka.topic_prefix = prefix.clone();
-    config.binance.ws_url = fake.ws_url();
-    config.binance.rest_url = fake.rest_url();
-    config.binance.symbols = vec!["BTCUSDT".into()];
-    config.binance.streams = vec!["trade".into()];
-    let metrics = Metrics::new();
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let run = tokio::spawn(service::run(config, metrics.clone(), async move {
-        let _ = stop_rx.await;
-    }));
+    let (prefix, config) = live_config("binance_excluded", &fake);
+    let producer = Producer::start(config);
     let expected = recorded.len() as u64 - 1;
-    wait_for("every other trade", Duration::from_secs(60), || {
-        metrics.published.with_label_values(&["trades"]).get() >= expected
-    })
-    .await;
-    stop_tx.send(()).ok();
-    tokio::time::timeout(Duration::from_secs(60), run)
-        .await
-        .expect("the stop returns")
-        .expect("task")
-        .expect("clean stop");
+    producer.wait_published("every other trade", 60, expected).await;
+    let metrics = producer.stop().await;
     assert_eq!(total(&metrics.gaps), 0, "no false gap");
     assert!(fake.rest_log().is_empty(), "nothing asked over REST");
     let ids: Vec<i64> = common::trades(&stack::kafka_brokers(), &prefix)
