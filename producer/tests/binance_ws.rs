@@ -38,13 +38,7 @@ fn trades_among(messages: &[String], range: Range<usize>) -> u64 {
 /// `fake`; and the fresh topic prefix it publishes under.
 fn live_config(name: &str, fake: &FakeBinance) -> (String, Config) {
     let prefix = format!("{}.", stack::unique_name(name));
-    let mut config = Config {
-        sources: vec!["binance".into()],
-        metrics_addr: "off".into(),
-        ..Config::default()
-    };
-    config.kafka.brokers = stack::kafka_brokers();
-    config.kafka.topic_prefix = prefix.clone();
+    let mut config = common::local_config("binance", &prefix);
     config.binance.ws_url = fake.ws_url();
     config.binance.rest_url = fake.rest_url();
     config.binance.symbols = vec!["BTCUSDT".into()];

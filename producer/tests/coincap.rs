@@ -16,13 +16,7 @@ use tickpipe_testkit::stack;
 use common::{decode, read_topic, wait_for};
 
 fn config(prefix: &str, fake: &FakeCoinCap, key: &str) -> Config {
-    let mut c = Config {
-        sources: vec!["coincap".into()],
-        metrics_addr: "off".into(),
-        ..Config::default()
-    };
-    c.kafka.brokers = stack::kafka_brokers();
-    c.kafka.topic_prefix = prefix.into();
+    let mut c = common::local_config("coincap", prefix);
     c.kafka.partitions = 1;
     c.coincap.rest_url = fake.rest_url();
     c.coincap.ws_url = fake.ws_url();

@@ -13,13 +13,7 @@ use tickpipe_schemas::{Source, Trade};
 use tickpipe_testkit::{real, stack};
 
 fn replay_config(prefix: &str, files: Vec<PathBuf>) -> Config {
-    let mut c = Config {
-        sources: vec!["replay".into()],
-        metrics_addr: "off".into(),
-        ..Config::default()
-    };
-    c.kafka.brokers = stack::kafka_brokers();
-    c.kafka.topic_prefix = prefix.into();
+    let mut c = common::local_config("replay", prefix);
     c.kafka.partitions = 2;
     c.replay.files = files;
     c

@@ -11,7 +11,22 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
+use tickpipe_producer::config::Config;
 use tickpipe_schemas::{Codec, DeadLetter, Record, Trade, WriteFraming};
+use tickpipe_testkit::stack;
+
+/// The producer with `source` alone, publishing to the local broker under
+/// `prefix`, without a metrics endpoint.
+pub fn local_config(source: &str, prefix: &str) -> Config {
+    let mut c = Config {
+        sources: vec![source.into()],
+        metrics_addr: "off".into(),
+        ..Config::default()
+    };
+    c.kafka.brokers = stack::kafka_brokers();
+    c.kafka.topic_prefix = prefix.into();
+    c
+}
 
 /// Every record of `topic` up to its current end, as (key, payload). The end
 /// is where each partition reports EOF: tansu's ListOffsets (watermarks) can
