@@ -4,7 +4,8 @@
 //! malformed frame, a ping, a `serverShutdown` with overlapping connections, a
 //! silent socket, a 429 on the repair endpoint and empty answers from it (REST
 //! behind the socket). Afterwards `trades` holds every id of the recording
-//! exactly once.
+//! exactly once. With the ETHUSDT capture of the same day merged in, a
+//! repair that waits holds up only its own symbol.
 
 mod common;
 
@@ -188,8 +189,9 @@ async fn every_trade_id_exactly_once_through_disconnects_gaps_and_rollover() {
 }
 
 /// A repair Binance will not serve for a long while (a 429 whose Retry-After
-/// is 100 s) holds up the live stream only for the repair's time budget: the
-/// lost trades are counted as unrepaired and every later trade is published.
+/// is 100 s) holds up the symbol's trades only for the repair's time budget:
+/// the lost trades are counted as unrepaired and every later trade is
+/// published.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_repair_that_cannot_finish_gives_way_to_the_live_stream() {
     let Some(file) = capture() else { return };
@@ -270,4 +272,110 @@ async fn an_excluded_trade_is_a_dead_letter_not_a_gap() {
     let dead = common::dead_letters(&stack::kafka_brokers(), &prefix);
     assert_eq!(dead.len(), 1, "{dead:?}");
     assert!(dead[0].error.contains("not a MARKET trade"), "{}", dead[0].error);
+}
+
+/// Two symbols on one connection (the real BTCUSDT and ETHUSDT captures of the
+/// same day, merged by receive time), and a BTCUSDT repair Binance will not
+/// serve for a long while (a 429 whose Retry-After is 100 s): ETHUSDT's trades
+/// keep flowing and the socket's ping is answered while the repair waits
+/// (its trades queue in their lane), and on stop the queued BTCUSDT trades
+/// are published, the withheld ones counted as unrepaired.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repair_holds_up_only_its_own_symbol() {
+    let Some(btc) = capture() else { return };
+    let eth = btc.with_file_name("spot_ethusdt_20240808.ts_json.txt.gz");
+    let btc_trades = real::ws_capture_trades(&btc, "binance");
+    let eth_trades = real::ws_capture_trades(&eth, "binance");
+    for trades in [&btc_trades, &eth_trades] {
+        let span = trades[trades.len() - 1].trade_id - trades[0].trade_id + 1;
+        assert_eq!(trades.len() as i64, span, "the recording has no gaps");
+    }
+    let mut lines = real::ws_capture_lines(&btc);
+    lines.extend(real::ws_capture_lines(&eth));
+    lines.sort_by_key(|(ns, _)| *ns);
+    let messages: Vec<String> = lines
+        .into_iter()
+        .map(|(_, json)| json)
+        .filter(|json| json.starts_with(r#"{"stream":"#))
+        .collect();
+    let first = btc_trades[0].trade_id;
+    let withheld = first + 1000..=first + 1099;
+    // The ping goes out 6,000 trades after the gap shows (the first BTCUSDT
+    // trade after it): more than a stalled reader's buffers hold.
+    let is_trade = |m: &String| m.starts_with(TRADE_FRAME) || m.starts_with(r#"{"stream":"ethusdt@trade""#);
+    let after_gap = messages
+        .iter()
+        .position(|m| m.starts_with(TRADE_FRAME) && m.contains(&format!(r#""t":{},"#, first + 1100)))
+        .expect("the trade after the gap");
+    let ping_at = (after_gap..messages.len())
+        .filter(|&i| is_trade(&messages[i]))
+        .nth(6000)
+        .expect("6,000 trades after the gap");
+    let script = BinanceScript {
+        messages,
+        faults: vec![WsFault::Ping {
+            at: ping_at,
+            payload: b"lanes".to_vec(),
+        }],
+        rate: 0,
+        rest_faults: vec![RestFault::TooMany {
+            path: "/api/v3/historicalTrades".into(),
+            times: 1,
+            retry_after_secs: 100,
+        }],
+        klines: Default::default(),
+        skip_trades: Vec::new(),
+    }
+    .without_trades("BTCUSDT", withheld.clone());
+    let fake = FakeBinance::start(script).await;
+    let (prefix, mut config) = live_config("binance_lanes", &fake);
+    config.binance.symbols = vec!["BTCUSDT".into(), "ETHUSDT".into()];
+    config.binance.repair_budget_secs = 90;
+    let producer = Producer::start(config);
+
+    // Every ETHUSDT trade and the BTCUSDT ones before the gap, while the
+    // repair still waits for the Retry-After (nothing given up yet).
+    let before_gap = 1000;
+    producer
+        .wait_published(
+            "ETHUSDT's trades during the BTCUSDT repair",
+            60,
+            eth_trades.len() as u64 + before_gap,
+        )
+        .await;
+    assert_eq!(total(&producer.metrics.unrepaired), 0, "the repair still waits");
+    assert_eq!(total(&producer.metrics.backfilled), 0);
+    assert!(
+        fake.pongs().iter().any(|p| p == b"lanes"),
+        "the ping was answered during the repair"
+    );
+    // Every frame has arrived (the BTCUSDT ones wait in their lane): stop.
+    let frames = (btc_trades.len() + eth_trades.len()) as u64 - 100;
+    wait_for("every frame to arrive", Duration::from_secs(60), || {
+        total(&producer.metrics.received) >= frames
+    })
+    .await;
+    let metrics = producer.stop().await;
+    assert_eq!(total(&metrics.unrepaired), 100, "the withheld ids");
+    assert_eq!(total(&metrics.gaps), 1);
+
+    let trades = common::trades(&stack::kafka_brokers(), &prefix);
+    for (symbol, recorded) in [("BTCUSDT", &btc_trades), ("ETHUSDT", &eth_trades)] {
+        let mut ids: Vec<i64> = trades
+            .iter()
+            .filter(|t| t.symbol == symbol)
+            .map(|t| t.trade_id)
+            .collect();
+        ids.sort_unstable();
+        let (missing, repeated) =
+            common::id_discrepancies(&ids, recorded[0].trade_id, recorded[recorded.len() - 1].trade_id);
+        assert!(repeated.is_empty(), "{symbol}: repeated {repeated:?}");
+        if symbol == "BTCUSDT" {
+            // In range, once each, and the right count: every id but the withheld.
+            assert_eq!(ids.len(), recorded.len() - 100, "{symbol}");
+            assert!(ids.iter().all(|id| !withheld.contains(id)), "{symbol}");
+        } else {
+            assert!(missing.is_empty(), "{symbol}: missing {missing:?}");
+        }
+    }
 }

@@ -5,12 +5,15 @@
 //! Connections: one live connection at a time, replaced before Binance's 24 h
 //! limit (and on `serverShutdown`) by opening the new one first and closing the
 //! old one once the new one delivers data; the overlap is removed by the
-//! [`Sequencer`]. A lost connection is reopened with exponential backoff and
-//! jitter, never more often than the attempt limit allows, and a socket silent
-//! for longer than the watchdog is treated as lost. After any reconnect the
-//! first trade of each symbol reveals what was missed, and the gap is fetched
-//! over REST before anything newer is published, so `trades` holds every id
-//! exactly once.
+//! [`Sequencer`] of each lane and by [`ClosedKlines`]. A lost connection is
+//! reopened with exponential backoff and jitter, never more often than the
+//! attempt limit allows, and a socket silent for longer than the watchdog is
+//! treated as lost. Trades go to a lane per
+//! (symbol, kind), a task that sequences them: after any reconnect the first
+//! trade of each symbol reveals what was missed, and the lane fetches the gap
+//! over REST before it publishes anything newer, so `trades` holds every id
+//! exactly once. A repair holds up only its own lane, whose trades queue
+//! meanwhile; the sockets are read (and their pings answered) throughout.
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
@@ -22,11 +25,12 @@ use futures_util::StreamExt;
 use serde::Deserialize;
 use tickpipe_schemas::{Source as RecordSource, Trade, TradeKind};
 use tokio::sync::mpsc;
-use tokio_tungstenite::tungstenite::Message;
+use tokio::task::JoinSet;
+use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 
 use self::parse::{Origin, RestAggTrade, RestTrade, WsEvent};
 use self::rest::BinanceRest;
-use self::sequencer::{Order, Sequencer};
+use self::sequencer::{ClosedKlines, Order, Sequencer};
 use super::backoff::{AttemptLimit, Backoff};
 use super::{Source, SourceError, Stop};
 use crate::config::Config;
@@ -70,11 +74,10 @@ pub struct BinanceConfig {
     pub weight_limit: u32,
     /// Fill trade-id gaps over REST.
     pub gap_repair: bool,
-    /// Most seconds per minute that gap repairs may hold up the live stream
-    /// (together: a reconnect opens a gap in every symbol at once): the
-    /// sockets are not read meanwhile, and Binance drops one whose pong is a
-    /// minute late, opening a new gap. What is not repaired within the budget
-    /// is counted in `tickpipe_producer_trades_unrepaired_total`.
+    /// Most seconds per minute that gap repairs may hold up the live trades
+    /// of one symbol (queued meanwhile; a rate limit's `Retry-After` can be
+    /// long). What is not repaired within the budget is counted in
+    /// `tickpipe_producer_trades_unrepaired_total`.
     pub repair_budget_secs: u64,
 }
 
@@ -159,7 +162,7 @@ impl Source for BinanceWs {
 #[allow(clippy::large_enum_variant)]
 enum Report {
     /// A text frame, parsed, with the frame kept for dead letters.
-    Frame(Result<WsEvent, String>, tokio_tungstenite::tungstenite::Utf8Bytes),
+    Frame(Result<WsEvent, String>, Utf8Bytes),
     /// The handshake succeeded.
     Opened,
     /// The connection ended, with why.
@@ -177,9 +180,9 @@ struct Conn {
 /// or reconnects would follow each other as fast as the attempt limit allows.
 const HEALTHY: Duration = Duration::from_secs(10);
 
-/// The time gap repairs may hold up the live stream: `per_minute` in any
-/// window of a minute, shared by the repairs that follow each other. Pure,
-/// with the clock passed in.
+/// The time gap repairs may hold up a lane: `per_minute` in any window of a
+/// minute, shared by the repairs that follow each other. Pure, with the clock
+/// passed in.
 struct RepairBudget {
     per_minute: Duration,
     window_start: Instant,
@@ -265,8 +268,18 @@ async fn run_ws(config: BinanceConfig, publisher: Publisher, mut stop: Stop) -> 
     let mut limit = AttemptLimit::new(config.max_connects_per_5min, Duration::from_secs(300));
     let watchdog = Duration::from_secs(config.watchdog_secs.max(1));
     let rollover = Duration::from_secs(config.rollover_secs.max(1));
-    let mut seq = Sequencer::default();
-    let mut budget = RepairBudget::new(Duration::from_secs(config.repair_budget_secs.max(1)), Instant::now());
+    let mut klines = ClosedKlines::default();
+    let mut lanes = Lanes {
+        shared: LaneShared {
+            rest: config.gap_repair.then(|| rest.clone()),
+            budget: Duration::from_secs(config.repair_budget_secs.max(1)),
+            venue: config.venue.clone(),
+            publisher: publisher.clone(),
+            stop: stop.clone(),
+        },
+        lanes: HashMap::new(),
+        tasks: JoinSet::new(),
+    };
     // Resolved once: every frame counts here.
     let received = metrics.received.with_label_values(&[COMPONENT]);
     let mut spawn = |delay: Duration, conns: &mut HashMap<u64, Conn>, limit: &mut AttemptLimit| -> u64 {
@@ -369,21 +382,14 @@ async fn run_ws(config: BinanceConfig, publisher: Publisher, mut stop: Stop) -> 
                                 .await;
                             continue;
                         }
-                        let repair = config.gap_repair.then_some((rest.as_ref(), &mut budget));
-                        sequence_trade(
-                            &mut seq,
-                            t,
+                        lanes.send(LiveTrade {
+                            trade: t,
                             excluded,
-                            raw.as_bytes(),
-                            repair,
-                            &config.venue,
-                            &publisher,
-                            &mut stop,
-                        )
-                        .await;
+                            raw,
+                        });
                     }
                     Ok(WsEvent::Candle(c)) => {
-                        if seq.candle_is_new(&c) {
+                        if klines.is_new(&c.symbol, &c.interval, c.open_time) {
                             publisher
                                 .publish(Item::Candle(Box::new(c)).validated(&rules_now(), COMPONENT, raw.as_bytes()))
                                 .await;
@@ -406,7 +412,103 @@ async fn run_ws(config: BinanceConfig, publisher: Publisher, mut stop: Stop) -> 
     for (_, c) in conns {
         c.task.abort();
     }
+    // What the lanes hold is published (a repair under way ends at the stop).
+    lanes.finish().await;
     Ok(())
+}
+
+/// Trades a lane holds while it repairs, before newer ones are left to its
+/// next repair: about a minute of BTCUSDT at its busiest, a few MB.
+const LANE_QUEUE: usize = 20_000;
+
+/// A live trade on its way to its lane, with the frame it came in (for dead
+/// letters) and, for a trade Binance excludes, why.
+struct LiveTrade {
+    trade: Trade,
+    excluded: Option<String>,
+    raw: Utf8Bytes,
+}
+
+/// What every lane shares.
+#[derive(Clone)]
+struct LaneShared {
+    /// `None`: gaps are not repaired.
+    rest: Option<Arc<BinanceRest>>,
+    /// The repair budget per minute.
+    budget: Duration,
+    venue: String,
+    publisher: Publisher,
+    stop: Stop,
+}
+
+struct Lane {
+    tx: mpsc::Sender<LiveTrade>,
+    /// The queue was full at the last trade (logged once per episode).
+    full: bool,
+}
+
+/// One task per (symbol, kind), started with its first trade, that sequences
+/// the live trades and repairs their gaps: a repair waiting on REST holds up
+/// neither the sockets (whose pings must be answered within a minute) nor the
+/// other symbols. A trade that finds its lane's queue full is not queued; like
+/// any trade the socket missed, the lane's next repair fetches it over REST.
+struct Lanes {
+    shared: LaneShared,
+    lanes: HashMap<(String, TradeKind), Lane>,
+    tasks: JoinSet<()>,
+}
+
+impl Lanes {
+    fn send(&mut self, t: LiveTrade) {
+        let key = (t.trade.symbol.clone(), t.trade.kind);
+        let (shared, tasks) = (&self.shared, &mut self.tasks);
+        let lane = self.lanes.entry(key).or_insert_with(|| {
+            let (tx, rx) = mpsc::channel(LANE_QUEUE);
+            tasks.spawn(lane(rx, shared.clone()));
+            Lane { tx, full: false }
+        });
+        match lane.tx.try_send(t) {
+            Ok(()) => lane.full = false,
+            Err(mpsc::error::TrySendError::Full(t)) => {
+                if !lane.full {
+                    tracing::warn!(
+                        symbol = %t.trade.symbol,
+                        queued = LANE_QUEUE,
+                        "trades queue behind a gap repair; newer ones are left to the next repair"
+                    );
+                }
+                lane.full = true;
+            }
+            // The lane ended: only after a stop.
+            Err(mpsc::error::TrySendError::Closed(_)) => {}
+        }
+    }
+
+    /// Closes the queues and waits until the lanes have published what they
+    /// hold.
+    async fn finish(self) {
+        drop(self.lanes);
+        let mut tasks = self.tasks;
+        while tasks.join_next().await.is_some() {}
+    }
+}
+
+/// A lane: sequences and publishes the trades of one (symbol, kind) until its
+/// queue is closed.
+async fn lane(mut rx: mpsc::Receiver<LiveTrade>, shared: LaneShared) {
+    let LaneShared {
+        rest,
+        budget,
+        venue,
+        publisher,
+        mut stop,
+    } = shared;
+    let mut seq = Sequencer::default();
+    let mut budget = RepairBudget::new(budget, Instant::now());
+    while let Some(t) = rx.recv().await {
+        let repair = rest.as_deref().map(|r| (r, &mut budget));
+        sequence_trade(&mut seq, t, repair, &venue, &publisher, &mut stop).await;
+    }
 }
 
 async fn sleep_until(at: Option<Instant>) {
@@ -427,23 +529,27 @@ fn validate_reject(raw: &[u8], reason: String) -> Reject {
     }
 }
 
-/// Publishes a live trade in id order: drops what was already published, and
-/// fills a gap before it over REST (when `repair` is given). An `excluded`
-/// trade (with the reason) is sequenced the same way but published as a dead
-/// letter: its id is real, and skipping it would make the next one a gap.
-#[allow(clippy::too_many_arguments)]
+/// Publishes a live trade of a lane in id order: drops what was already
+/// published, and fills a gap before it over REST (when `repair` is given). An
+/// excluded trade is sequenced the same way but published as a dead letter:
+/// its id is real, and skipping it would make the next one a gap.
 async fn sequence_trade(
     seq: &mut Sequencer,
-    t: Trade,
-    excluded: Option<String>,
-    raw: &[u8],
+    live: LiveTrade,
     repair: Option<(&BinanceRest, &mut RepairBudget)>,
     venue: &str,
     publisher: &Publisher,
     stop: &mut Stop,
 ) {
+    let LiveTrade {
+        trade: t,
+        excluded,
+        raw,
+    } = live;
+    // After a stop the lane only publishes what it holds.
+    let repair = repair.filter(|_| !stop.is_stopped());
     let metrics = publisher.metrics();
-    match seq.check(&t.symbol, t.kind, t.trade_id) {
+    match seq.check(t.trade_id) {
         Order::Duplicate => {
             metrics.duplicates.with_label_values(&[COMPONENT]).inc();
             return;
@@ -469,7 +575,8 @@ async fn sequence_trade(
         }
         Order::First | Order::Next => {}
     }
-    seq.advance(&t.symbol, t.kind, t.trade_id);
+    seq.advance(t.trade_id);
+    let raw = raw.as_bytes();
     let item = match excluded {
         Some(reason) => Item::Reject(Reject::parse(COMPONENT, RecordSource::Binance, raw, reason)),
         None => Item::Trade(t).validated(&rules_now(), COMPONENT, raw),
@@ -596,6 +703,8 @@ async fn fill_gap(
             // Rows, but none of the ids asked for: asking again would not help.
             return (next, skipped);
         }
+        // Progress: the next page gets its own retries if it comes back empty.
+        empty = 0;
     }
     (next, skipped)
 }

@@ -1,15 +1,18 @@
-//! Exactly-once ordering of one venue's trades: per (symbol, kind) the next id
-//! expected. A trade below it was already published (connection overlap, or
-//! repaired over REST); one above it reveals a gap to fill. Pure state.
+//! Exactly-once ordering of the live stream, pure state. [`Sequencer`]: the
+//! next trade id expected in one lane (symbol, kind); a trade below it was
+//! already published (connection overlap, or repaired over REST), one above it
+//! reveals a gap to fill. [`ClosedKlines`]: the newest closed kline per
+//! (symbol, interval), so that one delivered by two overlapping connections is
+//! published once.
 
 use std::collections::HashMap;
 
-use tickpipe_schemas::{Candle, Micros, TradeKind};
+use tickpipe_schemas::Micros;
 
 /// Where a trade id stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Order {
-    /// The first id seen for this symbol: nothing to compare with.
+    /// The first id seen in the lane: nothing to compare with.
     First,
     /// Exactly the id expected.
     Next,
@@ -19,47 +22,46 @@ pub enum Order {
     Gap { from: i64, to: i64 },
 }
 
-/// The next expected id per (symbol, kind), and the newest closed kline per
-/// (symbol, interval).
+/// The next expected trade id of one lane.
 #[derive(Debug, Default)]
 pub struct Sequencer {
-    next: HashMap<(String, TradeKind), i64>,
-    candles: HashMap<(String, String), Micros>,
+    next: Option<i64>,
 }
 
 impl Sequencer {
-    pub fn check(&self, symbol: &str, kind: TradeKind, id: i64) -> Order {
-        // Lookups with a borrowed key would need a custom key type; symbols are
-        // few and short, so the small allocation is not worth more code.
-        match self.next.get(&(symbol.to_owned(), kind)) {
+    pub fn check(&self, id: i64) -> Order {
+        match self.next {
             None => Order::First,
-            Some(&next) if id == next => Order::Next,
-            Some(&next) if id < next => Order::Duplicate,
-            Some(&next) => Order::Gap { from: next, to: id - 1 },
+            Some(next) if id == next => Order::Next,
+            Some(next) if id < next => Order::Duplicate,
+            Some(next) => Order::Gap { from: next, to: id - 1 },
         }
     }
 
-    /// Records `id` as published: the next expected is `id + 1`.
-    pub fn advance(&mut self, symbol: &str, kind: TradeKind, id: i64) {
+    /// Records `id` as published: the next expected is `id + 1` (never less
+    /// than it was).
+    pub fn advance(&mut self, id: i64) {
         let after = id.saturating_add(1);
-        let next = self.next.entry((symbol.to_owned(), kind)).or_insert(after);
-        *next = (*next).max(after);
+        self.next = Some(self.next.map_or(after, |next| next.max(after)));
     }
+}
 
-    /// The next expected id, if any trade of the symbol was seen.
-    pub fn expected(&self, symbol: &str, kind: TradeKind) -> Option<i64> {
-        self.next.get(&(symbol.to_owned(), kind)).copied()
-    }
+/// The open time of the newest closed kline per (symbol, interval).
+#[derive(Debug, Default)]
+pub struct ClosedKlines {
+    newest: HashMap<(String, String), Micros>,
+}
 
+impl ClosedKlines {
     /// True the first time a closed kline is seen (a kline repeats when two
     /// connections overlap).
-    pub fn candle_is_new(&mut self, c: &Candle) -> bool {
+    pub fn is_new(&mut self, symbol: &str, interval: &str, open_time: Micros) -> bool {
         let last = self
-            .candles
-            .entry((c.symbol.clone(), c.interval.clone()))
+            .newest
+            .entry((symbol.to_owned(), interval.to_owned()))
             .or_insert(Micros::MIN);
-        if c.open_time > *last {
-            *last = c.open_time;
+        if open_time > *last {
+            *last = open_time;
             true
         } else {
             false
@@ -74,21 +76,29 @@ mod tests {
     #[test]
     fn ids_in_order_duplicates_and_gaps() {
         let mut s = Sequencer::default();
-        let k = TradeKind::Trade;
-        assert_eq!(s.check("BTCUSDT", k, 100), Order::First);
-        s.advance("BTCUSDT", k, 100);
-        assert_eq!(s.check("BTCUSDT", k, 101), Order::Next);
-        assert_eq!(s.check("BTCUSDT", k, 100), Order::Duplicate);
-        assert_eq!(s.check("BTCUSDT", k, 105), Order::Gap { from: 101, to: 104 });
-        assert_eq!(s.check("BTCUSDT", TradeKind::AggTrade, 101), Order::First);
-        assert_eq!(s.check("ETHUSDT", k, 101), Order::First);
-        s.advance("BTCUSDT", k, 105);
-        assert_eq!(s.check("BTCUSDT", k, 103), Order::Duplicate);
+        assert_eq!(s.check(100), Order::First);
+        s.advance(100);
+        assert_eq!(s.check(101), Order::Next);
+        assert_eq!(s.check(100), Order::Duplicate);
+        assert_eq!(s.check(105), Order::Gap { from: 101, to: 104 });
+        s.advance(105);
+        assert_eq!(s.check(103), Order::Duplicate);
         // Advancing never goes back.
-        s.advance("BTCUSDT", k, 90);
-        assert_eq!(s.expected("BTCUSDT", k), Some(106));
+        s.advance(90);
+        assert_eq!(s.check(106), Order::Next);
         // An id at the end of the range (outside input) does not overflow.
-        s.advance("ETHUSDT", k, i64::MAX);
-        assert_eq!(s.check("ETHUSDT", k, 5), Order::Duplicate);
+        s.advance(i64::MAX);
+        assert_eq!(s.check(5), Order::Duplicate);
+    }
+
+    #[test]
+    fn a_closed_kline_is_new_once_per_symbol_and_interval() {
+        let mut k = ClosedKlines::default();
+        assert!(k.is_new("BTCUSDT", "1m", 60));
+        assert!(!k.is_new("BTCUSDT", "1m", 60), "the overlap repeats it");
+        assert!(!k.is_new("BTCUSDT", "1m", 0), "older");
+        assert!(k.is_new("BTCUSDT", "1h", 60));
+        assert!(k.is_new("ETHUSDT", "1m", 60));
+        assert!(k.is_new("BTCUSDT", "1m", 120));
     }
 }
