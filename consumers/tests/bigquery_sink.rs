@@ -323,6 +323,9 @@ impl Drop for Sink {
     }
 }
 
+/// The sink's group session: how long the broker keeps a killed member.
+const SESSION_TIMEOUT: Duration = Duration::from_secs(6);
+
 fn start_sink(prefix: &str, dataset: &str) -> Sink {
     let log = std::env::temp_dir().join(format!("{}.log", stack::unique_name("bigquery-sink")));
     let log_file = std::fs::File::create(&log).expect("a log file for the sink");
@@ -338,7 +341,10 @@ fn start_sink(prefix: &str, dataset: &str) -> Sink {
             .env("TICKPIPE_BIGQUERY_SINK_BATCH_MAX", "1000")
             .env("TICKPIPE_BIGQUERY_SINK_BATCH_WAIT_MS", "50")
             .env("TICKPIPE_BIGQUERY_SINK_REQUEST_ROWS", "250")
-            .env("TICKPIPE_BIGQUERY_SINK_SESSION_TIMEOUT_MS", "6000")
+            .env(
+                "TICKPIPE_BIGQUERY_SINK_SESSION_TIMEOUT_MS",
+                SESSION_TIMEOUT.as_millis().to_string(),
+            )
             .env("TICKPIPE_BIGQUERY_SINK_METRICS_ADDR", "off")
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
@@ -394,6 +400,11 @@ async fn sigkill_while_streaming_leaves_the_view_exact() {
         eprintln!("round {round}: rows after {:?}", started.elapsed());
         sink.0.kill().expect("kill");
         sink.0.wait().expect("wait");
+        // On tansu, a member that joins while a killed leader's session is
+        // still open follows the dead leader with no partitions, for good (see
+        // ARCHITECTURE.md): the next run starts once the broker dropped it.
+        // There is nothing to watch for: tansu drops it when a member asks.
+        tokio::time::sleep(SESSION_TIMEOUT + Duration::from_secs(1)).await;
         kills += 1;
         progress.push(count(&bq, &raw).await);
     }
