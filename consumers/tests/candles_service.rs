@@ -364,6 +364,26 @@ async fn sigkill_at_any_moment_loses_and_double_counts_nothing() {
         );
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
+    // Idle now: the watermarks stand still, so their lag keeps growing.
+    let watermark_lag = || async {
+        let text = stack::scrape(metrics).await;
+        text.lines()
+            .find_map(|l| l.strip_prefix("tickpipe_candles_watermark_lag_seconds "))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+    };
+    let first = watermark_lag().await.expect("the watermark lag is exported");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let now = watermark_lag().await.expect("the watermark lag is exported");
+        if now > first {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the idle watermark lag stays at {now} s"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
     let pid = child.0.id().to_string();
     assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
     let status = child.0.wait().unwrap();

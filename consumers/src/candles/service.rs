@@ -399,6 +399,8 @@ pub async fn run(config: ServiceConfig, shutdown: impl Future<Output = ()>) -> R
             }
         }
         if next_offsets.is_empty() {
+            // Idle: the watermarks stand still and their lag grows.
+            set_watermark_lag(&metrics.watermark_lag, &builders);
             continue;
         }
 
@@ -469,13 +471,18 @@ pub async fn run(config: ServiceConfig, shutdown: impl Future<Output = ()>) -> R
         }
         consumer.commit(&commit, rdkafka::consumer::CommitMode::Async)?;
 
-        let oldest = builders.values().filter_map(|b| b.min_watermark()).min();
-        if let Some(w) = oldest {
-            metrics.watermark_lag.set((now_micros() - w) / 1_000_000);
-        }
+        set_watermark_lag(&metrics.watermark_lag, &builders);
     }
     tracing::info!("candles: stopped after committing its last batch");
     Ok(())
+}
+
+/// Wall clock minus the oldest watermark of the symbols seen, set every batch
+/// and every idle `batch_wait`.
+fn set_watermark_lag(gauge: &IntGauge, builders: &HashMap<i32, CandleBuilder>) {
+    if let Some(w) = builders.values().filter_map(|b| b.min_watermark()).min() {
+        gauge.set((now_micros() - w) / 1_000_000);
+    }
 }
 
 fn dead_letter(
