@@ -47,6 +47,16 @@ fn live_config(name: &str, fake: &FakeBinance) -> (String, Config) {
     (prefix, config)
 }
 
+/// A 429 on the repair endpoint whose Retry-After (100 s) outlasts any test:
+/// a repair Binance will not serve for a long while.
+fn repair_refused_for_100_s() -> RestFault {
+    RestFault::TooMany {
+        path: "/api/v3/historicalTrades".into(),
+        times: 1,
+        retry_after_secs: 100,
+    }
+}
+
 /// The producer running in this process until stopped.
 struct Producer {
     metrics: Metrics,
@@ -203,13 +213,8 @@ async fn a_repair_that_cannot_finish_gives_way_to_the_live_stream() {
         messages,
         faults: vec![WsFault::Drop { at: n / 10, lose: 3000 }],
         rate: 0,
-        rest_faults: vec![RestFault::TooMany {
-            path: "/api/v3/historicalTrades".into(),
-            times: 1,
-            retry_after_secs: 100,
-        }],
-        klines: Default::default(),
-        skip_trades: Vec::new(),
+        rest_faults: vec![repair_refused_for_100_s()],
+        ..BinanceScript::default()
     };
     let fake = FakeBinance::start(script).await;
     let (prefix, mut config) = live_config("binance_budget", &fake);
@@ -318,13 +323,8 @@ async fn a_repair_holds_up_only_its_own_symbol() {
             payload: b"lanes".to_vec(),
         }],
         rate: 0,
-        rest_faults: vec![RestFault::TooMany {
-            path: "/api/v3/historicalTrades".into(),
-            times: 1,
-            retry_after_secs: 100,
-        }],
-        klines: Default::default(),
-        skip_trades: Vec::new(),
+        rest_faults: vec![repair_refused_for_100_s()],
+        ..BinanceScript::default()
     }
     .without_trades("BTCUSDT", withheld.clone());
     let fake = FakeBinance::start(script).await;

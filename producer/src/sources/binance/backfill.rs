@@ -40,6 +40,10 @@ use super::parse::{self, Origin};
 use super::rest::BinanceRest;
 use super::BinanceConfig;
 use crate::item::{now_micros, rules_now, Item, Reject};
+use crate::publish::Publisher;
+use crate::sources::{SourceError, Stop};
+
+const COMPONENT: &str = "binance-backfill";
 
 /// Candles the publisher gave up on so far (read without creating the
 /// series, which appears with the first failure).
@@ -58,10 +62,6 @@ fn given_up(publisher: &Publisher) -> u64 {
 
 /// How long after its close time a kline is taken as final (see `one`).
 const CLOSE_MARGIN_MICROS: Micros = 10_000_000;
-use crate::publish::Publisher;
-use crate::sources::{SourceError, Stop};
-
-const COMPONENT: &str = "binance-backfill";
 
 /// What to backfill.
 #[derive(Debug, Clone)]

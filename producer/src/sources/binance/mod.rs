@@ -8,12 +8,12 @@
 //! [`Sequencer`] of each lane and by [`ClosedKlines`]. A lost connection is
 //! reopened with exponential backoff and jitter, never more often than the
 //! attempt limit allows, and a socket silent for longer than the watchdog is
-//! treated as lost. Trades go to a lane per
-//! (symbol, kind), a task that sequences them: after any reconnect the first
-//! trade of each symbol reveals what was missed, and the lane fetches the gap
-//! over REST before it publishes anything newer, so `trades` holds every id
-//! exactly once. A repair holds up only its own lane, whose trades queue
-//! meanwhile; the sockets are read (and their pings answered) throughout.
+//! treated as lost. Trades go to a lane per (symbol, kind), a task that
+//! sequences them: after any reconnect the first trade of each symbol reveals
+//! what was missed, and the lane fetches the gap over REST before it publishes
+//! anything newer, so `trades` holds every id exactly once. A repair holds up
+//! only its own lane, whose trades queue meanwhile; the sockets are read (and
+//! their pings answered) throughout.
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
@@ -633,7 +633,10 @@ async fn fill_gap(
                 return (next, skipped);
             }
             Err(_) => {
-                tracing::error!(symbol, "gap repair ran out of its time budget; the live stream goes on");
+                tracing::error!(
+                    symbol,
+                    "gap repair ran out of its time budget; the symbol's queued trades go on"
+                );
                 return (next, skipped);
             }
         };
