@@ -151,6 +151,72 @@ fn a_trade_behind_the_watermark_is_late() {
 }
 
 #[test]
+fn a_trade_in_an_empty_window_behind_the_watermark_is_late() {
+    // Second 2 never had a trade (filled or not), but the watermark (4 s) has
+    // passed its end: the trade is late, not a new candle for a final window.
+    for fill in [false, true] {
+        let trades = [
+            t("A", 0.5, 1, "10", "1", false),
+            t("A", 5.0, 2, "11", "1", false),
+            t("A", 2.5, 3, "99", "1", false),
+        ];
+        let out: Vec<String> = aggregate(&trades, cfg(&["1s"], 1, fill))
+            .iter()
+            .filter_map(|o| match o {
+                Output::Late { trade, interval, .. } => Some(format!("late {} {interval}", trade.trade_id)),
+                Output::Candle(c) if c.trade_count > 0 => Some(format!("{} {}", c.open_time / S, c.close)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(out, ["0 10", "late 3 1s", "5 11"], "fill {fill}");
+    }
+}
+
+#[test]
+fn a_late_trade_that_changes_a_close_publishes_the_empty_candles_after_it_again() {
+    check(
+        cfg(&["1s"], 5, true),
+        &[
+            t("A", 0.5, 1, "10", "1", false),
+            t("A", 3.2, 2, "9", "1", false),
+            // Later than trade 1 in window 0: the new close, which the empty
+            // windows 1 and 2 carry.
+            t("A", 0.8, 3, "11", "1", false),
+        ],
+        &[
+            "1s 0 10 10 10 10 v1 n1",
+            "1s 1 10 10 10 10 v0 n0",
+            "1s 2 10 10 10 10 v0 n0",
+            "1s 0 10 11 10 11 v2 n2",
+            "1s 1 11 11 11 11 v0 n0",
+            "1s 2 11 11 11 11 v0 n0",
+            "1s 3 9 9 9 9 v1 n1 open",
+        ],
+    );
+}
+
+#[test]
+fn a_late_trade_in_an_empty_window_makes_it_a_candle_and_carries_its_close_on() {
+    check(
+        cfg(&["1s"], 5, true),
+        &[
+            t("A", 0.5, 1, "10", "1", false),
+            t("A", 4.2, 2, "9", "1", false),
+            t("A", 2.5, 3, "12", "1", false),
+        ],
+        &[
+            "1s 0 10 10 10 10 v1 n1",
+            "1s 1 10 10 10 10 v0 n0",
+            "1s 2 10 10 10 10 v0 n0",
+            "1s 3 10 10 10 10 v0 n0",
+            "1s 2 12 12 12 12 v1 n1",
+            "1s 3 12 12 12 12 v0 n0",
+            "1s 4 9 9 9 9 v1 n1 open",
+        ],
+    );
+}
+
+#[test]
 fn symbols_are_independent_and_bad_prices_are_refused() {
     check(
         cfg(&["1s"], 0, true),

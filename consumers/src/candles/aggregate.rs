@@ -8,7 +8,9 @@
 //! again (same key, so the newer version wins downstream). Trades for windows the
 //! watermark has passed are returned as late. Gaps between windows are filled
 //! with empty candles the way Binance fills them (open = high = low = close =
-//! previous close, volumes and count zero), unless disabled.
+//! previous close, volumes and count zero), unless disabled; when a late trade
+//! changes the close an empty candle carries, that candle is published again
+//! too.
 //!
 //! Sums are exact: prices and quantities are carried as integers scaled by
 //! 10^18, the wire scale, so adding and comparing is integer arithmetic.
@@ -182,8 +184,10 @@ impl Acc {
 struct Series {
     /// Windows not yet final, by open time.
     windows: VecDeque<Acc>,
-    /// Open time of the newest window that is final (the watermark passed it).
-    final_upto: Option<i64>,
+    /// Open times of the empty candles published and not yet final, in order:
+    /// published again when a late trade changes the close they carry.
+    #[serde(default)]
+    filled: VecDeque<i64>,
     /// Open time and close of the newest window published so far, for filling
     /// gaps.
     last_published: Option<(i64, i128)>,
@@ -449,7 +453,9 @@ impl CandleBuilder {
                 series.current = (open, open + interval.micros());
                 open
             };
-            if series.final_upto.is_some_and(|f| open <= f) {
+            // Final: the watermark has passed the window's end, whether or not
+            // the window held trades.
+            if open + interval.micros() <= watermark {
                 out.push(Output::Late {
                     trade: trade.clone(),
                     interval: interval.name().to_owned(),
@@ -653,19 +659,41 @@ impl<'a> Target<'a> {
                 let mut empty = Acc::empty(open, close);
                 empty.ingest_time = ingest_time;
                 self.emit(&empty, true, out);
+                series.filled.push_back(open);
                 series.last_published = Some((open, close));
                 open += len;
             }
         }
     }
 
-    /// Publishes `acc` and advances the newest published window.
+    /// Publishes `acc` and advances the newest published window (or, if it is
+    /// that window, updates the close later gaps are filled with).
     fn publish(&self, series_last: &mut Option<(i64, i128)>, acc: &mut Acc, closed: bool, out: &mut Vec<Output<Bar>>) {
         self.emit(acc, closed, out);
         acc.published = true;
         acc.dirty = false;
-        if series_last.is_none_or(|(o, _)| o < acc.open_time) {
+        if series_last.is_none_or(|(o, _)| o <= acc.open_time) {
             *series_last = Some((acc.open_time, acc.close));
+        }
+    }
+
+    /// After window `i` was published again or late (a window before the
+    /// newest published one), publishes again the empty candles between it and
+    /// the next window with trades: their open, high, low and close are its
+    /// close, which may have changed.
+    fn refill(&self, series: &mut Series, i: usize, out: &mut Vec<Output<Bar>>) {
+        let w = series.windows[i];
+        let next = series.windows.get(i + 1).map_or(i64::MAX, |n| n.open_time);
+        let after = |o: i64| w.open_time < o && o < next;
+        for &open in series.filled.iter().filter(|&&o| after(o)) {
+            let mut empty = Acc::empty(open, w.close);
+            empty.ingest_time = w.ingest_time;
+            self.emit(&empty, true, out);
+        }
+        if let Some((o, close)) = &mut series.last_published {
+            if after(*o) {
+                *close = w.close;
+            }
         }
     }
 }
@@ -701,8 +729,12 @@ fn emit_ready(
         if dirty {
             target.fill(series, open, fill, ingest, out);
             let mut last = series.last_published;
+            let behind = last.is_some_and(|(o, _)| o > open);
             target.publish(&mut last, &mut series.windows[i], true, out);
             series.last_published = last;
+            if behind {
+                target.refill(series, i, out);
+            }
         }
         i += 1;
     }
@@ -713,8 +745,10 @@ fn emit_ready(
         if front.open_time + len > watermark {
             break;
         }
-        series.final_upto = Some(front.open_time);
         series.windows.pop_front();
+    }
+    while series.filled.front().is_some_and(|&o| o + len <= watermark) {
+        series.filled.pop_front();
     }
 }
 
@@ -722,6 +756,7 @@ fn emit_ready(
 mod tests {
     use super::*;
     use proptest::prelude::*;
+    use std::collections::{BTreeMap, BTreeSet};
     use tickpipe_schemas::TradeKind;
 
     fn all(builder: &mut CandleBuilder, trades: &[Trade]) -> Vec<Output> {
@@ -781,7 +816,85 @@ mod tests {
         })
     }
 
+    /// What a batch computation over the whole input gives, for checking the
+    /// incremental builder: per (symbol, interval index, window open) the sums
+    /// of the trades the watermark rule accepts, and the (trade id, interval
+    /// index) pairs it refuses as late. The rule: a trade is late for an
+    /// interval when its window ends at or before its symbol's largest event
+    /// time so far (itself included) minus the lateness.
+    #[allow(clippy::type_complexity)]
+    fn batch(trades: &[Trade], config: &CandleConfig) -> (BTreeMap<(String, usize, i64), Acc>, BTreeSet<(i64, usize)>) {
+        let mut windows: BTreeMap<(String, usize, i64), Acc> = BTreeMap::new();
+        let mut late = BTreeSet::new();
+        let mut max_event: HashMap<&str, i64> = HashMap::new();
+        for t in trades {
+            let m = max_event.entry(&t.symbol).or_insert(i64::MIN);
+            *m = (*m).max(t.event_time);
+            let watermark = m.saturating_sub(config.allowed_lateness);
+            for (k, interval) in config.intervals.iter().enumerate() {
+                let open = interval.open_of(t.event_time);
+                if open + interval.micros() <= watermark {
+                    late.insert((t.trade_id, k));
+                    continue;
+                }
+                let sums = fixed(t).unwrap();
+                windows
+                    .entry((t.symbol.to_string(), k, open))
+                    .or_insert_with(|| Acc::empty(open, sums.open))
+                    .merge(&sums);
+            }
+        }
+        (windows, late)
+    }
+
     proptest! {
+        /// Whatever order trades arrive in, the newest version of every candle
+        /// equals the batch computation over the accepted trades, and an empty
+        /// candle carries the close of the nearest earlier window with trades;
+        /// the builder refuses as late exactly the trades the rule refuses.
+        #[test]
+        fn the_newest_candles_equal_a_batch_computation(trades in trades(), config in config()) {
+            let (windows, late) = batch(&trades, &config);
+            let out = aggregate(&trades, config.clone());
+            let mut newest: BTreeMap<(String, usize, i64), Candle> = BTreeMap::new();
+            let mut got_late = BTreeSet::new();
+            for o in out {
+                match o {
+                    Output::Candle(c) => {
+                        let k = config.intervals.iter().position(|i| i.name() == c.interval).unwrap();
+                        newest.insert((c.symbol.clone(), k, c.open_time), c);
+                    }
+                    Output::Late { trade, interval, .. } => {
+                        let k = config.intervals.iter().position(|i| i.name() == interval).unwrap();
+                        got_late.insert((trade.trade_id, k));
+                    }
+                    other => prop_assert!(false, "unexpected {other:?}"),
+                }
+            }
+            prop_assert_eq!(got_late, late);
+            let dec = |v: i128| from_unscaled(v).unwrap();
+            for (key, acc) in &windows {
+                let c = newest.get(key);
+                prop_assert!(c.is_some(), "no candle for {key:?}");
+                let c = c.unwrap();
+                let got = (c.open, c.high, c.low, c.close, c.volume, c.quote_volume, c.trade_count);
+                let want = (dec(acc.open), dec(acc.high), dec(acc.low), dec(acc.close), dec(acc.volume), dec(acc.quote_volume), acc.count);
+                prop_assert_eq!(got, want, "candle {:?}", key);
+            }
+            for (key, c) in &newest {
+                if windows.contains_key(key) {
+                    continue;
+                }
+                prop_assert!(config.fill_empty, "an empty candle with filling off: {key:?}");
+                let (symbol, k, open) = key;
+                let before = windows.range((symbol.clone(), *k, i64::MIN)..(symbol.clone(), *k, *open)).next_back();
+                prop_assert!(before.is_some(), "an empty candle before any trade: {key:?}");
+                let close = dec(before.unwrap().1.close);
+                let got = (c.open, c.high, c.low, c.close, c.trade_count, c.volume.is_zero());
+                prop_assert_eq!(got, (close, close, close, close, 0, true), "empty candle {:?}", key);
+            }
+        }
+
         /// Summing runs of trades changes nothing: the output equals adding
         /// every trade to every interval's window, also across a snapshot.
         #[test]
