@@ -3,7 +3,8 @@
 //! connection that loses trades, ids that never arrive on the socket, a
 //! malformed frame, a ping, a `serverShutdown` with overlapping connections, a
 //! silent socket, a 429 on the repair endpoint and empty answers from it (REST
-//! behind the socket). Afterwards `trades` holds every id of the recording
+//! behind the socket), more trades during a repair than its queue holds.
+//! Afterwards `trades` holds every id of the recording
 //! exactly once. With the ETHUSDT capture of the same day merged in, a
 //! repair that waits holds up only its own symbol.
 
@@ -233,6 +234,66 @@ async fn a_repair_that_cannot_finish_gives_way_to_the_live_stream() {
     assert_eq!(total(&metrics.backfilled), 0);
     let ids = common::trades(&stack::kafka_brokers(), &prefix);
     assert_eq!(ids.len() as u64, expected, "every other trade once");
+}
+
+/// Trades keep coming while a repair waits (a 429 with a 2 s Retry-After),
+/// more than the symbol's queue holds (`repair_queue` 300): those that find it
+/// full are not held, and the symbol's next repair, revealed by the first trade
+/// after the queue drained (the last one, sent after a 4 s stall), fetches them
+/// over REST. Every id once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trades_a_full_repair_queue_does_not_hold_come_back_with_the_next_repair() {
+    let Some(file) = capture() else { return };
+    let recorded = real::ws_capture_trades(&file, "binance");
+    let (first, last) = (recorded[0].trade_id, recorded[recorded.len() - 1].trade_id);
+    let messages: Vec<String> = capture_messages(&file)
+        .into_iter()
+        .filter(|m| m.starts_with(TRADE_FRAME))
+        .collect();
+    let n = messages.len();
+    let script = BinanceScript {
+        messages,
+        faults: vec![WsFault::Stall {
+            at: n - 1,
+            millis: 4000,
+        }],
+        rate: 0,
+        rest_faults: vec![RestFault::TooMany {
+            path: "/api/v3/historicalTrades".into(),
+            times: 1,
+            retry_after_secs: 2,
+        }],
+        ..BinanceScript::default()
+    }
+    .without_trades("BTCUSDT", first + 1000..=first + 1099);
+    let fake = FakeBinance::start(script).await;
+    let (prefix, mut config) = live_config("binance_queue", &fake);
+    config.binance.repair_queue = 300;
+    let producer = Producer::start(config);
+    producer
+        .wait_published("every recorded trade to be acknowledged", 120, recorded.len() as u64)
+        .await;
+    let metrics = producer.stop().await;
+
+    let mut ids: Vec<i64> = common::trades(&stack::kafka_brokers(), &prefix)
+        .iter()
+        .map(|t| t.trade_id)
+        .collect();
+    ids.sort_unstable();
+    let (missing, repeated) = common::id_discrepancies(&ids, first, last);
+    assert!(
+        missing.is_empty() && repeated.is_empty(),
+        "missing {missing:?}, repeated {repeated:?}"
+    );
+    assert_eq!(total(&metrics.unrepaired), 0);
+    assert!(total(&metrics.gaps) >= 2, "the withheld ids, then the trades not held");
+    // Only the 100 withheld ids if the queue had held everything the socket
+    // delivered.
+    assert!(
+        total(&metrics.backfilled) > 100,
+        "trades the socket delivered to a full queue came back over REST: {} backfilled",
+        total(&metrics.backfilled)
+    );
 }
 
 /// A trade Binance leaves out of its klines (here `X: "NA"`) arrives in place

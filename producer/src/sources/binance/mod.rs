@@ -79,6 +79,10 @@ pub struct BinanceConfig {
     /// long). What is not repaired within the budget is counted in
     /// `tickpipe_producer_trades_unrepaired_total`.
     pub repair_budget_secs: u64,
+    /// Most trades of one symbol held while a repair runs (about a minute of
+    /// BTCUSDT at its busiest, a few MB); newer ones are not held but fetched
+    /// by the symbol's next repair, once the queue has room again.
+    pub repair_queue: usize,
 }
 
 impl Default for BinanceConfig {
@@ -97,6 +101,7 @@ impl Default for BinanceConfig {
             weight_limit: 6000,
             gap_repair: true,
             repair_budget_secs: 30,
+            repair_queue: 20_000,
         }
     }
 }
@@ -273,6 +278,7 @@ async fn run_ws(config: BinanceConfig, publisher: Publisher, mut stop: Stop) -> 
         shared: LaneShared {
             rest: config.gap_repair.then(|| rest.clone()),
             budget: Duration::from_secs(config.repair_budget_secs.max(1)),
+            queue: config.repair_queue.max(1),
             venue: config.venue.clone(),
             publisher: publisher.clone(),
             stop: stop.clone(),
@@ -417,10 +423,6 @@ async fn run_ws(config: BinanceConfig, publisher: Publisher, mut stop: Stop) -> 
     Ok(())
 }
 
-/// Trades a lane holds while it repairs, before newer ones are left to its
-/// next repair: about a minute of BTCUSDT at its busiest, a few MB.
-const LANE_QUEUE: usize = 20_000;
-
 /// A live trade on its way to its lane, with the frame it came in (for dead
 /// letters) and, for a trade Binance excludes, why.
 struct LiveTrade {
@@ -436,6 +438,8 @@ struct LaneShared {
     rest: Option<Arc<BinanceRest>>,
     /// The repair budget per minute.
     budget: Duration,
+    /// Trades a lane holds before newer ones are left to its next repair.
+    queue: usize,
     venue: String,
     publisher: Publisher,
     stop: Stop,
@@ -463,7 +467,7 @@ impl Lanes {
         let key = (t.trade.symbol.clone(), t.trade.kind);
         let (shared, tasks) = (&self.shared, &mut self.tasks);
         let lane = self.lanes.entry(key).or_insert_with(|| {
-            let (tx, rx) = mpsc::channel(LANE_QUEUE);
+            let (tx, rx) = mpsc::channel(shared.queue);
             tasks.spawn(lane(rx, shared.clone()));
             Lane { tx, full: false }
         });
@@ -473,7 +477,7 @@ impl Lanes {
                 if !lane.full {
                     tracing::warn!(
                         symbol = %t.trade.symbol,
-                        queued = LANE_QUEUE,
+                        queued = shared.queue,
                         "trades queue behind a gap repair; newer ones are left to the next repair"
                     );
                 }
@@ -499,6 +503,7 @@ async fn lane(mut rx: mpsc::Receiver<LiveTrade>, shared: LaneShared) {
     let LaneShared {
         rest,
         budget,
+        queue: _,
         venue,
         publisher,
         mut stop,
