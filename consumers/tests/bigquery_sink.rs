@@ -2,7 +2,7 @@
 //! recording streamed through, compared row for row with what was produced;
 //! poison and rows BigQuery refuses in the dead letters; SIGKILL during
 //! streaming; BigQuery failing at start; tables that evolve or cannot;
-//! credentials that fail.
+//! credentials that fail; the newest version of each candle.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::process::{Child, Command, Stdio};
@@ -11,10 +11,10 @@ use std::time::Duration;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde_json::json;
 use tickpipe_consumers::bq::client::{Auth, BigQuery, Endpoint};
-use tickpipe_consumers::bq::schema::{table_spec, DecimalColumns};
+use tickpipe_consumers::bq::schema::{table_spec, DecimalColumns, LATEST_CANDLES};
 use tickpipe_consumers::bq::sink::{prepare_tables, run, BqSinkConfig};
 use tickpipe_producer::kafka::{ensure_topics, producer_config};
-use tickpipe_schemas::{Codec, DeadLetter, Decimal, Record, Source, Topic, Trade, WriteFraming};
+use tickpipe_schemas::{Candle, CandleOrigin, Codec, DeadLetter, Decimal, Record, Source, Topic, Trade, WriteFraming};
 use tickpipe_testkit::{real, stack};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -298,6 +298,88 @@ async fn a_recording_arrives_exactly_and_refused_rows_become_dead_letters() {
             .map(|r| r[0].clone().unwrap_or_default())
             .collect::<Vec<_>>(),
         ["late", "late too"]
+    );
+}
+
+/// `candles_latest` keeps the newest version of each candle: a minute published
+/// open, then closed, then corrected (in Kafka order) is its correction;
+/// Binance's own kline of the same minute is a candle of its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn candles_latest_holds_the_newest_version_of_each_candle() {
+    let (prefix, dataset) = setup("bqlatest").await;
+    let codec = Codec::new(WriteFraming::SingleObject);
+    let producer: FutureProducer = producer_config(&stack::kafka_brokers()).create().expect("producer");
+    let minute = 1_700_000_040_000_000i64;
+    let candle = |open_time: i64, origin: CandleOrigin, price: i64, count: i64, closed: bool| {
+        let price = Decimal::from(price);
+        Candle {
+            venue: "binance".into(),
+            symbol: "BTCUSDT".into(),
+            interval: "1m".into(),
+            origin,
+            open_time,
+            close_time: open_time + 59_999_000,
+            open: price,
+            high: price,
+            low: price,
+            close: price,
+            volume: Decimal::from(count),
+            quote_volume: price * Decimal::from(count),
+            trade_count: count,
+            taker_buy_base_volume: Decimal::ZERO,
+            taker_buy_quote_volume: Decimal::ZERO,
+            first_trade_id: Some(1),
+            last_trade_id: Some(count),
+            closed,
+            source: Source::Binance,
+            event_time: open_time + 59_999_000,
+            ingest_time: open_time + 60_000_000,
+        }
+    };
+    let versions = [
+        candle(minute, CandleOrigin::Aggregated, 10, 1, false),
+        candle(minute, CandleOrigin::Aggregated, 11, 2, true),
+        candle(minute, CandleOrigin::ExchangeKline, 13, 3, true),
+        candle(minute, CandleOrigin::Aggregated, 12, 3, true),
+        candle(minute + 60_000_000, CandleOrigin::Aggregated, 14, 1, false),
+    ];
+    let records: Vec<(String, Vec<u8>)> = versions
+        .iter()
+        .map(|c| (c.key(), codec.encode(c).expect("encode")))
+        .collect();
+    publish(&producer, &Topic::Candles.name(&prefix), &records).await;
+
+    let mut config = config(&prefix, &dataset);
+    config.topics = vec![Topic::Candles, Topic::DeadLetters];
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let sink = tokio::spawn(run(config, async {
+        let _ = stopped.await;
+    }));
+    let bq = client().await;
+    let project = stack::bigquery_project();
+    let all = format!("SELECT COUNT(*) FROM `{project}.{dataset}.candles`");
+    wait_for_count(&bq, &all, versions.len() as i64, 120).await;
+    let _ = stop.send(());
+    sink.await.expect("join").expect("the sink stops cleanly");
+
+    let rows = bq
+        .query(&format!(
+            "SELECT origin, close, trade_count, closed FROM `{project}.{dataset}.{LATEST_CANDLES}`"
+        ))
+        .await
+        .expect("query candles_latest");
+    let mut got: Vec<Vec<String>> = rows
+        .into_iter()
+        .map(|r| r.into_iter().map(Option::unwrap_or_default).collect())
+        .collect();
+    got.sort();
+    assert_eq!(
+        got,
+        [
+            ["aggregated", "12", "3", "true"],
+            ["aggregated", "14", "1", "false"],
+            ["exchange_kline", "13", "3", "true"],
+        ]
     );
 }
 

@@ -9,7 +9,7 @@
 use std::path::PathBuf;
 
 use hcl::{Block, Body, Expression};
-use tickpipe_consumers::bq::schema::{table_spec, view_query, DecimalColumns};
+use tickpipe_consumers::bq::schema::{latest_candles_query, table_spec, view_query, DecimalColumns, LATEST_CANDLES};
 use tickpipe_schemas::Topic;
 
 fn dir() -> PathBuf {
@@ -146,6 +146,16 @@ fn terraform_declares_the_tables_the_sink_creates() {
             .replace("${each.key}", &spec.view);
         assert_eq!(rendered, view_query("p", "d", &spec));
     }
+    let latest = resource(&main, "google_bigquery_table", "candles_latest").body();
+    assert_eq!(text(attribute(latest, "table_id")), LATEST_CANDLES);
+    let query = latest
+        .blocks()
+        .find(|b| b.identifier() == "view")
+        .map(|b| text(attribute(b.body(), "query")))
+        .expect("view block");
+    let rendered = query.replace("${var.project}", "p").replace("${var.dataset}", "d");
+    let candles = table_spec(Topic::Candles, DecimalColumns::BigNumeric);
+    assert_eq!(rendered, latest_candles_query("p", "d", &candles));
 
     let variables = body("variables.tf");
     let names: Vec<String> = variables

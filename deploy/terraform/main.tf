@@ -2,7 +2,8 @@
 # when they are missing (consumers/src/bq/schema.rs; a test keeps the two
 # equal). Each entity has an append-only table `<entity>_raw`, partitioned by
 # event day and clustered by what it is looked up by, and a view `<entity>`
-# with one row per Kafka record: query the views.
+# with one row per Kafka record: query the views. `candles_latest` keeps the
+# newest version of each candle.
 
 locals {
   entities = {
@@ -58,12 +59,29 @@ resource "google_bigquery_table" "view" {
   depends_on = [google_bigquery_table.raw]
 }
 
+# The newest version of each candle: a candle is published again when it
+# closes or a late trade corrects it (schema.rs, latest_candles_query).
+resource "google_bigquery_table" "candles_latest" {
+  project             = var.project
+  dataset_id          = google_bigquery_dataset.tickpipe.dataset_id
+  table_id            = "candles_latest"
+  description         = "candles: the newest version of each candle (the last in Kafka order for its venue, symbol, interval, origin and open time)."
+  deletion_protection = false
+
+  view {
+    query          = "SELECT * EXCEPT (_version) FROM (SELECT *, ROW_NUMBER() OVER (PARTITION BY venue, symbol, `interval`, origin, open_time ORDER BY kafka_offset DESC, written_at) AS _version FROM `${var.project}.${var.dataset}.candles_raw`) WHERE _version = 1"
+    use_legacy_sql = false
+  }
+
+  depends_on = [google_bigquery_table.raw]
+}
+
 output "dataset" {
   description = "The dataset id."
   value       = google_bigquery_dataset.tickpipe.dataset_id
 }
 
 output "views" {
-  description = "The de-duplicated views, one per entity."
-  value       = [for v in google_bigquery_table.view : v.table_id]
+  description = "The de-duplicated views, one per entity, and candles_latest."
+  value       = concat([for v in google_bigquery_table.view : v.table_id], [google_bigquery_table.candles_latest.table_id])
 }

@@ -6,6 +6,7 @@
 //! record written, so a retried or replayed write can leave a second copy) and
 //! a view `<entity>` that keeps one row per Kafka coordinate
 //! `(kafka_topic, kafka_partition, kafka_offset)`. Readers query the view.
+//! Candles also have `candles_latest`, the newest version of each candle.
 
 use apache_avro::schema::Schema;
 use serde::{Deserialize, Serialize};
@@ -232,6 +233,27 @@ pub fn view_query(project: &str, dataset: &str, spec: &TableSpec) -> String {
          {KAFKA_PARTITION}, {KAFKA_OFFSET} ORDER BY {WRITTEN_AT}) AS _copy FROM `{project}.{dataset}.{table}`) \
          WHERE _copy = 1",
         day = spec.partition_by,
+        table = spec.table
+    )
+}
+
+/// The view over `candles` with the newest version of each candle.
+pub const LATEST_CANDLES: &str = "candles_latest";
+
+/// The query of [`LATEST_CANDLES`]: per (venue, symbol, interval, origin, open
+/// time) the last record in Kafka order, since a candle is published again
+/// when it closes or a late trade corrects it, and the newer version replaces
+/// the older downstream. A candle's versions share a Kafka key, hence a
+/// partition, whose offsets order them; copies of one record are alike. (The
+/// event time is no part of the window: a kline from the WebSocket carries
+/// the time of its message, one from REST its close time. So a filter on
+/// `event_time` does not prune partitions here; `open_time` is what candles
+/// are looked up by.)
+pub fn latest_candles_query(project: &str, dataset: &str, spec: &TableSpec) -> String {
+    format!(
+        "SELECT * EXCEPT (_version) FROM (SELECT *, ROW_NUMBER() OVER (PARTITION BY venue, symbol, `interval`, \
+         origin, open_time ORDER BY {KAFKA_OFFSET} DESC, {WRITTEN_AT}) AS _version FROM `{project}.{dataset}.{table}`) \
+         WHERE _version = 1",
         table = spec.table
     )
 }

@@ -37,7 +37,7 @@ use tokio::sync::mpsc;
 
 use super::client::{BigQuery, BqError, Endpoint, TableInfo};
 use super::rows::{row, Coordinates};
-use super::schema::{evolve, table_spec, view_query, DecimalColumns, TableSpec};
+use super::schema::{evolve, latest_candles_query, table_spec, view_query, DecimalColumns, TableSpec, LATEST_CANDLES};
 use super::COMPONENT;
 use crate::decode::{reject_letter, Body, Item, Reject};
 use crate::kafka::{letter_records, send_all};
@@ -190,31 +190,59 @@ pub async fn prepare_tables(
                 }
             }
         }
+        let description = format!(
+            "{}: one row per Kafka record (de-duplicated {}).",
+            topic.base_name(),
+            spec.table
+        );
         let query = view_query(bq.project(), dataset, &spec);
-        let view = json!({
-            "tableReference": {"projectId": bq.project(), "datasetId": dataset, "tableId": spec.view},
-            "description": format!("{}: one row per Kafka record (de-duplicated {}).", topic.base_name(), spec.table),
-            "view": {"query": query, "useLegacySql": false},
-        });
-        match bq.table(dataset, &spec.view).await? {
-            None => bq.create_table(dataset, &view).await?,
-            Some(info) if info.kind != "VIEW" => {
-                return Err(BqSinkError::Schema(format!(
-                    "{dataset}.{} exists and is a {}, not the view this sink keeps there; rename it or use \
-                     another dataset",
-                    spec.view, info.kind
-                )))
-            }
-            Some(info) if refresh_view || !saved_as(&info, &query) => {
-                bq.patch_table(dataset, &spec.view, &json!({"view": view["view"]}))
-                    .await?;
-                tracing::info!(view = spec.view, "bigquery-sink: view query saved");
-            }
-            Some(_) => {}
+        ensure_view(bq, dataset, &spec.view, &description, &query, refresh_view).await?;
+        if *topic == Topic::Candles {
+            let description = "candles: the newest version of each candle (the last in Kafka order for its venue, \
+                               symbol, interval, origin and open time).";
+            let query = latest_candles_query(bq.project(), dataset, &spec);
+            ensure_view(bq, dataset, LATEST_CANDLES, description, &query, refresh_view).await?;
         }
         specs.insert(*topic, spec);
     }
     Ok(specs)
+}
+
+/// Creates the view `name` over `query`, or saves the query again when the
+/// view holds another one (or `refresh`, after its table gained columns);
+/// refuses a table of that name that is not a view.
+async fn ensure_view(
+    bq: &BigQuery,
+    dataset: &str,
+    name: &str,
+    description: &str,
+    query: &str,
+    refresh: bool,
+) -> Result<(), BqSinkError> {
+    let definition = json!({"query": query, "useLegacySql": false});
+    match bq.table(dataset, name).await? {
+        None => {
+            let view = json!({
+                "tableReference": {"projectId": bq.project(), "datasetId": dataset, "tableId": name},
+                "description": description,
+                "view": definition,
+            });
+            bq.create_table(dataset, &view).await?;
+        }
+        Some(info) if info.kind != "VIEW" => {
+            return Err(BqSinkError::Schema(format!(
+                "{dataset}.{name} exists and is a {}, not the view this sink keeps there; rename it or use another \
+                 dataset",
+                info.kind
+            )))
+        }
+        Some(info) if refresh || !saved_as(&info, query) => {
+            bq.patch_table(dataset, name, &json!({"view": definition})).await?;
+            tracing::info!(view = name, "bigquery-sink: view query saved");
+        }
+        Some(_) => {}
+    }
+    Ok(())
 }
 
 /// Whether a view may stay as it is. BigQuery reports a view's query, and a
