@@ -677,10 +677,10 @@ impl<'a> Target<'a> {
         }
     }
 
-    /// After window `i` was published again or late (a window before the
-    /// newest published one), publishes again the empty candles between it and
-    /// the next window with trades: their open, high, low and close are its
-    /// close, which may have changed.
+    /// After window `i` was published behind the newest published window (a
+    /// correction, or a window a late trade opened in a filled gap), publishes
+    /// again the empty candles between it and the next window with trades:
+    /// their open, high, low and close are its close, which may have changed.
     fn refill(&self, series: &mut Series, i: usize, out: &mut Vec<Output<Bar>>) {
         let w = series.windows[i];
         let next = series.windows.get(i + 1).map_or(i64::MAX, |n| n.open_time);
