@@ -182,6 +182,9 @@ fn a_late_trade_that_changes_a_close_publishes_the_empty_candles_after_it_again(
             // Later than trade 1 in window 0: the new close, which the empty
             // windows 1 and 2 carry.
             t("A", 0.8, 3, "11", "1", false),
+            // Earlier than both: a new open and low, the close stays, and so
+            // do the empty candles.
+            t("A", 0.1, 4, "8", "1", false),
         ],
         &[
             "1s 0 10 10 10 10 v1 n1",
@@ -190,6 +193,7 @@ fn a_late_trade_that_changes_a_close_publishes_the_empty_candles_after_it_again(
             "1s 0 10 11 10 11 v2 n2",
             "1s 1 11 11 11 11 v0 n0",
             "1s 2 11 11 11 11 v0 n0",
+            "1s 0 8 11 8 11 v3 n3",
             "1s 3 9 9 9 9 v1 n1 open",
         ],
     );

@@ -184,10 +184,10 @@ impl Acc {
 struct Series {
     /// Windows not yet final, by open time.
     windows: VecDeque<Acc>,
-    /// Open times of the empty candles published and not yet final, in order:
-    /// published again when a late trade changes the close they carry.
+    /// Open time and carried close of the empty candles published and not yet
+    /// final, in order: published again when a late trade changes that close.
     #[serde(default)]
-    filled: VecDeque<i64>,
+    filled: VecDeque<(i64, i128)>,
     /// Open time and close of the newest window published so far, for filling
     /// gaps.
     last_published: Option<(i64, i128)>,
@@ -659,7 +659,7 @@ impl<'a> Target<'a> {
                 let mut empty = Acc::empty(open, close);
                 empty.ingest_time = ingest_time;
                 self.emit(&empty, true, out);
-                series.filled.push_back(open);
+                series.filled.push_back((open, close));
                 series.last_published = Some((open, close));
                 open += len;
             }
@@ -679,16 +679,19 @@ impl<'a> Target<'a> {
 
     /// After window `i` was published behind the newest published window (a
     /// correction, or a window a late trade opened in a filled gap), publishes
-    /// again the empty candles between it and the next window with trades:
-    /// their open, high, low and close are its close, which may have changed.
+    /// again the empty candles between it and the next window with trades
+    /// whose close was another: their open, high, low and close are its close.
     fn refill(&self, series: &mut Series, i: usize, out: &mut Vec<Output<Bar>>) {
         let w = series.windows[i];
         let next = series.windows.get(i + 1).map_or(i64::MAX, |n| n.open_time);
         let after = |o: i64| w.open_time < o && o < next;
-        for &open in series.filled.iter().filter(|&&o| after(o)) {
-            let mut empty = Acc::empty(open, w.close);
-            empty.ingest_time = w.ingest_time;
-            self.emit(&empty, true, out);
+        for (open, close) in series.filled.iter_mut().filter(|(o, _)| after(*o)) {
+            if *close != w.close {
+                *close = w.close;
+                let mut empty = Acc::empty(*open, w.close);
+                empty.ingest_time = w.ingest_time;
+                self.emit(&empty, true, out);
+            }
         }
         if let Some((o, close)) = &mut series.last_published {
             if after(*o) {
@@ -747,7 +750,7 @@ fn emit_ready(
         }
         series.windows.pop_front();
     }
-    while series.filled.front().is_some_and(|&o| o + len <= watermark) {
+    while series.filled.front().is_some_and(|&(o, _)| o + len <= watermark) {
         series.filled.pop_front();
     }
 }
