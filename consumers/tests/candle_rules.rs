@@ -297,6 +297,29 @@ fn sums_beyond_28_digits_are_reported_not_rounded() {
 }
 
 #[test]
+fn a_lateness_raised_at_a_restore_reopens_no_final_window() {
+    let mut b = CandleBuilder::new(cfg(&["1s"], 1, true));
+    let mut out = Vec::new();
+    for tr in [
+        t("A", 0.5, 1, "10", "1", false),
+        t("A", 0.7, 2, "11", "1", false),
+        t("A", 3.5, 3, "12", "1", false),
+    ] {
+        b.push(&tr, &mut out);
+    }
+    // Window 0 is final (watermark 2.5 s); with a lateness of 5 s it would not be.
+    let mut b = CandleBuilder::restore(cfg(&["1s"], 5, true), &b.snapshot()).unwrap();
+    let mut out = Vec::new();
+    b.push(&t("A", 0.9, 4, "9", "1", false), &mut out);
+    let out: Vec<Output> = out.into_iter().map(|o| b.resolve(o)).collect();
+    assert!(
+        matches!(out.as_slice(), [Output::Late { trade, .. }] if trade.trade_id == 4),
+        "{out:?}"
+    );
+    assert_eq!(b.watermark("binance", "A"), Some(2_500_000));
+}
+
+#[test]
 fn a_restored_snapshot_continues_exactly() {
     let trades = [
         t("A", 0.5, 1, "10", "1", false),

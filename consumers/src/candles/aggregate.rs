@@ -188,6 +188,10 @@ struct Series {
     /// final, in order: published again when a late trade changes that close.
     #[serde(default)]
     filled: VecDeque<(i64, i128)>,
+    /// Open time of the newest final window, as snapshots of earlier releases
+    /// recorded it (read on restore into the symbol's watermark, not written).
+    #[serde(default, skip_serializing)]
+    final_upto: Option<i64>,
     /// Open time and close of the newest window published so far, for filling
     /// gaps.
     last_published: Option<(i64, i128)>,
@@ -196,12 +200,20 @@ struct Series {
     current: (i64, i64),
 }
 
+fn no_watermark() -> i64 {
+    i64::MIN
+}
+
 #[derive(Debug, Serialize, Deserialize)]
 struct SymbolState {
     venue: String,
     symbol: String,
     /// Largest event time seen.
     max_event: i64,
+    /// The largest watermark so far: a window it passed stays final even if a
+    /// restore raises the allowed lateness.
+    #[serde(default = "no_watermark")]
+    watermark: i64,
     /// Source of the latest trade, carried into the candles.
     #[serde(with = "source_symbol")]
     source: Source,
@@ -209,6 +221,19 @@ struct SymbolState {
     /// Trades not yet added to the series (see [`Run`]).
     #[serde(default)]
     run: Option<Run>,
+}
+
+impl SymbolState {
+    /// The watermark after the largest event time seen: that time minus the
+    /// lateness, never behind an earlier one.
+    fn advance_watermark(&mut self, lateness: i64) -> i64 {
+        self.watermark = self.watermark.max(self.max_event.saturating_sub(lateness));
+        self.watermark
+    }
+
+    fn current_watermark(&self, lateness: i64) -> i64 {
+        self.watermark.max(self.max_event.saturating_sub(lateness))
+    }
 }
 
 /// A run of trades that all fall in the newest window of every interval.
@@ -261,7 +286,7 @@ impl CandleBuilder {
     /// The watermark of a symbol: its largest event time minus the lateness.
     pub fn watermark(&self, venue: &str, symbol: &str) -> Option<i64> {
         self.find(venue, symbol)
-            .map(|i| self.symbols[i].max_event.saturating_sub(self.config.allowed_lateness))
+            .map(|i| self.symbols[i].current_watermark(self.config.allowed_lateness))
     }
 
     fn find(&self, venue: &str, symbol: &str) -> Option<usize> {
@@ -288,6 +313,7 @@ impl CandleBuilder {
                     venue: trade.venue.clone(),
                     symbol: trade.symbol.clone(),
                     max_event: i64::MIN,
+                    watermark: i64::MIN,
                     source: trade.source,
                     series: self.config.intervals.iter().map(|_| Series::default()).collect(),
                     run: None,
@@ -303,7 +329,7 @@ impl CandleBuilder {
     pub fn min_watermark(&self) -> Option<i64> {
         self.symbols
             .iter()
-            .map(|s| s.max_event.saturating_sub(self.config.allowed_lateness))
+            .map(|s| s.current_watermark(self.config.allowed_lateness))
             .min()
     }
 
@@ -330,7 +356,12 @@ impl CandleBuilder {
             ));
         }
         let mut builder = CandleBuilder::new(config);
-        for (i, s) in snap.symbols.into_iter().enumerate() {
+        for (i, mut s) in snap.symbols.into_iter().enumerate() {
+            for (series, interval) in s.series.iter_mut().zip(&builder.config.intervals) {
+                if let Some(f) = series.final_upto.take() {
+                    s.watermark = s.watermark.max(f + interval.micros());
+                }
+            }
             builder.index.entry(s.symbol.clone()).or_default().push(i);
             builder.symbols.push(s);
         }
@@ -438,7 +469,7 @@ impl CandleBuilder {
         }
         end_run(&self.config, si, state, out);
         state.max_event = state.max_event.max(t);
-        let watermark = state.max_event.saturating_sub(lateness);
+        let watermark = state.advance_watermark(lateness);
         let mut run = self.runs.then_some(Run {
             lo: i64::MIN,
             hi: i64::MAX,
@@ -591,7 +622,7 @@ fn end_run(config: &CandleConfig, si: usize, state: &mut SymbolState, out: &mut 
         return;
     }
     let fill = config.fill_empty.then_some(config.max_fill);
-    let watermark = state.max_event.saturating_sub(config.allowed_lateness);
+    let watermark = state.advance_watermark(config.allowed_lateness);
     for (k, interval) in config.intervals.iter().enumerate() {
         let series = &mut state.series[k];
         // The window exists: the run's first trade made it, and the watermark
@@ -848,6 +879,51 @@ mod tests {
             }
         }
         (windows, late)
+    }
+
+    /// A snapshot of an earlier release (no `watermark`, no `filled`, the
+    /// newest final window as `final_upto`) keeps that window final when
+    /// restored with a larger lateness.
+    #[test]
+    fn an_earlier_snapshot_keeps_its_final_windows() {
+        let config = |lateness_s: i64| CandleConfig {
+            intervals: vec!["1s".parse().unwrap()],
+            allowed_lateness: lateness_s * 1_000_000,
+            fill_empty: true,
+            max_fill: 100,
+        };
+        let trade = |id: i64, micros: i64| Trade {
+            venue: "binance".into(),
+            symbol: "A".into(),
+            kind: TradeKind::Trade,
+            trade_id: id,
+            price: Decimal::new(10 + id, 0),
+            quantity: Decimal::ONE,
+            buyer_is_maker: false,
+            first_trade_id: None,
+            last_trade_id: None,
+            source: Source::Simulator,
+            event_time: micros,
+            ingest_time: 0,
+        };
+        let mut b = CandleBuilder::new(config(1));
+        let mut out = Vec::new();
+        for t in [trade(1, 500_000), trade(2, 3_500_000)] {
+            b.push(&t, &mut out);
+        }
+        let mut snap: serde_json::Value = serde_json::from_slice(&b.snapshot()).unwrap();
+        for symbol in snap["symbols"].as_array_mut().unwrap() {
+            symbol.as_object_mut().unwrap().remove("watermark");
+            for series in symbol["series"].as_array_mut().unwrap() {
+                let series = series.as_object_mut().unwrap();
+                series.remove("filled");
+                series.insert("final_upto".into(), 0.into());
+            }
+        }
+        let mut b = CandleBuilder::restore(config(5), &serde_json::to_vec(&snap).unwrap()).unwrap();
+        let mut out = Vec::new();
+        b.push(&trade(3, 900_000), &mut out);
+        assert!(matches!(out.as_slice(), [Output::Late { .. }]), "{out:?}");
     }
 
     proptest! {
