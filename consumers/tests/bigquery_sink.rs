@@ -132,7 +132,6 @@ async fn stored_trades(bq: &BigQuery, dataset: &str, from: &str) -> Vec<(String,
     .collect()
 }
 
-/// Publishes records and returns the next offset of each partition touched.
 /// Fresh topics (all entities, 3 partitions) under a prefix, and a dataset
 /// name, both from `name`.
 async fn setup(name: &str) -> (String, String) {
@@ -143,14 +142,15 @@ async fn setup(name: &str) -> (String, String) {
     (prefix, stack::unique_name(name))
 }
 
-/// Trades as (key, single-object payload) records.
-fn encoded(codec: &Codec, trades: &[Trade]) -> Vec<(String, Vec<u8>)> {
-    trades
+/// Records as (key, single-object payload).
+fn encoded<R: Record>(codec: &Codec, records: &[R]) -> Vec<(String, Vec<u8>)> {
+    records
         .iter()
-        .map(|t| (t.key(), codec.encode(t).expect("encode")))
+        .map(|r| (r.key(), codec.encode(r).expect("encode")))
         .collect()
 }
 
+/// Publishes records and returns the next offset of each partition touched.
 async fn publish(producer: &FutureProducer, topic: &str, records: &[(String, Vec<u8>)]) -> BTreeMap<i32, i64> {
     let mut pending = Vec::with_capacity(records.len());
     for (key, payload) in records {
@@ -343,11 +343,7 @@ async fn candles_latest_holds_the_newest_version_of_each_candle() {
         candle(minute, CandleOrigin::Aggregated, 12, 3, true),
         candle(minute + 60_000_000, CandleOrigin::Aggregated, 14, 1, false),
     ];
-    let records: Vec<(String, Vec<u8>)> = versions
-        .iter()
-        .map(|c| (c.key(), codec.encode(c).expect("encode")))
-        .collect();
-    publish(&producer, &Topic::Candles.name(&prefix), &records).await;
+    publish(&producer, &Topic::Candles.name(&prefix), &encoded(&codec, &versions)).await;
 
     let mut config = config(&prefix, &dataset);
     config.topics = vec![Topic::Candles, Topic::DeadLetters];

@@ -58,6 +58,21 @@ fn repair_refused_for_100_s() -> RestFault {
     }
 }
 
+/// Asserts that `trades` under `prefix` holds every id from `first` to `last`
+/// once.
+fn assert_every_id_once(prefix: &str, first: i64, last: i64) {
+    let mut ids: Vec<i64> = common::trades(&stack::kafka_brokers(), prefix)
+        .iter()
+        .map(|t| t.trade_id)
+        .collect();
+    ids.sort_unstable();
+    let (missing, repeated) = common::id_discrepancies(&ids, first, last);
+    assert!(
+        missing.is_empty() && repeated.is_empty(),
+        "missing {missing:?}, repeated {repeated:?}"
+    );
+}
+
 /// The producer running in this process until stopped.
 struct Producer {
     metrics: Metrics,
@@ -153,16 +168,7 @@ async fn every_trade_id_exactly_once_through_disconnects_gaps_and_rollover() {
         .await;
     let metrics = producer.stop().await;
 
-    let mut ids: Vec<i64> = common::trades(&stack::kafka_brokers(), &prefix)
-        .iter()
-        .map(|t| t.trade_id)
-        .collect();
-    ids.sort_unstable();
-    let (missing, repeated) = common::id_discrepancies(&ids, first, last);
-    assert!(
-        missing.is_empty() && repeated.is_empty(),
-        "missing {missing:?}, repeated {repeated:?}"
-    );
+    assert_every_id_once(&prefix, first, last);
 
     // What happened on the way, as the metrics tell it.
     assert!(total(&metrics.gaps) >= 2, "the drop and the skipped ids are gaps");
@@ -275,16 +281,7 @@ async fn trades_a_full_repair_queue_does_not_hold_come_back_with_the_next_repair
         .await;
     let metrics = producer.stop().await;
 
-    let mut ids: Vec<i64> = common::trades(&stack::kafka_brokers(), &prefix)
-        .iter()
-        .map(|t| t.trade_id)
-        .collect();
-    ids.sort_unstable();
-    let (missing, repeated) = common::id_discrepancies(&ids, first, last);
-    assert!(
-        missing.is_empty() && repeated.is_empty(),
-        "missing {missing:?}, repeated {repeated:?}"
-    );
+    assert_every_id_once(&prefix, first, last);
     assert_eq!(total(&metrics.unrepaired), 0);
     assert!(total(&metrics.gaps) >= 2, "the withheld ids, then the trades not held");
     // Only the 100 withheld ids if the queue had held everything the socket

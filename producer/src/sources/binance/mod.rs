@@ -278,11 +278,11 @@ async fn run_ws(config: BinanceConfig, publisher: Publisher, mut stop: Stop) -> 
         shared: LaneShared {
             rest: config.gap_repair.then(|| rest.clone()),
             budget: Duration::from_secs(config.repair_budget_secs.max(1)),
-            queue: config.repair_queue.max(1),
             venue: config.venue.clone(),
             publisher: publisher.clone(),
             stop: stop.clone(),
         },
+        queue: config.repair_queue.max(1),
         lanes: HashMap::new(),
         tasks: JoinSet::new(),
     };
@@ -438,8 +438,6 @@ struct LaneShared {
     rest: Option<Arc<BinanceRest>>,
     /// The repair budget per minute.
     budget: Duration,
-    /// Trades a lane holds before newer ones are left to its next repair.
-    queue: usize,
     venue: String,
     publisher: Publisher,
     stop: Stop,
@@ -458,6 +456,8 @@ struct Lane {
 /// any trade the socket missed, the lane's next repair fetches it over REST.
 struct Lanes {
     shared: LaneShared,
+    /// Trades a lane holds before newer ones are left to its next repair.
+    queue: usize,
     lanes: HashMap<(String, TradeKind), Lane>,
     tasks: JoinSet<()>,
 }
@@ -467,7 +467,7 @@ impl Lanes {
         let key = (t.trade.symbol.clone(), t.trade.kind);
         let (shared, tasks) = (&self.shared, &mut self.tasks);
         let lane = self.lanes.entry(key).or_insert_with(|| {
-            let (tx, rx) = mpsc::channel(shared.queue);
+            let (tx, rx) = mpsc::channel(self.queue);
             tasks.spawn(lane(rx, shared.clone()));
             Lane { tx, full: false }
         });
@@ -477,7 +477,7 @@ impl Lanes {
                 if !lane.full {
                     tracing::warn!(
                         symbol = %t.trade.symbol,
-                        queued = shared.queue,
+                        queued = self.queue,
                         "trades queue behind a gap repair; newer ones are left to the next repair"
                     );
                 }
@@ -503,7 +503,6 @@ async fn lane(mut rx: mpsc::Receiver<LiveTrade>, shared: LaneShared) {
     let LaneShared {
         rest,
         budget,
-        queue: _,
         venue,
         publisher,
         mut stop,
