@@ -293,6 +293,64 @@ async fn trades_a_full_repair_queue_does_not_hold_come_back_with_the_next_repair
     );
 }
 
+/// A stop while trades wait for a repair that does not come (a 429 whose
+/// Retry-After is 100 s) and the queue (`repair_queue` 300) is full: the queued
+/// trades are published, and the ids after them, which nothing newer reveals
+/// as a gap, are counted as unrepaired with the withheld ones. Every id of the
+/// recording is published once or counted, none both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trades_left_to_a_repair_at_a_stop_are_counted_as_unrepaired() {
+    let Some(file) = capture() else { return };
+    let recorded = real::ws_capture_trades(&file, "binance");
+    let (first, last) = (recorded[0].trade_id, recorded[recorded.len() - 1].trade_id);
+    assert_eq!(recorded.len() as i64, last - first + 1, "the recording has no gaps");
+    let messages: Vec<String> = capture_messages(&file)
+        .into_iter()
+        .filter(|m| m.starts_with(TRADE_FRAME))
+        .collect();
+    let withheld = first + 1000..=first + 1099;
+    let script = BinanceScript {
+        messages,
+        rate: 0,
+        rest_faults: vec![repair_refused_for_100_s()],
+        ..BinanceScript::default()
+    }
+    .without_trades("BTCUSDT", withheld.clone());
+    let fake = FakeBinance::start(script).await;
+    let (prefix, mut config) = live_config("binance_stop_full", &fake);
+    config.binance.repair_queue = 300;
+    config.binance.repair_budget_secs = 90;
+    let producer = Producer::start(config);
+    let frames = recorded.len() as u64 - 100;
+    wait_for("every frame to arrive", Duration::from_secs(60), || {
+        total(&producer.metrics.received) >= frames
+    })
+    .await;
+    assert_eq!(total(&producer.metrics.unrepaired), 0, "the repair still waits");
+    let metrics = producer.stop().await;
+
+    let mut ids: Vec<i64> = common::trades(&stack::kafka_brokers(), &prefix)
+        .iter()
+        .map(|t| t.trade_id)
+        .collect();
+    ids.sort_unstable();
+    assert_eq!(total(&metrics.backfilled), 0);
+    // Published: the ids before the gap and a run after it (the queue and
+    // the trade in the lane's hand); counted: the withheld ids and the rest.
+    let newest = *ids.last().expect("trades");
+    let expected: Vec<i64> = (first..*withheld.start()).chain(withheld.end() + 1..=newest).collect();
+    assert_eq!(
+        ids, expected,
+        "once each: the ids before the gap and those queued after it"
+    );
+    assert!(newest < last, "the queue filled");
+    assert_eq!(
+        total(&metrics.unrepaired),
+        (last - newest) as u64 + 100,
+        "every id not published is counted"
+    );
+}
+
 /// A trade Binance leaves out of its klines (here `X: "NA"`) arrives in place
 /// of a real one: it is a dead letter, and its id counts as seen, so the next
 /// trade is no gap and nothing is fetched over REST for it.

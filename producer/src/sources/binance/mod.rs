@@ -447,6 +447,10 @@ struct Lane {
     tx: mpsc::Sender<LiveTrade>,
     /// The queue was full at the last trade (logged once per episode).
     full: bool,
+    /// The newest id queued.
+    queued: i64,
+    /// The newest id left to the next repair because the queue was full.
+    left: i64,
 }
 
 /// One task per (symbol, kind), started with its first trade, that sequences
@@ -469,11 +473,21 @@ impl Lanes {
         let lane = self.lanes.entry(key).or_insert_with(|| {
             let (tx, rx) = mpsc::channel(self.queue);
             tasks.spawn(lane(rx, shared.clone()));
-            Lane { tx, full: false }
+            Lane {
+                tx,
+                full: false,
+                queued: i64::MIN,
+                left: i64::MIN,
+            }
         });
+        let id = t.trade.trade_id;
         match lane.tx.try_send(t) {
-            Ok(()) => lane.full = false,
+            Ok(()) => {
+                lane.full = false;
+                lane.queued = lane.queued.max(id);
+            }
             Err(mpsc::error::TrySendError::Full(t)) => {
+                lane.left = lane.left.max(id);
                 if !lane.full {
                     tracing::warn!(
                         symbol = %t.trade.symbol,
@@ -489,8 +503,24 @@ impl Lanes {
     }
 
     /// Closes the queues and waits until the lanes have published what they
-    /// hold.
+    /// hold. Ids after a lane's newest queued trade that were left to a
+    /// repair that will not come are counted as unrepaired (nothing newer
+    /// reveals them as a gap).
     async fn finish(self) {
+        let metrics = self.shared.publisher.metrics();
+        for ((symbol, _), lane) in &self.lanes {
+            if lane.left > lane.queued {
+                let missing = lane.left.abs_diff(lane.queued);
+                metrics.unrepaired.with_label_values(&[symbol]).inc_by(missing);
+                tracing::error!(
+                    symbol = %symbol,
+                    from = lane.queued.saturating_add(1),
+                    to = lane.left,
+                    missing,
+                    "trades left to a repair when the producer stopped are not published"
+                );
+            }
+        }
         drop(self.lanes);
         let mut tasks = self.tasks;
         while tasks.join_next().await.is_some() {}
