@@ -11,7 +11,7 @@
 mod common;
 
 use std::ops::Range;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use tickpipe_producer::config::Config;
@@ -58,15 +58,28 @@ fn repair_refused_for_100_s() -> RestFault {
     }
 }
 
-/// Asserts that `trades` under `prefix` holds every id from `first` to `last`
-/// once.
-fn assert_every_id_once(prefix: &str, first: i64, last: i64) {
+/// The trade frames of the capture.
+fn trade_frames(file: &Path) -> Vec<String> {
+    capture_messages(file)
+        .into_iter()
+        .filter(|m| m.starts_with(TRADE_FRAME))
+        .collect()
+}
+
+/// The ids in `trades` under `prefix`, sorted.
+fn sorted_ids(prefix: &str) -> Vec<i64> {
     let mut ids: Vec<i64> = common::trades(&stack::kafka_brokers(), prefix)
         .iter()
         .map(|t| t.trade_id)
         .collect();
     ids.sort_unstable();
-    let (missing, repeated) = common::id_discrepancies(&ids, first, last);
+    ids
+}
+
+/// Asserts that `trades` under `prefix` holds every id from `first` to `last`
+/// once.
+fn assert_every_id_once(prefix: &str, first: i64, last: i64) {
+    let (missing, repeated) = common::id_discrepancies(&sorted_ids(prefix), first, last);
     assert!(
         missing.is_empty() && repeated.is_empty(),
         "missing {missing:?}, repeated {repeated:?}"
@@ -94,6 +107,14 @@ impl Producer {
     async fn wait_published(&self, what: &str, secs: u64, want: u64) {
         let published = self.metrics.published.with_label_values(&["trades"]);
         wait_for(what, Duration::from_secs(secs), || published.get() >= want).await;
+    }
+
+    /// Waits until at least `frames` frames have arrived.
+    async fn wait_received(&self, frames: u64) {
+        wait_for("every frame to arrive", Duration::from_secs(60), || {
+            total(&self.metrics.received) >= frames
+        })
+        .await;
     }
 
     /// Stops it the way SIGTERM does and expects a clean stop; returns its metrics.
@@ -252,10 +273,7 @@ async fn trades_a_full_repair_queue_does_not_hold_come_back_with_the_next_repair
     let Some(file) = capture() else { return };
     let recorded = real::ws_capture_trades(&file, "binance");
     let (first, last) = (recorded[0].trade_id, recorded[recorded.len() - 1].trade_id);
-    let messages: Vec<String> = capture_messages(&file)
-        .into_iter()
-        .filter(|m| m.starts_with(TRADE_FRAME))
-        .collect();
+    let messages = trade_frames(&file);
     let n = messages.len();
     let script = BinanceScript {
         messages,
@@ -304,10 +322,7 @@ async fn trades_left_to_a_repair_at_a_stop_are_counted_as_unrepaired() {
     let recorded = real::ws_capture_trades(&file, "binance");
     let (first, last) = (recorded[0].trade_id, recorded[recorded.len() - 1].trade_id);
     assert_eq!(recorded.len() as i64, last - first + 1, "the recording has no gaps");
-    let messages: Vec<String> = capture_messages(&file)
-        .into_iter()
-        .filter(|m| m.starts_with(TRADE_FRAME))
-        .collect();
+    let messages = trade_frames(&file);
     let withheld = first + 1000..=first + 1099;
     let script = BinanceScript {
         messages,
@@ -321,19 +336,11 @@ async fn trades_left_to_a_repair_at_a_stop_are_counted_as_unrepaired() {
     config.binance.repair_queue = 300;
     config.binance.repair_budget_secs = 90;
     let producer = Producer::start(config);
-    let frames = recorded.len() as u64 - 100;
-    wait_for("every frame to arrive", Duration::from_secs(60), || {
-        total(&producer.metrics.received) >= frames
-    })
-    .await;
+    producer.wait_received(recorded.len() as u64 - 100).await;
     assert_eq!(total(&producer.metrics.unrepaired), 0, "the repair still waits");
     let metrics = producer.stop().await;
 
-    let mut ids: Vec<i64> = common::trades(&stack::kafka_brokers(), &prefix)
-        .iter()
-        .map(|t| t.trade_id)
-        .collect();
-    ids.sort_unstable();
+    let ids = sorted_ids(&prefix);
     assert_eq!(total(&metrics.backfilled), 0);
     // Published: the ids before the gap and a run after it (the queue and
     // the trade in the lane's hand); counted: the withheld ids and the rest.
@@ -466,11 +473,9 @@ async fn a_repair_holds_up_only_its_own_symbol() {
         "the ping was answered during the repair"
     );
     // Every frame has arrived (the BTCUSDT ones wait in their lane): stop.
-    let frames = (btc_trades.len() + eth_trades.len()) as u64 - 100;
-    wait_for("every frame to arrive", Duration::from_secs(60), || {
-        total(&producer.metrics.received) >= frames
-    })
-    .await;
+    producer
+        .wait_received((btc_trades.len() + eth_trades.len()) as u64 - 100)
+        .await;
     let metrics = producer.stop().await;
     assert_eq!(total(&metrics.unrepaired), 100, "the withheld ids");
     assert_eq!(total(&metrics.gaps), 1);
