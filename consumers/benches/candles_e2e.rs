@@ -108,6 +108,8 @@ async fn main() {
         group: "bench-candles".into(),
         batch_max: 10_000,
         batch_wait: Duration::from_millis(50),
+        // The binary's default.
+        state_interval: Duration::from_secs(5),
         partitions: 3,
         replication: 1,
         metrics_addr: None,

@@ -15,7 +15,7 @@ use tickpipe_consumers::candles::{CandleBuilder, CandleConfig, Output};
 use tickpipe_consumers::kafka::consumer_config;
 use tickpipe_producer::kafka::{ensure_topics, ensure_topics_configured, producer_config};
 use tickpipe_schemas::{Candle, Codec, Record, Topic, Trade, WriteFraming};
-use tickpipe_testkit::{real, stack};
+use tickpipe_testkit::{kafka, real, stack};
 
 type Key = (String, i64);
 
@@ -148,6 +148,8 @@ fn service_config(prefix: &str, group: &str) -> ServiceConfig {
         group: group.to_owned(),
         batch_max: 1000,
         batch_wait: Duration::from_millis(100),
+        // Longer than the test: the state is stored once, when it stops.
+        state_interval: Duration::from_secs(3600),
         partitions: 3,
         replication: 1,
         metrics_addr: None,
@@ -182,11 +184,26 @@ async fn publishes_what_the_pure_builder_makes() {
     stop.send(()).unwrap();
     service.await.unwrap().unwrap();
     reader.check(&expected);
+    let state_topic = format!("{prefix}candles-state");
     assert_eq!(
-        state_topic_cleanup(&brokers, &format!("{prefix}candles-state")).await,
+        state_topic_cleanup(&brokers, &state_topic).await,
         "compact",
         "the state topic keeps only the newest snapshot per key"
     );
+    // Many batches, one snapshot: the state is stored at the interval (here
+    // longer than the run) and when the service stops, not after every batch.
+    // It holds the position after the last trade (one symbol: one partition,
+    // offsets 0 to n - 1).
+    let written: Vec<(String, i64)> = kafka::read_topic(&brokers, &state_topic)
+        .into_iter()
+        .map(|(key, value)| {
+            let next = i64::from_be_bytes(value[..8].try_into().unwrap());
+            (String::from_utf8(key).unwrap(), next)
+        })
+        .collect();
+    assert_eq!(written.len(), 1, "{written:?}");
+    assert!(written[0].0.starts_with("trades-"), "{written:?}");
+    assert_eq!(written[0].1, published.len() as i64, "{written:?}");
     assert_eq!(
         expected.len(),
         3_560 + 712 - 1 - 1,
@@ -289,6 +306,8 @@ fn spawn_service(prefix: &str, metrics: Option<SocketAddr>) -> Service {
         .env("TICKPIPE_CANDLES_ALLOWED_LATENESS_MS", "0")
         .env("TICKPIPE_CANDLES_BATCH_MAX", "150")
         .env("TICKPIPE_CANDLES_BATCH_WAIT_MS", "20")
+        // Several batches per snapshot: a kill replays more than one batch.
+        .env("TICKPIPE_CANDLES_STATE_INTERVAL_MS", "100")
         .env("TICKPIPE_CANDLES_METRICS_ADDR", metrics)
         .env("RUST_LOG", "warn")
         .spawn()

@@ -191,6 +191,7 @@ async fn the_services_export_exactly_the_metrics_contract() {
             group: format!("{prefix}candles"),
             batch_max: 1000,
             batch_wait: Duration::from_millis(100),
+            state_interval: Duration::from_secs(1),
             partitions: 3,
             replication: 1,
             metrics_addr: Some(addrs["candles"]),

@@ -14,7 +14,7 @@ use tickpipe_producer::service;
 use tickpipe_producer::sources::binance::backfill::BackfillJob;
 use tickpipe_schemas::{Candle, CandleOrigin};
 use tickpipe_testkit::exchange::{BinanceScript, FakeBinance, RestFault};
-use tickpipe_testkit::stack;
+use tickpipe_testkit::{kafka, stack};
 
 /// A REST kline row (12 values, as `/api/v3/klines` answers) from a CSV row's
 /// open time (ms), open/high/low/close/volume and the interval's length (ms);
@@ -102,10 +102,7 @@ async fn history_in_pages_resumes_without_repeating() {
         .expect("rerun");
     assert_eq!(again, 0);
 
-    let candles: Vec<Candle> = common::decode(&common::read_topic(
-        &stack::kafka_brokers(),
-        &format!("{prefix}candles"),
-    ));
+    let candles: Vec<Candle> = common::decode(&kafka::read_topic(&stack::kafka_brokers(), &format!("{prefix}candles")));
     assert_eq!(candles.len(), n);
     let first = candles.iter().min_by_key(|c| c.open_time).expect("candles");
     // Binance's first BTCUSDT daily candle, exactly.
@@ -229,10 +226,7 @@ async fn outages_are_reported_as_gaps_across_runs_and_never_filled() {
     }
 
     // Nothing invented: the topic holds exactly the exchange's klines.
-    let candles: Vec<Candle> = common::decode(&common::read_topic(
-        &stack::kafka_brokers(),
-        &format!("{prefix}candles"),
-    ));
+    let candles: Vec<Candle> = common::decode(&kafka::read_topic(&stack::kafka_brokers(), &format!("{prefix}candles")));
     let opens: std::collections::BTreeSet<i64> = candles.iter().map(|c| c.open_time / 1000).collect();
     let want: std::collections::BTreeSet<i64> = rows.iter().map(open).collect();
     assert_eq!((candles.len(), opens), (rows.len(), want));
@@ -304,10 +298,7 @@ async fn an_outage_ends_a_single_run_and_the_daily_mode_repeats_it() {
     let published = running.await.expect("join").expect("the daily job stops cleanly");
     assert_eq!(published as usize, n - 1000, "all but the single run's first page");
     assert_eq!(failures(&metrics), 1);
-    let candles: Vec<Candle> = common::decode(&common::read_topic(
-        &stack::kafka_brokers(),
-        &format!("{prefix}candles"),
-    ));
+    let candles: Vec<Candle> = common::decode(&kafka::read_topic(&stack::kafka_brokers(), &format!("{prefix}candles")));
     let opens: std::collections::BTreeSet<i64> = candles.iter().map(|c| c.open_time).collect();
     assert_eq!((candles.len(), opens.len()), (n, n), "every kline once");
     std::fs::remove_dir_all(&job.state_dir).ok();
@@ -384,7 +375,7 @@ async fn a_page_kafka_refuses_is_published_again_not_skipped() {
         .await
         .expect("the rerun");
     assert_eq!(again as usize, n, "the rerun starts before the refused page");
-    let candles: Vec<Candle> = common::decode(&common::read_topic(
+    let candles: Vec<Candle> = common::decode(&kafka::read_topic(
         &cluster.bootstrap_servers(),
         &format!("{prefix}candles"),
     ));

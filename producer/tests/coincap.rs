@@ -13,7 +13,8 @@ use tickpipe_schemas::{Asset, Exchange, Market, Price};
 use tickpipe_testkit::exchange::{coincap_v2_lists, CoinCapScript, FakeCoinCap};
 use tickpipe_testkit::stack;
 
-use common::{decode, read_topic, wait_for};
+use common::{decode, wait_for};
+use tickpipe_testkit::kafka::read_topic;
 
 fn config(prefix: &str, fake: &FakeCoinCap, key: &str) -> Config {
     let mut c = common::local_config("coincap", prefix);

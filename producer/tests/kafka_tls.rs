@@ -17,6 +17,7 @@ use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use tickpipe_schemas::registry::{RegistryClient, RegistryConfig};
 use tickpipe_schemas::{Codec, Record, Trade, WriteFraming};
+use tickpipe_testkit::kafka;
 use tickpipe_testkit::registry::RegistryDouble;
 use tickpipe_testkit::stack::{self, ScratchBroker};
 use tickpipe_testkit::tls::{TestCa, TlsProxy};
@@ -44,7 +45,7 @@ fn librdkafka_carries_tls_sasl_and_every_codec() {
 }
 
 fn tls_consumer(brokers: &str, ca: Option<&std::path::Path>) -> BaseConsumer {
-    let mut c = common::reader_config(brokers);
+    let mut c = kafka::reader_config(brokers);
     c.set("security.protocol", "SSL");
     // `probe`: the system's store, as the services trust by default.
     let ca = ca.map_or("probe", |p| p.to_str().expect("utf-8 path"));
@@ -134,7 +135,7 @@ async fn the_producer_publishes_through_verified_tls_with_zstd() {
     let codec = Codec::new(WriteFraming::Confluent);
     let lookup = RegistryClient::new(RegistryConfig::new(registry.url.clone())).expect("client");
     let mut ids = Vec::new();
-    for (key, payload) in common::read_with(&consumer, &topic) {
+    for (key, payload) in kafka::read_with(&consumer, &topic) {
         let t: Trade = lookup.decode(&codec, &payload).await.expect("a trade");
         assert_eq!(key, t.key().as_bytes());
         ids.push(t.trade_id);

@@ -4,12 +4,14 @@
 //!   because no registry server can be installed on the project's machines.
 //! - [`exchange`]: local servers impersonating Binance and CoinCap, replaying
 //!   real recordings with scripted faults.
+//! - [`kafka`]: reading a topic back in full, to where each partition ends.
 //! - [`real`]: loaders for the recorded real market data, for tests and benches.
 //! - [`stack`]: where the local stack started by `deploy/local/stack.sh` listens,
 //!   and the real-data folder; a private PostgreSQL server (optionally TLS).
 //! - [`tls`]: a throwaway certificate authority and a TLS-terminating proxy.
 
 pub mod exchange;
+pub mod kafka;
 pub mod real;
 pub mod registry;
 pub mod stack;

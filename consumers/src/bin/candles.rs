@@ -45,6 +45,10 @@ struct Args {
     /// Longest wait for a batch to fill, in ms.
     #[arg(long, env = "TICKPIPE_CANDLES_BATCH_WAIT_MS", default_value_t = 200)]
     batch_wait_ms: u64,
+    /// Shortest time between two snapshots of the aggregation state, in ms
+    /// (0: after every batch). A crash replays the trades since the last one.
+    #[arg(long, env = "TICKPIPE_CANDLES_STATE_INTERVAL_MS", default_value_t = 5000)]
+    state_interval_ms: u64,
     /// Address of /metrics, /healthz and /readyz ("off" to disable).
     #[arg(long, env = "TICKPIPE_CANDLES_METRICS_ADDR", default_value = "127.0.0.1:9103")]
     metrics_addr: String,
@@ -68,6 +72,7 @@ async fn main() -> anyhow::Result<()> {
         group: args.group,
         batch_max: args.batch_max,
         batch_wait: Duration::from_millis(args.batch_wait_ms),
+        state_interval: Duration::from_millis(args.state_interval_ms),
         partitions: args.kafka.partitions,
         replication: args.kafka.replication,
         metrics_addr,

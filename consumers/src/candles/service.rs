@@ -2,16 +2,18 @@
 //!
 //! Delivery: every trade is counted exactly once across crashes. After each
 //! batch the service (1) produces the batch's candles and dead letters and waits
-//! for the broker's acknowledgement, (2) writes, per input partition, a snapshot
-//! of the builder and the next input offset to the state topic and waits again,
-//! (3) commits the group offsets for monitoring. At start it restores each
-//! partition's builder from the newest snapshot and resumes at the offset stored
-//! with it (the state topic, not the group offset, is the authority). A crash
-//! before (2) completes replays the batch from the previous snapshot: the same
-//! trades build the same candles, so the topic may hold a candle version twice,
-//! identical, and consumers that upsert by candle identity see it once. No
-//! broker transactions are needed, so this works on brokers without them
-//! (tansu).
+//! for the broker's acknowledgement, (2) once `state_interval` has passed since
+//! the last time (and when it stops), writes, per input partition that moved, a
+//! snapshot of the builder and the next input offset to the state topic and
+//! waits again, (3) commits the group offsets for monitoring. At start it
+//! restores each partition's builder from the newest snapshot and resumes at
+//! the offset stored with it (the state topic, not the group offset, is the
+//! authority). A crash replays the trades after the last snapshot: a builder's
+//! outputs depend only on its partition's trades, in order, not on how they
+//! were batched, so the same trades build the same candles; the topic may hold
+//! a candle version twice, identical, and consumers that upsert by candle
+//! identity see it once. No broker transactions are needed, so this works on
+//! brokers without them (tansu).
 //!
 //! Input partitions are assigned to this process explicitly (all of them): one
 //! instance per state topic.
@@ -58,6 +60,10 @@ pub struct ServiceConfig {
     pub batch_max: usize,
     /// Longest wait for a batch to fill.
     pub batch_wait: Duration,
+    /// Shortest time between two state snapshots of a partition (zero: after
+    /// every batch). Longer means fewer state records, more trades replayed
+    /// after a crash.
+    pub state_interval: Duration,
     /// Partitions for topics this service creates.
     pub partitions: i32,
     /// Replication factor of the topics it creates when they are missing.
@@ -350,6 +356,10 @@ pub async fn run(config: ServiceConfig, shutdown: impl Future<Output = ()>) -> R
     let mut stopping = false;
     let mut bars = Vec::new();
     let mut outputs = Vec::new();
+    // Next input offsets whose trades are counted in a builder but not yet in
+    // a stored snapshot, and when the state was last stored.
+    let mut unsaved: HashMap<i32, i64> = HashMap::new();
+    let mut saved_at = tokio::time::Instant::now();
     while !stopping {
         // Collect one batch.
         let mut next_offsets: HashMap<i32, i64> = HashMap::new();
@@ -401,6 +411,10 @@ pub async fn run(config: ServiceConfig, shutdown: impl Future<Output = ()>) -> R
         if next_offsets.is_empty() {
             // Idle: the watermarks stand still and their lag grows.
             set_watermark_lag(&metrics.watermark_lag, &builders);
+            if saved_at.elapsed() >= config.state_interval {
+                write_state(&producer, &config, &builders, &mut unsaved).await?;
+                saved_at = tokio::time::Instant::now();
+            }
             continue;
         }
 
@@ -452,17 +466,12 @@ pub async fn run(config: ServiceConfig, shutdown: impl Future<Output = ()>) -> R
         }
         send_all(&producer, pending).await?;
 
-        // (2) The state that goes with those outputs.
-        let mut states = Vec::new();
-        for (p, next) in &next_offsets {
-            if let Some(b) = builders.get(p) {
-                let mut value = next.to_be_bytes().to_vec();
-                value.extend_from_slice(&b.snapshot());
-                states.push((config.state_topic(), state_key(*p), value));
-            }
+        // (2) The state that goes with those outputs, when it is due.
+        unsaved.extend(&next_offsets);
+        if stopping || saved_at.elapsed() >= config.state_interval {
+            write_state(&producer, &config, &builders, &mut unsaved).await?;
+            saved_at = tokio::time::Instant::now();
         }
-        send_all(&producer, states).await?;
-        tracing::debug!(?next_offsets, "candles: state written");
 
         // (3) Progress for lag monitoring.
         let mut commit = TopicPartitionList::new();
@@ -473,7 +482,37 @@ pub async fn run(config: ServiceConfig, shutdown: impl Future<Output = ()>) -> R
 
         set_watermark_lag(&metrics.watermark_lag, &builders);
     }
-    tracing::info!("candles: stopped after committing its last batch");
+    // A stop that came while idle: the trades since the last snapshot.
+    write_state(&producer, &config, &builders, &mut unsaved).await?;
+    tracing::info!("candles: stopped after storing its state");
+    Ok(())
+}
+
+/// Writes a snapshot of each builder in `unsaved` with its next input offset,
+/// waits for the acknowledgement, and empties `unsaved`. Call it only once the
+/// outputs of every trade the builders hold are acknowledged.
+async fn write_state(
+    producer: &rdkafka::producer::FutureProducer,
+    config: &ServiceConfig,
+    builders: &HashMap<i32, CandleBuilder>,
+    unsaved: &mut HashMap<i32, i64>,
+) -> Result<(), ServiceError> {
+    if unsaved.is_empty() {
+        return Ok(());
+    }
+    let topic = config.state_topic();
+    let states = unsaved
+        .iter()
+        .filter_map(|(p, next)| {
+            let b = builders.get(p)?;
+            let mut value = next.to_be_bytes().to_vec();
+            value.extend_from_slice(&b.snapshot());
+            Some((topic.clone(), state_key(*p), value))
+        })
+        .collect();
+    send_all(producer, states).await?;
+    tracing::debug!(?unsaved, "candles: state written");
+    unsaved.clear();
     Ok(())
 }
 

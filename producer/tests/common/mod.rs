@@ -3,16 +3,11 @@
 
 #![allow(dead_code)]
 
-use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::error::KafkaError;
-use rdkafka::message::Message;
-use rdkafka::{Offset, TopicPartitionList};
 use tickpipe_producer::config::Config;
 use tickpipe_schemas::{Codec, DeadLetter, Record, Trade, WriteFraming};
+use tickpipe_testkit::kafka::read_topic;
 use tickpipe_testkit::stack;
 
 /// The producer with `source` alone, publishing to the local broker under
@@ -26,61 +21,6 @@ pub fn local_config(source: &str, prefix: &str) -> Config {
     c.kafka.brokers = stack::kafka_brokers();
     c.kafka.topic_prefix = prefix.into();
     c
-}
-
-/// Every record of `topic` up to its current end, as (key, payload). The end
-/// is where each partition reports EOF: tansu's ListOffsets (watermarks) can
-/// report less than the log holds.
-pub fn read_topic(brokers: &str, topic: &str) -> Vec<(Vec<u8>, Vec<u8>)> {
-    let consumer: BaseConsumer = reader_config(brokers).create().expect("consumer");
-    read_with(&consumer, topic)
-}
-
-/// The settings of `read_topic`'s consumer, for a caller that adds its own
-/// (security, say) and reads with `read_with`.
-pub fn reader_config(brokers: &str) -> ClientConfig {
-    let mut c = ClientConfig::new();
-    c.set("bootstrap.servers", brokers)
-        .set("group.id", "tickpipe-test-reader")
-        .set("enable.auto.commit", "false")
-        .set("enable.partition.eof", "true");
-    c
-}
-
-/// `read_topic` with a consumer of the caller's (made from `reader_config`).
-pub fn read_with(consumer: &BaseConsumer, topic: &str) -> Vec<(Vec<u8>, Vec<u8>)> {
-    let md = consumer
-        .fetch_metadata(Some(topic), Duration::from_secs(10))
-        .expect("metadata");
-    let partitions: Vec<i32> = md.topics()[0].partitions().iter().map(|p| p.id()).collect();
-    assert!(!partitions.is_empty(), "topic {topic} has no partitions");
-    let mut tpl = TopicPartitionList::new();
-    for p in &partitions {
-        tpl.add_partition_offset(topic, *p, Offset::Beginning)
-            .expect("partition");
-    }
-    consumer.assign(&tpl).expect("assign");
-    let mut open: BTreeSet<i32> = partitions.into_iter().collect();
-    let mut out = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !open.is_empty() {
-        assert!(
-            Instant::now() < deadline,
-            "reading {topic} timed out, partitions left: {open:?}"
-        );
-        match consumer.poll(Duration::from_millis(200)) {
-            None => {}
-            Some(Ok(m)) => out.push((
-                m.key().unwrap_or_default().to_vec(),
-                m.payload().unwrap_or_default().to_vec(),
-            )),
-            Some(Err(KafkaError::PartitionEOF(p))) => {
-                open.remove(&p);
-            }
-            Some(Err(e)) => panic!("reading {topic}: {e}"),
-        }
-    }
-    out
 }
 
 /// Decodes payloads of one record type; panics on a payload that does not decode.
