@@ -17,6 +17,7 @@ use std::time::Duration;
 use tickpipe_producer::config::Config;
 use tickpipe_producer::metrics::Metrics;
 use tickpipe_producer::service::{self, ServiceError, Summary};
+use tickpipe_schemas::Trade;
 use tickpipe_testkit::exchange::{capture_messages, BinanceScript, FakeBinance, RestFault, WsFault};
 use tickpipe_testkit::{real, stack};
 
@@ -76,14 +77,22 @@ fn sorted_ids(prefix: &str) -> Vec<i64> {
     ids
 }
 
-/// Asserts that `trades` under `prefix` holds every id from `first` to `last`
-/// once.
-fn assert_every_id_once(prefix: &str, first: i64, last: i64) {
+/// Runs the producer until every recorded trade is acknowledged, stops it,
+/// and asserts that `trades` under `prefix` holds every id of the recording
+/// once; returns its metrics.
+async fn publish_every_id_once(config: Config, prefix: &str, recorded: &[Trade]) -> Metrics {
+    let producer = Producer::start(config);
+    producer
+        .wait_published("every recorded trade to be acknowledged", 120, recorded.len() as u64)
+        .await;
+    let metrics = producer.stop().await;
+    let (first, last) = (recorded[0].trade_id, recorded[recorded.len() - 1].trade_id);
     let (missing, repeated) = common::id_discrepancies(&sorted_ids(prefix), first, last);
     assert!(
         missing.is_empty() && repeated.is_empty(),
         "missing {missing:?}, repeated {repeated:?}"
     );
+    metrics
 }
 
 /// The producer running in this process until stopped.
@@ -183,13 +192,7 @@ async fn every_trade_id_exactly_once_through_disconnects_gaps_and_rollover() {
 
     let (prefix, mut config) = live_config("binance_ws", &fake);
     config.binance.watchdog_secs = 1;
-    let producer = Producer::start(config);
-    producer
-        .wait_published("every recorded trade to be acknowledged", 120, recorded.len() as u64)
-        .await;
-    let metrics = producer.stop().await;
-
-    assert_every_id_once(&prefix, first, last);
+    let metrics = publish_every_id_once(config, &prefix, &recorded).await;
 
     // What happened on the way, as the metrics tell it.
     assert!(total(&metrics.gaps) >= 2, "the drop and the skipped ids are gaps");
@@ -272,7 +275,7 @@ async fn a_repair_that_cannot_finish_gives_way_to_the_live_stream() {
 async fn trades_a_full_repair_queue_does_not_hold_come_back_with_the_next_repair() {
     let Some(file) = capture() else { return };
     let recorded = real::ws_capture_trades(&file, "binance");
-    let (first, last) = (recorded[0].trade_id, recorded[recorded.len() - 1].trade_id);
+    let first = recorded[0].trade_id;
     let messages = trade_frames(&file);
     let n = messages.len();
     let script = BinanceScript {
@@ -293,13 +296,7 @@ async fn trades_a_full_repair_queue_does_not_hold_come_back_with_the_next_repair
     let fake = FakeBinance::start(script).await;
     let (prefix, mut config) = live_config("binance_queue", &fake);
     config.binance.repair_queue = 300;
-    let producer = Producer::start(config);
-    producer
-        .wait_published("every recorded trade to be acknowledged", 120, recorded.len() as u64)
-        .await;
-    let metrics = producer.stop().await;
-
-    assert_every_id_once(&prefix, first, last);
+    let metrics = publish_every_id_once(config, &prefix, &recorded).await;
     assert_eq!(total(&metrics.unrepaired), 0);
     assert!(total(&metrics.gaps) >= 2, "the withheld ids, then the trades not held");
     // Only the 100 withheld ids if the queue had held everything the socket
