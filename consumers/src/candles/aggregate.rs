@@ -227,10 +227,11 @@ impl SymbolState {
     /// The watermark after the largest event time seen: that time minus the
     /// lateness, never behind an earlier one.
     fn advance_watermark(&mut self, lateness: i64) -> i64 {
-        self.watermark = self.watermark.max(self.max_event.saturating_sub(lateness));
+        self.watermark = self.current_watermark(lateness);
         self.watermark
     }
 
+    /// The watermark `advance_watermark` would set, without setting it.
     fn current_watermark(&self, lateness: i64) -> i64 {
         self.watermark.max(self.max_event.saturating_sub(lateness))
     }
