@@ -412,8 +412,7 @@ pub async fn run(config: ServiceConfig, shutdown: impl Future<Output = ()>) -> R
             // Idle: the watermarks stand still and their lag grows.
             set_watermark_lag(&metrics.watermark_lag, &builders);
             if saved_at.elapsed() >= config.state_interval {
-                write_state(&producer, &config, &builders, &mut unsaved).await?;
-                saved_at = tokio::time::Instant::now();
+                write_state(&producer, &config, &builders, &mut unsaved, &mut saved_at).await?;
             }
             continue;
         }
@@ -469,8 +468,7 @@ pub async fn run(config: ServiceConfig, shutdown: impl Future<Output = ()>) -> R
         // (2) The state that goes with those outputs, when it is due.
         unsaved.extend(&next_offsets);
         if stopping || saved_at.elapsed() >= config.state_interval {
-            write_state(&producer, &config, &builders, &mut unsaved).await?;
-            saved_at = tokio::time::Instant::now();
+            write_state(&producer, &config, &builders, &mut unsaved, &mut saved_at).await?;
         }
 
         // (3) Progress for lag monitoring.
@@ -483,36 +481,38 @@ pub async fn run(config: ServiceConfig, shutdown: impl Future<Output = ()>) -> R
         set_watermark_lag(&metrics.watermark_lag, &builders);
     }
     // A stop that came while idle: the trades since the last snapshot.
-    write_state(&producer, &config, &builders, &mut unsaved).await?;
+    write_state(&producer, &config, &builders, &mut unsaved, &mut saved_at).await?;
     tracing::info!("candles: stopped after storing its state");
     Ok(())
 }
 
 /// Writes a snapshot of each builder in `unsaved` with its next input offset,
-/// waits for the acknowledgement, and empties `unsaved`. Call it only once the
-/// outputs of every trade the builders hold are acknowledged.
+/// waits for the acknowledgement, empties `unsaved` and sets `saved_at` to now
+/// (also when there was nothing to write). Call it only once the outputs of
+/// every trade the builders hold are acknowledged.
 async fn write_state(
     producer: &rdkafka::producer::FutureProducer,
     config: &ServiceConfig,
     builders: &HashMap<i32, CandleBuilder>,
     unsaved: &mut HashMap<i32, i64>,
+    saved_at: &mut tokio::time::Instant,
 ) -> Result<(), ServiceError> {
-    if unsaved.is_empty() {
-        return Ok(());
+    if !unsaved.is_empty() {
+        let topic = config.state_topic();
+        let states = unsaved
+            .iter()
+            .filter_map(|(p, next)| {
+                let b = builders.get(p)?;
+                let mut value = next.to_be_bytes().to_vec();
+                value.extend_from_slice(&b.snapshot());
+                Some((topic.clone(), state_key(*p), value))
+            })
+            .collect();
+        send_all(producer, states).await?;
+        tracing::debug!(?unsaved, "candles: state written");
+        unsaved.clear();
     }
-    let topic = config.state_topic();
-    let states = unsaved
-        .iter()
-        .filter_map(|(p, next)| {
-            let b = builders.get(p)?;
-            let mut value = next.to_be_bytes().to_vec();
-            value.extend_from_slice(&b.snapshot());
-            Some((topic.clone(), state_key(*p), value))
-        })
-        .collect();
-    send_all(producer, states).await?;
-    tracing::debug!(?unsaved, "candles: state written");
-    unsaved.clear();
+    *saved_at = tokio::time::Instant::now();
     Ok(())
 }
 
