@@ -290,6 +290,50 @@ fn a_gap_longer_than_the_fill_limit_is_not_filled() {
 }
 
 #[test]
+fn a_late_trade_in_an_unfilled_gap_fills_the_sides_within_the_limit() {
+    let mut config = cfg(&["1s"], 3, true);
+    config.max_fill = 2;
+    // Seconds 1 to 4 are one gap of four, too long to fill. Trade 4, at second
+    // 3 and within the lateness, splits it into gaps of two and one, which
+    // candles in order would have filled: so does the late trade, from the
+    // close of second 0 although that window is final by then.
+    check(
+        config.clone(),
+        &[
+            t("A", 0.5, 1, "10", "1", false),
+            t("A", 5.5, 2, "11", "1", false),
+            t("A", 6.5, 3, "12", "1", false),
+            t("A", 3.2, 4, "13", "1", false),
+        ],
+        &[
+            "1s 0 10 10 10 10 v1 n1",
+            "1s 5 11 11 11 11 v1 n1",
+            "1s 3 13 13 13 13 v1 n1",
+            "1s 1 10 10 10 10 v0 n0",
+            "1s 2 10 10 10 10 v0 n0",
+            "1s 4 13 13 13 13 v0 n0",
+            "1s 6 12 12 12 12 v1 n1 open",
+        ],
+    );
+    // Before the first window there is nothing to fill from; after it, the
+    // gap to the next window is filled.
+    check(
+        config,
+        &[
+            t("A", 5.5, 1, "11", "1", false),
+            t("A", 6.5, 2, "12", "1", false),
+            t("A", 3.5, 3, "13", "1", false),
+        ],
+        &[
+            "1s 5 11 11 11 11 v1 n1",
+            "1s 3 13 13 13 13 v1 n1",
+            "1s 4 13 13 13 13 v0 n0",
+            "1s 6 12 12 12 12 v1 n1 open",
+        ],
+    );
+}
+
+#[test]
 fn sums_beyond_28_digits_are_reported_not_rounded() {
     // 99 x 9999999999.999999999999999999 = 989999999999.999999999999999901: 30
     // significant digits.

@@ -8,9 +8,11 @@
 //! again (same key, so the newer version wins downstream). Trades for windows the
 //! watermark has passed are returned as late. Gaps between windows are filled
 //! with empty candles the way Binance fills them (open = high = low = close =
-//! previous close, volumes and count zero), unless disabled; when a late trade
-//! changes the close an empty candle carries, that candle is published again
-//! too.
+//! previous close, volumes and count zero), unless disabled, up to
+//! `max_fill` windows per gap; when a late trade changes the close an empty
+//! candle carries, that candle is published again too, and when it opens a
+//! window inside a gap left unfilled, each side of it within `max_fill` is
+//! filled then.
 //!
 //! Sums are exact: prices and quantities are carried as integers scaled by
 //! 10^18, the wire scale, so adding and comparing is integer arithmetic.
@@ -195,6 +197,12 @@ struct Series {
     /// Open time and close of the newest window published so far, for filling
     /// gaps.
     last_published: Option<(i64, i128)>,
+    /// Open time and close of the newest window with trades that became final
+    /// (and left `windows`): what a late trade in the gap after it fills from
+    /// (absent from snapshots of earlier releases, which then leave that side
+    /// unfilled).
+    #[serde(default)]
+    last_final: Option<(i64, i128)>,
     /// The window of the previous trade, `[open, end)`: most trades fall in it,
     /// which saves a division.
     current: (i64, i64),
@@ -681,21 +689,71 @@ impl<'a> Target<'a> {
     /// opening before `until`, when filling is on.
     fn fill(&self, series: &mut Series, until: i64, fill: Option<usize>, ingest_time: i64, out: &mut Vec<Output<Bar>>) {
         let Some(max_fill) = fill else { return };
-        let len = self.interval.micros();
-        if let Some((mut open, close)) = series.last_published {
-            open += len;
-            if (until - open) / len > max_fill as i64 {
-                return;
-            }
-            while open < until {
-                let mut empty = Acc::empty(open, close);
-                empty.ingest_time = ingest_time;
-                self.emit(&empty, true, out);
-                series.filled.push_back((open, close));
-                series.last_published = Some((open, close));
-                open += len;
+        if let Some((open, close)) = series.last_published {
+            if let Some(last) = self.fill_between(series, (open, close), until, max_fill, ingest_time, out) {
+                series.last_published = Some((last, close));
             }
         }
+    }
+
+    /// Emits the empty candles strictly between the window `from` (open time,
+    /// close) and the one opening at `until`, carrying that close, when there
+    /// are at most `max_fill` of them, and keeps them in `filled` until final.
+    /// Returns the open time of the last one emitted.
+    fn fill_between(
+        &self,
+        series: &mut Series,
+        (from, close): (i64, i128),
+        until: i64,
+        max_fill: usize,
+        ingest_time: i64,
+        out: &mut Vec<Output<Bar>>,
+    ) -> Option<i64> {
+        let len = self.interval.micros();
+        let empties = (until - from) / len - 1;
+        if empties < 1 || empties > max_fill as i64 {
+            return None;
+        }
+        // Appended, or inserted in order when a late trade split a gap.
+        let first = series.filled.partition_point(|&(o, _)| o < from);
+        for (at, open) in (first..).zip((1..=empties).map(|n| from + n * len)) {
+            let mut empty = Acc::empty(open, close);
+            empty.ingest_time = ingest_time;
+            self.emit(&empty, true, out);
+            if at == series.filled.len() {
+                series.filled.push_back((open, close));
+            } else {
+                series.filled.insert(at, (open, close));
+            }
+        }
+        Some(from + empties * len)
+    }
+
+    /// After window `i` was published for the first time behind the newest
+    /// published window (a late trade in a gap left unfilled because it was
+    /// longer than `max_fill`, or before the first window), fills each side of
+    /// it that is now at most `max_fill` windows long, as trades in order
+    /// would have.
+    fn fill_around(&self, series: &mut Series, i: usize, fill: Option<usize>, out: &mut Vec<Output<Bar>>) {
+        let Some(max_fill) = fill else { return };
+        let w = series.windows[i];
+        let Some(next) = series.windows.get(i + 1).map(|n| n.open_time) else {
+            return;
+        };
+        // A filled gap still holds its empty windows from this one on: they
+        // are not final, as this one is not.
+        let from_here = series.filled.partition_point(|&(o, _)| o < w.open_time);
+        if series.filled.get(from_here).is_some_and(|&(o, _)| o < next) {
+            return;
+        }
+        let before = match i {
+            0 => series.last_final,
+            _ => Some((series.windows[i - 1].open_time, series.windows[i - 1].close)),
+        };
+        if let Some(before) = before {
+            self.fill_between(series, before, w.open_time, max_fill, w.ingest_time, out);
+        }
+        self.fill_between(series, (w.open_time, w.close), next, max_fill, w.ingest_time, out);
     }
 
     /// Publishes `acc` and advances the newest published window (or, if it is
@@ -765,9 +823,13 @@ fn emit_ready(
             target.fill(series, open, fill, ingest, out);
             let mut last = series.last_published;
             let behind = last.is_some_and(|(o, _)| o > open);
+            let new = !series.windows[i].published;
             target.publish(&mut last, &mut series.windows[i], true, out);
             series.last_published = last;
             if behind {
+                if new {
+                    target.fill_around(series, i, fill, out);
+                }
                 target.refill(series, i, out);
             }
         }
@@ -780,6 +842,7 @@ fn emit_ready(
         if front.open_time + len > watermark {
             break;
         }
+        series.last_final = Some((front.open_time, front.close));
         series.windows.pop_front();
     }
     while series.filled.front().is_some_and(|&(o, _)| o + len <= watermark) {
@@ -930,8 +993,10 @@ mod tests {
     proptest! {
         /// Whatever order trades arrive in, the newest version of every candle
         /// equals the batch computation over the accepted trades, and an empty
-        /// candle carries the close of the nearest earlier window with trades;
-        /// the builder refuses as late exactly the trades the rule refuses.
+        /// candle carries the close of the nearest earlier window with trades,
+        /// and every gap of at most `max_fill` windows between windows with
+        /// trades is filled; the builder refuses as late exactly the trades the
+        /// rule refuses.
         #[test]
         fn the_newest_candles_equal_a_batch_computation(trades in trades(), config in config()) {
             let (windows, late) = batch(&trades, &config);
@@ -972,6 +1037,24 @@ mod tests {
                 let close = dec(before.unwrap().1.close);
                 let got = (c.open, c.high, c.low, c.close, c.trade_count, c.volume.is_zero());
                 prop_assert_eq!(got, (close, close, close, close, 0, true), "empty candle {:?}", key);
+            }
+            // Every gap of at most `max_fill` windows between two windows with
+            // trades is filled, whatever order the trades came in.
+            if config.fill_empty {
+                for (a, b) in windows.keys().zip(windows.keys().skip(1)) {
+                    if (&a.0, a.1) != (&b.0, b.1) {
+                        continue;
+                    }
+                    let len = config.intervals[a.1].micros();
+                    let empties = (b.2 - a.2) / len - 1;
+                    if empties > config.max_fill as i64 {
+                        continue;
+                    }
+                    for open in (1..=empties).map(|n| a.2 + n * len) {
+                        let key = (a.0.clone(), a.1, open);
+                        prop_assert!(newest.contains_key(&key), "no empty candle for {:?} between {:?} and {:?}", key, a, b);
+                    }
+                }
             }
         }
 
