@@ -3,7 +3,7 @@
 //! hold records from other writers). Pure functions; a failure is the reason
 //! stored with the dead letter.
 
-use crate::interval::Interval;
+use crate::interval::{Interval, MAX_INTERVAL_MICROS};
 use crate::records::{Asset, Candle, DeadLetter, Exchange, Market, Micros, Price, Rate, Trade};
 use rust_decimal::Decimal;
 
@@ -11,6 +11,10 @@ use rust_decimal::Decimal;
 pub const EARLIEST_MICROS: Micros = 1_230_940_800_000_000;
 /// How far ahead of this machine's clock an exchange clock may run.
 pub const MAX_CLOCK_SKEW_MICROS: Micros = 24 * 3600 * 1_000_000;
+
+/// The times every sink can store: 0001-01-01 to 9999-12-31 UTC (BigQuery's
+/// `TIMESTAMP` range, inside PostgreSQL's).
+pub const STORABLE_MICROS: std::ops::RangeInclusive<Micros> = -62_135_596_800_000_000..=253_402_300_799_999_999;
 
 /// Validation against the clock `now` (microseconds since the epoch).
 #[derive(Debug, Clone, Copy)]
@@ -107,7 +111,7 @@ impl Rules {
                 .interval
                 .parse()
                 .map_err(|e| format!("unknown interval {:?}: {e}", c.interval))?;
-            if interval.open_of(c.open_time) != c.open_time {
+            if interval.checked_open_of(c.open_time) != Some(c.open_time) {
                 return Err(format!(
                     "open_time {} is not aligned to a {} window",
                     c.open_time, c.interval
@@ -123,6 +127,12 @@ impl Rules {
         if c.close_time <= c.open_time {
             return Err(format!(
                 "close_time {} is not after open_time {}",
+                c.close_time, c.open_time
+            ));
+        }
+        if c.close_time.saturating_sub(c.open_time) > MAX_INTERVAL_MICROS {
+            return Err(format!(
+                "close_time {} is more than 366 days after open_time {}",
                 c.close_time, c.open_time
             ));
         }
@@ -152,7 +162,14 @@ impl Rules {
             return Err(format!("trade_count must not be negative, got {}", c.trade_count));
         }
         self.time("open_time", c.open_time)?;
-        self.times(c.event_time, c.ingest_time)
+        // A candle's event time is its close time, which may be ahead of the
+        // clock by up to its interval (a `1d` candle opened an hour ago).
+        if c.event_time > c.close_time {
+            self.time("event_time", c.event_time)?;
+        } else if c.event_time < EARLIEST_MICROS {
+            return Err(format!("event_time {} µs is before 2009-01-03", c.event_time));
+        }
+        self.time("ingest_time", c.ingest_time)
     }
 
     pub fn asset(&self, a: &Asset) -> Check {
@@ -205,10 +222,17 @@ impl Rules {
     }
 
     /// A dead letter may come from another writer, and its names become a
-    /// sink's indexed columns; anything else in it is kept as it came.
+    /// sink's indexed columns and its times timestamps; anything else in it is
+    /// kept as it came.
     pub fn dead_letter(&self, d: &DeadLetter) -> Check {
         short("component", &d.component)?;
-        d.topic.as_deref().map_or(Ok(()), |t| short("topic", t))
+        d.topic.as_deref().map_or(Ok(()), |t| short("topic", t))?;
+        for (field, t) in [("event_time", d.event_time), ("ingest_time", d.ingest_time)] {
+            if !STORABLE_MICROS.contains(&t) {
+                return Err(format!("{field} {t} µs is outside the years 1 to 9999"));
+            }
+        }
+        Ok(())
     }
 
     pub fn price(&self, p: &Price) -> Check {
@@ -284,5 +308,10 @@ mod tests {
         assert!(rules
             .dead_letter(&letter(&"c".repeat(300), None))
             .is_err_and(|e| e.starts_with("component is 300 bytes")));
+        let mut far = letter("producer", None);
+        far.event_time = i64::MAX;
+        assert!(rules
+            .dead_letter(&far)
+            .is_err_and(|e| e.contains("outside the years 1 to 9999")));
     }
 }

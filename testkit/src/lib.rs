@@ -4,6 +4,8 @@
 //!   because no registry server can be installed on the project's machines.
 //! - [`exchange`]: local servers impersonating Binance and CoinCap, replaying
 //!   real recordings with scripted faults.
+//! - [`hostile`]: proptest strategies for Avro bodies of every schema, with
+//!   values at the edges of what the schema admits.
 //! - [`kafka`]: reading a topic back in full, to where each partition ends.
 //! - [`real`]: loaders for the recorded real market data, for tests and benches.
 //! - [`stack`]: where the local stack started by `deploy/local/stack.sh` listens,
@@ -11,6 +13,7 @@
 //! - [`tls`]: a throwaway certificate authority and a TLS-terminating proxy.
 
 pub mod exchange;
+pub mod hostile;
 pub mod kafka;
 pub mod real;
 pub mod registry;

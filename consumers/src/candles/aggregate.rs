@@ -169,11 +169,14 @@ impl Acc {
             self.close_key = o.close_key;
             self.close = o.close;
         }
-        self.volume += o.volume;
-        self.quote_volume += o.quote_volume;
-        self.taker_buy_base += o.taker_buy_base;
-        self.taker_buy_quote += o.taker_buy_quote;
-        self.count += o.count;
+        // Saturating: a sum past i128 (or a count past i64) is past what a
+        // candle carries, and `CandleBuilder::candle` reports it as
+        // unrepresentable instead of wrapping into a wrong candle.
+        self.volume = self.volume.saturating_add(o.volume);
+        self.quote_volume = self.quote_volume.saturating_add(o.quote_volume);
+        self.taker_buy_base = self.taker_buy_base.saturating_add(o.taker_buy_base);
+        self.taker_buy_quote = self.taker_buy_quote.saturating_add(o.taker_buy_quote);
+        self.count = self.count.saturating_add(o.count);
         self.first_id = self.first_id.min(o.first_id);
         self.last_id = self.last_id.max(o.last_id);
         self.ingest_time = self.ingest_time.max(o.ingest_time);
@@ -385,6 +388,10 @@ impl CandleBuilder {
         let interval = &self.config.intervals[bar.interval as usize];
         let acc = &bar.acc;
         let has_trades = acc.count > 0;
+        if acc.count == i64::MAX {
+            // Saturated by `Acc::merge`: more trades than a count holds.
+            return None;
+        }
         let dec = from_unscaled;
         Some(Candle {
             venue: state.venue.clone(),
@@ -599,6 +606,10 @@ fn fixed(trade: &Trade) -> Result<Acc, String> {
         (TradeKind::AggTrade, Some(f), Some(l)) if l >= f => (f, l),
         _ => (trade.trade_id, trade.trade_id),
     };
+    let count = last_id
+        .checked_sub(first_id)
+        .and_then(|span| span.checked_add(1))
+        .ok_or_else(|| format!("trade ids {first_id} to {last_id} span more trades than a count holds"))?;
     let key = (trade.event_time, trade.trade_id);
     let taker_bought = !trade.buyer_is_maker;
     Ok(Acc {
@@ -613,7 +624,7 @@ fn fixed(trade: &Trade) -> Result<Acc, String> {
         quote_volume: quote,
         taker_buy_base: if taker_bought { qty } else { 0 },
         taker_buy_quote: if taker_bought { quote } else { 0 },
-        count: last_id - first_id + 1,
+        count,
         first_id,
         last_id,
         ingest_time: trade.ingest_time,

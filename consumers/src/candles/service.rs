@@ -448,7 +448,9 @@ pub async fn run(config: ServiceConfig, shutdown: impl Future<Output = ()>) -> R
                     open_time,
                 } => {
                     metrics.rejected.with_label_values(&["unrepresentable"]).inc();
-                    let reason = format!("{key} {interval} candle at {open_time}: sums exceed 28 significant digits");
+                    let reason = format!(
+                        "{key} {interval} candle at {open_time}: sums exceed 28 significant digits or the trade count exceeds i64"
+                    );
                     dead.push(dead_letter(
                         "aggregate",
                         reason,
