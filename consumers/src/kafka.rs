@@ -57,6 +57,24 @@ pub fn record_consumer_lag(lag: &IntGaugeVec, statistics: &Statistics) {
     }
 }
 
+/// Why a written position cannot be right for its partition, if it cannot:
+/// `low..=high` is what the partition holds (its first offset and its end).
+pub fn impossible_position(next: i64, low: i64, high: i64) -> Option<String> {
+    if next > high {
+        Some(format!(
+            "the written position {next} is above the partition's end {high}: the topic was deleted and \
+             recreated, or this sink now reads another cluster"
+        ))
+    } else if next < low {
+        Some(format!(
+            "the written position {next} is below the partition's first offset {low}: records \
+             {next}..{low} were deleted by retention before this sink wrote them"
+        ))
+    } else {
+        None
+    }
+}
+
 /// Produces records and waits until the broker acknowledged every one. All are
 /// enqueued first, so that librdkafka batches them, then awaited.
 pub async fn send_all(producer: &FutureProducer, records: Vec<(String, String, Vec<u8>)>) -> Result<(), KafkaError> {

@@ -2,6 +2,12 @@
 //! polls, decodes, validates and batches records for a writer, resuming each
 //! assigned partition where the sink's writes stand.
 //!
+//! A written position outside what its partition holds (above its end: the
+//! topic was recreated or the cluster changed; below its start: retention
+//! deleted records never written) cannot be right; that partition is not
+//! read, an error says how to re-baseline it, and a gauge counts it, while
+//! the other partitions go on.
+//!
 //! The thread is a consumer-group member. On assignment it asks the sink where
 //! each partition's writes stand ([`Resume`]) and seeks a rewind before that
 //! (brokers such as tansu answer a fetch only from a record-batch boundary),
@@ -29,6 +35,7 @@ use tickpipe_schemas::{Codec, Topic, WriteFraming};
 use tokio::sync::mpsc;
 
 use crate::decode::{decode_item, learn_schema, Item};
+use crate::kafka::impossible_position;
 use crate::kafka::{consumer_config, consumer_lag_gauge, record_consumer_lag, STATISTICS_INTERVAL_MS};
 
 pub(crate) fn must<T>(r: prometheus::Result<T>) -> T {
@@ -43,6 +50,7 @@ pub struct SinkMetrics {
     pub rejected: IntCounterVec,
     pub already_written: IntCounterVec,
     pub offset_gaps: IntCounterVec,
+    pub refused: IntGaugeVec,
     pub retries: IntCounter,
     pub batch_size: Histogram,
     pub write_seconds: Histogram,
@@ -79,6 +87,14 @@ impl SinkMetrics {
                 "Offsets the broker skipped, or batches that started after the written position.".into(),
                 &["topic"],
             ),
+            refused: must(IntGaugeVec::new(
+                Opts::new(
+                    format!("{prefix}_partitions_refused"),
+                    "Assigned partitions not read because the written position cannot be right (above the \
+                     partition's end, or below its start); the log says how to re-baseline.",
+                ),
+                &["topic"],
+            )),
             retries: must(IntCounter::new(
                 format!("{prefix}_write_retries_total"),
                 format!("Writes retried after a {target} or broker failure."),
@@ -107,6 +123,7 @@ impl SinkMetrics {
             Box::new(m.rejected.clone()),
             Box::new(m.already_written.clone()),
             Box::new(m.offset_gaps.clone()),
+            Box::new(m.refused.clone()),
             Box::new(m.retries.clone()),
             Box::new(m.batch_size.clone()),
             Box::new(m.write_seconds.clone()),
@@ -179,6 +196,9 @@ pub struct ConsumerSettings {
     /// How far before its written position a partition is re-read.
     pub rewind: i64,
     pub registry: Option<RegistryConfig>,
+    /// What an operator does to start a partition over from its beginning
+    /// (group, topic, partition), for the error that refuses a position.
+    pub rebaseline: fn(&str, &str, i32) -> String,
 }
 
 /// Why the consumer thread stopped.
@@ -204,6 +224,8 @@ struct Position {
 /// What the consumer thread shares with the rebalance callback.
 struct SinkContext {
     component: &'static str,
+    group: String,
+    rebaseline: fn(&str, &str, i32) -> String,
     resume: Resume,
     rewind: i64,
     positions: Arc<Mutex<HashMap<(String, i32), Position>>>,
@@ -255,6 +277,45 @@ impl SinkContext {
     }
 }
 
+impl SinkContext {
+    /// Checks each written position against what its partition holds; returns
+    /// the partitions refused, with the error to log. A broker that cannot say
+    /// is asked a few times, then the position is trusted (with a warning).
+    fn refused(&self, consumer: &BaseConsumer<Self>, written: &Written) -> HashMap<(String, i32), String> {
+        let mut refused = HashMap::new();
+        for ((topic, partition), next) in written {
+            let mut marks = consumer.fetch_watermarks(topic, *partition, Duration::from_secs(10));
+            for _ in 0..2 {
+                if marks.is_ok() {
+                    break;
+                }
+                marks = consumer.fetch_watermarks(topic, *partition, Duration::from_secs(10));
+            }
+            match marks {
+                Ok((low, high)) => {
+                    if let Some(why) = impossible_position(*next, low, high) {
+                        refused.insert(
+                            (topic.clone(), *partition),
+                            format!(
+                                "{topic}[{partition}]: {why}. This partition is not read until the position is \
+                                 fixed. To start it over from its beginning: {}",
+                                (self.rebaseline)(&self.group, topic, *partition)
+                            ),
+                        );
+                    }
+                }
+                Err(e) => tracing::warn!(
+                    component = self.component,
+                    topic,
+                    partition,
+                    "cannot check the written position {next} against the partition's offsets: {e}"
+                ),
+            }
+        }
+        refused
+    }
+}
+
 impl ClientContext for SinkContext {
     fn stats(&self, statistics: Statistics) {
         record_consumer_lag(&self.metrics.lag, &statistics);
@@ -271,10 +332,18 @@ impl ConsumerContext for SinkContext {
                 let Some(written) = self.written(consumer, tpl) else {
                     return;
                 };
+                let refused = self.refused(consumer, &written);
+                let mut refused_by_topic: HashMap<String, i64> = HashMap::new();
                 let mut positioned = TopicPartitionList::new();
                 let mut positions = self.positions.lock().unwrap_or_else(|p| p.into_inner());
                 for e in tpl.elements() {
                     let tp = (e.topic().to_owned(), e.partition());
+                    let n = refused_by_topic.entry(tp.0.clone()).or_default();
+                    if let Some(error) = refused.get(&tp) {
+                        *n += 1;
+                        tracing::error!(component, topic = tp.0, partition = tp.1, "{error}");
+                        continue;
+                    }
                     let (offset, position) = match written.get(&tp) {
                         Some(next) => {
                             let from = next.saturating_sub(self.rewind).max(0);
@@ -292,12 +361,17 @@ impl ConsumerContext for SinkContext {
                         tracing::error!(component, "cannot position {}[{}]: {e}", tp.0, tp.1);
                     }
                 }
+                for (topic, n) in refused_by_topic {
+                    self.metrics.refused.with_label_values(&[&topic]).set(n);
+                }
                 if let Err(e) = consumer.assign(&positioned) {
                     tracing::error!(component, "assign failed: {e}");
                 }
             }
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
                 tracing::info!(component, partitions = tpl.count(), "partitions revoked");
+                // The next assignment says again which partitions are refused.
+                self.metrics.refused.reset();
                 if let Err(e) = consumer.unassign() {
                     tracing::error!(component, "unassign failed: {e}");
                 }
@@ -344,6 +418,8 @@ fn consume(
     let positions: Arc<Mutex<HashMap<(String, i32), Position>>> = Arc::default();
     let context = SinkContext {
         component,
+        group: settings.group.clone(),
+        rebaseline: settings.rebaseline,
         resume,
         rewind: settings.rewind,
         positions: positions.clone(),

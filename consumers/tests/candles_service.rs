@@ -409,3 +409,121 @@ async fn sigkill_at_any_moment_loses_and_double_counts_nothing() {
     assert!(status.success(), "SIGTERM must stop it cleanly, got {status}");
     reader.check(&expected);
 }
+
+/// Polls the metrics page until it holds `line`, or fails after 60 s.
+async fn wait_metric(addr: SocketAddr, line: &str) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let page = stack::scrape(addr).await;
+        if page.lines().any(|l| l == line) {
+            return;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no {line:?} in:\n{page}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stored_position_above_the_partition_end_is_refused_until_a_tombstone_starts_it_over() {
+    let brokers = stack::kafka_brokers();
+    let prefix = format!("{}.", stack::unique_name("candles_recreated"));
+    // Ten trades of one symbol (so on one partition) in one minute an hour
+    // ago, then one in the next minute that closes it.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_micros() as i64;
+    let minute = (now - 3_600_000_000) / 60_000_000 * 60_000_000;
+    let trades: Vec<Trade> = (0..11)
+        .map(|i| Trade {
+            venue: "binance".into(),
+            symbol: "BTCUSDT".into(),
+            kind: tickpipe_schemas::TradeKind::Trade,
+            trade_id: i,
+            price: tickpipe_schemas::Decimal::new(68_000 + i, 0),
+            quantity: tickpipe_schemas::Decimal::new(1, 3),
+            buyer_is_maker: false,
+            first_trade_id: None,
+            last_trade_id: None,
+            source: tickpipe_schemas::Source::Replay,
+            event_time: minute + i * 6_000_000 + 1,
+            ingest_time: now,
+        })
+        .collect();
+    publish_trades(&brokers, &prefix, &trades).await;
+    let partition = {
+        let read = kafka::read_topic(&brokers, &Topic::Trades.name(&prefix));
+        assert_eq!(read.len(), trades.len());
+        // The symbol's partition: the one its key hashes to (read back).
+        let consumer: StreamConsumer = consumer_config(&brokers, &stack::unique_name("which"))
+            .create()
+            .unwrap();
+        consumer.subscribe(&[&Topic::Trades.name(&prefix)]).unwrap();
+        let msg = tokio::time::timeout(Duration::from_secs(30), consumer.recv())
+            .await
+            .expect("a trade")
+            .unwrap();
+        msg.partition()
+    };
+
+    // The state says that partition was read up to 6,106: the topic was
+    // recreated since.
+    let state_topic = format!("{prefix}candles-state");
+    ensure_topics_configured(
+        &brokers,
+        std::slice::from_ref(&state_topic),
+        3,
+        1,
+        &[("cleanup.policy", "compact")],
+    )
+    .await
+    .unwrap();
+    let producer: FutureProducer = producer_config(&brokers).create().unwrap();
+    let mut value = 6106_i64.to_be_bytes().to_vec();
+    value.extend(CandleBuilder::new(candle_config()).snapshot());
+    let key = format!("trades-{partition}");
+    producer
+        .send(
+            FutureRecord::to(&state_topic).key(&key).payload(&value),
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap();
+
+    let metrics = stack::free_loopback_addr();
+    let mut config = service_config(&prefix, "candles-recreated");
+    config.metrics_addr = Some(metrics);
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let service = tokio::spawn(run(config.clone(), async {
+        let _ = stopped.await;
+    }));
+    wait_metric(metrics, "tickpipe_candles_partitions_refused 1").await;
+    wait_metric(metrics, "tickpipe_candles_trades_in_total 0").await;
+    stop.send(()).unwrap();
+    service.await.unwrap().unwrap();
+
+    // The re-baseline the error names: a tombstone for the partition's state.
+    producer
+        .send(
+            FutureRecord::<str, [u8]>::to(&state_topic).key(&key),
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap();
+    let metrics = stack::free_loopback_addr();
+    config.metrics_addr = Some(metrics);
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let service = tokio::spawn(run(config, async {
+        let _ = stopped.await;
+    }));
+    wait_metric(metrics, "tickpipe_candles_partitions_refused 0").await;
+    wait_metric(metrics, &format!("tickpipe_candles_trades_in_total {}", trades.len())).await;
+    let mut reader = CandleReader::new(&brokers, &prefix);
+    reader
+        .read_until(60, "the 1m candle of the first ten trades", |r| {
+            r.latest.values().any(|c| c.interval == "1m" && c.trade_count == 10)
+        })
+        .await;
+    stop.send(()).unwrap();
+    service.await.unwrap().unwrap();
+}

@@ -390,6 +390,17 @@ async fn insert_isolating(
 }
 
 /// Runs until `shutdown` resolves, then writes the batch in hand and returns.
+/// How an operator starts a partition over: the sink's position is the
+/// group's committed offset, so reset it (or use a new group, which reads
+/// every partition again; the views hide the copies).
+fn rebaseline_group(group: &str, topic: &str, partition: i32) -> String {
+    format!(
+        "stop the sink, reset the group's offset (kafka-consumer-groups.sh --bootstrap-server <brokers> --group \
+         {group} --reset-offsets --to-earliest --topic {topic}:{partition} --execute) and restart it; or restart \
+         it with a new --group, which reads every partition from its beginning (the views hide the copies)"
+    )
+}
+
 pub async fn run(config: BqSinkConfig, shutdown: impl Future<Output = ()>) -> Result<(), BqSinkError> {
     let metrics = Metrics::new();
     let ready = Arc::new(AtomicBool::new(false));
@@ -456,6 +467,7 @@ pub async fn run(config: BqSinkConfig, shutdown: impl Future<Output = ()>) -> Re
         batch_wait: config.batch_wait,
         rewind: config.resume_rewind,
         registry: config.registry.clone(),
+        rebaseline: rebaseline_group,
     };
     let consumer_thread = spawn_consumer(
         settings,

@@ -36,7 +36,9 @@ use tickpipe_schemas::validate::Rules;
 use tickpipe_schemas::{Codec, DeadLetter, Record, Source, Topic, Trade, WriteFraming};
 
 use super::aggregate::{CandleBuilder, CandleConfig, Output};
-use crate::kafka::{consumer_config, consumer_lag_gauge, record_consumer_lag, send_all, STATISTICS_INTERVAL_MS};
+use crate::kafka::{
+    consumer_config, consumer_lag_gauge, impossible_position, record_consumer_lag, send_all, STATISTICS_INTERVAL_MS,
+};
 
 /// How far before its stored position a partition is re-read on start; the
 /// records below the position are skipped. tansu 0.6 answers a fetch only with
@@ -107,6 +109,7 @@ pub struct Metrics {
     rejected: IntCounterVec,
     watermark_lag: IntGauge,
     lag: IntGaugeVec,
+    refused: IntGauge,
 }
 
 impl Metrics {
@@ -146,8 +149,14 @@ impl Metrics {
         )
         .unwrap_or_else(|e| panic!("{e}"));
         let lag = consumer_lag_gauge("tickpipe_candles");
+        let refused = IntGauge::new(
+            "tickpipe_candles_partitions_refused",
+            "Trades partitions not read because the stored position cannot be right.",
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
         for c in [
-            Box::new(trades_in.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(refused.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(trades_in.clone()),
             Box::new(already_counted.clone()),
             Box::new(candles_out.clone()),
             Box::new(late.clone()),
@@ -166,6 +175,7 @@ impl Metrics {
             rejected,
             watermark_lag,
             lag,
+            refused,
         }
     }
 }
@@ -256,16 +266,22 @@ fn read_state(config: &ServiceConfig) -> Result<HashMap<i32, (i64, Vec<u8>)>, Se
         };
         reads += 1;
         deadline = std::time::Instant::now() + STATE_READ_STALL;
-        if let (Some(key), Some(value)) = (msg.key(), msg.payload()) {
-            let partition = std::str::from_utf8(key)
-                .ok()
-                .and_then(|k| k.strip_prefix("trades-"))
-                .and_then(|p| p.parse::<i32>().ok());
-            if let (Some(p), true) = (partition, value.len() >= 8) {
+        let partition = msg
+            .key()
+            .and_then(|k| std::str::from_utf8(k).ok())
+            .and_then(|k| k.strip_prefix("trades-"))
+            .and_then(|p| p.parse::<i32>().ok());
+        match (partition, msg.payload()) {
+            (Some(p), Some(value)) if value.len() >= 8 => {
                 let mut off = [0u8; 8];
                 off.copy_from_slice(&value[..8]);
                 state.insert(p, (i64::from_be_bytes(off), value[8..].to_vec()));
             }
+            // A tombstone: the partition starts over (the re-baseline).
+            (Some(p), None) => {
+                state.remove(&p);
+            }
+            _ => {}
         }
     }
     let state_offsets: Vec<(i32, i64)> = state.iter().map(|(p, (o, _))| (*p, *o)).collect();
@@ -327,7 +343,24 @@ pub async fn run(config: ServiceConfig, shutdown: impl Future<Output = ()>) -> R
     // the builder's state (a broker that resets the position to the earliest
     // offset would otherwise make it count trades twice).
     let mut positions: HashMap<i32, i64> = HashMap::new();
+    let mut refused = 0;
     for p in meta.topics().iter().flat_map(|t| t.partitions()) {
+        if let Some((next, _)) = stored.get(&p.id()) {
+            let marks = consumer.fetch_watermarks(&trades_topic, p.id(), Duration::from_secs(10))?;
+            if let Some(why) = impossible_position(*next, marks.0, marks.1) {
+                refused += 1;
+                tracing::error!(
+                    partition = p.id(),
+                    "candles: {trades_topic}[{}]: {why}. This partition is not read until the position is \
+                     fixed. To start it over from its beginning (its candles are built again), publish a \
+                     tombstone (key trades-{}, no value) to {} and restart the service",
+                    p.id(),
+                    p.id(),
+                    config.state_topic()
+                );
+                continue;
+            }
+        }
         let (offset, builder) = match stored.get(&p.id()) {
             Some((next, snapshot)) => (
                 {
@@ -342,6 +375,7 @@ pub async fn run(config: ServiceConfig, shutdown: impl Future<Output = ()>) -> R
         tpl.add_partition_offset(&trades_topic, p.id(), offset)?;
         builders.insert(p.id(), builder);
     }
+    metrics.refused.set(refused);
     consumer.assign(&tpl)?;
     ready.store(true, std::sync::atomic::Ordering::Relaxed);
     tracing::info!(

@@ -357,6 +357,16 @@ fn stage_label(stage: &str) -> &'static str {
     }
 }
 
+/// How an operator starts a partition over: forget its stored position, so
+/// that it is read from its beginning (rows already written stay; a record
+/// read again is not written twice where its table has a natural key).
+fn rebaseline_sql(group: &str, topic: &str, partition: i32) -> String {
+    format!(
+        "run DELETE FROM sink_offsets WHERE consumer_group = '{group}' AND topic = '{topic}' AND partition = \
+         {partition}; in the sink's database, then restart the sink"
+    )
+}
+
 /// How often an idle sink asks the database whether it answers.
 const PROBE_EVERY: Duration = Duration::from_secs(5);
 
@@ -428,6 +438,7 @@ pub async fn run(config: SinkConfig, shutdown: impl Future<Output = ()>) -> Resu
         batch_wait: config.batch_wait,
         rewind: config.resume_rewind,
         registry: config.registry.clone(),
+        rebaseline: rebaseline_sql,
     };
     let consumer_thread = spawn_consumer(
         settings,

@@ -1,0 +1,190 @@
+//! A written position that cannot be right is refused, never skipped past in
+//! silence: `postgres-sink` keeps a stored position above the end of a
+//! partition (the topic was deleted and recreated, or the sink now reads
+//! another cluster), does not read that partition, says how to re-baseline it
+//! and counts it, while the other partitions are written. After the
+//! re-baseline the operator is told to run, every record is written.
+
+use std::time::Duration;
+
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use tickpipe_consumers::kafka::impossible_position;
+use tickpipe_consumers::ops::now_micros;
+use tickpipe_consumers::pg::sink::{run, SinkConfig};
+use tickpipe_producer::kafka::{ensure_topics, producer_config};
+use tickpipe_schemas::{Codec, Decimal, Source, Topic, Trade, TradeKind, WriteFraming};
+use tickpipe_testkit::stack;
+use tokio_postgres::{Client, NoTls};
+
+fn trade(id: i64) -> Trade {
+    let now = now_micros();
+    Trade {
+        venue: "binance".into(),
+        symbol: "BTCUSDT".into(),
+        kind: TradeKind::Trade,
+        trade_id: id,
+        price: Decimal::new(68_000, 0),
+        quantity: Decimal::new(1, 3),
+        buyer_is_maker: false,
+        first_trade_id: None,
+        last_trade_id: None,
+        source: Source::Replay,
+        event_time: now,
+        ingest_time: now,
+    }
+}
+
+fn config(prefix: &str, url: &str, metrics: Option<std::net::SocketAddr>) -> SinkConfig {
+    SinkConfig {
+        brokers: stack::kafka_brokers(),
+        topic_prefix: prefix.into(),
+        topics: vec![Topic::Trades],
+        group: format!("{prefix}sink"),
+        postgres_url: url.into(),
+        pool_size: 2,
+        batch_max: 1000,
+        batch_wait: Duration::from_millis(50),
+        resume_rewind: 10_000,
+        max_backoff: Duration::from_millis(500),
+        session_timeout: Duration::from_secs(6),
+        instance_id: None,
+        partitions: 2,
+        replication: 1,
+        metrics_addr: metrics,
+        registry: None,
+    }
+}
+
+/// Polls `sql` (one bigint) until it returns `want`, or fails after `secs`.
+async fn wait_count(client: &Client, sql: &str, want: i64, secs: u64) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+    loop {
+        let got = client
+            .query_one(sql, &[])
+            .await
+            .ok()
+            .and_then(|r| r.try_get::<_, i64>(0).ok());
+        if got == Some(want) {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{sql}: {got:?} after {secs} s, want {want}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Polls the metrics page until it holds `line`, or fails after 30 s.
+async fn wait_metric(addr: std::net::SocketAddr, line: &str) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let page = stack::scrape(addr).await;
+        if page.lines().any(|l| l == line) {
+            return;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no {line:?} in:\n{page}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+type Stop = tokio::sync::oneshot::Sender<()>;
+type Running = tokio::task::JoinHandle<Result<(), tickpipe_consumers::pg::sink::SinkError>>;
+
+fn start(config: SinkConfig) -> (Stop, Running) {
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let sink = tokio::spawn(run(config, async {
+        let _ = stopped.await;
+    }));
+    (stop, sink)
+}
+
+async fn stop((stop, sink): (Stop, Running)) {
+    let _ = stop.send(());
+    sink.await.expect("sink task").expect("sink stops cleanly");
+}
+
+#[test]
+fn positions_outside_the_partition_are_impossible() {
+    assert_eq!(impossible_position(0, 0, 0), None);
+    assert_eq!(impossible_position(10, 0, 10), None);
+    assert_eq!(impossible_position(5, 5, 10), None);
+    assert!(impossible_position(11, 0, 10).is_some_and(|e| e.contains("above the partition's end 10")));
+    assert!(impossible_position(4, 5, 10).is_some_and(|e| e.contains("deleted by retention")));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stored_position_above_the_partition_end_stops_that_partition_until_re_baselined() {
+    let prefix = format!("{}.", stack::unique_name("pgsink_recreated"));
+    let brokers = stack::kafka_brokers();
+    ensure_topics(&brokers, &prefix, &[Topic::Trades, Topic::DeadLetters], 2, 1)
+        .await
+        .unwrap_or_else(|e| panic!("is the broker up (make stack-up)? {e}"));
+    let url = stack::fresh_database("pgsink_recreated").await;
+    let (client, conn) = tokio_postgres::connect(&url, NoTls).await.expect("postgres");
+    tokio::spawn(conn);
+    let topic = Topic::Trades.name(&prefix);
+    let config = config(&prefix, &url, None);
+    // Each run serves its metrics on a port of its own (a server outlives its run).
+    let with_metrics = |addr| SinkConfig {
+        metrics_addr: Some(addr),
+        ..config.clone()
+    };
+
+    // A first run creates the tables; then the store says partition 0 was
+    // written up to 6,106, as it would after the topic was recreated.
+    let first = start(config.clone());
+    wait_count(&client, "SELECT count(*) FROM sink_offsets", 0, 60).await;
+    stop(first).await;
+    client
+        .execute(
+            "INSERT INTO sink_offsets (consumer_group, topic, partition, next_offset) VALUES ($1, $2, 0, 6106)",
+            &[&config.group, &topic],
+        )
+        .await
+        .expect("stored position");
+
+    // The new topic: ten trades on each partition.
+    let codec = Codec::new(WriteFraming::SingleObject);
+    let producer: FutureProducer = producer_config(&brokers).create().expect("producer");
+    for id in 0..20 {
+        let payload = codec.encode(&trade(id)).expect("encode");
+        producer
+            .send(
+                FutureRecord::to(&topic)
+                    .key("binance:BTCUSDT")
+                    .payload(&payload)
+                    .partition((id % 2) as i32),
+                Duration::from_secs(10),
+            )
+            .await
+            .expect("publish");
+    }
+
+    let metrics = stack::free_loopback_addr();
+    let sink = start(with_metrics(metrics));
+    let refused = format!("tickpipe_postgres_sink_partitions_refused{{topic=\"{topic}\"}} 1");
+    wait_metric(metrics, &refused).await;
+    // Partition 1 flows; partition 0 is neither written nor moved.
+    wait_count(&client, "SELECT count(*) FROM trades", 10, 30).await;
+    wait_count(&client, "SELECT count(*) FROM trades WHERE trade_id % 2 = 0", 0, 1).await;
+    let stored = "SELECT next_offset FROM sink_offsets WHERE partition = 0";
+    wait_count(&client, stored, 6106, 1).await;
+    stop(sink).await;
+
+    // The re-baseline the error names: forget the position, restart.
+    let deleted = client
+        .execute(
+            "DELETE FROM sink_offsets WHERE consumer_group = $1 AND topic = $2 AND partition = 0",
+            &[&config.group, &topic],
+        )
+        .await
+        .expect("re-baseline");
+    assert_eq!(deleted, 1);
+    let metrics = stack::free_loopback_addr();
+    let sink = start(with_metrics(metrics));
+    wait_count(&client, "SELECT count(*) FROM trades", 20, 60).await;
+    wait_count(&client, stored, 10, 10).await;
+    wait_metric(metrics, &refused.replace("} 1", "} 0")).await;
+    stop(sink).await;
+}
