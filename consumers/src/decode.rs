@@ -187,7 +187,8 @@ pub fn learn_schema(
     }
 }
 
-/// A record a sink (`component`) could not write, as a dead letter.
+/// A record a sink (`component`) could not write, as a dead letter (bounded:
+/// [`DeadLetter::bounded`]).
 pub fn reject_letter(component: &str, item: &Item, reject: &Reject, now: Micros) -> DeadLetter {
     DeadLetter {
         stage: reject.stage.to_owned(),
@@ -202,4 +203,5 @@ pub fn reject_letter(component: &str, item: &Item, reject: &Reject, now: Micros)
         event_time: now,
         ingest_time: now,
     }
+    .bounded()
 }

@@ -57,21 +57,36 @@ pub fn record_consumer_lag(lag: &IntGaugeVec, statistics: &Statistics) {
     }
 }
 
-/// Why a written position cannot be right for its partition, if it cannot:
-/// `low..=high` is what the partition holds (its first offset and its end).
-pub fn impossible_position(next: i64, low: i64, high: i64) -> Option<String> {
-    if next > high {
-        Some(format!(
-            "the written position {next} is above the partition's end {high}: the topic was deleted and \
-             recreated, or this sink now reads another cluster"
-        ))
-    } else if next < low {
-        Some(format!(
-            "the written position {next} is below the partition's first offset {low}: records \
-             {next}..{low} were deleted by retention before this sink wrote them"
-        ))
-    } else {
-        None
+/// Why a written position cannot be right, if it cannot: it is above `end`,
+/// the partition's end as the broker's fetch responses report it (ListOffsets
+/// is not asked: some Kafka-protocol brokers, tansu, answer it short). Nothing
+/// can have been written there, so the topic was deleted and recreated, or the
+/// reader now reads another cluster; reading on from the position would skip
+/// the partition's records in silence.
+pub fn position_above_end(next: i64, end: i64) -> Option<String> {
+    (next > end).then(|| {
+        format!(
+            "the written position {next} is above the partition's end {end}: the topic was deleted and \
+             recreated, or this reader now reads another cluster"
+        )
+    })
+}
+
+/// Partition ends (high watermarks) as the broker's fetch responses report
+/// them, by (topic, partition): kept from librdkafka's statistics by
+/// [`record_ends`].
+pub type Ends = std::sync::Arc<std::sync::Mutex<std::collections::HashMap<(String, i32), i64>>>;
+
+/// Keeps the partition ends of a statistics report (those known: fetched at
+/// least once).
+pub fn record_ends(ends: &Ends, statistics: &Statistics) {
+    let mut ends = ends.lock().unwrap_or_else(|p| p.into_inner());
+    for (topic, t) in &statistics.topics {
+        for (partition, p) in &t.partitions {
+            if *partition >= 0 && p.hi_offset >= 0 {
+                ends.insert((topic.clone(), *partition), p.hi_offset);
+            }
+        }
     }
 }
 

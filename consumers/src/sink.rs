@@ -2,11 +2,12 @@
 //! polls, decodes, validates and batches records for a writer, resuming each
 //! assigned partition where the sink's writes stand.
 //!
-//! A written position outside what its partition holds (above its end: the
-//! topic was recreated or the cluster changed; below its start: retention
-//! deleted records never written) cannot be right; that partition is not
-//! read, an error says how to re-baseline it, and a gauge counts it, while
-//! the other partitions go on.
+//! A written position above its partition's end (the topic was recreated or
+//! the cluster changed) cannot be right: once the first fetch response gives
+//! the end, that partition is paused, an error says how to re-baseline it,
+//! and a gauge counts it, while the other partitions go on. (A position below
+//! the partition's start, records deleted by retention before they were
+//! written, shows as an offset gap.)
 //!
 //! The thread is a consumer-group member. On assignment it asks the sink where
 //! each partition's writes stand ([`Resume`]) and seeks a rewind before that
@@ -35,8 +36,8 @@ use tickpipe_schemas::{Codec, Topic, WriteFraming};
 use tokio::sync::mpsc;
 
 use crate::decode::{decode_item, learn_schema, Item};
-use crate::kafka::impossible_position;
 use crate::kafka::{consumer_config, consumer_lag_gauge, record_consumer_lag, STATISTICS_INTERVAL_MS};
+use crate::kafka::{position_above_end, record_ends, Ends};
 
 pub(crate) fn must<T>(r: prometheus::Result<T>) -> T {
     r.unwrap_or_else(|e| panic!("metric definition: {e}"))
@@ -90,8 +91,8 @@ impl SinkMetrics {
             refused: must(IntGaugeVec::new(
                 Opts::new(
                     format!("{prefix}_partitions_refused"),
-                    "Assigned partitions not read because the written position cannot be right (above the \
-                     partition's end, or below its start); the log says how to re-baseline.",
+                    "Assigned partitions paused because the written position is above the partition's end; the \
+                     log says how to re-baseline.",
                 ),
                 &["topic"],
             )),
@@ -219,16 +220,23 @@ struct Position {
     expect: Option<i64>,
     /// Records below this offset are written already.
     written_below: Option<i64>,
+    /// `written_below` is still to be checked against the partition's end.
+    unchecked: bool,
+    /// The written position cannot be right: the partition is paused and
+    /// nothing of it is handed to the writer.
+    refused: bool,
 }
 
 /// What the consumer thread shares with the rebalance callback.
 struct SinkContext {
     component: &'static str,
-    group: String,
-    rebaseline: fn(&str, &str, i32) -> String,
     resume: Resume,
     rewind: i64,
     positions: Arc<Mutex<HashMap<(String, i32), Position>>>,
+    /// Some position is still to be checked against its partition's end.
+    unchecked: Arc<AtomicBool>,
+    /// The partitions' ends, from the statistics.
+    ends: Ends,
     stop: Arc<AtomicBool>,
     metrics: SinkMetrics,
 }
@@ -277,48 +285,10 @@ impl SinkContext {
     }
 }
 
-impl SinkContext {
-    /// Checks each written position against what its partition holds; returns
-    /// the partitions refused, with the error to log. A broker that cannot say
-    /// is asked a few times, then the position is trusted (with a warning).
-    fn refused(&self, consumer: &BaseConsumer<Self>, written: &Written) -> HashMap<(String, i32), String> {
-        let mut refused = HashMap::new();
-        for ((topic, partition), next) in written {
-            let mut marks = consumer.fetch_watermarks(topic, *partition, Duration::from_secs(10));
-            for _ in 0..2 {
-                if marks.is_ok() {
-                    break;
-                }
-                marks = consumer.fetch_watermarks(topic, *partition, Duration::from_secs(10));
-            }
-            match marks {
-                Ok((low, high)) => {
-                    if let Some(why) = impossible_position(*next, low, high) {
-                        refused.insert(
-                            (topic.clone(), *partition),
-                            format!(
-                                "{topic}[{partition}]: {why}. This partition is not read until the position is \
-                                 fixed. To start it over from its beginning: {}",
-                                (self.rebaseline)(&self.group, topic, *partition)
-                            ),
-                        );
-                    }
-                }
-                Err(e) => tracing::warn!(
-                    component = self.component,
-                    topic,
-                    partition,
-                    "cannot check the written position {next} against the partition's offsets: {e}"
-                ),
-            }
-        }
-        refused
-    }
-}
-
 impl ClientContext for SinkContext {
     fn stats(&self, statistics: Statistics) {
         record_consumer_lag(&self.metrics.lag, &statistics);
+        record_ends(&self.ends, &statistics);
     }
 }
 
@@ -332,25 +302,21 @@ impl ConsumerContext for SinkContext {
                 let Some(written) = self.written(consumer, tpl) else {
                     return;
                 };
-                let refused = self.refused(consumer, &written);
-                let mut refused_by_topic: HashMap<String, i64> = HashMap::new();
                 let mut positioned = TopicPartitionList::new();
                 let mut positions = self.positions.lock().unwrap_or_else(|p| p.into_inner());
                 for e in tpl.elements() {
                     let tp = (e.topic().to_owned(), e.partition());
-                    let n = refused_by_topic.entry(tp.0.clone()).or_default();
-                    if let Some(error) = refused.get(&tp) {
-                        *n += 1;
-                        tracing::error!(component, topic = tp.0, partition = tp.1, "{error}");
-                        continue;
-                    }
+                    self.metrics.refused.with_label_values(&[&tp.0]).set(0);
                     let (offset, position) = match written.get(&tp) {
                         Some(next) => {
                             let from = next.saturating_sub(self.rewind).max(0);
                             let position = Position {
                                 expect: Some(from),
                                 written_below: Some(*next),
+                                unchecked: true,
+                                refused: false,
                             };
+                            self.unchecked.store(true, Ordering::Release);
                             (Offset::Offset(from), position)
                         }
                         None => (Offset::Beginning, Position::default()),
@@ -360,9 +326,6 @@ impl ConsumerContext for SinkContext {
                     if let Err(e) = positioned.add_partition_offset(&tp.0, tp.1, offset) {
                         tracing::error!(component, "cannot position {}[{}]: {e}", tp.0, tp.1);
                     }
-                }
-                for (topic, n) in refused_by_topic {
-                    self.metrics.refused.with_label_values(&[&topic]).set(n);
                 }
                 if let Err(e) = consumer.assign(&positioned) {
                     tracing::error!(component, "assign failed: {e}");
@@ -382,6 +345,52 @@ impl ConsumerContext for SinkContext {
             }
         }
     }
+}
+
+/// Checks the written positions not checked yet against their partitions'
+/// ends, once the statistics report the end a fetch response gave (within
+/// `statistics.interval.ms` of the assignment); pauses and reports each that
+/// lies above it. Returns whether some are still unchecked.
+fn check_ends(
+    consumer: &BaseConsumer<SinkContext>,
+    positions: &Mutex<HashMap<(String, i32), Position>>,
+    ends: &Ends,
+    settings: &ConsumerSettings,
+    metrics: &SinkMetrics,
+) -> bool {
+    let ends = ends.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let mut positions = positions.lock().unwrap_or_else(|p| p.into_inner());
+    let mut pause = TopicPartitionList::new();
+    let mut still = false;
+    for ((topic, partition), p) in positions.iter_mut().filter(|(_, p)| p.unchecked) {
+        let Some(&end) = ends.get(&(topic.clone(), *partition)) else {
+            still = true;
+            continue;
+        };
+        p.unchecked = false;
+        let Some(why) = p.written_below.and_then(|next| position_above_end(next, end)) else {
+            continue;
+        };
+        p.refused = true;
+        tracing::error!(
+            component = settings.component,
+            topic,
+            partition,
+            "{topic}[{partition}]: {why}. This partition is not read until the position is fixed. To start it \
+             over from its beginning: {}",
+            (settings.rebaseline)(&settings.group, topic, *partition)
+        );
+        metrics.refused.with_label_values(&[topic]).inc();
+        if let Err(e) = pause.add_partition_offset(topic, *partition, Offset::Invalid) {
+            tracing::error!(component = settings.component, "cannot pause {topic}[{partition}]: {e}");
+        }
+    }
+    if pause.count() > 0 {
+        if let Err(e) = consumer.pause(&pause) {
+            tracing::error!(component = settings.component, "pausing refused partitions failed: {e}");
+        }
+    }
+    still
 }
 
 /// Starts the consumer thread. It stops when `stop` is set (after handing over
@@ -416,13 +425,15 @@ fn consume(
 ) -> Result<(), ConsumeError> {
     let component = settings.component;
     let positions: Arc<Mutex<HashMap<(String, i32), Position>>> = Arc::default();
+    let unchecked = Arc::new(AtomicBool::new(false));
+    let ends = Ends::default();
     let context = SinkContext {
+        ends: ends.clone(),
         component,
-        group: settings.group.clone(),
-        rebaseline: settings.rebaseline,
         resume,
         rewind: settings.rewind,
         positions: positions.clone(),
+        unchecked: unchecked.clone(),
         stop: stop.clone(),
         metrics: metrics.clone(),
     };
@@ -472,7 +483,12 @@ fn consume(
         if stopping {
             break;
         }
-        let Some(polled) = consumer.poll(Duration::from_millis(20)) else {
+        let polled = consumer.poll(Duration::from_millis(20));
+        if unchecked.load(Ordering::Acquire) {
+            let still = check_ends(&consumer, &positions, &ends, &settings, &metrics);
+            unchecked.store(still, Ordering::Release);
+        }
+        let Some(polled) = polled else {
             continue;
         };
         let msg = match polled {
@@ -486,6 +502,9 @@ fn consume(
         let below = {
             let mut positions = positions.lock().unwrap_or_else(|p| p.into_inner());
             let p = positions.entry((msg.topic().to_owned(), msg.partition())).or_default();
+            if p.refused {
+                continue;
+            }
             if p.expect.is_some_and(|e| msg.offset() > e) {
                 tracing::warn!(
                     component,

@@ -141,7 +141,15 @@ struct Inner {
     permits: Arc<Semaphore>,
     unacked: Arc<AtomicU64>,
     metrics: Metrics,
+    /// The most bytes of key and value a record may have: librdkafka's
+    /// `message.max.bytes` less room for the record's framing. A larger record
+    /// would be refused at enqueue and lost; it becomes a dead letter instead.
+    max_record: usize,
 }
+
+/// Bytes of a Kafka message besides its key and value (record and batch
+/// headers), left free below `message.max.bytes`.
+const FRAMING_ALLOWANCE: usize = 1024;
 
 impl Drop for Inner {
     fn drop(&mut self) {
@@ -180,6 +188,12 @@ impl Publisher {
         let unacked = Arc::new(AtomicU64::new(0));
         let (tx, rx) = std::sync::mpsc::channel::<Redelivery>();
         let mut kafka = config.kafka.clone();
+        // librdkafka's default, which brokers' own default (1 MB) matches.
+        let max_record = kafka
+            .get("message.max.bytes")
+            .and_then(|v| v.parse::<usize>().ok())
+            .unwrap_or(1_000_000)
+            .saturating_sub(FRAMING_ALLOWANCE);
         // Our own bound is the real one; librdkafka's queue must never be the
         // smaller, or `send` would fail where it should wait.
         let queue = (config.max_in_flight * 2).max(1000).to_string();
@@ -249,6 +263,7 @@ impl Publisher {
                 permits,
                 unacked,
                 metrics,
+                max_record,
             }),
         })
     }
@@ -321,16 +336,38 @@ impl Publisher {
                 self.encode(&self.dead_letter(r))
             }
         };
+        // Nothing we built should fail to encode (validation ran first); if it
+        // does, the record itself is the dead letter's payload. A record too
+        // large for Kafka (a CoinCap asset with a huge token map, say) is one
+        // too, with its encoding as the payload.
+        let encoded = match encoded {
+            Ok(key) if topic != Topic::DeadLetters => {
+                let len = BUF.with(|b| b.borrow().len());
+                if len + key.len() > inner.max_record {
+                    Err((
+                        format!(
+                            "the encoded record is {len} bytes and its key {} bytes, more than the {} bytes a \
+                             Kafka message may carry here (message.max.bytes)",
+                            key.len(),
+                            inner.max_record
+                        ),
+                        BUF.with(|b| b.borrow().clone()),
+                    ))
+                } else {
+                    Ok(key)
+                }
+            }
+            Ok(key) => Ok(key),
+            Err(reason) => Err((reason, format!("{item:?}").into_bytes())),
+        };
         match encoded {
             Ok(key) => self.enqueue(topic, &key, enqueued).await,
-            Err(reason) => {
-                // Nothing we built should fail to encode (validation ran first);
-                // if it does, the record itself is the dead letter's payload.
+            Err((reason, raw)) => {
                 let reject = Reject {
                     component: "producer",
                     stage: "encode",
                     reason,
-                    raw: format!("{item:?}").into_bytes(),
+                    raw,
                     topic: Some(topic),
                     source: tickpipe_schemas::Source::Unknown,
                 };
@@ -384,6 +421,7 @@ impl Publisher {
             event_time: now,
             ingest_time: now,
         }
+        .bounded()
     }
 
     /// Enqueues the record just encoded into this thread's buffer. librdkafka

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use tickpipe_producer::config::Config;
 use tickpipe_producer::metrics::Metrics;
 use tickpipe_producer::service;
-use tickpipe_schemas::{Source, Trade};
+use tickpipe_schemas::{sha256_hex, Source, Trade};
 use tickpipe_testkit::{real, stack};
 
 fn replay_config(prefix: &str, files: Vec<PathBuf>) -> Config {
@@ -102,12 +102,19 @@ async fn malformed_input_of_every_kind_is_dead_lettered_and_the_rest_flows() {
         r#"{"stream":"btcusdt@trade","data":{"e":"trade","E":1,"s":"BTCUSDT","t":6,"p":"1","q":"1","T":1000,"m":false}}"#.to_owned(),
         // A non-MARKET futures trade.
         r#"{"stream":"trxusdt@trade","data":{"e":"trade","E":1,"s":"TRXUSDT","t":7,"p":"0.0","q":"0.0","T":1767225600100,"m":false,"X":"NA"}}"#.to_owned(),
+        // 2 MB of garbage: its dead letter keeps a prefix, the size and a digest.
+        format!("{{\"stream\":\"{}", "x".repeat(2_000_000)),
+        // A line longer than any line is buffered (16 MiB).
+        "y".repeat(17 << 20),
         trade(8, "68040.03", "0.5"),
     ]
     .iter()
     .enumerate()
     .map(|(i, json)| format!("{} {json}\n", 1_767_225_600_000_000_000i64 + i as i64))
-    .collect::<String>();
+    .collect::<Vec<String>>();
+    let garbage = capture[9].trim_end().split_once(' ').unwrap().1.as_bytes().to_vec();
+    let overlong = capture[10].as_bytes().to_vec();
+    let capture = capture.concat();
     let capture_path = dir.join("capture.txt");
     std::fs::write(&capture_path, capture).unwrap();
     // data.binance.vision aggTrades rows: valid, audited-invalid, short, bad boolean.
@@ -161,6 +168,8 @@ async fn malformed_input_of_every_kind_is_dead_lettered_and_the_rest_flows() {
         "invalid audited aggregate trade",
         "expected 8",
         "is not a boolean",
+        "[payload truncated to its first 262144 of 2000011 bytes; sha256 ",
+        "a line of 17825813 bytes, longer than the 16777216 a line may be; kept its first 262144 bytes; sha256 ",
     ];
     assert_eq!(dead.len(), expect.len(), "{reasons:#?}");
     for e in expect {
@@ -170,6 +179,19 @@ async fn malformed_input_of_every_kind_is_dead_lettered_and_the_rest_flows() {
         );
     }
     assert!(dead.iter().all(|d| !d.payload.is_empty() && d.component == "replay"));
+    // The letters of the long inputs fit any broker, and say how to find and
+    // check the original.
+    let long = |what: &str| {
+        dead.iter()
+            .find(|d| d.error.contains(what))
+            .unwrap_or_else(|| panic!("no letter says {what:?}"))
+    };
+    let g = long("of 2000011 bytes");
+    assert_eq!(g.payload, garbage[..262_144]);
+    assert!(g.error.contains(&sha256_hex(&garbage)), "{}", g.error);
+    let o = long("a line of 17825813 bytes");
+    assert_eq!(o.payload, overlong[..262_144]);
+    assert!(o.error.contains(&sha256_hex(&overlong)), "{}", o.error);
     assert_eq!(common::total(&metrics.rejected), expect.len() as u64);
     std::fs::remove_dir_all(&dir).ok();
 }

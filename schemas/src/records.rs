@@ -206,3 +206,126 @@ avro_record! {
         pub ingest_time: Micros,
     }
 }
+
+/// The most payload bytes a dead letter carries: a letter must fit the
+/// broker's `message.max.bytes` (1 MB by default) whatever it was made from.
+pub const MAX_LETTER_PAYLOAD: usize = 256 * 1024;
+/// The most bytes of a dead letter's key and of its error text.
+pub const MAX_LETTER_TEXT: usize = 16 * 1024;
+
+/// SHA-256 of `bytes`, in lower-case hex.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// `s` cut to at most `max` bytes, at a character boundary.
+fn cut(s: &mut String, max: usize) {
+    if s.len() > max {
+        let mut end = max;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.truncate(end);
+    }
+}
+
+impl DeadLetter {
+    /// The letter within what any broker takes: a payload longer than
+    /// [`MAX_LETTER_PAYLOAD`] keeps its first bytes, and the error says how
+    /// long it was and its SHA-256, so that the original can be found and
+    /// checked; a key or an error text past [`MAX_LETTER_TEXT`] is cut the
+    /// same way. The metadata (stage, component, topic, partition, offset,
+    /// times) is kept whole.
+    pub fn bounded(mut self) -> Self {
+        if self.payload.len() > MAX_LETTER_PAYLOAD {
+            let note = format!(
+                " [payload truncated to its first {MAX_LETTER_PAYLOAD} of {} bytes; sha256 {}]",
+                self.payload.len(),
+                sha256_hex(&self.payload)
+            );
+            self.payload.truncate(MAX_LETTER_PAYLOAD);
+            cut(&mut self.error, MAX_LETTER_TEXT);
+            self.error.push_str(&note);
+        } else if self.error.len() > MAX_LETTER_TEXT {
+            let len = self.error.len();
+            cut(&mut self.error, MAX_LETTER_TEXT);
+            self.error.push_str(&format!(" [error text truncated, {len} bytes]"));
+        }
+        if let Some(key) = self.key.as_mut().filter(|k| k.len() > MAX_LETTER_TEXT) {
+            let note = format!(
+                " [key truncated to its first {MAX_LETTER_TEXT} of {} bytes; sha256 {}]",
+                key.len(),
+                sha256_hex(key)
+            );
+            key.truncate(MAX_LETTER_TEXT);
+            self.error.push_str(&note);
+        }
+        self
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn letter(payload: Vec<u8>, key: Option<Vec<u8>>, error: &str) -> DeadLetter {
+        DeadLetter {
+            stage: "parse".into(),
+            error: error.into(),
+            component: "replay".into(),
+            topic: Some("trades".into()),
+            partition: Some(1),
+            offset: Some(42),
+            key,
+            payload,
+            source: Source::Replay,
+            event_time: 1,
+            ingest_time: 2,
+        }
+    }
+
+    #[test]
+    fn small_letters_are_kept_as_they_are() {
+        let l = letter(vec![7; MAX_LETTER_PAYLOAD], Some(vec![1; 10]), "bad");
+        assert_eq!(l.clone().bounded(), l);
+    }
+
+    #[test]
+    fn a_long_payload_keeps_its_prefix_size_and_digest() {
+        let payload: Vec<u8> = (0..3_000_000_u32).map(|i| i as u8).collect();
+        let digest = sha256_hex(&payload);
+        let l = letter(payload.clone(), Some(vec![b'k'; 20_000]), "not json").bounded();
+        assert_eq!(l.payload, payload[..MAX_LETTER_PAYLOAD]);
+        assert!(l
+            .error
+            .starts_with("not json [payload truncated to its first 262144 of 3000000 bytes; sha256 "));
+        assert!(l.error.contains(&digest), "{}", l.error);
+        assert_eq!(l.key.as_ref().map(Vec::len), Some(MAX_LETTER_TEXT));
+        assert!(
+            l.error.contains("[key truncated to its first 16384 of 20000 bytes"),
+            "{}",
+            l.error
+        );
+        assert_eq!(
+            (l.topic.as_deref(), l.partition, l.offset),
+            (Some("trades"), Some(1), Some(42))
+        );
+        // SHA-256 of "abc", FIPS 180-2.
+        assert_eq!(
+            sha256_hex(b"abc"),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+    }
+
+    #[test]
+    fn long_error_text_is_cut_at_a_character_boundary() {
+        let l = letter(vec![], None, &"é".repeat(10_000)).bounded();
+        assert!(l.error.len() < MAX_LETTER_TEXT + 64);
+        assert!(
+            l.error.ends_with(" [error text truncated, 20000 bytes]"),
+            "{}",
+            &l.error[l.error.len() - 60..]
+        );
+    }
+}

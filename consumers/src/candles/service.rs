@@ -37,7 +37,8 @@ use tickpipe_schemas::{Codec, DeadLetter, Record, Source, Topic, Trade, WriteFra
 
 use super::aggregate::{CandleBuilder, CandleConfig, Output};
 use crate::kafka::{
-    consumer_config, consumer_lag_gauge, impossible_position, record_consumer_lag, send_all, STATISTICS_INTERVAL_MS,
+    consumer_config, consumer_lag_gauge, position_above_end, record_consumer_lag, record_ends, send_all, Ends,
+    STATISTICS_INTERVAL_MS,
 };
 
 /// How far before its stored position a partition is re-read on start; the
@@ -151,7 +152,7 @@ impl Metrics {
         let lag = consumer_lag_gauge("tickpipe_candles");
         let refused = IntGauge::new(
             "tickpipe_candles_partitions_refused",
-            "Trades partitions not read because the stored position cannot be right.",
+            "Trades partitions paused because the stored position is above the partition's end.",
         )
         .unwrap_or_else(|e| panic!("{e}"));
         for c in [
@@ -204,11 +205,13 @@ impl ConsumerContext for StateReader {}
 /// The input consumer's client: its statistics set the lag gauge.
 struct InputContext {
     lag: IntGaugeVec,
+    ends: Ends,
 }
 
 impl ClientContext for InputContext {
     fn stats(&self, statistics: Statistics) {
         record_consumer_lag(&self.lag, &statistics);
+        record_ends(&self.ends, &statistics);
     }
 }
 
@@ -333,8 +336,10 @@ pub async fn run(config: ServiceConfig, shutdown: impl Future<Output = ()>) -> R
 
     let mut cc = consumer_config(&config.brokers, &config.group);
     cc.set("statistics.interval.ms", STATISTICS_INTERVAL_MS);
+    let ends = Ends::default();
     let consumer: StreamConsumer<InputContext> = cc.create_with_context(InputContext {
         lag: metrics.lag.clone(),
+        ends: ends.clone(),
     })?;
     let meta = consumer.fetch_metadata(Some(&trades_topic), Duration::from_secs(10))?;
     let mut tpl = TopicPartitionList::new();
@@ -343,24 +348,7 @@ pub async fn run(config: ServiceConfig, shutdown: impl Future<Output = ()>) -> R
     // the builder's state (a broker that resets the position to the earliest
     // offset would otherwise make it count trades twice).
     let mut positions: HashMap<i32, i64> = HashMap::new();
-    let mut refused = 0;
     for p in meta.topics().iter().flat_map(|t| t.partitions()) {
-        if let Some((next, _)) = stored.get(&p.id()) {
-            let marks = consumer.fetch_watermarks(&trades_topic, p.id(), Duration::from_secs(10))?;
-            if let Some(why) = impossible_position(*next, marks.0, marks.1) {
-                refused += 1;
-                tracing::error!(
-                    partition = p.id(),
-                    "candles: {trades_topic}[{}]: {why}. This partition is not read until the position is \
-                     fixed. To start it over from its beginning (its candles are built again), publish a \
-                     tombstone (key trades-{}, no value) to {} and restart the service",
-                    p.id(),
-                    p.id(),
-                    config.state_topic()
-                );
-                continue;
-            }
-        }
         let (offset, builder) = match stored.get(&p.id()) {
             Some((next, snapshot)) => (
                 {
@@ -375,8 +363,11 @@ pub async fn run(config: ServiceConfig, shutdown: impl Future<Output = ()>) -> R
         tpl.add_partition_offset(&trades_topic, p.id(), offset)?;
         builders.insert(p.id(), builder);
     }
-    metrics.refused.set(refused);
     consumer.assign(&tpl)?;
+    // Restored positions still to be checked against their partition's end,
+    // and the partitions refused because theirs lies above it.
+    let mut unchecked: HashSet<i32> = positions.keys().copied().collect();
+    let mut refused: HashSet<i32> = HashSet::new();
     ready.store(true, std::sync::atomic::Ordering::Relaxed);
     tracing::info!(
         partitions = builders.len(),
@@ -399,6 +390,18 @@ pub async fn run(config: ServiceConfig, shutdown: impl Future<Output = ()>) -> R
         let mut next_offsets: HashMap<i32, i64> = HashMap::new();
         let mut dead: Vec<DeadLetter> = Vec::new();
         let deadline = tokio::time::Instant::now() + config.batch_wait;
+        if !unchecked.is_empty() {
+            check_ends(
+                &consumer,
+                &config,
+                &trades_topic,
+                &positions,
+                &ends,
+                &mut unchecked,
+                &mut refused,
+            );
+            metrics.refused.set(refused.len() as i64);
+        }
         // One clock reading per batch: a batch lasts at most `batch_wait`.
         let rules = Rules::at(now_micros());
         let mut n = 0;
@@ -409,6 +412,9 @@ pub async fn run(config: ServiceConfig, shutdown: impl Future<Output = ()>) -> R
                 msg = consumer.recv() => {
                     let msg = msg?;
                     let partition = msg.partition();
+                    if refused.contains(&partition) {
+                        continue;
+                    }
                     let position = positions.entry(partition).or_insert(0);
                     if msg.offset() < *position {
                         metrics.already_counted.inc();
@@ -552,6 +558,44 @@ async fn write_state(
     Ok(())
 }
 
+/// Checks the restored positions in `unchecked` against their partitions'
+/// ends, once the statistics report the end a fetch response gave; pauses
+/// each partition whose position lies above it and adds it to `refused`.
+fn check_ends(
+    consumer: &StreamConsumer<InputContext>,
+    config: &ServiceConfig,
+    topic: &str,
+    positions: &HashMap<i32, i64>,
+    ends: &Ends,
+    unchecked: &mut HashSet<i32>,
+    refused: &mut HashSet<i32>,
+) {
+    let ends = ends.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let mut pause = TopicPartitionList::new();
+    unchecked.retain(|p| {
+        let Some(&end) = ends.get(&(topic.to_owned(), *p)) else {
+            return true;
+        };
+        if let Some(why) = positions.get(p).and_then(|next| position_above_end(*next, end)) {
+            tracing::error!(
+                partition = p,
+                "candles: {topic}[{p}]: {why}. This partition is not read until the position is fixed. To start \
+                 it over from its beginning (its candles are built again), publish a tombstone (key trades-{p}, \
+                 no value) to {} and restart the service",
+                config.state_topic()
+            );
+            refused.insert(*p);
+            let _ = pause.add_partition_offset(topic, *p, Offset::Invalid);
+        }
+        false
+    });
+    if pause.count() > 0 {
+        if let Err(e) = consumer.pause(&pause) {
+            tracing::error!("candles: pausing refused partitions failed: {e}");
+        }
+    }
+}
+
 /// Wall clock minus the oldest watermark of the symbols seen, set every batch
 /// and every idle `batch_wait`.
 fn set_watermark_lag(gauge: &IntGauge, builders: &HashMap<i32, CandleBuilder>) {
@@ -581,6 +625,7 @@ fn dead_letter(
         event_time: now,
         ingest_time: now,
     }
+    .bounded()
 }
 
 fn trade_dead_letter(codec: &Codec, trade: &Trade, reason: String) -> DeadLetter {

@@ -240,8 +240,19 @@ impl Drop for Received<'_> {
 
 /// The block read at a time.
 const BLOCK: usize = 1 << 20;
-/// The longest line read; a longer one is an error, not an unbounded buffer.
+/// The longest line read whole; a longer one is not buffered but becomes a
+/// dead letter with its first bytes, length and SHA-256, and the file goes on.
 const MAX_LINE: usize = 16 << 20;
+
+/// A line, or what is kept of one longer than the bound.
+#[derive(Debug, PartialEq)]
+enum Line<'a> {
+    /// The line with its `\n` (the last one may lack it).
+    Whole(&'a [u8]),
+    /// A line longer than the bound: its first bytes (at most a dead letter's
+    /// payload), its whole length and its SHA-256 in hex.
+    Overlong { prefix: Vec<u8>, len: u64, sha256: String },
+}
 
 /// Lines of a file, read in large blocks and handed out in place: a capture is
 /// mostly depth and bookTicker lines that are skipped, so no line is copied.
@@ -273,15 +284,15 @@ impl<R: Read> Lines<R> {
         }
     }
 
-    /// The next line with its `\n` (the last one may lack it), or `None` at the end.
-    fn next_line(&mut self) -> std::io::Result<Option<&[u8]>> {
+    /// The next line, or `None` at the end.
+    fn next_line(&mut self) -> std::io::Result<Option<Line<'_>>> {
         loop {
             let from = self.start + self.searched;
             if let Some(i) = memchr::memchr(b'\n', &self.buf[from..self.end]) {
                 let line = self.start..from + i + 1;
                 self.start = line.end;
                 self.searched = 0;
-                return Ok(Some(&self.buf[line]));
+                return Ok(Some(Line::Whole(&self.buf[line])));
             }
             self.searched = self.end - self.start;
             if self.eof {
@@ -291,27 +302,65 @@ impl<R: Read> Lines<R> {
                 let line = self.start..self.end;
                 self.start = self.end;
                 self.searched = 0;
-                return Ok(Some(&self.buf[line]));
+                return Ok(Some(Line::Whole(&self.buf[line])));
             }
             self.buf.copy_within(self.start..self.end, 0);
             self.end -= self.start;
             self.start = 0;
             if self.end == self.buf.len() {
                 if self.buf.len() >= self.max {
-                    return Err(std::io::Error::new(
-                        std::io::ErrorKind::InvalidData,
-                        format!("a line longer than {} bytes", self.max),
-                    ));
+                    return self.overlong().map(Some);
                 }
                 self.buf.resize((self.buf.len() * 2).min(self.max), 0);
             }
+            self.fill()?;
+        }
+    }
+
+    /// Reads more after `end`; sets `eof` at the end of the input.
+    fn fill(&mut self) -> std::io::Result<()> {
+        loop {
             match self.inner.read(&mut self.buf[self.end..]) {
                 Ok(0) => self.eof = true,
                 Ok(n) => self.end += n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(e),
             }
+            return Ok(());
         }
+    }
+
+    /// The buffer is full with one line: hashes it through to its newline (or
+    /// the end of the input) without keeping more than its first bytes.
+    fn overlong(&mut self) -> std::io::Result<Line<'static>> {
+        use sha2::Digest;
+        let prefix = self.buf[..self.end.min(tickpipe_schemas::MAX_LETTER_PAYLOAD)].to_vec();
+        let mut hash = sha2::Sha256::new();
+        let mut len = 0u64;
+        loop {
+            match memchr::memchr(b'\n', &self.buf[..self.end]) {
+                Some(i) => {
+                    hash.update(&self.buf[..=i]);
+                    len += i as u64 + 1;
+                    self.start = i + 1;
+                    self.searched = 0;
+                    break;
+                }
+                None => {
+                    hash.update(&self.buf[..self.end]);
+                    len += self.end as u64;
+                    self.end = 0;
+                    if self.eof {
+                        self.start = 0;
+                        self.searched = 0;
+                        break;
+                    }
+                    self.fill()?;
+                }
+            }
+        }
+        let sha256 = hash.finalize().iter().map(|b| format!("{b:02x}")).collect();
+        Ok(Line::Overlong { prefix, len, sha256 })
     }
 }
 
@@ -335,11 +384,30 @@ fn read_file(
     // under a millisecond, and the clock costs more than the rest of a line.
     let mut ingest = now_micros();
     let mut n = 0u64;
-    while let Some(bytes) = lines
+    while let Some(line) = lines
         .next_line()
         .map_err(|e| SourceError::Io(format!("{}:{}: {e}", path.display(), n + 1)))?
     {
         n += 1;
+        let bytes = match line {
+            Line::Whole(bytes) => bytes,
+            Line::Overlong { prefix, len, sha256 } => {
+                received.pending += 1;
+                let reason = format!(
+                    "{}:{n}: a line of {len} bytes, longer than the {MAX_LINE} a line may be; kept its first {} \
+                     bytes; sha256 {sha256}",
+                    path.display(),
+                    prefix.len()
+                );
+                batch.push(Item::Reject(Reject::parse(
+                    COMPONENT,
+                    RecordSource::Replay,
+                    &prefix,
+                    reason,
+                )));
+                continue;
+            }
+        };
         if format == Some(Format::Capture) && not_published(bytes) {
             // Depth and bookTicker updates: most of a capture, none of ours.
             received.pending += 1;
@@ -495,7 +563,12 @@ mod tests {
         let mut lines = Lines::new(Trickle { data, step }, block, max);
         let mut out = Vec::new();
         while let Some(l) = lines.next_line()? {
-            out.push(l.to_vec());
+            match l {
+                Line::Whole(l) => out.push(l.to_vec()),
+                Line::Overlong { prefix, len, sha256 } => {
+                    out.push(format!("overlong {len} {sha256} {}", String::from_utf8_lossy(&prefix)).into_bytes())
+                }
+            }
         }
         Ok(out)
     }
@@ -518,11 +591,29 @@ mod tests {
     }
 
     #[test]
-    fn a_line_longer_than_the_bound_is_an_error_not_a_larger_buffer() {
-        let err = all_lines(b"ok\n0123456789abcdefXYZ\n", 4, 2, 16).unwrap_err();
-        assert_eq!(err.kind(), std::io::ErrorKind::InvalidData);
-        assert!(err.to_string().contains("longer than 16 bytes"), "{err}");
-        // Exactly at the bound, with its newline, is fine.
+    fn a_line_longer_than_the_bound_is_kept_as_prefix_length_and_digest_and_reading_goes_on() {
+        let long = b"0123456789abcdefXYZ\n";
+        let digest = tickpipe_schemas::sha256_hex(long);
+        for (step, block) in [(4, 2), (1, 1), (64, 64), (3, 16)] {
+            let lines = all_lines(b"ok\n0123456789abcdefXYZ\nnext\n", step, block, 16).unwrap();
+            assert_eq!(
+                lines,
+                vec![
+                    b"ok\n".to_vec(),
+                    format!("overlong 20 {digest} 0123456789abcdef").into_bytes(),
+                    b"next\n".to_vec(),
+                ],
+                "step {step}, block {block}"
+            );
+        }
+        // At the end of the input, without a newline.
+        let lines = all_lines(b"0123456789abcdefXY", 5, 4, 16).unwrap();
+        let digest = tickpipe_schemas::sha256_hex(b"0123456789abcdefXY");
+        assert_eq!(
+            lines,
+            vec![format!("overlong 18 {digest} 0123456789abcdef").into_bytes()]
+        );
+        // Exactly at the bound, with its newline, is a line.
         assert_eq!(all_lines(b"0123456789abcde\n", 4, 2, 16).unwrap().len(), 1);
     }
 
