@@ -93,9 +93,26 @@ pub fn record_ends(ends: &Ends, statistics: &Statistics) {
 /// Produces records and waits until the broker acknowledged every one. All are
 /// enqueued first, so that librdkafka batches them, then awaited.
 pub async fn send_all(producer: &FutureProducer, records: Vec<(String, String, Vec<u8>)>) -> Result<(), KafkaError> {
-    let mut deliveries = Vec::with_capacity(records.len());
-    for (topic, key, value) in &records {
-        let mut record = FutureRecord::to(topic).key(key).payload(value);
+    send_each(
+        producer,
+        records
+            .iter()
+            .map(|(t, k, v)| (t.as_str(), k.as_str(), Some(v.as_slice()))),
+    )
+    .await
+}
+
+/// [`send_all`] for records that may be tombstones (no value).
+pub async fn send_each<'a>(
+    producer: &FutureProducer,
+    records: impl Iterator<Item = (&'a str, &'a str, Option<&'a [u8]>)>,
+) -> Result<(), KafkaError> {
+    let mut deliveries = Vec::new();
+    for (topic, key, value) in records {
+        let mut record = FutureRecord::to(topic).key(key);
+        if let Some(v) = value {
+            record = record.payload(v);
+        }
         loop {
             match producer.send_result(record) {
                 Ok(delivery) => {

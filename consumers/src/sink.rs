@@ -90,7 +90,7 @@ impl SinkMetrics {
             ),
             refused: must(IntGaugeVec::new(
                 Opts::new(
-                    format!("{prefix}_partitions_refused"),
+                    format!("{prefix}_refused_partitions"),
                     "Assigned partitions paused because the written position is above the partition's end; the \
                      log says how to re-baseline.",
                 ),

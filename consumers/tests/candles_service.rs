@@ -11,7 +11,7 @@ use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::Message;
 use tickpipe_consumers::candles::service::{run, ServiceConfig};
-use tickpipe_consumers::candles::{CandleBuilder, CandleConfig, Output};
+use tickpipe_consumers::candles::{state, CandleBuilder, CandleConfig, Output};
 use tickpipe_consumers::kafka::consumer_config;
 use tickpipe_producer::kafka::{ensure_topics, ensure_topics_configured, producer_config};
 use tickpipe_schemas::{Candle, Codec, Record, Topic, Trade, WriteFraming};
@@ -193,17 +193,24 @@ async fn publishes_what_the_pure_builder_makes() {
     // Many batches, one snapshot: the state is stored at the interval (here
     // longer than the run) and when the service stops, not after every batch.
     // It holds the position after the last trade (one symbol: one partition,
-    // offsets 0 to n - 1).
-    let written: Vec<(String, i64)> = kafka::read_topic(&brokers, &state_topic)
-        .into_iter()
-        .map(|(key, value)| {
-            let next = i64::from_be_bytes(value[..8].try_into().unwrap());
-            (String::from_utf8(key).unwrap(), next)
-        })
-        .collect();
-    assert_eq!(written.len(), 1, "{written:?}");
-    assert!(written[0].0.starts_with("trades-"), "{written:?}");
-    assert_eq!(written[0].1, published.len() as i64, "{written:?}");
+    // offsets 0 to n - 1): one head and its chunk.
+    let records = kafka::read_topic(&brokers, &state_topic);
+    assert_eq!(
+        records.len(),
+        2,
+        "{:?}",
+        records.iter().map(|r| &r.0).collect::<Vec<_>>()
+    );
+    let mut reader = state::Reader::default();
+    for (key, value) in &records {
+        reader.record(key, Some(value));
+    }
+    let (states, orphans) = reader.finish(&state_topic).expect("state");
+    assert!(orphans.is_empty());
+    assert_eq!(states.len(), 1, "{:?}", states.keys());
+    let stored = states.values().next().expect("one state");
+    assert_eq!(stored.next, published.len() as i64);
+    assert!(CandleBuilder::restore(candle_config(), &stored.snapshot).is_ok());
     assert_eq!(
         expected.len(),
         3_560 + 712 - 1 - 1,
@@ -497,7 +504,7 @@ async fn a_stored_position_above_the_partition_end_is_refused_until_a_tombstone_
     let service = tokio::spawn(run(config.clone(), async {
         let _ = stopped.await;
     }));
-    wait_metric(metrics, "tickpipe_candles_partitions_refused 1").await;
+    wait_metric(metrics, "tickpipe_candles_refused_partitions 1").await;
     wait_metric(metrics, "tickpipe_candles_trades_in_total 0").await;
     stop.send(()).unwrap();
     service.await.unwrap().unwrap();
@@ -516,7 +523,7 @@ async fn a_stored_position_above_the_partition_end_is_refused_until_a_tombstone_
     let service = tokio::spawn(run(config, async {
         let _ = stopped.await;
     }));
-    wait_metric(metrics, "tickpipe_candles_partitions_refused 0").await;
+    wait_metric(metrics, "tickpipe_candles_refused_partitions 0").await;
     wait_metric(metrics, &format!("tickpipe_candles_trades_in_total {}", trades.len())).await;
     let mut reader = CandleReader::new(&brokers, &prefix);
     reader
@@ -526,4 +533,86 @@ async fn a_stored_position_above_the_partition_end_is_refused_until_a_tombstone_
         .await;
     stop.send(()).unwrap();
     service.await.unwrap().unwrap();
+}
+
+/// One trade of each symbol `SYM0000USDT`..., at `t` plus its index in µs.
+fn one_trade_each(symbols: usize, t: i64, id: i64) -> Vec<Trade> {
+    (0..symbols)
+        .map(|s| Trade {
+            venue: "binance".into(),
+            symbol: format!("SYM{s:04}USDT"),
+            kind: tickpipe_schemas::TradeKind::Trade,
+            trade_id: id,
+            price: tickpipe_schemas::Decimal::new(100 + s as i64, 2),
+            quantity: tickpipe_schemas::Decimal::new(1, 3),
+            buyer_is_maker: false,
+            first_trade_id: None,
+            last_trade_id: None,
+            source: tickpipe_schemas::Source::Replay,
+            event_time: t + s as i64,
+            ingest_time: t,
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_state_of_5000_symbols_is_stored_in_chunks_and_restored() {
+    let brokers = stack::kafka_brokers();
+    let prefix = format!("{}.", stack::unique_name("candles_5000"));
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_micros() as i64;
+    let minute = (now - 3_600_000_000) / 60_000_000 * 60_000_000;
+    publish_trades(&brokers, &prefix, &one_trade_each(5_000, minute, 1)).await;
+
+    // The first run holds one open window per symbol and interval, and stores
+    // them when it stops: megabytes, more than one Kafka message may carry.
+    let mut config = service_config(&prefix, "candles-5000");
+    let metrics = stack::free_loopback_addr();
+    config.metrics_addr = Some(metrics);
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let service = tokio::spawn(run(config.clone(), async {
+        let _ = stopped.await;
+    }));
+    wait_metric(metrics, "tickpipe_candles_trades_in_total 5000").await;
+    stop.send(()).unwrap();
+    service.await.unwrap().expect("the state of 5,000 symbols is stored");
+    let state_topic = format!("{prefix}candles-state");
+    let mut reader = state::Reader::default();
+    let records = kafka::read_topic(&brokers, &state_topic);
+    for (key, value) in &records {
+        reader.record(key, Some(value));
+    }
+    let (states, _) = reader.finish(&state_topic).expect("state");
+    assert_eq!(states.values().map(|s| s.next).sum::<i64>(), 5_000);
+    let largest = states.values().map(|s| s.snapshot.len()).max().unwrap_or(0);
+    assert!(
+        largest > 1_000_000,
+        "a snapshot of {largest} bytes would fit one message"
+    );
+    assert!(records.iter().all(|(_, v)| v.len() <= state::CHUNK));
+
+    // The second run restores it and reads only what came after: a trade of
+    // each symbol in the next minute closes the first minute's candle, which
+    // holds the trade only the restored state knows.
+    publish_trades(&brokers, &prefix, &one_trade_each(5_000, minute + 60_000_000, 2)).await;
+    let metrics = stack::free_loopback_addr();
+    config.metrics_addr = Some(metrics);
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let service = tokio::spawn(run(config, async {
+        let _ = stopped.await;
+    }));
+    wait_metric(metrics, "tickpipe_candles_trades_in_total 5000").await;
+    wait_metric(metrics, "tickpipe_candles_candles_out_total{interval=\"1m\"} 5000").await;
+    stop.send(()).unwrap();
+    service.await.unwrap().unwrap();
+    let codec = Codec::new(WriteFraming::SingleObject);
+    let firsts: BTreeSet<String> = kafka::read_topic(&brokers, &Topic::Candles.name(&prefix))
+        .iter()
+        .map(|(_, v)| codec.decode::<Candle>(v).unwrap())
+        .filter(|c| c.interval == "1m" && c.open_time == minute && c.trade_count == 1 && c.first_trade_id == Some(1))
+        .map(|c| c.symbol)
+        .collect();
+    assert_eq!(firsts.len(), 5_000);
 }

@@ -148,7 +148,9 @@ async fn the_services_export_exactly_the_metrics_contract() {
         match spec.kind.as_str() {
             "counter" => assert!(name.ends_with("_total"), "{name}: a counter ends in _total"),
             "histogram" | "gauge" => assert!(
-                ["_seconds", "_records", "_bytes"].iter().any(|u| name.ends_with(u)),
+                ["_seconds", "_records", "_bytes", "_partitions"]
+                    .iter()
+                    .any(|u| name.ends_with(u)),
                 "{name}: the unit belongs in the name"
             ),
             other => panic!("{name}: unknown type {other}"),
@@ -271,9 +273,9 @@ async fn the_services_export_exactly_the_metrics_contract() {
         "tickpipe_postgres_sink_records_rejected_total",
         "tickpipe_postgres_sink_end_to_end_latency_seconds",
         "tickpipe_postgres_sink_consumer_lag_records",
-        "tickpipe_postgres_sink_partitions_refused",
+        "tickpipe_postgres_sink_refused_partitions",
         "tickpipe_bigquery_sink_records_consumed_total",
-        "tickpipe_bigquery_sink_partitions_refused",
+        "tickpipe_bigquery_sink_refused_partitions",
         "tickpipe_bigquery_sink_records_written_total",
         "tickpipe_bigquery_sink_records_rejected_total",
         "tickpipe_bigquery_sink_end_to_end_latency_seconds",

@@ -161,7 +161,7 @@ async fn a_stored_position_above_the_partition_end_stops_that_partition_until_re
 
     let metrics = stack::free_loopback_addr();
     let sink = start(with_metrics(metrics));
-    let refused = format!("tickpipe_postgres_sink_partitions_refused{{topic=\"{topic}\"}} 1");
+    let refused = format!("tickpipe_postgres_sink_refused_partitions{{topic=\"{topic}\"}} 1");
     wait_metric(metrics, &refused).await;
     // Partition 1 flows; partition 0 is neither written nor moved.
     wait_count(&client, "SELECT count(*) FROM trades", 10, 30).await;

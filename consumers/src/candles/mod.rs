@@ -5,6 +5,7 @@
 
 pub mod aggregate;
 pub mod service;
+pub mod state;
 
 pub use aggregate::{aggregate, Bar, CandleBuilder, CandleConfig, Output};
 pub use tickpipe_schemas::interval::{self, Interval};

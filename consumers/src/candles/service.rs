@@ -36,9 +36,10 @@ use tickpipe_schemas::validate::Rules;
 use tickpipe_schemas::{Codec, DeadLetter, Record, Source, Topic, Trade, WriteFraming};
 
 use super::aggregate::{CandleBuilder, CandleConfig, Output};
+use super::state::{self, Generation, Stored};
 use crate::kafka::{
-    consumer_config, consumer_lag_gauge, position_above_end, record_consumer_lag, record_ends, send_all, Ends,
-    STATISTICS_INTERVAL_MS,
+    consumer_config, consumer_lag_gauge, position_above_end, record_consumer_lag, record_ends, send_all, send_each,
+    Ends, STATISTICS_INTERVAL_MS,
 };
 
 /// How far before its stored position a partition is re-read on start; the
@@ -151,7 +152,7 @@ impl Metrics {
         .unwrap_or_else(|e| panic!("{e}"));
         let lag = consumer_lag_gauge("tickpipe_candles");
         let refused = IntGauge::new(
-            "tickpipe_candles_partitions_refused",
+            "tickpipe_candles_refused_partitions",
             "Trades partitions paused because the stored position is above the partition's end.",
         )
         .unwrap_or_else(|e| panic!("{e}"));
@@ -179,11 +180,6 @@ impl Metrics {
             refused,
         }
     }
-}
-
-/// State record key of an input partition.
-fn state_key(partition: i32) -> String {
-    format!("trades-{partition}")
 }
 
 /// The state reader's client: a partition's end is how the read finishes, so
@@ -231,7 +227,7 @@ const STATE_READ_STALL: Duration = Duration::from_secs(60);
 ///
 /// The end of each partition is found from the fetch responses (partition EOF),
 /// not from ListOffsets, which some Kafka-protocol brokers (tansu) answer wrongly.
-fn read_state(config: &ServiceConfig) -> Result<HashMap<i32, (i64, Vec<u8>)>, ServiceError> {
+fn read_state(config: &ServiceConfig) -> Result<(HashMap<i32, Stored>, Vec<String>), ServiceError> {
     let topic = config.state_topic();
     let mut cc = consumer_config(&config.brokers, &format!("{}-state-reader", config.group));
     cc.set("enable.partition.eof", "true");
@@ -243,7 +239,7 @@ fn read_state(config: &ServiceConfig) -> Result<HashMap<i32, (i64, Vec<u8>)>, Se
         tpl.add_partition_offset(&topic, p.id(), Offset::Beginning)?;
         open.insert(p.id());
     }
-    let mut state = HashMap::new();
+    let mut reader = state::Reader::default();
     let mut reads = 0;
     consumer.assign(&tpl)?;
     // A deadline on progress, not on the whole read: a state topic the broker
@@ -269,27 +265,14 @@ fn read_state(config: &ServiceConfig) -> Result<HashMap<i32, (i64, Vec<u8>)>, Se
         };
         reads += 1;
         deadline = std::time::Instant::now() + STATE_READ_STALL;
-        let partition = msg
-            .key()
-            .and_then(|k| std::str::from_utf8(k).ok())
-            .and_then(|k| k.strip_prefix("trades-"))
-            .and_then(|p| p.parse::<i32>().ok());
-        match (partition, msg.payload()) {
-            (Some(p), Some(value)) if value.len() >= 8 => {
-                let mut off = [0u8; 8];
-                off.copy_from_slice(&value[..8]);
-                state.insert(p, (i64::from_be_bytes(off), value[8..].to_vec()));
-            }
-            // A tombstone: the partition starts over (the re-baseline).
-            (Some(p), None) => {
-                state.remove(&p);
-            }
-            _ => {}
+        if let Some(key) = msg.key() {
+            reader.record(key, msg.payload());
         }
     }
-    let state_offsets: Vec<(i32, i64)> = state.iter().map(|(p, (o, _))| (*p, *o)).collect();
+    let (state, orphans) = reader.finish(&topic).map_err(ServiceError::State)?;
+    let state_offsets: Vec<(i32, i64)> = state.iter().map(|(p, s)| (*p, s.next)).collect();
     tracing::info!(records_read = reads, ?state_offsets, "candles: state read");
-    Ok(state)
+    Ok((state, orphans))
 }
 
 /// Runs until `shutdown` resolves, then finishes the batch in hand and returns.
@@ -330,9 +313,11 @@ pub async fn run(config: ServiceConfig, shutdown: impl Future<Output = ()>) -> R
     }
 
     let restore_config = config.clone();
-    let stored = tokio::task::spawn_blocking(move || read_state(&restore_config))
+    let (stored, orphans) = tokio::task::spawn_blocking(move || read_state(&restore_config))
         .await
         .map_err(|e| ServiceError::State(e.to_string()))??;
+    // What each partition's next state write replaces.
+    let mut generations: HashMap<i32, Generation> = stored.iter().map(|(p, s)| (*p, s.generation)).collect();
 
     let mut cc = consumer_config(&config.brokers, &config.group);
     cc.set("statistics.interval.ms", STATISTICS_INTERVAL_MS);
@@ -350,12 +335,12 @@ pub async fn run(config: ServiceConfig, shutdown: impl Future<Output = ()>) -> R
     let mut positions: HashMap<i32, i64> = HashMap::new();
     for p in meta.topics().iter().flat_map(|t| t.partitions()) {
         let (offset, builder) = match stored.get(&p.id()) {
-            Some((next, snapshot)) => (
+            Some(s) => (
                 {
-                    positions.insert(p.id(), *next);
-                    Offset::Offset(next.saturating_sub(RESUME_REWIND).max(0))
+                    positions.insert(p.id(), s.next);
+                    Offset::Offset(s.next.saturating_sub(RESUME_REWIND).max(0))
                 },
-                CandleBuilder::restore(config.candles.clone(), snapshot).map_err(ServiceError::State)?,
+                CandleBuilder::restore(config.candles.clone(), &s.snapshot).map_err(ServiceError::State)?,
             ),
             None => (Offset::Beginning, CandleBuilder::new(config.candles.clone())),
         };
@@ -376,6 +361,11 @@ pub async fn run(config: ServiceConfig, shutdown: impl Future<Output = ()>) -> R
     );
 
     let producer = future_producer(&config.brokers, &candles_topic)?;
+    // Chunks of a state write that stopped before its head: deleted.
+    if !orphans.is_empty() {
+        let topic = config.state_topic();
+        send_each(&producer, orphans.iter().map(|k| (topic.as_str(), k.as_str(), None))).await?;
+    }
     let codec = Codec::new(WriteFraming::SingleObject);
     let mut shutdown = std::pin::pin!(shutdown);
     let mut stopping = false;
@@ -452,7 +442,15 @@ pub async fn run(config: ServiceConfig, shutdown: impl Future<Output = ()>) -> R
             // Idle: the watermarks stand still and their lag grows.
             set_watermark_lag(&metrics.watermark_lag, &builders);
             if saved_at.elapsed() >= config.state_interval {
-                write_state(&producer, &config, &builders, &mut unsaved, &mut saved_at).await?;
+                write_state(
+                    &producer,
+                    &config,
+                    &builders,
+                    &mut generations,
+                    &mut unsaved,
+                    &mut saved_at,
+                )
+                .await?;
             }
             continue;
         }
@@ -510,7 +508,15 @@ pub async fn run(config: ServiceConfig, shutdown: impl Future<Output = ()>) -> R
         // (2) The state that goes with those outputs, when it is due.
         unsaved.extend(&next_offsets);
         if stopping || saved_at.elapsed() >= config.state_interval {
-            write_state(&producer, &config, &builders, &mut unsaved, &mut saved_at).await?;
+            write_state(
+                &producer,
+                &config,
+                &builders,
+                &mut generations,
+                &mut unsaved,
+                &mut saved_at,
+            )
+            .await?;
         }
 
         // (3) Progress for lag monitoring.
@@ -523,34 +529,58 @@ pub async fn run(config: ServiceConfig, shutdown: impl Future<Output = ()>) -> R
         set_watermark_lag(&metrics.watermark_lag, &builders);
     }
     // A stop that came while idle: the trades since the last snapshot.
-    write_state(&producer, &config, &builders, &mut unsaved, &mut saved_at).await?;
+    write_state(
+        &producer,
+        &config,
+        &builders,
+        &mut generations,
+        &mut unsaved,
+        &mut saved_at,
+    )
+    .await?;
     tracing::info!("candles: stopped after storing its state");
     Ok(())
 }
 
-/// Writes a snapshot of each builder in `unsaved` with its next input offset,
-/// waits for the acknowledgement, empties `unsaved` and sets `saved_at` to now
-/// (also when there was nothing to write). Call it only once the outputs of
-/// every trade the builders hold are acknowledged.
+/// Writes a snapshot of each builder in `unsaved` with its next input offset
+/// (in chunks, then the heads that name them, then tombstones for the chunks
+/// they replace: `state`), waits for the acknowledgements, empties `unsaved`
+/// and sets `saved_at` to now (also when there was nothing to write). Call it
+/// only once the outputs of every trade the builders hold are acknowledged.
 async fn write_state(
     producer: &rdkafka::producer::FutureProducer,
     config: &ServiceConfig,
     builders: &HashMap<i32, CandleBuilder>,
+    generations: &mut HashMap<i32, Generation>,
     unsaved: &mut HashMap<i32, i64>,
     saved_at: &mut tokio::time::Instant,
 ) -> Result<(), ServiceError> {
     if !unsaved.is_empty() {
         let topic = config.state_topic();
-        let states = unsaved
+        let writes: Vec<(i32, state::Write)> = unsaved
             .iter()
             .filter_map(|(p, next)| {
                 let b = builders.get(p)?;
-                let mut value = next.to_be_bytes().to_vec();
-                value.extend_from_slice(&b.snapshot());
-                Some((topic.clone(), state_key(*p), value))
+                Some((*p, state::write(*p, *next, &b.snapshot(), generations.get(p).copied())))
             })
             .collect();
-        send_all(producer, states).await?;
+        let chunks = writes.iter().flat_map(|(_, w)| &w.chunks);
+        send_each(
+            producer,
+            chunks.map(|(k, v)| (topic.as_str(), k.as_str(), Some(v.as_slice()))),
+        )
+        .await?;
+        let heads = writes.iter().map(|(_, w)| &w.head);
+        send_each(
+            producer,
+            heads.map(|(k, v)| (topic.as_str(), k.as_str(), Some(v.as_slice()))),
+        )
+        .await?;
+        let obsolete = writes.iter().flat_map(|(_, w)| &w.obsolete);
+        send_each(producer, obsolete.map(|k| (topic.as_str(), k.as_str(), None))).await?;
+        for (p, w) in &writes {
+            generations.insert(*p, w.stored);
+        }
         tracing::debug!(?unsaved, "candles: state written");
         unsaved.clear();
     }
