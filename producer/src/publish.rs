@@ -283,6 +283,28 @@ impl Publisher {
         self.inner.permits.available_permits() == 0
     }
 
+    /// The fatal error librdkafka raised, if any (for example the idempotent
+    /// producer refused its producer id): the client can deliver nothing more,
+    /// and the process must stop so that an orchestrator starts it afresh.
+    pub fn fatal_error(&self) -> Option<String> {
+        self.inner
+            .producer
+            .client()
+            .fatal_error()
+            .map(|(code, reason)| format!("{code:?}: {reason}"))
+    }
+
+    /// Resolves with the fatal error once librdkafka raises one (checked every
+    /// 200 ms).
+    pub async fn fatal(&self) -> String {
+        loop {
+            if let Some(e) = self.fatal_error() {
+                return e;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
     /// Publishes one item: a record to its entity topic, a reject to the dead
     /// letters. Waits while `max_in_flight` records are unacknowledged. Never
     /// fails: what cannot be encoded becomes a dead letter itself.

@@ -32,6 +32,10 @@ pub enum ServiceError {
     Source { name: &'static str, source: SourceError },
     #[error("{0} records were still unacknowledged when the flush timed out")]
     Unflushed(u64),
+    #[error(
+        "kafka: fatal error, the producer cannot deliver anything more ({0}); it stops so that it can be restarted"
+    )]
+    Fatal(String),
 }
 
 /// What a run did.
@@ -106,12 +110,13 @@ async fn start(config: &Config, metrics: Metrics) -> Result<Running, ServiceErro
         )
         .await
         .map_err(|source| ServiceError::Endpoint { addr, source })?;
-        // Readiness follows backpressure: not ready while nothing more can be enqueued.
+        // Readiness follows backpressure: not ready while nothing more can be
+        // enqueued, nor after a fatal error (the process is then stopping).
         let (p, r) = (publisher.clone(), ready.clone());
         tokio::spawn(async move {
             loop {
                 tokio::time::sleep(Duration::from_millis(500)).await;
-                r.store(!p.saturated(), Ordering::Relaxed);
+                r.store(!p.saturated() && p.fatal_error().is_none(), Ordering::Relaxed);
             }
         });
     }
@@ -168,10 +173,17 @@ pub async fn run(
     }
     tokio::pin!(shutdown);
     let mut failure = None;
+    let fatal = publisher.fatal();
+    tokio::pin!(fatal);
     loop {
         tokio::select! {
             _ = &mut shutdown => {
                 tracing::info!("stopping: no new input, flushing what is in flight");
+                break;
+            }
+            e = &mut fatal => {
+                tracing::error!(error = %e, "kafka: fatal error; stopping");
+                failure = Some(ServiceError::Fatal(e));
                 break;
             }
             done = tasks.join_next() => match done {
@@ -200,6 +212,10 @@ pub async fn run(
         tracing::warn!("sources did not stop within 10 s");
     }
     running.ready.store(false, Ordering::Relaxed);
+    // After a fatal error nothing more is acknowledged: no flush to wait for.
+    if let Some(e @ ServiceError::Fatal(_)) = failure {
+        return Err(e);
+    }
     let unacknowledged = publisher.flush(Duration::from_secs(30)).await;
     if let Some(e) = failure {
         return Err(e);
@@ -223,12 +239,15 @@ pub async fn run_backfill(
         shutdown.await;
         handle.stop();
     });
-    let published = backfill::run(&job, &config.binance, &running.publisher, stop)
-        .await
-        .map_err(|source| ServiceError::Source {
-            name: "binance-backfill",
-            source,
-        })?;
+    let published = tokio::select! {
+        done = backfill::run(&job, &config.binance, &running.publisher, stop) => {
+            done.map_err(|source| ServiceError::Source {
+                name: "binance-backfill",
+                source,
+            })?
+        }
+        e = running.publisher.fatal() => return Err(ServiceError::Fatal(e)),
+    };
     let unacknowledged = running.publisher.flush(Duration::from_secs(30)).await;
     if unacknowledged > 0 {
         return Err(ServiceError::Unflushed(unacknowledged));

@@ -1,7 +1,8 @@
 //! Fault injection with librdkafka's MockCluster: the only broker goes down
 //! while the simulator publishes flat out. The sources must block on the
 //! in-flight bound (memory stays bounded), and once the broker is back every
-//! trade arrives exactly once.
+//! trade arrives exactly once. A fatal error of the idempotent producer
+//! stops the producer with an error instead of leaving it running blind.
 
 mod common;
 
@@ -9,6 +10,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use rdkafka::mocking::MockCluster;
+use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 use tickpipe_producer::config::Config;
 use tickpipe_producer::metrics::Metrics;
 use tickpipe_producer::service;
@@ -93,4 +95,45 @@ async fn a_broker_outage_loses_nothing_and_memory_stays_bounded() {
         let n = ids.len() as i64;
         assert_eq!(ids, (1..=n).collect::<Vec<_>>(), "{symbol}: ids 1..={n} each once");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fatal_kafka_error_fails_readiness_and_stops_the_producer_with_an_error() {
+    // The cluster refuses the idempotent producer its id: librdkafka raises a
+    // fatal error and can deliver nothing more.
+    let cluster = MockCluster::new(1).expect("mock cluster");
+    for t in Topic::ALL {
+        cluster.create_topic(&t.name(""), 1, 1).expect("topic");
+    }
+    cluster.request_errors(
+        RDKafkaApiKey::InitProducerId,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_CLUSTER_AUTHORIZATION_FAILED; 8],
+    );
+    let addr = tickpipe_testkit::stack::free_loopback_addr();
+    let mut config = Config {
+        sources: vec!["simulator".into()],
+        metrics_addr: addr.to_string(),
+        ..Config::default()
+    };
+    config.kafka.brokers = cluster.bootstrap_servers();
+    config.kafka.create_topics = false;
+    let run = tokio::spawn(service::run(config, Metrics::new(), std::future::pending()));
+    let readyz = || async move {
+        reqwest::get(format!("http://{addr}/readyz"))
+            .await
+            .map(|r| r.status().as_u16())
+            .unwrap_or(0)
+    };
+    let error = tokio::time::timeout(Duration::from_secs(60), run)
+        .await
+        .expect("the producer stops on its own")
+        .expect("task")
+        .expect_err("a fatal error is an error");
+    let text = error.to_string();
+    assert!(text.contains("fatal error"), "{text}");
+    assert!(
+        text.contains("ClusterAuthorizationFailed") || text.contains("authoriz"),
+        "{text}"
+    );
+    assert_ne!(readyz().await, 200, "not ready once fatal");
 }

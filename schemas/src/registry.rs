@@ -150,7 +150,15 @@ pub struct RegistryClient {
     config: RegistryConfig,
     /// Schemas already fetched by id; ids are immutable in a registry.
     by_id: Mutex<HashMap<u32, Arc<str>>>,
+    /// Ids the registry said it does not have (404), and when: not asked
+    /// again for [`MISSING_ID_TTL`], so that records naming such an id
+    /// become dead letters at the pace they come instead of one HTTP call each.
+    missing: Mutex<HashMap<u32, std::time::Instant>>,
 }
+
+/// How long an id the registry does not have is remembered as missing (a
+/// schema registered meanwhile is found after this).
+pub const MISSING_ID_TTL: std::time::Duration = std::time::Duration::from_secs(300);
 
 impl fmt::Debug for RegistryClient {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -175,6 +183,7 @@ impl RegistryClient {
             http,
             config,
             by_id: Mutex::default(),
+            missing: Mutex::default(),
         })
     }
 
@@ -329,7 +338,26 @@ impl RegistryClient {
         if codec.knows_id(schema_id) {
             return Ok(());
         }
-        let schema = self.schema_by_id(schema_id).await?;
+        let missing_since = self
+            .missing
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&schema_id)
+            .copied();
+        if missing_since.is_some_and(|t| t.elapsed() < MISSING_ID_TTL) {
+            // Left for the decoder, which refuses the unknown id.
+            return Ok(());
+        }
+        let schema = match self.schema_by_id(schema_id).await {
+            Err(e @ RegistryError::Api { status: 404, .. }) => {
+                self.missing
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(schema_id, std::time::Instant::now());
+                return Err(e);
+            }
+            other => other?,
+        };
         codec
             .add_registry_schema(schema_id, &schema)
             .map_err(|e| RegistryError::InvalidSchema {

@@ -145,3 +145,24 @@ fn the_password_is_never_printed() {
     assert!(!shown.contains("s3cret"), "{shown}");
     assert!(shown.contains("***"));
 }
+
+#[tokio::test]
+async fn an_id_the_registry_lacks_is_asked_once_and_each_record_naming_it_is_refused() {
+    let registry = RegistryDouble::start().await.unwrap();
+    let consumer = client(&registry.url);
+    let codec = Codec::new(WriteFraming::SingleObject);
+    let mut payload = vec![0u8, 0, 0, 0x03, 0xe7]; // schema id 999
+    payload.extend_from_slice(&Codec::new(WriteFraming::SingleObject).encode(&trade()).unwrap()[10..]);
+    let first = consumer.learn(&codec, &payload).await;
+    assert!(
+        matches!(first, Err(RegistryError::Api { status: 404, .. })),
+        "{first:?}"
+    );
+    for _ in 0..100 {
+        // Remembered as missing: no further call, and the decoder refuses it.
+        assert!(consumer.learn(&codec, &payload).await.is_ok());
+        let err = codec.decode::<Trade>(&payload).unwrap_err();
+        assert!(err.to_string().contains("999"), "{err}");
+    }
+    assert_eq!(registry.requests(), vec!["GET /schemas/ids/999".to_owned()]);
+}

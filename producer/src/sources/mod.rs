@@ -33,6 +33,10 @@ pub enum SourceError {
     /// Reading local input failed.
     #[error("{0}")]
     Io(String),
+    /// A part of the source ended when it must not have (a bug): the source
+    /// stops, so that the process is restarted rather than run blind.
+    #[error("{0}")]
+    Internal(String),
 }
 
 /// A source: runs until its input ends (files) or it is stopped (live feeds).

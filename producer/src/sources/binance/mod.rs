@@ -392,7 +392,7 @@ async fn run_ws(config: BinanceConfig, publisher: Publisher, mut stop: Stop) -> 
                             trade: t,
                             excluded,
                             raw,
-                        });
+                        })?;
                     }
                     Ok(WsEvent::Candle(c)) => {
                         if klines.is_new(&c.symbol, &c.interval, c.open_time) {
@@ -467,7 +467,9 @@ struct Lanes {
 }
 
 impl Lanes {
-    fn send(&mut self, t: LiveTrade) {
+    /// Hands a trade to its lane; fails when the lane ended, which only a
+    /// bug can cause before a stop: its symbol would go silent.
+    fn send(&mut self, t: LiveTrade) -> Result<(), SourceError> {
         let key = (t.trade.symbol.clone(), t.trade.kind);
         let (shared, tasks) = (&self.shared, &mut self.tasks);
         let lane = self.lanes.entry(key).or_insert_with(|| {
@@ -497,9 +499,15 @@ impl Lanes {
                 }
                 lane.full = true;
             }
-            // The lane ended: only after a stop.
-            Err(mpsc::error::TrySendError::Closed(_)) => {}
+            Err(mpsc::error::TrySendError::Closed(t)) => {
+                return Err(SourceError::Internal(format!(
+                    "the {:?} lane of {} ended unexpectedly; stopping so that the producer is restarted \
+                     rather than leave the symbol silent",
+                    t.trade.kind, t.trade.symbol
+                )));
+            }
         }
+        Ok(())
     }
 
     /// Closes the queues and waits until the lanes have published what they

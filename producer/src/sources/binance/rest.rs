@@ -41,6 +41,17 @@ impl RateState {
     }
 }
 
+/// The longest `Retry-After` honoured: Binance's longest IP ban (418) is
+/// 3 days; anything longer is a bad header.
+pub const MAX_RETRY_AFTER_SECS: u64 = 3 * 24 * 3600;
+
+/// How long every request waits after a 429 or 418: the `Retry-After` header
+/// (seconds), 60 s without one, never more than [`MAX_RETRY_AFTER_SECS`] (a
+/// larger value would also overflow the clock).
+pub fn rate_limit_wait(retry_after: Option<u64>) -> Duration {
+    Duration::from_secs(retry_after.unwrap_or(60).min(MAX_RETRY_AFTER_SECS))
+}
+
 /// A Binance REST client shared by gap repair and the klines backfill.
 pub struct BinanceRest {
     http: reqwest::Client,
@@ -161,15 +172,15 @@ impl BinanceRest {
                                 .rest_requests
                                 .with_label_values(&[api, "rate_limited"])
                                 .inc();
-                            let secs = retry_after.unwrap_or(60);
+                            let wait = rate_limit_wait(retry_after);
                             tracing::warn!(
                                 api,
                                 status = status.as_u16(),
-                                retry_after_s = secs,
+                                retry_after_s = wait.as_secs(),
                                 "Binance rate limit: pausing every request"
                             );
                             self.state.lock().unwrap_or_else(|e| e.into_inner()).blocked_until =
-                                Some(Instant::now() + Duration::from_secs(secs));
+                                Some(Instant::now() + wait);
                             attempts -= 1;
                             continue;
                         }
@@ -210,6 +221,16 @@ impl BinanceRest {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn server_waits_are_clamped() {
+        assert_eq!(rate_limit_wait(None), Duration::from_secs(60));
+        assert_eq!(rate_limit_wait(Some(7)), Duration::from_secs(7));
+        assert_eq!(
+            rate_limit_wait(Some(u64::MAX)),
+            Duration::from_secs(MAX_RETRY_AFTER_SECS)
+        );
+    }
 
     #[test]
     fn the_weight_budget_is_per_wall_clock_minute() {

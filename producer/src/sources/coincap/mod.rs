@@ -212,7 +212,8 @@ async fn poll_once(
             .get("retry-after")
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.trim().parse::<u64>().ok())
-            .map(Duration::from_secs);
+            // Clamped: a bad header must not park the poller for years.
+            .map(|s| Duration::from_secs(s.min(3600)));
         match status.as_u16() {
             200..=299 => metrics.rest_requests.with_label_values(&["coincap", "ok"]).inc(),
             401 | 403 => {
