@@ -745,3 +745,67 @@ async fn a_partition_started_elsewhere_mid_batch_costs_the_batch_nothing() {
     let want: Vec<i64> = (0..20).chain(105..120).collect();
     assert_eq!(trade_ids(&client).await, want);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_published_again_after_a_crash_is_stored_once() {
+    let (prefix, url, client) = setup("pgsink_letter_twice").await;
+    let codec = Codec::new(WriteFraming::SingleObject);
+    let letter = |component: &str, offset: Option<i64>| DeadLetter {
+        stage: "validate".into(),
+        error: "price must be positive".into(),
+        component: component.into(),
+        topic: Some(Topic::Trades.name(&prefix)),
+        partition: offset.map(|_| 0),
+        offset,
+        key: None,
+        payload: b"raw".to_vec(),
+        source: Source::Binance,
+        event_time: T0,
+        ingest_time: T0,
+    };
+    // The same refusal twice (candles crashed before storing its position),
+    // another component's refusal of the same record, and two letters without
+    // coordinates, which are all kept.
+    let letters = [
+        letter("candles", Some(5)),
+        letter("candles", Some(5)),
+        letter("bigquery-sink", Some(5)),
+        letter("producer", None),
+        letter("producer", None),
+    ];
+    let records: Vec<(String, Vec<u8>)> = letters
+        .iter()
+        .map(|l| (l.topic.clone().unwrap_or_default(), codec.encode(l).unwrap()))
+        .collect();
+    publish(&Topic::DeadLetters.name(&prefix), &records).await;
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let sink = tokio::spawn(run(config(&prefix, &url), async {
+        let _ = stopped.await;
+    }));
+    let stored = format!(
+        "SELECT coalesce(sum(next_offset), 0)::bigint FROM sink_offsets WHERE topic = '{}'",
+        Topic::DeadLetters.name(&prefix)
+    );
+    wait_count(&client, &stored, letters.len() as i64, 60).await;
+    let _ = stop.send(());
+    sink.await.unwrap().unwrap();
+    let rows: Vec<(String, Option<i64>)> = client
+        .query(
+            "SELECT component, \"offset\" FROM dead_letters ORDER BY component, id",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(
+        rows,
+        vec![
+            ("bigquery-sink".to_owned(), Some(5)),
+            ("candles".to_owned(), Some(5)),
+            ("producer".to_owned(), None),
+            ("producer".to_owned(), None),
+        ]
+    );
+}

@@ -5,7 +5,14 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::Client;
 
 /// Every migration, in order. A released migration never changes; add a new one.
-pub const MIGRATIONS: &[(i32, &str, &str)] = &[(1, "init", include_str!("../../migrations/0001_init.sql"))];
+pub const MIGRATIONS: &[(i32, &str, &str)] = &[
+    (1, "init", include_str!("../../migrations/0001_init.sql")),
+    (
+        2,
+        "dead_letter_identity",
+        include_str!("../../migrations/0002_dead_letter_identity.sql"),
+    ),
+];
 
 /// Advisory lock key held while migrating ("tickpipe" in ASCII).
 const LOCK_KEY: i64 = 0x7469_636b_7069_7065;

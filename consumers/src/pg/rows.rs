@@ -597,10 +597,19 @@ async fn markets(tx: &Transaction<'_>, rows: &[&Market]) -> Result<(), Error> {
     .await
 }
 
-/// Appends dead letters (another service's, or the sink's own rejects).
+/// Appends dead letters (another service's, or the sink's own rejects); a
+/// letter already stored (same component and record coordinates, published
+/// again after a crash) is not stored twice.
 pub async fn dead_letters(tx: &Transaction<'_>, rows: &[&DeadLetter]) -> Result<(), Error> {
     const COLUMNS: &str =
         "component, stage, error, topic, partition, \"offset\", key, payload, source, event_time, ingest_time";
+    // Not `stage()`: `LIKE` would carry the id's NOT NULL without its default.
+    let staged = "stage_dead_letters";
+    tx.batch_execute(&format!(
+        "CREATE TEMP TABLE IF NOT EXISTS {staged} ON COMMIT DELETE ROWS AS SELECT {COLUMNS} FROM dead_letters \
+         WITH NO DATA; TRUNCATE {staged}"
+    ))
+    .await?;
     let cleaned: Vec<DeadLetter> = rows
         .iter()
         .map(|d| DeadLetter {
@@ -613,7 +622,7 @@ pub async fn dead_letters(tx: &Transaction<'_>, rows: &[&DeadLetter]) -> Result<
         .collect();
     copy_rows!(
         tx,
-        "dead_letters",
+        staged,
         COLUMNS,
         &[
             Type::TEXT,
@@ -643,5 +652,8 @@ pub async fn dead_letters(tx: &Transaction<'_>, rows: &[&DeadLetter]) -> Result<
             &ts(d.ingest_time),
         ]
     )?;
-    Ok(())
+    tx.batch_execute(&format!(
+        "INSERT INTO dead_letters ({COLUMNS}) SELECT {COLUMNS} FROM {staged} ON CONFLICT DO NOTHING"
+    ))
+    .await
 }
