@@ -161,26 +161,31 @@ fn decode_body(codec: &Codec, topic: Topic, payload: &[u8]) -> Result<Body, Deco
 
 /// Teaches the codec the writer schema of a Confluent-framed payload it has not
 /// seen ([`RegistryClient::learn`]). While the registry is unreachable this
-/// waits (records are not dead-lettered for an outage); an id the registry
-/// does not have is left for the decoder to reject.
+/// waits with backoff (records are not dead-lettered for an outage) and
+/// `answering` is false, which `/readyz` reports; an id the registry does not
+/// have is left for the decoder to reject (and remembered by the client).
 pub fn learn_schema(
     runtime: &tokio::runtime::Handle,
     registry: &RegistryClient,
     codec: &Codec,
     payload: &[u8],
     stop: &AtomicBool,
+    answering: &AtomicBool,
 ) {
     let mut backoff = Duration::from_millis(100);
     loop {
         match runtime.block_on(registry.learn(codec, payload)) {
-            Ok(()) => return,
             Err(e) if e.is_retriable() && !stop.load(Ordering::Relaxed) => {
+                answering.store(false, Ordering::Relaxed);
                 tracing::warn!("sink: schema registry: {e}; retrying in {backoff:?}");
                 std::thread::sleep(backoff);
                 backoff = (backoff * 2).min(Duration::from_secs(10));
             }
-            Err(e) => {
-                tracing::warn!("sink: {e}");
+            outcome => {
+                answering.store(true, Ordering::Relaxed);
+                if let Err(e) = outcome {
+                    tracing::warn!("sink: {e}");
+                }
                 return;
             }
         }

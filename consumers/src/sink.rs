@@ -200,6 +200,8 @@ pub struct ConsumerSettings {
     /// What an operator does to start a partition over from its beginning
     /// (group, topic, partition), for the error that refuses a position.
     pub rebaseline: fn(&str, &str, i32) -> String,
+    /// False while the schema registry does not answer (a readiness condition).
+    pub registry_answers: Arc<AtomicBool>,
 }
 
 /// Why the consumer thread stopped.
@@ -524,7 +526,14 @@ fn consume(
             continue;
         }
         if let Some(registry) = &registry {
-            learn_schema(&runtime, registry, &codec, msg.payload().unwrap_or_default(), &stop);
+            learn_schema(
+                &runtime,
+                registry,
+                &codec,
+                msg.payload().unwrap_or_default(),
+                &stop,
+                &settings.registry_answers,
+            );
         }
         let rules = Rules::at(now_micros());
         if batch.is_empty() {

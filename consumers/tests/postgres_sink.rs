@@ -809,3 +809,67 @@ async fn a_dead_letter_published_again_after_a_crash_is_stored_once() {
         ]
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_registry_outage_shows_on_readyz_and_the_record_is_written_once_it_answers() {
+    use tickpipe_schemas::registry::{RegistryClient, RegistryConfig};
+    let (prefix, url, client) = setup("pgsink_registry_down").await;
+    let mut double = tickpipe_testkit::registry::RegistryDouble::start().await.unwrap();
+    let registry = RegistryClient::new(RegistryConfig::new(double.url.clone())).unwrap();
+    let id = registry
+        .register(&Topic::Trades.value_subject(&prefix), &Trade::compiled().json)
+        .await
+        .unwrap();
+    let writer = Codec::new(WriteFraming::Confluent);
+    writer.set_write_id(Trade::NAME, id);
+    let key = "binance:TRXUSDT".to_string();
+    publish(
+        &Topic::Trades.name(&prefix),
+        &[(key, writer.encode(&trade(12, "0.2412")).unwrap())],
+    )
+    .await;
+    double.stop();
+
+    let metrics = stack::free_loopback_addr();
+    let mut config = config(&prefix, &url);
+    config.registry = Some(RegistryConfig::new(double.url.clone()));
+    config.metrics_addr = Some(metrics);
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let sink = tokio::spawn(run(config, async {
+        let _ = stopped.await;
+    }));
+    let readyz = || async move {
+        match reqwest::get(format!("http://{metrics}/readyz")).await {
+            Ok(r) => (r.status().as_u16(), r.text().await.unwrap_or_default()),
+            Err(_) => (0, String::new()),
+        }
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let (status, body) = readyz().await;
+        if status == 503 && body.contains("schema registry does not answer") {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "/readyz: {status} {body}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Nothing is dead-lettered for an outage: once the registry answers, the
+    // record is written.
+    double.resume().await.unwrap();
+    wait_count(&client, "SELECT count(*) FROM trades WHERE price = 0.2412", 1, 60).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while readyz().await.0 != 200 {
+        assert!(tokio::time::Instant::now() < deadline, "/readyz stays unready");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        client
+            .query_one("SELECT count(*) FROM dead_letters", &[])
+            .await
+            .unwrap()
+            .get::<_, i64>(0),
+        0
+    );
+    let _ = stop.send(());
+    sink.await.unwrap().unwrap();
+}

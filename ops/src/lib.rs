@@ -28,17 +28,33 @@ pub async fn serve(
     ready: Arc<AtomicBool>,
     not_ready: &'static str,
 ) -> std::io::Result<()> {
+    serve_conditions(addr, registry, vec![(ready, not_ready)]).await
+}
+
+/// [`serve`] with several readiness conditions: `/readyz` answers 200 while
+/// every flag holds, else 503 with the reasons of those that do not.
+pub async fn serve_conditions(
+    addr: SocketAddr,
+    registry: Registry,
+    conditions: Vec<(Arc<AtomicBool>, &'static str)>,
+) -> std::io::Result<()> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
+    let conditions = Arc::new(conditions);
     let app = axum::Router::new()
         .route("/metrics", get(move || async move { render(&registry) }))
         .route("/healthz", get(|| async { "ok" }))
         .route(
             "/readyz",
             get(move || async move {
-                if ready.load(Ordering::Relaxed) {
-                    (StatusCode::OK, "ready")
+                let failing: Vec<&str> = conditions
+                    .iter()
+                    .filter(|(ok, _)| !ok.load(Ordering::Relaxed))
+                    .map(|(_, why)| *why)
+                    .collect();
+                if failing.is_empty() {
+                    (StatusCode::OK, "ready".to_owned())
                 } else {
-                    (StatusCode::SERVICE_UNAVAILABLE, not_ready)
+                    (StatusCode::SERVICE_UNAVAILABLE, failing.join("; "))
                 }
             }),
         );

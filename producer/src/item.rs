@@ -111,7 +111,7 @@ pub fn decimal(field: &str, s: &str) -> Result<Decimal, String> {
 /// Microseconds from an exchange time in ms or µs, told apart by magnitude
 /// (Binance spot files switched to µs in 2025; 10^14 ms is in the year 5138).
 pub fn micros(t: i64) -> Micros {
-    if t.abs() >= 100_000_000_000_000 {
+    if t.unsigned_abs() >= 100_000_000_000_000 {
         t
     } else {
         t.saturating_mul(1000)

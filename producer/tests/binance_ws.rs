@@ -339,19 +339,28 @@ async fn trades_left_to_a_repair_at_a_stop_are_counted_as_unrepaired() {
 
     let ids = sorted_ids(&prefix);
     assert_eq!(total(&metrics.backfilled), 0);
-    // Published: the ids before the gap and a run after it (the queue and
-    // the trade in the lane's hand); counted: the withheld ids and the rest.
+    // Published once each: the ids before the gap and a run after it (the
+    // queue and the trade in the lane's hand); counted: the withheld ids and
+    // the rest. (On a loaded machine the lane's queue can also fill before the
+    // withheld gap; the ids it leaves are then a gap of their own, given up
+    // and counted the same way.)
     let newest = *ids.last().expect("trades");
-    let expected: Vec<i64> = (first..*withheld.start()).chain(withheld.end() + 1..=newest).collect();
-    assert_eq!(
-        ids, expected,
-        "once each: the ids before the gap and those queued after it"
+    let mut unique = ids.clone();
+    unique.dedup();
+    assert_eq!(unique, ids, "no id published twice");
+    assert!(ids
+        .iter()
+        .all(|id| (first..=last).contains(id) && !withheld.contains(id)));
+    assert_eq!(ids[0], first);
+    assert!(
+        ids.contains(&(withheld.end() + 1)),
+        "the queue after the gap is published"
     );
     assert!(newest < last, "the queue filled");
     assert_eq!(
         total(&metrics.unrepaired),
-        (last - newest) as u64 + 100,
-        "every id not published is counted"
+        (recorded.len() - ids.len()) as u64,
+        "every id not published is counted, none both"
     );
 }
 

@@ -24,7 +24,28 @@ pub struct Rules {
 
 type Check = Result<(), String>;
 
+/// Whether `v` fits the wire's `decimal(38, 18)` exactly: at most 20 integer
+/// digits and 18 fractional ones (trailing zeros aside). Checked here, with
+/// the field's name, so that the input is kept with the reason; encoding would
+/// refuse it too, but without the input.
+fn fits(field: &str, v: &Decimal) -> Check {
+    let limit = Decimal::from_i128_with_scale(100_000_000_000_000_000_000, 0);
+    let n = v.normalize();
+    if n.abs() >= limit {
+        Err(format!(
+            "{field} {v} has more than 20 integer digits, more than decimal(38, 18) holds"
+        ))
+    } else if n.scale() > 18 {
+        Err(format!(
+            "{field} {v} has more than 18 decimal places, more than decimal(38, 18) holds"
+        ))
+    } else {
+        Ok(())
+    }
+}
+
 fn positive(field: &str, v: &Decimal) -> Check {
+    fits(field, v)?;
     if v.is_sign_positive() && !v.is_zero() {
         Ok(())
     } else {
@@ -33,6 +54,7 @@ fn positive(field: &str, v: &Decimal) -> Check {
 }
 
 fn not_negative(field: &str, v: &Decimal) -> Check {
+    fits(field, v)?;
     if v.is_sign_negative() && !v.is_zero() {
         Err(format!("{field} must not be negative, got {v}"))
     } else {
@@ -184,6 +206,7 @@ impl Rules {
         opt("market_cap_usd", &a.market_cap_usd, not_negative)?;
         opt("volume_usd_24h", &a.volume_usd_24h, not_negative)?;
         opt("vwap_24h", &a.vwap_24h, not_negative)?;
+        opt("change_percent_24h", &a.change_percent_24h, fits)?;
         self.times(a.event_time, a.ingest_time)
     }
 
@@ -280,6 +303,22 @@ mod tests {
             event_time: NOW,
             ingest_time: NOW,
         }
+    }
+
+    #[test]
+    fn decimals_must_fit_the_wire_type() {
+        let rules = Rules::at(NOW);
+        let mut t = trade("BTCUSDT");
+        t.price = "99999999999999999999.99999999".parse().unwrap();
+        assert_eq!(rules.trade(&t), Ok(()));
+        t.price = "100000000000000000000".parse().unwrap();
+        assert!(rules
+            .trade(&t)
+            .is_err_and(|e| e.contains("price") && e.contains("20 integer digits")));
+        t.price = "0.0000000000000000001".parse().unwrap();
+        assert!(rules.trade(&t).is_err_and(|e| e.contains("18 decimal places")));
+        t.price = "1.0000000000000000000000".parse().unwrap();
+        assert_eq!(rules.trade(&t), Ok(()), "trailing zeros are not places");
     }
 
     #[test]

@@ -72,6 +72,27 @@ impl RegistryDouble {
         Ok(RegistryDouble { url, state, task })
     }
 
+    /// Stops answering (connections are refused), keeping the schemas: a
+    /// registry outage.
+    pub fn stop(&mut self) {
+        self.task.abort();
+    }
+
+    /// Answers again on the same address, with the same schemas.
+    pub async fn resume(&mut self) -> std::io::Result<()> {
+        let addr: SocketAddr = self
+            .url
+            .trim_start_matches("http://")
+            .parse()
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("{e}")))?;
+        let listener = tokio::net::TcpListener::bind(addr).await?;
+        let app = router(self.state.clone());
+        self.task = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Ok(())
+    }
+
     /// The requests served so far, as `METHOD /path`.
     pub fn requests(&self) -> Vec<String> {
         self.lock().requests.clone()

@@ -404,12 +404,18 @@ fn rebaseline_group(group: &str, topic: &str, partition: i32) -> String {
 pub async fn run(config: BqSinkConfig, shutdown: impl Future<Output = ()>) -> Result<(), BqSinkError> {
     let metrics = Metrics::new();
     let ready = Arc::new(AtomicBool::new(false));
+    let registry_answers = Arc::new(AtomicBool::new(true));
     if let Some(addr) = config.metrics_addr {
-        crate::ops::serve(
+        crate::ops::serve_conditions(
             addr,
             metrics.registry.clone(),
-            ready.clone(),
-            "not ready: BigQuery is not accepting rows",
+            vec![
+                (ready.clone(), "not ready: BigQuery is not accepting rows"),
+                (
+                    registry_answers.clone(),
+                    "not ready: the schema registry does not answer (retrying)",
+                ),
+            ],
         )
         .await
         .map_err(BqSinkError::Metrics)?;
@@ -467,6 +473,7 @@ pub async fn run(config: BqSinkConfig, shutdown: impl Future<Output = ()>) -> Re
         batch_wait: config.batch_wait,
         rewind: config.resume_rewind,
         registry: config.registry.clone(),
+        registry_answers: registry_answers.clone(),
         rebaseline: rebaseline_group,
     };
     let consumer_thread = spawn_consumer(

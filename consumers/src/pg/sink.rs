@@ -374,12 +374,18 @@ const PROBE_EVERY: Duration = Duration::from_secs(5);
 pub async fn run(config: SinkConfig, shutdown: impl Future<Output = ()>) -> Result<(), SinkError> {
     let metrics = Metrics::new();
     let ready = Arc::new(AtomicBool::new(false));
+    let registry_answers = Arc::new(AtomicBool::new(true));
     if let Some(addr) = config.metrics_addr {
-        crate::ops::serve(
+        crate::ops::serve_conditions(
             addr,
             metrics.registry.clone(),
-            ready.clone(),
-            "not ready: the database is not accepting writes",
+            vec![
+                (ready.clone(), "not ready: the database is not accepting writes"),
+                (
+                    registry_answers.clone(),
+                    "not ready: the schema registry does not answer (retrying)",
+                ),
+            ],
         )
         .await
         .map_err(SinkError::Metrics)?;
@@ -438,6 +444,7 @@ pub async fn run(config: SinkConfig, shutdown: impl Future<Output = ()>) -> Resu
         batch_wait: config.batch_wait,
         rewind: config.resume_rewind,
         registry: config.registry.clone(),
+        registry_answers: registry_answers.clone(),
         rebaseline: rebaseline_sql,
     };
     let consumer_thread = spawn_consumer(
