@@ -29,6 +29,24 @@ impl RegistryArgs {
     }
 }
 
+/// How far ahead of this machine's clock a record's event time may be.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ValidationArgs {
+    /// How far ahead of this machine's clock an event time may be (ms); a
+    /// record further ahead is a dead letter (a wrong clock or unit must not
+    /// close every candle window up to it, nor win newest-wins rows).
+    #[arg(long, env = "TICKPIPE_MAX_AHEAD_MS", default_value_t = 10_000)]
+    pub max_ahead_ms: u64,
+}
+
+impl ValidationArgs {
+    /// Sets the process-wide bound (`validate::set_max_ahead`).
+    pub fn apply(&self) {
+        let micros = i64::try_from(self.max_ahead_ms.saturating_mul(1000)).unwrap_or(i64::MAX);
+        tickpipe_schemas::validate::set_max_ahead(micros);
+    }
+}
+
 /// Entity topics by their names without prefix, or which name is unknown.
 pub fn entity_topics(names: &[String]) -> Result<Vec<Topic>, String> {
     names

@@ -5,6 +5,7 @@ use std::time::Duration;
 use prometheus::{IntGaugeVec, Opts};
 use rdkafka::config::ClientConfig;
 use rdkafka::error::KafkaError;
+use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::Statistics;
 use tickpipe_producer::kafka::{client_config, default_to, require};
@@ -97,21 +98,35 @@ pub async fn send_all(producer: &FutureProducer, records: Vec<(String, String, V
         producer,
         records
             .iter()
-            .map(|(t, k, v)| (t.as_str(), k.as_str(), Some(v.as_slice()))),
+            .map(|(t, k, v)| (t.as_str(), k.as_str(), Some(v.as_slice()), &[][..])),
     )
     .await
 }
 
-/// [`send_all`] for records that may be tombstones (no value).
+/// A record's headers, as (name, value).
+pub type Headers = [(&'static str, String)];
+
+/// [`send_all`] for records that may be tombstones (no value) or carry headers.
 pub async fn send_each<'a>(
     producer: &FutureProducer,
-    records: impl Iterator<Item = (&'a str, &'a str, Option<&'a [u8]>)>,
+    records: impl Iterator<Item = (&'a str, &'a str, Option<&'a [u8]>, &'a Headers)>,
 ) -> Result<(), KafkaError> {
     let mut deliveries = Vec::new();
-    for (topic, key, value) in records {
+    for (topic, key, value, headers) in records {
         let mut record = FutureRecord::to(topic).key(key);
         if let Some(v) = value {
             record = record.payload(v);
+        }
+        if !headers.is_empty() {
+            let owned = headers
+                .iter()
+                .fold(OwnedHeaders::new_with_capacity(headers.len()), |h, (k, v)| {
+                    h.insert(Header {
+                        key: k,
+                        value: Some(v.as_bytes()),
+                    })
+                });
+            record = record.headers(owned);
         }
         loop {
             match producer.send_result(record) {
@@ -138,14 +153,43 @@ pub async fn send_each<'a>(
     Ok(())
 }
 
-/// Dead letters as records for [`send_all`]: encoded, keyed, bound for `topic`.
-pub fn letter_records(
-    topic: &str,
-    codec: &Codec,
-    letters: &[DeadLetter],
-) -> Result<Vec<(String, String, Vec<u8>)>, EncodeError> {
+/// A dead letter ready to publish: encoded, keyed, with the Kafka Connect
+/// headers (`DeadLetter::connect_headers`).
+#[derive(Debug, Clone)]
+pub struct LetterRecord {
+    pub topic: String,
+    pub key: String,
+    pub value: Vec<u8>,
+    pub headers: Vec<(&'static str, String)>,
+}
+
+/// Dead letters as records for [`send_letters`], bound for `topic`.
+pub fn letter_records(topic: &str, codec: &Codec, letters: &[DeadLetter]) -> Result<Vec<LetterRecord>, EncodeError> {
     letters
         .iter()
-        .map(|l| Ok((topic.to_owned(), l.key(), codec.encode(l)?)))
+        .map(|l| {
+            Ok(LetterRecord {
+                topic: topic.to_owned(),
+                key: l.key(),
+                value: codec.encode(l)?,
+                headers: l.connect_headers(),
+            })
+        })
         .collect()
+}
+
+/// Publishes dead letters and waits until every one is acknowledged.
+pub async fn send_letters(producer: &FutureProducer, letters: &[LetterRecord]) -> Result<(), KafkaError> {
+    send_each(
+        producer,
+        letters.iter().map(|l| {
+            (
+                l.topic.as_str(),
+                l.key.as_str(),
+                Some(l.value.as_slice()),
+                l.headers.as_slice(),
+            )
+        }),
+    )
+    .await
 }

@@ -162,16 +162,17 @@ async fn publishes_what_the_pure_builder_makes() {
     let expected = expected(&trades);
     let brokers = stack::kafka_brokers();
     let prefix = format!("{}.", stack::unique_name("candles"));
-    // One trade stamped two days ahead of this clock (another writer's clock
+    // One trade stamped 23 hours ahead of this clock (another writer's clock
     // or unit gone wrong) is a dead letter: it moves no watermark, or every
-    // window up to then would close at once.
+    // window up to then would close at once and every later trade of its
+    // symbol would be late.
     let mut published = trades.clone();
     let mut ahead = trades[trades.len() / 2].clone();
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_micros() as i64;
-    ahead.event_time = now + 2 * 86_400_000_000;
+    ahead.event_time = now + 23 * 3_600_000_000;
     published.insert(trades.len() / 2 + 1, ahead);
     publish_trades(&brokers, &prefix, &published).await;
 
@@ -564,6 +565,8 @@ async fn the_state_of_5000_symbols_is_stored_in_chunks_and_restored() {
         .unwrap()
         .as_micros() as i64;
     let minute = (now - 3_600_000_000) / 60_000_000 * 60_000_000;
+    // One trades partition: all 5,000 symbols in one builder's state.
+    ensure_topics(&brokers, &prefix, &Topic::ALL, 1, 1).await.unwrap();
     publish_trades(&brokers, &prefix, &one_trade_each(5_000, minute, 1)).await;
 
     // The first run holds one open window per symbol and interval, and stores
@@ -585,6 +588,7 @@ async fn the_state_of_5000_symbols_is_stored_in_chunks_and_restored() {
         reader.record(key, Some(value));
     }
     let (states, _) = reader.finish(&state_topic).expect("state");
+    assert_eq!(states.len(), 1, "one trades partition");
     assert_eq!(states.values().map(|s| s.next).sum::<i64>(), 5_000);
     let largest = states.values().map(|s| s.snapshot.len()).max().unwrap_or(0);
     assert!(

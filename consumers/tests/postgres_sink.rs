@@ -8,6 +8,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::Headers;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::Message;
 use tickpipe_consumers::decode::{Body, Item, Reject};
@@ -257,6 +258,38 @@ async fn poison_records_land_in_dead_letters_and_the_rest_is_written() {
             .unwrap();
         let d: DeadLetter = codec.decode(msg.payload().unwrap()).unwrap();
         assert_eq!(d.component, "postgres-sink");
+        // The Kafka Connect dead-letter headers, for the DLQ tools built for it.
+        let headers: BTreeMap<String, String> = msg
+            .headers()
+            .map(|h| {
+                h.iter()
+                    .map(|x| {
+                        (
+                            x.key.to_owned(),
+                            String::from_utf8_lossy(x.value.unwrap_or_default()).into_owned(),
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        assert_eq!(headers.get("__connect.errors.topic"), d.topic.as_ref(), "{headers:?}");
+        assert_eq!(
+            headers.get("__connect.errors.offset"),
+            d.offset.map(|o| o.to_string()).as_ref()
+        );
+        assert_eq!(
+            headers.get("__connect.errors.partition"),
+            d.partition.map(|p| p.to_string()).as_ref()
+        );
+        assert_eq!(headers.get("__connect.errors.exception.message"), Some(&d.error));
+        assert_eq!(
+            headers.get("__connect.errors.exception.class.name"),
+            Some(&format!("tickpipe.{}", d.stage))
+        );
+        assert!(
+            ["VALUE_CONVERTER", "TRANSFORMATION", "TASK_PUT"].contains(&headers["__connect.errors.stage"].as_str()),
+            "{headers:?}"
+        );
         seen.push(d.offset.unwrap());
     }
     seen.sort();

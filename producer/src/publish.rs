@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use rdkafka::config::ClientConfig;
 use rdkafka::error::KafkaError;
-use rdkafka::message::{DeliveryResult, Message};
+use rdkafka::message::{DeliveryResult, Header, Message, OwnedHeaders};
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer, ProducerContext};
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::ClientContext;
@@ -52,7 +52,21 @@ struct Redelivery {
     topic: Topic,
     key: Option<Vec<u8>>,
     payload: Vec<u8>,
+    headers: Option<OwnedHeaders>,
     attempts: u8,
+}
+
+/// A dead letter's Kafka Connect headers (`DeadLetter::connect_headers`).
+fn letter_headers(letter: &DeadLetter) -> OwnedHeaders {
+    let headers = letter.connect_headers();
+    headers
+        .iter()
+        .fold(OwnedHeaders::new_with_capacity(headers.len()), |h, (k, v)| {
+            h.insert(Header {
+                key: k,
+                value: Some(v.as_bytes()),
+            })
+        })
 }
 
 struct Context {
@@ -103,6 +117,7 @@ impl ProducerContext for Context {
                     topic: meta.topic,
                     key: m.key().map(<[u8]>::to_vec),
                     payload: m.payload().map(<[u8]>::to_vec).unwrap_or_default(),
+                    headers: m.headers().map(|h| h.detach()),
                     attempts: meta.attempts + 1,
                 };
                 if self.redeliver.send(again).is_err() {
@@ -249,6 +264,9 @@ impl Publisher {
                     if let Some(k) = &r.key {
                         record = record.key(k.as_slice());
                     }
+                    if let Some(h) = r.headers {
+                        record = record.headers(h);
+                    }
                     enqueue_blocking(&producer, record);
                 }
             })
@@ -345,6 +363,7 @@ impl Publisher {
         inner.unacked.fetch_add(1, Ordering::AcqRel);
         inner.metrics.queue_depth.inc();
         let topic = item.topic();
+        let mut headers = None;
         let encoded = match &item {
             Item::Asset(r) => self.encode(&**r),
             Item::Rate(r) => self.encode(r),
@@ -355,7 +374,9 @@ impl Publisher {
             Item::Candle(r) => self.encode(&**r),
             Item::Reject(r) => {
                 inner.metrics.rejected.with_label_values(&[r.component, r.stage]).inc();
-                self.encode(&self.dead_letter(r))
+                let letter = self.dead_letter(r);
+                headers = Some(letter_headers(&letter));
+                self.encode(&letter)
             }
         };
         // Nothing we built should fail to encode (validation ran first); if it
@@ -383,7 +404,7 @@ impl Publisher {
             Err(reason) => Err((reason, format!("{item:?}").into_bytes())),
         };
         match encoded {
-            Ok(key) => self.enqueue(topic, &key, enqueued).await,
+            Ok(key) => self.enqueue(topic, &key, headers, enqueued).await,
             Err((reason, raw)) => {
                 let reject = Reject {
                     component: "producer",
@@ -394,8 +415,12 @@ impl Publisher {
                     source: tickpipe_schemas::Source::Unknown,
                 };
                 inner.metrics.rejected.with_label_values(&["producer", "encode"]).inc();
-                match self.encode(&self.dead_letter(&reject)) {
-                    Ok(key) => self.enqueue(Topic::DeadLetters, &key, enqueued).await,
+                let letter = self.dead_letter(&reject);
+                match self.encode(&letter) {
+                    Ok(key) => {
+                        self.enqueue(Topic::DeadLetters, &key, Some(letter_headers(&letter)), enqueued)
+                            .await
+                    }
                     Err(e) => {
                         tracing::error!(error = %e, "dead letter could not be encoded");
                         inner
@@ -449,7 +474,7 @@ impl Publisher {
     /// Enqueues the record just encoded into this thread's buffer. librdkafka
     /// copies the payload, so the buffer is reused; only when its queue is full
     /// is the payload copied out to wait.
-    async fn enqueue(&self, topic: Topic, key: &str, enqueued: Instant) {
+    async fn enqueue(&self, topic: Topic, key: &str, headers: Option<OwnedHeaders>, enqueued: Instant) {
         let name = &self.inner.names[topic_index(topic)];
         let meta = Box::new(Meta {
             enqueued,
@@ -458,15 +483,16 @@ impl Publisher {
         });
         let first = BUF.with(|b| {
             let buf = b.borrow();
-            let record = BaseRecord::with_opaque_to(name.as_str(), meta)
+            let mut record = BaseRecord::with_opaque_to(name.as_str(), meta)
                 .key(key)
                 .payload(buf.as_slice());
+            record.headers = headers;
             match self.inner.producer.send(record) {
                 Ok(()) => None,
-                Err((e, r)) => Some((e, r.delivery_opaque, buf.clone())),
+                Err((e, r)) => Some((e, r.delivery_opaque, r.headers, buf.clone())),
             }
         });
-        let Some((mut error, mut meta, payload)) = first else {
+        let Some((mut error, mut meta, mut headers, payload)) = first else {
             return;
         };
         loop {
@@ -485,14 +511,16 @@ impl Publisher {
                     return;
                 }
             }
-            let record = BaseRecord::with_opaque_to(name.as_str(), meta)
+            let mut record = BaseRecord::with_opaque_to(name.as_str(), meta)
                 .key(key)
                 .payload(payload.as_slice());
+            record.headers = headers;
             match self.inner.producer.send(record) {
                 Ok(()) => return,
                 Err((e, r)) => {
                     error = e;
                     meta = r.delivery_opaque;
+                    headers = r.headers;
                 }
             }
         }

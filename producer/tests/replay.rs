@@ -193,5 +193,42 @@ async fn malformed_input_of_every_kind_is_dead_lettered_and_the_rest_flows() {
     assert_eq!(o.payload, overlong[..262_144]);
     assert!(o.error.contains(&sha256_hex(&overlong)), "{}", o.error);
     assert_eq!(common::total(&metrics.rejected), expect.len() as u64);
+    // Each letter also carries the Kafka Connect dead-letter headers.
+    let consumer: rdkafka::consumer::BaseConsumer = tickpipe_testkit::kafka::reader_config(&brokers)
+        .set("group.id", stack::unique_name("letters"))
+        .set("auto.offset.reset", "earliest")
+        .create()
+        .expect("consumer");
+    rdkafka::consumer::Consumer::subscribe(&consumer, &[&format!("{prefix}dead-letters")]).expect("subscribe");
+    let mut seen = 0;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while seen < dead.len() {
+        assert!(std::time::Instant::now() < deadline, "{seen} letters read");
+        let Some(Ok(m)) = consumer.poll(std::time::Duration::from_millis(200)) else {
+            continue;
+        };
+        use rdkafka::message::{Headers, Message};
+        let headers: std::collections::BTreeMap<String, String> = m
+            .headers()
+            .map(|h| {
+                h.iter()
+                    .map(|x| {
+                        (
+                            x.key.to_owned(),
+                            String::from_utf8_lossy(x.value.unwrap_or_default()).into_owned(),
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let stage = headers.get("__connect.errors.stage").map(String::as_str);
+        assert!(matches!(stage, Some("TASK_POLL" | "TRANSFORMATION")), "{headers:?}");
+        assert_eq!(
+            headers.get("__connect.errors.connector.name").map(String::as_str),
+            Some("replay")
+        );
+        assert!(headers.contains_key("__connect.errors.exception.message"));
+        seen += 1;
+    }
     std::fs::remove_dir_all(&dir).ok();
 }

@@ -265,9 +265,74 @@ impl DeadLetter {
     }
 }
 
+impl DeadLetter {
+    /// The Kafka Connect dead-letter headers (`errors.deadletterqueue.context.headers.enable`),
+    /// so that the DLQ tooling built for Connect reads our letters too. The
+    /// stage maps onto Connect's stage names: `parse` onto `TASK_POLL` (reading
+    /// the external system), `decode` and `encode` onto `VALUE_CONVERTER`,
+    /// `validate` and `aggregate` onto `TRANSFORMATION`, `write` onto
+    /// `TASK_PUT`; the exception class is `tickpipe.<stage>`, its message the
+    /// error text. Coordinates the letter lacks are left out.
+    pub fn connect_headers(&self) -> Vec<(&'static str, String)> {
+        let stage = match self.stage.as_str() {
+            "parse" => "TASK_POLL",
+            "decode" | "encode" => "VALUE_CONVERTER",
+            "write" => "TASK_PUT",
+            _ => "TRANSFORMATION",
+        };
+        let mut h = Vec::with_capacity(7);
+        if let Some(t) = &self.topic {
+            h.push(("__connect.errors.topic", t.clone()));
+        }
+        if let Some(p) = self.partition {
+            h.push(("__connect.errors.partition", p.to_string()));
+        }
+        if let Some(o) = self.offset {
+            h.push(("__connect.errors.offset", o.to_string()));
+        }
+        h.push(("__connect.errors.connector.name", self.component.clone()));
+        h.push(("__connect.errors.stage", stage.to_owned()));
+        h.push((
+            "__connect.errors.exception.class.name",
+            format!("tickpipe.{}", self.stage),
+        ));
+        h.push(("__connect.errors.exception.message", self.error.clone()));
+        h
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn letters_carry_the_kafka_connect_headers() {
+        let l = letter(vec![1], None, "price must be positive");
+        let mut v = l.clone();
+        v.stage = "validate".into();
+        assert_eq!(
+            v.connect_headers(),
+            vec![
+                ("__connect.errors.topic", "trades".to_owned()),
+                ("__connect.errors.partition", "1".to_owned()),
+                ("__connect.errors.offset", "42".to_owned()),
+                ("__connect.errors.connector.name", "replay".to_owned()),
+                ("__connect.errors.stage", "TRANSFORMATION".to_owned()),
+                ("__connect.errors.exception.class.name", "tickpipe.validate".to_owned()),
+                (
+                    "__connect.errors.exception.message",
+                    "price must be positive".to_owned()
+                ),
+            ]
+        );
+        let mut p = l;
+        p.topic = None;
+        p.partition = None;
+        p.offset = None;
+        let h = p.connect_headers();
+        assert_eq!(h[0], ("__connect.errors.connector.name", "replay".to_owned()));
+        assert_eq!(h[1], ("__connect.errors.stage", "TASK_POLL".to_owned()));
+    }
 
     fn letter(payload: Vec<u8>, key: Option<Vec<u8>>, error: &str) -> DeadLetter {
         DeadLetter {

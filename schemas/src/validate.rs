@@ -6,11 +6,31 @@
 use crate::interval::{Interval, MAX_INTERVAL_MICROS};
 use crate::records::{Asset, Candle, DeadLetter, Exchange, Market, Micros, Price, Rate, Trade};
 use rust_decimal::Decimal;
+use std::sync::atomic::{AtomicI64, Ordering};
 
 /// 2009-01-03, the first block of the first cryptocurrency: nothing we carry is older.
 pub const EARLIEST_MICROS: Micros = 1_230_940_800_000_000;
-/// How far ahead of this machine's clock an exchange clock may run.
-pub const MAX_CLOCK_SKEW_MICROS: Micros = 24 * 3600 * 1_000_000;
+/// How far ahead of this machine's clock an event time may be, unless the
+/// service is told otherwise (`--max-ahead-ms`): 10 s. Exchange clocks and
+/// ours are NTP-synchronised to well under a second; a time further ahead is a
+/// wrong clock or a wrong unit, and it must not reach `candles`, whose
+/// watermark never moves back (one trade a day ahead made every later trade of
+/// its symbol late), nor the sinks' newest-wins rows. 10 s leaves room for a
+/// laptop's drifting clock while bounding what such a record can hold up.
+pub const DEFAULT_MAX_AHEAD_MICROS: Micros = 10_000_000;
+
+static MAX_AHEAD: AtomicI64 = AtomicI64::new(DEFAULT_MAX_AHEAD_MICROS);
+
+/// Sets how far ahead of the clock an event time may be, process-wide; the
+/// binaries call it once from their configuration.
+pub fn set_max_ahead(micros: Micros) {
+    MAX_AHEAD.store(micros.max(0), Ordering::Relaxed);
+}
+
+/// The bound [`Rules::at`] applies.
+pub fn max_ahead() -> Micros {
+    MAX_AHEAD.load(Ordering::Relaxed)
+}
 
 /// The times every sink can store: 0001-01-01 to 9999-12-31 UTC (BigQuery's
 /// `TIMESTAMP` range, inside PostgreSQL's).
@@ -20,6 +40,8 @@ pub const STORABLE_MICROS: std::ops::RangeInclusive<Micros> = -62_135_596_800_00
 #[derive(Debug, Clone, Copy)]
 pub struct Rules {
     pub now: Micros,
+    /// How far ahead of `now` an event time may be.
+    pub max_ahead: Micros,
 }
 
 type Check = Result<(), String>;
@@ -88,15 +110,24 @@ fn short(field: &str, v: &str) -> Check {
 }
 
 impl Rules {
+    /// The rules at `now`, with the process-wide bound on times ahead.
     pub fn at(now: Micros) -> Self {
-        Rules { now }
+        Rules {
+            now,
+            max_ahead: max_ahead(),
+        }
     }
 
     fn time(&self, field: &str, t: Micros) -> Check {
         if t < EARLIEST_MICROS {
             Err(format!("{field} {t} µs is before 2009-01-03"))
-        } else if t > self.now.saturating_add(MAX_CLOCK_SKEW_MICROS) {
-            Err(format!("{field} {t} µs is more than a day in the future"))
+        } else if t > self.now.saturating_add(self.max_ahead) {
+            Err(format!(
+                "{field} {t} µs is {} ms ahead of this machine's clock, more than the {} ms allowed \
+                 (--max-ahead-ms): a wrong clock or unit",
+                (t - self.now) / 1000,
+                self.max_ahead / 1000
+            ))
         } else {
             Ok(())
         }
@@ -303,6 +334,53 @@ mod tests {
             event_time: NOW,
             ingest_time: NOW,
         }
+    }
+
+    #[test]
+    fn times_ahead_of_the_clock_are_bounded() {
+        let rules = Rules {
+            now: NOW,
+            max_ahead: DEFAULT_MAX_AHEAD_MICROS,
+        };
+        let mut t = trade("BTCUSDT");
+        t.event_time = NOW + 9_999_000;
+        assert_eq!(rules.trade(&t), Ok(()));
+        t.event_time = NOW + 23 * 3_600_000_000;
+        assert!(rules
+            .trade(&t)
+            .is_err_and(|e| e.contains("82800000 ms ahead") && e.contains("--max-ahead-ms")));
+        let wider = Rules {
+            max_ahead: 86_400_000_000,
+            ..rules
+        };
+        assert_eq!(wider.trade(&t), Ok(()));
+        // A candle's event time is its close time, which may be ahead by its interval.
+        let mut c = Candle {
+            venue: "binance".into(),
+            symbol: "BTCUSDT".into(),
+            interval: "1d".into(),
+            origin: crate::records::CandleOrigin::Aggregated,
+            open_time: NOW,
+            close_time: NOW + 86_399_999_000,
+            open: Decimal::ONE,
+            high: Decimal::ONE,
+            low: Decimal::ONE,
+            close: Decimal::ONE,
+            volume: Decimal::ONE,
+            quote_volume: Decimal::ONE,
+            trade_count: 1,
+            taker_buy_base_volume: Decimal::ONE,
+            taker_buy_quote_volume: Decimal::ONE,
+            first_trade_id: Some(1),
+            last_trade_id: Some(1),
+            closed: false,
+            source: Source::Binance,
+            event_time: NOW + 86_399_999_000,
+            ingest_time: NOW,
+        };
+        assert_eq!(rules.candle(&c), Ok(()));
+        c.event_time += 1;
+        assert!(rules.candle(&c).is_err());
     }
 
     #[test]

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
-use tickpipe_consumers::args::{entity_topics, RegistryArgs};
+use tickpipe_consumers::args::{entity_topics, RegistryArgs, ValidationArgs};
 use tickpipe_consumers::bq::client::{Auth, Endpoint};
 use tickpipe_consumers::bq::schema::DecimalColumns;
 use tickpipe_consumers::bq::sink::{run, BqSinkConfig};
@@ -22,6 +22,8 @@ struct Args {
     config: ConfigArg,
     #[command(flatten)]
     kafka: KafkaArgs,
+    #[command(flatten)]
+    validation: ValidationArgs,
     /// Entity topics to consume (names without prefix), comma-separated.
     #[arg(
         long,
@@ -95,6 +97,7 @@ async fn main() -> anyhow::Result<()> {
     let shutdown = ops::shutdown_signal()?;
     ops::init_logging();
     let args: Args = ops::config::parse()?;
+    args.validation.apply();
     let metrics_addr = ops::metrics_addr(&args.metrics_addr).map_err(anyhow::Error::msg)?;
     let topics = entity_topics(&args.topics).map_err(anyhow::Error::msg)?;
     let endpoint = match (&args.emulator, args.credentials) {

@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use clap::Parser;
+use tickpipe_consumers::args::ValidationArgs;
 use tickpipe_consumers::candles::service::{run, ServiceConfig};
 use tickpipe_consumers::candles::{CandleConfig, Interval};
 use tickpipe_consumers::ops::config::ConfigArg;
@@ -17,6 +18,8 @@ struct Args {
     config: ConfigArg,
     #[command(flatten)]
     kafka: KafkaArgs,
+    #[command(flatten)]
+    validation: ValidationArgs,
     /// Candle intervals, comma-separated (<n>s, <n>m, <n>h, <n>d).
     #[arg(
         long,
@@ -59,6 +62,7 @@ async fn main() -> anyhow::Result<()> {
     let shutdown = ops::shutdown_signal()?;
     ops::init_logging();
     let args: Args = ops::config::parse()?;
+    args.validation.apply();
     let metrics_addr = ops::metrics_addr(&args.metrics_addr).map_err(anyhow::Error::msg)?;
     let config = ServiceConfig {
         brokers: args.kafka.brokers,

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use clap::Parser;
-use tickpipe_consumers::args::{entity_topics, RegistryArgs};
+use tickpipe_consumers::args::{entity_topics, RegistryArgs, ValidationArgs};
 use tickpipe_consumers::ops::config::ConfigArg;
 use tickpipe_consumers::ops::{self, KafkaArgs};
 use tickpipe_consumers::pg::sink::{run, SinkConfig};
@@ -18,6 +18,8 @@ struct Args {
     config: ConfigArg,
     #[command(flatten)]
     kafka: KafkaArgs,
+    #[command(flatten)]
+    validation: ValidationArgs,
     /// Entity topics to consume (names without prefix), comma-separated.
     #[arg(
         long,
@@ -77,6 +79,7 @@ async fn main() -> anyhow::Result<()> {
     let shutdown = ops::shutdown_signal()?;
     ops::init_logging();
     let args: Args = ops::config::parse()?;
+    args.validation.apply();
     let metrics_addr = ops::metrics_addr(&args.metrics_addr).map_err(anyhow::Error::msg)?;
     let topics = entity_topics(&args.topics).map_err(anyhow::Error::msg)?;
     let config = SinkConfig {

@@ -40,7 +40,7 @@ use super::rows::{row, Coordinates};
 use super::schema::{evolve, latest_candles_query, table_spec, view_query, DecimalColumns, TableSpec, LATEST_CANDLES};
 use super::COMPONENT;
 use crate::decode::{reject_letter, Body, Item, Reject};
-use crate::kafka::{letter_records, send_all};
+use crate::kafka::{letter_records, send_letters};
 use crate::sink::{must, sink_topics, spawn_consumer, ConsumeError, ConsumerSettings, Resume, SinkMetrics};
 
 /// Everything the sink needs.
@@ -613,7 +613,7 @@ impl Writer<'_> {
             let records = letter_records(self.dead_topic, self.codec, &letters)
                 .map_err(|e| BqSinkError::Unwritten(format!("encoding a dead letter: {e}")))?;
             self.retrying("dead letters", || async {
-                send_all(self.producer, records.clone())
+                send_letters(self.producer, &records)
                     .await
                     .map_err(|e| BqError::Transport {
                         what: "publishing dead letters".into(),

@@ -38,8 +38,8 @@ use tickpipe_schemas::{Codec, DeadLetter, Record, Source, Topic, Trade, WriteFra
 use super::aggregate::{CandleBuilder, CandleConfig, Output};
 use super::state::{self, Generation, Stored};
 use crate::kafka::{
-    consumer_config, consumer_lag_gauge, position_above_end, record_consumer_lag, record_ends, send_all, send_each,
-    Ends, STATISTICS_INTERVAL_MS,
+    consumer_config, consumer_lag_gauge, letter_records, position_above_end, record_consumer_lag, record_ends,
+    send_all, send_each, send_letters, Ends, STATISTICS_INTERVAL_MS,
 };
 
 /// How far before its stored position a partition is re-read on start; the
@@ -364,7 +364,11 @@ pub async fn run(config: ServiceConfig, shutdown: impl Future<Output = ()>) -> R
     // Chunks of a state write that stopped before its head: deleted.
     if !orphans.is_empty() {
         let topic = config.state_topic();
-        send_each(&producer, orphans.iter().map(|k| (topic.as_str(), k.as_str(), None))).await?;
+        send_each(
+            &producer,
+            orphans.iter().map(|k| (topic.as_str(), k.as_str(), None, &[][..])),
+        )
+        .await?;
     }
     let codec = Codec::new(WriteFraming::SingleObject);
     let mut shutdown = std::pin::pin!(shutdown);
@@ -499,11 +503,9 @@ pub async fn run(config: ServiceConfig, shutdown: impl Future<Output = ()>) -> R
                 }
             }
         }
-        for d in &dead {
-            let bytes = codec.encode(d).map_err(|e| ServiceError::State(e.to_string()))?;
-            pending.push((dead_topic.clone(), d.key(), bytes));
-        }
+        let letters = letter_records(&dead_topic, &codec, &dead).map_err(|e| ServiceError::State(e.to_string()))?;
         send_all(&producer, pending).await?;
+        send_letters(&producer, &letters).await?;
 
         // (2) The state that goes with those outputs, when it is due.
         unsaved.extend(&next_offsets);
@@ -567,17 +569,17 @@ async fn write_state(
         let chunks = writes.iter().flat_map(|(_, w)| &w.chunks);
         send_each(
             producer,
-            chunks.map(|(k, v)| (topic.as_str(), k.as_str(), Some(v.as_slice()))),
+            chunks.map(|(k, v)| (topic.as_str(), k.as_str(), Some(v.as_slice()), &[][..])),
         )
         .await?;
         let heads = writes.iter().map(|(_, w)| &w.head);
         send_each(
             producer,
-            heads.map(|(k, v)| (topic.as_str(), k.as_str(), Some(v.as_slice()))),
+            heads.map(|(k, v)| (topic.as_str(), k.as_str(), Some(v.as_slice()), &[][..])),
         )
         .await?;
         let obsolete = writes.iter().flat_map(|(_, w)| &w.obsolete);
-        send_each(producer, obsolete.map(|k| (topic.as_str(), k.as_str(), None))).await?;
+        send_each(producer, obsolete.map(|k| (topic.as_str(), k.as_str(), None, &[][..]))).await?;
         for (p, w) in &writes {
             generations.insert(*p, w.stored);
         }

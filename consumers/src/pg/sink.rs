@@ -40,7 +40,7 @@ use super::migrate::{migrate, MigrateError};
 use super::rows::{reject_letter, write_items, Body, Item, Reject};
 use super::tls;
 use super::COMPONENT;
-use crate::kafka::{letter_records, send_all};
+use crate::kafka::{letter_records, send_letters};
 use crate::sink::{sink_topics, spawn_consumer, ConsumeError, ConsumerSettings, Resume, SinkMetrics};
 
 /// Everything the sink needs.
@@ -343,7 +343,7 @@ pub async fn write_batch(
     // again would publish them twice.
     if let Some((producer, topic, codec)) = dead_letters.filter(|_| !letters.is_empty()) {
         let records = letter_records(topic, codec, &letters).map_err(|e| WriteError::Encode(e.to_string()))?;
-        send_all(producer, records).await?;
+        send_letters(producer, &records).await?;
     }
     tx.commit().await?;
     Ok(out)

@@ -53,6 +53,10 @@ struct Common {
         allow_negative_numbers = true
     )]
     replication: Option<i32>,
+    /// How far ahead of this machine's clock an event time may be, in ms; a
+    /// record further ahead is a dead letter (a wrong clock or unit) [default: 10000].
+    #[arg(long, env = "TICKPIPE_MAX_AHEAD_MS", global = true)]
+    max_ahead_ms: Option<u64>,
     /// Most records in flight to Kafka; sources wait beyond it [default: 50000].
     #[arg(long, env = "TICKPIPE_PRODUCER_MAX_IN_FLIGHT", global = true)]
     max_in_flight: Option<usize>,
@@ -232,6 +236,9 @@ async fn main() -> anyhow::Result<()> {
     let shutdown = tickpipe_ops::shutdown_signal()?;
     tickpipe_ops::init_logging();
     let cli = Cli::parse();
+    if let Some(ms) = cli.common.max_ahead_ms {
+        tickpipe_schemas::validate::set_max_ahead(i64::try_from(ms.saturating_mul(1000)).unwrap_or(i64::MAX));
+    }
     let mut config = layered(&cli.common)?;
     let metrics = Metrics::new();
     match cli.command.unwrap_or(Command::Run(RunArgs::default())) {

@@ -109,9 +109,17 @@ impl Source for Simulator {
                 if stop.is_stopped() {
                     break;
                 }
-                if c.rate > 0.0 {
-                    if let Item::Trade(t) = &item {
-                        let due = wall0 + Duration::from_micros((t.event_time - start).max(0) as u64);
+                if let Item::Trade(t) = &item {
+                    let due = if c.rate > 0.0 {
+                        Some(wall0 + Duration::from_micros((t.event_time - start).max(0) as u64))
+                    } else {
+                        // Flat out, virtual time must not run ahead of the wall
+                        // clock: the consumers refuse event times more than
+                        // `--max-ahead-ms` ahead of theirs.
+                        let ahead = t.event_time - now_micros();
+                        (ahead > 1_000_000).then(|| tokio::time::Instant::now() + Duration::from_micros(ahead as u64))
+                    };
+                    if let Some(due) = due {
                         let mut stop = stop.clone();
                         tokio::select! {
                             _ = tokio::time::sleep_until(due) => {}
@@ -229,10 +237,9 @@ impl Market {
             books,
             venue: c.venue.clone(),
             now: start,
-            // Flat out, virtual time must not race ahead of the wall clock
-            // (every consumer refuses event times a day ahead): a market of
-            // about half a million trades per virtual second keeps pace with
-            // a producer running flat out.
+            // Flat out: about half a million trades per virtual second, so
+            // that virtual time keeps pace with a producer running flat out
+            // (the source holds it back should it run ahead of the wall clock).
             mean_gap: if c.rate > 0.0 { 1e6 / c.rate } else { 2.0 },
             kline: c.kline_secs * 1_000_000,
             coincap_every: c.coincap_every_secs * 1_000_000,
