@@ -10,7 +10,7 @@ use std::time::Duration;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::Message;
-use tickpipe_consumers::candles::service::{run, ServiceConfig};
+use tickpipe_consumers::candles::service::{rebaseline, run, ServiceConfig};
 use tickpipe_consumers::candles::{state, CandleBuilder, CandleConfig, Output};
 use tickpipe_consumers::kafka::consumer_config;
 use tickpipe_producer::kafka::{ensure_topics, ensure_topics_configured, producer_config};
@@ -510,14 +510,9 @@ async fn a_stored_position_above_the_partition_end_is_refused_until_a_tombstone_
     stop.send(()).unwrap();
     service.await.unwrap().unwrap();
 
-    // The re-baseline the error names: a tombstone for the partition's state.
-    producer
-        .send(
-            FutureRecord::<str, [u8]>::to(&state_topic).key(&key),
-            Duration::from_secs(10),
-        )
-        .await
-        .unwrap();
+    // The re-baseline the error names (`--rebaseline <p>`): a tombstone for
+    // the partition's state.
+    rebaseline(&config, &[partition]).await.expect("re-baseline");
     let metrics = stack::free_loopback_addr();
     config.metrics_addr = Some(metrics);
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();

@@ -10,7 +10,7 @@ use std::time::Duration;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use tickpipe_consumers::kafka::position_above_end;
 use tickpipe_consumers::ops::now_micros;
-use tickpipe_consumers::pg::sink::{run, SinkConfig};
+use tickpipe_consumers::pg::sink::{rebaseline, run, SinkConfig};
 use tickpipe_producer::kafka::{ensure_topics, producer_config};
 use tickpipe_schemas::{Codec, Decimal, Source, Topic, Trade, TradeKind, WriteFraming};
 use tickpipe_testkit::stack;
@@ -170,15 +170,10 @@ async fn a_stored_position_above_the_partition_end_stops_that_partition_until_re
     wait_count(&client, stored, 6106, 1).await;
     stop(sink).await;
 
-    // The re-baseline the error names: forget the position, restart.
-    let deleted = client
-        .execute(
-            "DELETE FROM sink_offsets WHERE consumer_group = $1 AND topic = $2 AND partition = 0",
-            &[&config.group, &topic],
-        )
-        .await
-        .expect("re-baseline");
-    assert_eq!(deleted, 1);
+    // The re-baseline the error names (`--rebaseline <topic>:0`): forget the
+    // position, restart.
+    let forgotten = rebaseline(&config, &[(topic.clone(), 0)]).await.expect("re-baseline");
+    assert_eq!(forgotten, 1);
     let metrics = stack::free_loopback_addr();
     let sink = start(with_metrics(metrics));
     wait_count(&client, "SELECT count(*) FROM trades", 20, 60).await;

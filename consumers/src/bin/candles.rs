@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use tickpipe_consumers::args::ValidationArgs;
-use tickpipe_consumers::candles::service::{run, ServiceConfig};
+use tickpipe_consumers::candles::service::{rebaseline, run, ServiceConfig};
 use tickpipe_consumers::candles::{CandleConfig, Interval};
 use tickpipe_consumers::ops::config::ConfigArg;
 use tickpipe_consumers::ops::{self, KafkaArgs};
@@ -20,6 +20,11 @@ struct Args {
     kafka: KafkaArgs,
     #[command(flatten)]
     validation: ValidationArgs,
+    /// Trades partitions to read from their beginning, forgetting their
+    /// stored state first (repeatable or comma-separated), as the error that
+    /// refuses a partition suggests. For a deliberate reset only.
+    #[arg(long, env = "TICKPIPE_CANDLES_REBASELINE", value_delimiter = ',')]
+    rebaseline: Vec<i32>,
     /// Candle intervals, comma-separated (<n>s, <n>m, <n>h, <n>d).
     #[arg(
         long,
@@ -81,6 +86,9 @@ async fn main() -> anyhow::Result<()> {
         replication: args.kafka.replication,
         metrics_addr,
     };
+    if !args.rebaseline.is_empty() {
+        rebaseline(&config, &args.rebaseline).await?;
+    }
     run(config, shutdown).await?;
     Ok(())
 }

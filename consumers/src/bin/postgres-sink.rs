@@ -7,7 +7,7 @@ use clap::Parser;
 use tickpipe_consumers::args::{entity_topics, RegistryArgs, ValidationArgs};
 use tickpipe_consumers::ops::config::ConfigArg;
 use tickpipe_consumers::ops::{self, KafkaArgs};
-use tickpipe_consumers::pg::sink::{run, SinkConfig};
+use tickpipe_consumers::pg::sink::{rebaseline, run, SinkConfig};
 
 /// Writes every entity topic into PostgreSQL: current state, SCD2 asset
 /// history, append tables and dead letters, exactly once per Kafka offset.
@@ -66,6 +66,12 @@ struct Args {
     /// with the same id gets its partitions back without a rebalance.
     #[arg(long, env = "TICKPIPE_POSTGRES_SINK_INSTANCE_ID")]
     instance_id: Option<String>,
+    /// Partitions to read from their beginning, forgetting their stored
+    /// positions first (`<topic>:<partition>`, the full topic name, as the
+    /// error that refuses a partition names it; repeatable or comma-separated).
+    /// For a deliberate reset only: a recreated topic, another cluster.
+    #[arg(long, env = "TICKPIPE_POSTGRES_SINK_REBASELINE", value_delimiter = ',', value_parser = topic_partition)]
+    rebaseline: Vec<(String, i32)>,
     #[command(flatten)]
     registry: RegistryArgs,
     /// Address of /metrics, /healthz and /readyz ("off" to disable).
@@ -100,6 +106,33 @@ async fn main() -> anyhow::Result<()> {
         metrics_addr,
         registry: args.registry.config(),
     };
+    if !args.rebaseline.is_empty() {
+        rebaseline(&config, &args.rebaseline).await?;
+    }
     run(config, shutdown).await?;
     Ok(())
+}
+
+/// `<topic>:<partition>`.
+fn topic_partition(s: &str) -> Result<(String, i32), String> {
+    let (topic, partition) = s
+        .rsplit_once(':')
+        .ok_or_else(|| format!("{s:?}: expected <topic>:<partition>"))?;
+    let partition = partition
+        .parse()
+        .map_err(|_| format!("{s:?}: the partition is not a number"))?;
+    Ok((topic.to_owned(), partition))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::topic_partition;
+
+    #[test]
+    fn rebaseline_names_a_topic_and_a_partition() {
+        assert_eq!(topic_partition("dev.trades:2"), Ok(("dev.trades".to_owned(), 2)));
+        assert_eq!(topic_partition("a:b:0"), Ok(("a:b".to_owned(), 0)));
+        assert!(topic_partition("trades").is_err_and(|e| e.contains("<topic>:<partition>")));
+        assert!(topic_partition("trades:x").is_err_and(|e| e.contains("not a number")));
+    }
 }

@@ -275,6 +275,28 @@ fn read_state(config: &ServiceConfig) -> Result<(HashMap<i32, Stored>, Vec<Strin
     Ok((state, orphans))
 }
 
+/// Starts trades partitions over: a tombstone on each one's state head, so
+/// that the next start reads them from their beginning and builds their
+/// candles again. The re-baseline after a deliberate reset (a recreated
+/// topic, another cluster); run it with the service stopped.
+pub async fn rebaseline(config: &ServiceConfig, partitions: &[i32]) -> Result<(), ServiceError> {
+    let topic = config.state_topic();
+    let producer = future_producer(&config.brokers, &topic)?;
+    let keys: Vec<String> = partitions.iter().map(|p| state::head_key(*p)).collect();
+    send_each(
+        &producer,
+        keys.iter().map(|k| (topic.as_str(), k.as_str(), None, &[][..])),
+    )
+    .await?;
+    for p in partitions {
+        tracing::warn!(
+            partition = p,
+            "candles: re-baselined: the partition is read from its beginning"
+        );
+    }
+    Ok(())
+}
+
 /// Runs until `shutdown` resolves, then finishes the batch in hand and returns.
 pub async fn run(config: ServiceConfig, shutdown: impl Future<Output = ()>) -> Result<(), ServiceError> {
     let metrics = Metrics::new();
@@ -612,8 +634,8 @@ fn check_ends(
             tracing::error!(
                 partition = p,
                 "candles: {topic}[{p}]: {why}. This partition is not read until the position is fixed. To start \
-                 it over from its beginning (its candles are built again), publish a tombstone (key trades-{p}, \
-                 no value) to {} and restart the service",
+                 it over from its beginning (its candles are built again), restart the service with --rebaseline \
+                 {p}, or publish a tombstone (key trades-{p}, no value) to {} and restart it",
                 config.state_topic()
             );
             refused.insert(*p);

@@ -102,6 +102,12 @@ pub enum SinkError {
     Metrics(std::io::Error),
     #[error("stopping with a batch not written: {0}")]
     Unwritten(String),
+    #[error("re-baselining {topic}[{partition}]: {source}")]
+    Rebaseline {
+        topic: String,
+        partition: i32,
+        source: tokio_postgres::Error,
+    },
     #[error("the consumer thread failed: {0}")]
     Consumer(String),
     #[error("schema registry: {0}")]
@@ -362,9 +368,45 @@ fn stage_label(stage: &str) -> &'static str {
 /// read again is not written twice where its table has a natural key).
 fn rebaseline_sql(group: &str, topic: &str, partition: i32) -> String {
     format!(
-        "run DELETE FROM sink_offsets WHERE consumer_group = '{group}' AND topic = '{topic}' AND partition = \
-         {partition}; in the sink's database, then restart the sink"
+        "restart the sink with --rebaseline {topic}:{partition}, or run DELETE FROM sink_offsets WHERE \
+         consumer_group = '{group}' AND topic = '{topic}' AND partition = {partition}; in its database and restart it"
     )
+}
+
+/// Forgets the stored positions of `partitions` (full topic names) for the
+/// sink's group, so that they are read from their beginning: the re-baseline
+/// after a deliberate reset (a recreated topic, another cluster). Returns how
+/// many positions were stored. Run it with the sink stopped.
+pub async fn rebaseline(config: &SinkConfig, partitions: &[(String, i32)]) -> Result<u64, SinkError> {
+    let pool = connect(config).await?;
+    let mut client = pool.get().await.map_err(|e| SinkError::Unreachable {
+        target: "pool".into(),
+        detail: with_causes(&e),
+    })?;
+    migrate(&mut client).await?;
+    let mut forgotten = 0;
+    for (topic, partition) in partitions {
+        let n = client
+            .execute(
+                "DELETE FROM sink_offsets WHERE consumer_group = $1 AND topic = $2 AND partition = $3",
+                &[&config.group, topic, partition],
+            )
+            .await
+            .map_err(|source| SinkError::Rebaseline {
+                topic: topic.clone(),
+                partition: *partition,
+                source,
+            })?;
+        tracing::warn!(
+            topic,
+            partition,
+            group = config.group,
+            forgotten = n,
+            "postgres-sink: re-baselined: the partition is read from its beginning"
+        );
+        forgotten += n;
+    }
+    Ok(forgotten)
 }
 
 /// How often an idle sink asks the database whether it answers.
