@@ -309,6 +309,8 @@ impl ConsumerContext for SinkContext {
                 for e in tpl.elements() {
                     let tp = (e.topic().to_owned(), e.partition());
                     self.metrics.refused.with_label_values(&[&tp.0]).set(0);
+                    // Checked against an end reported after this assignment.
+                    self.ends.lock().unwrap_or_else(|p| p.into_inner()).remove(&tp);
                     let (offset, position) = match written.get(&tp) {
                         Some(next) => {
                             let from = next.saturating_sub(self.rewind).max(0);

@@ -1,8 +1,9 @@
 //! Killing `postgres-sink` with SIGKILL at random moments while trades stream in
 //! loses nothing and writes nothing twice: afterwards every trade is in
-//! `trades`, every poison record is in `dead_letters` exactly once (that table
-//! has no key to hide a duplicate), and the stored offsets equal the ends of the
-//! partitions.
+//! `trades`, every poison record is in `dead_letters` exactly once, and the
+//! stored offsets equal the ends of the partitions (the witness that no
+//! offset was written twice: `dead_letters` holds back a second copy of a
+//! letter since migration 0002).
 
 use std::collections::BTreeMap;
 use std::process::{Child, Command, Stdio};

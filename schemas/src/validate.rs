@@ -51,19 +51,21 @@ type Check = Result<(), String>;
 /// the field's name, so that the input is kept with the reason; encoding would
 /// refuse it too, but without the input.
 fn fits(field: &str, v: &Decimal) -> Check {
-    let limit = Decimal::from_i128_with_scale(100_000_000_000_000_000_000, 0);
-    let n = v.normalize();
-    if n.abs() >= limit {
-        Err(format!(
-            "{field} {v} has more than 20 integer digits, more than decimal(38, 18) holds"
-        ))
-    } else if n.scale() > 18 {
-        Err(format!(
+    // On the hot path: no normalisation unless the scale is past 18.
+    let n = if v.scale() > 18 { v.normalize() } else { *v };
+    if n.scale() > 18 {
+        return Err(format!(
             "{field} {v} has more than 18 decimal places, more than decimal(38, 18) holds"
-        ))
-    } else {
-        Ok(())
+        ));
     }
+    // |mantissa| < 10^(20 + scale); a mantissa holds less than 10^29.
+    let digits = 20 + n.scale();
+    if digits < 29 && n.mantissa().unsigned_abs() >= 10u128.pow(digits) {
+        return Err(format!(
+            "{field} {v} has more than 20 integer digits, more than decimal(38, 18) holds"
+        ));
+    }
+    Ok(())
 }
 
 fn positive(field: &str, v: &Decimal) -> Check {
