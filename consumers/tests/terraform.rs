@@ -9,7 +9,10 @@
 use std::path::PathBuf;
 
 use hcl::{Block, Body, Expression};
-use tickpipe_consumers::bq::schema::{latest_candles_query, table_spec, view_query, DecimalColumns, LATEST_CANDLES};
+use tickpipe_consumers::bq::schema::{
+    distinct_letters_query, latest_candles_query, table_spec, view_query, DecimalColumns, DISTINCT_LETTERS,
+    LATEST_CANDLES,
+};
 use tickpipe_schemas::Topic;
 
 fn dir() -> PathBuf {
@@ -156,6 +159,16 @@ fn terraform_declares_the_tables_the_sink_creates() {
     let rendered = query.replace("${var.project}", "p").replace("${var.dataset}", "d");
     let candles = table_spec(Topic::Candles, DecimalColumns::BigNumeric);
     assert_eq!(rendered, latest_candles_query("p", "d", &candles));
+    let distinct = resource(&main, "google_bigquery_table", "dead_letters_distinct").body();
+    assert_eq!(text(attribute(distinct, "table_id")), DISTINCT_LETTERS);
+    let query = distinct
+        .blocks()
+        .find(|b| b.identifier() == "view")
+        .map(|b| text(attribute(b.body(), "query")))
+        .expect("view block");
+    let rendered = query.replace("${var.project}", "p").replace("${var.dataset}", "d");
+    let letters = table_spec(Topic::DeadLetters, DecimalColumns::BigNumeric);
+    assert_eq!(rendered, distinct_letters_query("p", "d", &letters));
 
     let variables = body("variables.tf");
     let names: Vec<String> = variables

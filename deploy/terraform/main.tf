@@ -76,6 +76,23 @@ resource "google_bigquery_table" "candles_latest" {
   depends_on = [google_bigquery_table.raw]
 }
 
+# One letter per component and refused record: a service that crashed after
+# publishing its letters publishes them again (schema.rs, distinct_letters_query).
+resource "google_bigquery_table" "dead_letters_distinct" {
+  project             = var.project
+  dataset_id          = google_bigquery_dataset.tickpipe.dataset_id
+  table_id            = "dead_letters_distinct"
+  description         = "dead_letters: one letter per component and refused record (a service that crashed publishes its letters again)."
+  deletion_protection = false
+
+  view {
+    query          = "SELECT * EXCEPT (_copy) FROM (SELECT *, ROW_NUMBER() OVER (PARTITION BY component, IFNULL(topic, kafka_topic), IFNULL(`partition`, kafka_partition), IFNULL(`offset`, kafka_offset) ORDER BY written_at, kafka_offset) AS _copy FROM `${var.project}.${var.dataset}.dead_letters_raw`) WHERE _copy = 1"
+    use_legacy_sql = false
+  }
+
+  depends_on = [google_bigquery_table.raw]
+}
+
 output "dataset" {
   description = "The dataset id."
   value       = google_bigquery_dataset.tickpipe.dataset_id

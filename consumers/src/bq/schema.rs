@@ -258,6 +258,24 @@ pub fn latest_candles_query(project: &str, dataset: &str, spec: &TableSpec) -> S
     )
 }
 
+/// The view over `dead_letters` with one row per refusal.
+pub const DISTINCT_LETTERS: &str = "dead_letters_distinct";
+
+/// The query of [`DISTINCT_LETTERS`]: one letter per component and refused
+/// record (its topic, partition and offset), as a service that crashed after
+/// publishing its letters publishes them again; a letter without coordinates
+/// (a producer's parse reject) is identified by its own Kafka coordinates.
+/// The first written is kept. (No day in the window: a copy is stamped when it
+/// was published again, so the event time does not prune partitions here.)
+pub fn distinct_letters_query(project: &str, dataset: &str, spec: &TableSpec) -> String {
+    format!(
+        "SELECT * EXCEPT (_copy) FROM (SELECT *, ROW_NUMBER() OVER (PARTITION BY component, \
+         IFNULL(topic, {KAFKA_TOPIC}), IFNULL(`partition`, {KAFKA_PARTITION}), IFNULL(`offset`, {KAFKA_OFFSET}) \
+         ORDER BY {WRITTEN_AT}, {KAFKA_OFFSET}) AS _copy FROM `{project}.{dataset}.{table}`) WHERE _copy = 1",
+        table = spec.table
+    )
+}
+
 /// Compares a table's columns with the ones wanted. `Ok(None)`: nothing to
 /// do. `Ok(Some(fields))`: the columns to patch the table to (missing ones
 /// added, as `NULLABLE`, because BigQuery adds no `REQUIRED` column to a table

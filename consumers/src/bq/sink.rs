@@ -37,7 +37,10 @@ use tokio::sync::mpsc;
 
 use super::client::{BigQuery, BqError, Endpoint, TableInfo};
 use super::rows::{row, Coordinates};
-use super::schema::{evolve, latest_candles_query, table_spec, view_query, DecimalColumns, TableSpec, LATEST_CANDLES};
+use super::schema::{
+    distinct_letters_query, evolve, latest_candles_query, table_spec, view_query, DecimalColumns, TableSpec,
+    DISTINCT_LETTERS, LATEST_CANDLES,
+};
 use super::COMPONENT;
 use crate::decode::{reject_letter, Body, Item, Reject};
 use crate::kafka::{letter_records, send_letters};
@@ -202,6 +205,12 @@ pub async fn prepare_tables(
                                symbol, interval, origin and open time).";
             let query = latest_candles_query(bq.project(), dataset, &spec);
             ensure_view(bq, dataset, LATEST_CANDLES, description, &query, refresh_view).await?;
+        }
+        if *topic == Topic::DeadLetters {
+            let description = "dead_letters: one letter per component and refused record (a service that crashed \
+                               publishes its letters again).";
+            let query = distinct_letters_query(bq.project(), dataset, &spec);
+            ensure_view(bq, dataset, DISTINCT_LETTERS, description, &query, refresh_view).await?;
         }
         specs.insert(*topic, spec);
     }
