@@ -28,6 +28,8 @@ use tickpipe_testkit::stack;
 use tokio_postgres::{Client, NoTls};
 
 const SYMBOLS: usize = 20;
+/// The sinks' group session: how long the broker keeps a killed member.
+const SESSION_TIMEOUT: Duration = Duration::from_secs(6);
 /// Good trades the test publishes itself; the producer replays `REPLAYED` more.
 const PUBLISHED: usize = 90_000;
 const REPLAYED: usize = 10_000;
@@ -89,7 +91,10 @@ impl Setup {
                 .env("TICKPIPE_POSTGRES_SINK_GROUP", format!("{}pg", self.prefix))
                 .env("TICKPIPE_POSTGRES_SINK_BATCH_MAX", "2000")
                 .env("TICKPIPE_POSTGRES_SINK_BATCH_WAIT_MS", "20")
-                .env("TICKPIPE_POSTGRES_SINK_SESSION_TIMEOUT_MS", "6000")
+                .env(
+                    "TICKPIPE_POSTGRES_SINK_SESSION_TIMEOUT_MS",
+                    SESSION_TIMEOUT.as_millis().to_string(),
+                )
                 .env("TICKPIPE_POSTGRES_SINK_METRICS_ADDR", metrics.to_string()),
             "bigquery-sink" => cmd
                 .env("TICKPIPE_BIGQUERY_EMULATOR", stack::bigquery_rest_url())
@@ -98,7 +103,10 @@ impl Setup {
                 .env("TICKPIPE_BIGQUERY_SINK_GROUP", format!("{}bq", self.prefix))
                 .env("TICKPIPE_BIGQUERY_SINK_BATCH_MAX", "5000")
                 .env("TICKPIPE_BIGQUERY_SINK_BATCH_WAIT_MS", "50")
-                .env("TICKPIPE_BIGQUERY_SINK_SESSION_TIMEOUT_MS", "6000")
+                .env(
+                    "TICKPIPE_BIGQUERY_SINK_SESSION_TIMEOUT_MS",
+                    SESSION_TIMEOUT.as_millis().to_string(),
+                )
                 .env("TICKPIPE_BIGQUERY_SINK_METRICS_ADDR", metrics.to_string()),
             other => panic!("no service {other}"),
         };
@@ -625,6 +633,13 @@ async fn a_hostile_corpus_under_sigkill_loses_nothing_duplicates_nothing_and_let
             services[i].child.kill().expect("SIGKILL");
             services[i].child.wait().expect("reaped");
             kills.entry(name).or_default().push((n as i64, done));
+            if name != "candles" {
+                // On tansu, a member that joins while the killed one's session
+                // is still open gets no partitions, for good, and nothing shows
+                // when the broker has dropped it (ARCHITECTURE.md, "Known broker
+                // quirks"): the sinks restart once the session has expired.
+                tokio::time::sleep(SESSION_TIMEOUT + Duration::from_secs(1)).await;
+            }
             services[i] = setup.start(name);
             starts[i] = match name {
                 "candles" => 0,
