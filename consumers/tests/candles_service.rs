@@ -15,6 +15,7 @@ use tickpipe_consumers::candles::{state, CandleBuilder, CandleConfig, Output};
 use tickpipe_consumers::kafka::consumer_config;
 use tickpipe_producer::kafka::{ensure_topics, ensure_topics_configured, producer_config};
 use tickpipe_schemas::{Candle, Codec, Record, Topic, Trade, WriteFraming};
+use tickpipe_testkit::stack::wait_metric;
 use tickpipe_testkit::{kafka, real, stack};
 
 type Key = (String, i64);
@@ -418,19 +419,6 @@ async fn sigkill_at_any_moment_loses_and_double_counts_nothing() {
     reader.check(&expected);
 }
 
-/// Polls the metrics page until it holds `line`, or fails after 60 s.
-async fn wait_metric(addr: SocketAddr, line: &str) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        let page = stack::scrape(addr).await;
-        if page.lines().any(|l| l == line) {
-            return;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "no {line:?} in:\n{page}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stored_position_above_the_partition_end_is_refused_until_a_tombstone_starts_it_over() {
     let brokers = stack::kafka_brokers();
@@ -505,8 +493,8 @@ async fn a_stored_position_above_the_partition_end_is_refused_until_a_tombstone_
     let service = tokio::spawn(run(config.clone(), async {
         let _ = stopped.await;
     }));
-    wait_metric(metrics, "tickpipe_candles_refused_partitions 1").await;
-    wait_metric(metrics, "tickpipe_candles_trades_in_total 0").await;
+    wait_metric(metrics, "tickpipe_candles_refused_partitions 1", 60).await;
+    wait_metric(metrics, "tickpipe_candles_trades_in_total 0", 60).await;
     stop.send(()).unwrap();
     service.await.unwrap().unwrap();
 
@@ -519,8 +507,13 @@ async fn a_stored_position_above_the_partition_end_is_refused_until_a_tombstone_
     let service = tokio::spawn(run(config, async {
         let _ = stopped.await;
     }));
-    wait_metric(metrics, "tickpipe_candles_refused_partitions 0").await;
-    wait_metric(metrics, &format!("tickpipe_candles_trades_in_total {}", trades.len())).await;
+    wait_metric(metrics, "tickpipe_candles_refused_partitions 0", 60).await;
+    wait_metric(
+        metrics,
+        &format!("tickpipe_candles_trades_in_total {}", trades.len()),
+        60,
+    )
+    .await;
     let mut reader = CandleReader::new(&brokers, &prefix);
     reader
         .read_until(60, "the 1m candle of the first ten trades", |r| {
@@ -573,7 +566,7 @@ async fn the_state_of_5000_symbols_is_stored_in_chunks_and_restored() {
     let service = tokio::spawn(run(config.clone(), async {
         let _ = stopped.await;
     }));
-    wait_metric(metrics, "tickpipe_candles_trades_in_total 5000").await;
+    wait_metric(metrics, "tickpipe_candles_trades_in_total 5000", 60).await;
     stop.send(()).unwrap();
     service.await.unwrap().expect("the state of 5,000 symbols is stored");
     let state_topic = format!("{prefix}candles-state");
@@ -602,8 +595,8 @@ async fn the_state_of_5000_symbols_is_stored_in_chunks_and_restored() {
     let service = tokio::spawn(run(config, async {
         let _ = stopped.await;
     }));
-    wait_metric(metrics, "tickpipe_candles_trades_in_total 5000").await;
-    wait_metric(metrics, "tickpipe_candles_candles_out_total{interval=\"1m\"} 5000").await;
+    wait_metric(metrics, "tickpipe_candles_trades_in_total 5000", 60).await;
+    wait_metric(metrics, "tickpipe_candles_candles_out_total{interval=\"1m\"} 5000", 60).await;
     stop.send(()).unwrap();
     service.await.unwrap().unwrap();
     let codec = Codec::new(WriteFraming::SingleObject);

@@ -19,19 +19,8 @@ use tickpipe_schemas::validate::Rules;
 use tickpipe_schemas::{Codec, DeadLetter, Record, Topic, WriteFraming};
 use tickpipe_testkit::hostile::{any_body, single_object, NOW};
 
-const TOPICS: [Topic; 8] = [
-    Topic::Assets,
-    Topic::Rates,
-    Topic::Exchanges,
-    Topic::Markets,
-    Topic::Prices,
-    Topic::Trades,
-    Topic::Candles,
-    Topic::DeadLetters,
-];
-
 fn topic_of() -> HashMap<String, Topic> {
-    TOPICS.iter().map(|t| (t.name(""), *t)).collect()
+    Topic::ALL.iter().map(|t| (t.name(""), *t)).collect()
 }
 
 fn item(codec: &Codec, topic: Topic, payload: Vec<u8>, offset: i64) -> Item {
@@ -93,7 +82,7 @@ proptest! {
 
     #[test]
     fn every_record_of_every_schema_is_written_or_a_dead_letter(
-        (topic, body) in prop::sample::select(TOPICS.to_vec()).prop_flat_map(|t| (Just(t), any_body(t))),
+        (topic, body) in prop::sample::select(Topic::ALL.to_vec()).prop_flat_map(|t| (Just(t), any_body(t))),
     ) {
         let codec = Codec::new(WriteFraming::SingleObject);
         sink(&codec, &item(&codec, topic, single_object(topic, &body), 1))?;
@@ -101,7 +90,7 @@ proptest! {
 
     #[test]
     fn arbitrary_bytes_on_any_topic_are_dead_letters(
-        topic in prop::sample::select(TOPICS.to_vec()),
+        topic in prop::sample::select(Topic::ALL.to_vec()),
         framed in any::<bool>(),
         bytes in prop::collection::vec(any::<u8>(), 0..256),
     ) {

@@ -8,7 +8,6 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use rdkafka::consumer::{Consumer, StreamConsumer};
-use rdkafka::message::Headers;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::Message;
 use tickpipe_consumers::decode::{Body, Item, Reject};
@@ -17,11 +16,13 @@ use tickpipe_consumers::pg::sink::{run, write_batch, SinkConfig};
 use tickpipe_producer::kafka::{ensure_topics, producer_config};
 use tickpipe_schemas::decimal::put_unscaled;
 use tickpipe_schemas::field::AvroField;
+use tickpipe_schemas::registry::{RegistryClient, RegistryConfig};
 use tickpipe_schemas::{
     Asset, Candle, CandleOrigin, Codec, DeadLetter, Decimal, Exchange, Market, Price, Rate, RateType, Record, Source,
     Topic, Trade, TradeKind, WriteFraming,
 };
 use tickpipe_testkit::stack;
+use tickpipe_testkit::stack::wait_count;
 use tokio_postgres::{Client, NoTls};
 
 const T0: i64 = 1_741_046_400_000_000; // 2025-03-04T00:00:00Z
@@ -89,27 +90,6 @@ async fn publish(topic: &str, records: &[(String, Vec<u8>)]) {
             )
             .await
             .unwrap();
-    }
-}
-
-/// Polls `sql` (one bigint) until it returns `want`, or fails after `secs`.
-async fn wait_count(client: &Client, sql: &str, want: i64, secs: u64) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
-    loop {
-        // The tables appear when the sink has migrated.
-        let got = client
-            .query_one(sql, &[])
-            .await
-            .ok()
-            .and_then(|r| r.try_get::<_, i64>(0).ok());
-        if got == Some(want) {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{sql}: {got:?} after {secs} s, want {want}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
@@ -259,19 +239,7 @@ async fn poison_records_land_in_dead_letters_and_the_rest_is_written() {
         let d: DeadLetter = codec.decode(msg.payload().unwrap()).unwrap();
         assert_eq!(d.component, "postgres-sink");
         // The Kafka Connect dead-letter headers, for the DLQ tools built for it.
-        let headers: BTreeMap<String, String> = msg
-            .headers()
-            .map(|h| {
-                h.iter()
-                    .map(|x| {
-                        (
-                            x.key.to_owned(),
-                            String::from_utf8_lossy(x.value.unwrap_or_default()).into_owned(),
-                        )
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
+        let headers = tickpipe_testkit::kafka::headers(&msg);
         assert_eq!(headers.get("__connect.errors.topic"), d.topic.as_ref(), "{headers:?}");
         assert_eq!(
             headers.get("__connect.errors.offset"),
@@ -518,18 +486,24 @@ async fn coincap_state_never_regresses_and_asset_history_is_exact() {
     assert_eq!(candle, dec("6"), "the corrected candle replaces the first version");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn confluent_framed_records_decode_with_schemas_from_the_registry() {
-    use tickpipe_schemas::registry::{RegistryClient, RegistryConfig};
-    let (prefix, url, client) = setup("pgsink_registry").await;
+/// A registry double holding the trade schema under `prefix`'s subject, a
+/// codec that writes Confluent-framed trades with its id, and the id.
+async fn registered_trades(prefix: &str) -> (tickpipe_testkit::registry::RegistryDouble, Codec, u32) {
     let double = tickpipe_testkit::registry::RegistryDouble::start().await.unwrap();
     let registry = RegistryClient::new(RegistryConfig::new(double.url.clone())).unwrap();
     let id = registry
-        .register(&Topic::Trades.value_subject(&prefix), &Trade::compiled().json)
+        .register(&Topic::Trades.value_subject(prefix), &Trade::compiled().json)
         .await
         .unwrap();
     let writer = Codec::new(WriteFraming::Confluent);
     writer.set_write_id(Trade::NAME, id);
+    (double, writer, id)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn confluent_framed_records_decode_with_schemas_from_the_registry() {
+    let (prefix, url, client) = setup("pgsink_registry").await;
+    let (double, writer, id) = registered_trades(&prefix).await;
     let framed = writer.encode(&trade(11, "0.2411")).unwrap();
     assert_eq!(
         &framed[..5],
@@ -845,16 +819,8 @@ async fn a_dead_letter_published_again_after_a_crash_is_stored_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_registry_outage_shows_on_readyz_and_the_record_is_written_once_it_answers() {
-    use tickpipe_schemas::registry::{RegistryClient, RegistryConfig};
     let (prefix, url, client) = setup("pgsink_registry_down").await;
-    let mut double = tickpipe_testkit::registry::RegistryDouble::start().await.unwrap();
-    let registry = RegistryClient::new(RegistryConfig::new(double.url.clone())).unwrap();
-    let id = registry
-        .register(&Topic::Trades.value_subject(&prefix), &Trade::compiled().json)
-        .await
-        .unwrap();
-    let writer = Codec::new(WriteFraming::Confluent);
-    writer.set_write_id(Trade::NAME, id);
+    let (mut double, writer, _) = registered_trades(&prefix).await;
     let key = "binance:TRXUSDT".to_string();
     publish(
         &Topic::Trades.name(&prefix),

@@ -14,7 +14,8 @@ use tickpipe_consumers::pg::sink::{rebaseline, run, SinkConfig};
 use tickpipe_producer::kafka::{ensure_topics, producer_config};
 use tickpipe_schemas::{Codec, Decimal, Source, Topic, Trade, TradeKind, WriteFraming};
 use tickpipe_testkit::stack;
-use tokio_postgres::{Client, NoTls};
+use tickpipe_testkit::stack::{wait_count, wait_metric};
+use tokio_postgres::NoTls;
 
 fn trade(id: i64) -> Trade {
     let now = now_micros();
@@ -52,39 +53,6 @@ fn config(prefix: &str, url: &str, metrics: Option<std::net::SocketAddr>) -> Sin
         replication: 1,
         metrics_addr: metrics,
         registry: None,
-    }
-}
-
-/// Polls `sql` (one bigint) until it returns `want`, or fails after `secs`.
-async fn wait_count(client: &Client, sql: &str, want: i64, secs: u64) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
-    loop {
-        let got = client
-            .query_one(sql, &[])
-            .await
-            .ok()
-            .and_then(|r| r.try_get::<_, i64>(0).ok());
-        if got == Some(want) {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{sql}: {got:?} after {secs} s, want {want}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-/// Polls the metrics page until it holds `line`, or fails after 30 s.
-async fn wait_metric(addr: std::net::SocketAddr, line: &str) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let page = stack::scrape(addr).await;
-        if page.lines().any(|l| l == line) {
-            return;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "no {line:?} in:\n{page}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
@@ -162,7 +130,7 @@ async fn a_stored_position_above_the_partition_end_stops_that_partition_until_re
     let metrics = stack::free_loopback_addr();
     let sink = start(with_metrics(metrics));
     let refused = format!("tickpipe_postgres_sink_refused_partitions{{topic=\"{topic}\"}} 1");
-    wait_metric(metrics, &refused).await;
+    wait_metric(metrics, &refused, 30).await;
     // Partition 1 flows; partition 0 is neither written nor moved.
     wait_count(&client, "SELECT count(*) FROM trades", 10, 30).await;
     wait_count(&client, "SELECT count(*) FROM trades WHERE trade_id % 2 = 0", 0, 1).await;
@@ -178,6 +146,6 @@ async fn a_stored_position_above_the_partition_end_stops_that_partition_until_re
     let sink = start(with_metrics(metrics));
     wait_count(&client, "SELECT count(*) FROM trades", 20, 60).await;
     wait_count(&client, stored, 10, 10).await;
-    wait_metric(metrics, &refused.replace("} 1", "} 0")).await;
+    wait_metric(metrics, &refused.replace("} 1", "} 0"), 30).await;
     stop(sink).await;
 }

@@ -207,20 +207,7 @@ async fn malformed_input_of_every_kind_is_dead_lettered_and_the_rest_flows() {
         let Some(Ok(m)) = consumer.poll(std::time::Duration::from_millis(200)) else {
             continue;
         };
-        use rdkafka::message::{Headers, Message};
-        let headers: std::collections::BTreeMap<String, String> = m
-            .headers()
-            .map(|h| {
-                h.iter()
-                    .map(|x| {
-                        (
-                            x.key.to_owned(),
-                            String::from_utf8_lossy(x.value.unwrap_or_default()).into_owned(),
-                        )
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
+        let headers = tickpipe_testkit::kafka::headers(&m);
         let stage = headers.get("__connect.errors.stage").map(String::as_str);
         assert!(matches!(stage, Some("TASK_POLL" | "TRANSFORMATION")), "{headers:?}");
         assert_eq!(

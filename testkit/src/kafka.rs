@@ -63,3 +63,21 @@ pub fn read_with(consumer: &BaseConsumer, topic: &str) -> Vec<(Vec<u8>, Vec<u8>)
     }
     out
 }
+
+/// A record's headers as text, by name (the Kafka Connect dead-letter
+/// headers, say).
+pub fn headers(msg: &impl Message) -> std::collections::BTreeMap<String, String> {
+    use rdkafka::message::Headers;
+    msg.headers()
+        .map(|h| {
+            h.iter()
+                .map(|x| {
+                    (
+                        x.key.to_owned(),
+                        String::from_utf8_lossy(x.value.unwrap_or_default()).into_owned(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}

@@ -32,6 +32,44 @@ pub async fn scrape(addr: std::net::SocketAddr) -> String {
     }
 }
 
+/// Polls a service's `/metrics` until it holds the line `line` (a sample
+/// with its value), or fails after `secs` with the page it saw last.
+pub async fn wait_metric(addr: std::net::SocketAddr, line: &str, secs: u64) {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(secs);
+    loop {
+        let page = scrape(addr).await;
+        if page.lines().any(|l| l == line) {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no {line:?} after {secs} s in:\n{page}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+/// Polls `sql` (one bigint) until it answers `want`, or fails after `secs`.
+/// An error counts as not yet (the tables appear when a sink has migrated).
+pub async fn wait_count(client: &tokio_postgres::Client, sql: &str, want: i64, secs: u64) {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(secs);
+    loop {
+        let got = client
+            .query_one(sql, &[])
+            .await
+            .ok()
+            .and_then(|r| r.try_get::<_, i64>(0).ok());
+        if got == Some(want) {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{sql}: {got:?} after {secs} s, want {want}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
 /// A broker of a test's own: tansu (as built by `make stack-up`) listening on
 /// a free loopback port and advertising `advertised` (for example a TLS proxy
 /// in front of it). Killed on drop.
