@@ -5,22 +5,22 @@ SHELL := bash
 
 STACK := deploy/local/stack.sh
 # Exports the addresses of the running local stack, the interop interpreter,
-# Prometheus and the tansu binary for tests that start a broker of their own.
+# Prometheus and the Apache Kafka jars for tests that start brokers of their own.
 # (Assignments apart from `export`, so that a failed install stops the target.)
-STACK_ENV = eval "$$($(STACK) env)"; TICKPIPE_INTEROP_PYTHON="$$(deploy/local/python-env.sh)"; TICKPIPE_PROMETHEUS_BIN="$$(deploy/local/prometheus.sh)"; TICKPIPE_TANSU_BIN="$$($(STACK) tansu-bin)"; export TICKPIPE_INTEROP_PYTHON TICKPIPE_PROMETHEUS_BIN TICKPIPE_TANSU_BIN;
+STACK_ENV = eval "$$($(STACK) env)"; TICKPIPE_INTEROP_PYTHON="$$(deploy/local/python-env.sh)"; TICKPIPE_PROMETHEUS_BIN="$$(deploy/local/prometheus.sh)"; TICKPIPE_KAFKA_HOME="$$($(STACK) kafka-home)"; export TICKPIPE_INTEROP_PYTHON TICKPIPE_PROMETHEUS_BIN TICKPIPE_KAFKA_HOME;
 
 .PHONY: help
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
 
 .PHONY: stack-up stack-down stack-status kafka
-stack-up: ## install (cached) and start broker, PostgreSQL and BigQuery emulator
+stack-up: ## install (cached) and start Kafka, Schema Registry, PostgreSQL and BigQuery emulator
 	$(STACK) up
 stack-down: ## stop what stack-up started
 	$(STACK) down
 stack-status: ## show what is running
 	$(STACK) status
-kafka: ## start only the Kafka-protocol broker (docker compose if a Docker engine answers, else tansu)
+kafka: ## start only Apache Kafka (docker compose if a Docker engine answers, else from the cached jars)
 	$(STACK) up kafka
 
 DEMO := deploy/local/demo.sh

@@ -73,7 +73,6 @@ async fn main() {
         batch_max: 10_000,
         batch_wait: Duration::from_millis(200),
         request_rows: 500,
-        resume_rewind: 10_000,
         max_backoff: Duration::from_secs(1),
         session_timeout: Duration::from_secs(10),
         partitions: 3,

@@ -10,13 +10,10 @@
 //! written, shows as an offset gap.)
 //!
 //! The thread is a consumer-group member. On assignment it asks the sink where
-//! each partition's writes stand ([`Resume`]) and seeks a rewind before that
-//! (brokers such as tansu answer a fetch only from a record-batch boundary),
-//! skipping the records below it. It hands full batches to the writer through
-//! a bounded channel and waits when the writer is behind rather than pausing
-//! the partitions (a resumed fetch restarts inside a record batch, which tansu
-//! answers by skipping the rest of it). Offsets the writer sends back are
-//! committed to the group.
+//! each partition's writes stand ([`Resume`]) and seeks there, skipping any
+//! record below it that a broker still delivers. It hands full batches to the
+//! writer through a bounded channel and waits when the writer is behind.
+//! Offsets the writer sends back are committed to the group.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -194,8 +191,6 @@ pub struct ConsumerSettings {
     pub instance_id: Option<String>,
     pub batch_max: usize,
     pub batch_wait: Duration,
-    /// How far before its written position a partition is re-read.
-    pub rewind: i64,
     pub registry: Option<RegistryConfig>,
     /// What an operator does to start a partition over from its beginning
     /// (group, topic, partition), for the error that refuses a position.
@@ -233,7 +228,6 @@ struct Position {
 struct SinkContext {
     component: &'static str,
     resume: Resume,
-    rewind: i64,
     positions: Arc<Mutex<HashMap<(String, i32), Position>>>,
     /// Some position is still to be checked against its partition's end.
     unchecked: Arc<AtomicBool>,
@@ -296,7 +290,7 @@ impl ClientContext for SinkContext {
 
 impl ConsumerContext for SinkContext {
     /// Eager rebalancing, with the assigned partitions positioned at the
-    /// written positions minus the rewind, not at the group's.
+    /// written positions, not at the group's.
     fn rebalance(&self, consumer: &BaseConsumer<Self>, err: RDKafkaRespErr, tpl: &mut TopicPartitionList) {
         let component = self.component;
         match err {
@@ -313,7 +307,7 @@ impl ConsumerContext for SinkContext {
                     self.ends.lock().unwrap_or_else(|p| p.into_inner()).remove(&tp);
                     let (offset, position) = match written.get(&tp) {
                         Some(next) => {
-                            let from = next.saturating_sub(self.rewind).max(0);
+                            let from = *next;
                             let position = Position {
                                 expect: Some(from),
                                 written_below: Some(*next),
@@ -435,7 +429,6 @@ fn consume(
         ends: ends.clone(),
         component,
         resume,
-        rewind: settings.rewind,
         positions: positions.clone(),
         unchecked: unchecked.clone(),
         stop: stop.clone(),

@@ -94,6 +94,17 @@ fn compose_services_are_complete_and_consistent() {
     ] {
         assert!(names.contains(wanted), "no service {wanted}");
     }
+    // One Apache Kafka version: the local stack's is the compose image's.
+    let stack = std::fs::read_to_string(repo().join("deploy/local/stack.sh")).expect("stack.sh");
+    let version = stack
+        .lines()
+        .find_map(|l| l.strip_prefix("KAFKA_VERSION="))
+        .expect("KAFKA_VERSION in stack.sh");
+    assert_eq!(
+        services[&key("kafka")]["image"].as_str(),
+        Some(format!("apache/kafka:{version}").as_str()),
+        "docker-compose.yml and deploy/local/stack.sh run different Kafka versions"
+    );
     let read = variables_read();
     let mut metrics_ports: BTreeMap<String, String> = BTreeMap::new();
 

@@ -51,13 +51,7 @@ impl Drop for Service {
 /// The binaries built next to this test's: the consumers' own, and the
 /// producer's (`cargo test --workspace`, which `make test` runs, builds it).
 fn binary(name: &str) -> PathBuf {
-    let path = PathBuf::from(env!("CARGO_BIN_EXE_candles")).with_file_name(name);
-    assert!(
-        path.exists(),
-        "{} is missing: build the workspace (cargo build --workspace) before this test",
-        path.display()
-    );
-    path
+    stack::workspace_binary(name)
 }
 
 struct Setup {
@@ -633,13 +627,8 @@ async fn a_hostile_corpus_under_sigkill_loses_nothing_duplicates_nothing_and_let
             services[i].child.kill().expect("SIGKILL");
             services[i].child.wait().expect("reaped");
             kills.entry(name).or_default().push((n as i64, done));
-            if name != "candles" {
-                // On tansu, a member that joins while the killed one's session
-                // is still open gets no partitions, for good, and nothing shows
-                // when the broker has dropped it (ARCHITECTURE.md, "Known broker
-                // quirks"): the sinks restart once the session has expired.
-                tokio::time::sleep(SESSION_TIMEOUT + Duration::from_secs(1)).await;
-            }
+            // Restarted at once: the group moves the killed member's
+            // partitions to the new one once its session expires.
             services[i] = setup.start(name);
             starts[i] = match name {
                 "candles" => 0,

@@ -58,7 +58,6 @@ fn config(prefix: &str, url: &str) -> SinkConfig {
         pool_size: 2,
         batch_max: 1000,
         batch_wait: Duration::from_millis(50),
-        resume_rewind: 10_000,
         max_backoff: Duration::from_millis(500),
         session_timeout: Duration::from_secs(6),
         instance_id: None,
@@ -486,10 +485,10 @@ async fn coincap_state_never_regresses_and_asset_history_is_exact() {
     assert_eq!(candle, dec("6"), "the corrected candle replaces the first version");
 }
 
-/// A registry double holding the trade schema under `prefix`'s subject, a
+/// The stack's registry holding the trade schema under `prefix`'s subject, a
 /// codec that writes Confluent-framed trades with its id, and the id.
-async fn registered_trades(prefix: &str) -> (tickpipe_testkit::registry::RegistryDouble, Codec, u32) {
-    let double = tickpipe_testkit::registry::RegistryDouble::start().await.unwrap();
+async fn registered_trades(prefix: &str) -> (tickpipe_testkit::registry::TestRegistry, Codec, u32) {
+    let double = tickpipe_testkit::registry::TestRegistry::start().await.unwrap();
     let registry = RegistryClient::new(RegistryConfig::new(double.url.clone())).unwrap();
     let id = registry
         .register(&Topic::Trades.value_subject(prefix), &Trade::compiled().json)
@@ -510,7 +509,8 @@ async fn confluent_framed_records_decode_with_schemas_from_the_registry() {
         &[0, (id >> 24) as u8, (id >> 16) as u8, (id >> 8) as u8, id as u8]
     );
     let mut unknown = framed.clone();
-    unknown[1..5].copy_from_slice(&4242u32.to_be_bytes());
+    let missing = tickpipe_testkit::registry::MISSING_ID;
+    unknown[1..5].copy_from_slice(&missing.to_be_bytes());
     let key = "binance:TRXUSDT".to_string();
     publish(&Topic::Trades.name(&prefix), &[(key.clone(), framed), (key, unknown)]).await;
 
@@ -529,7 +529,7 @@ async fn confluent_framed_records_decode_with_schemas_from_the_registry() {
         .await
         .unwrap()
         .get(0);
-    assert!(error.contains("schema id 4242"), "{error}");
+    assert!(error.contains(&format!("schema id {missing}")), "{error}");
     let lookups: Vec<String> = double
         .requests()
         .into_iter()
@@ -537,7 +537,7 @@ async fn confluent_framed_records_decode_with_schemas_from_the_registry() {
         .collect();
     assert_eq!(
         lookups,
-        vec![format!("GET /schemas/ids/{id}"), "GET /schemas/ids/4242".to_string()],
+        vec![format!("GET /schemas/ids/{id}"), format!("GET /schemas/ids/{missing}")],
         "one lookup per id"
     );
 }

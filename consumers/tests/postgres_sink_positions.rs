@@ -45,7 +45,6 @@ fn config(prefix: &str, url: &str, metrics: Option<std::net::SocketAddr>) -> Sin
         pool_size: 2,
         batch_max: 1000,
         batch_wait: Duration::from_millis(50),
-        resume_rewind: 10_000,
         max_backoff: Duration::from_millis(500),
         session_timeout: Duration::from_secs(6),
         instance_id: None,

@@ -79,7 +79,6 @@ async fn postgres_restart_mid_stream_loses_and_duplicates_nothing() {
         pool_size: 2,
         batch_max: 500,
         batch_wait: Duration::from_millis(20),
-        resume_rewind: 10_000,
         max_backoff: Duration::from_millis(300),
         session_timeout: Duration::from_secs(6),
         instance_id: None,

@@ -33,7 +33,6 @@ fn config(postgres_url: String) -> SinkConfig {
         pool_size: 2,
         batch_max: 100,
         batch_wait: Duration::from_millis(20),
-        resume_rewind: 10_000,
         max_backoff: Duration::from_millis(300),
         session_timeout: Duration::from_secs(6),
         instance_id: None,

@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# The local stack without Docker: a Kafka-protocol broker, PostgreSQL and the
-# BigQuery emulator, installed into a cache and started idempotently.
+# The local stack without Docker: Apache Kafka (KRaft), a Schema Registry
+# (Apicurio), PostgreSQL and the BigQuery emulator, installed into a cache and started idempotently.
 #
-#   deploy/local/stack.sh up [kafka|postgres|bigquery ...]   install if needed, start, wait until healthy
-#   deploy/local/stack.sh down [kafka|postgres|bigquery ...] stop what this script started
+#   deploy/local/stack.sh up [kafka|registry|postgres|bigquery ...]   install if needed, start, wait until healthy
+#   deploy/local/stack.sh down [kafka|registry|postgres|bigquery ...] stop what this script started
 #   deploy/local/stack.sh status                             one line per service
 #   deploy/local/stack.sh env                                export lines for the running stack
-#   deploy/local/stack.sh tansu-bin                          install tansu if needed (also where Docker runs Kafka) and print its path
+#   deploy/local/stack.sh kafka-home                         install Apache Kafka if needed and print its folder (tests' own brokers)
 #
 # Installs are cached in $TICKPIPE_CACHE (default ~/.cache/tickpipe), shared by
 # every checkout on the machine; runtime state (pids, logs, a private Postgres)
@@ -18,10 +18,15 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 CACHE="${TICKPIPE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/tickpipe}"
 STATE="${TICKPIPE_STATE:-$ROOT/.local}"
 
-TANSU_VERSION=0.6.0
+KAFKA_VERSION=4.1.1
+LOG4J_VERSION=2.24.3
 KAFKA_PORT="${TICKPIPE_KAFKA_PORT:-9092}"
 PG_SHARED_PORT="${TICKPIPE_PG_SHARED_PORT:-5432}"
 PG_PRIVATE_PORT="${TICKPIPE_PG_PRIVATE_PORT:-55432}"
+# Apicurio Registry 2.6 runs on Java 17 (3.x needs Java 21); its Confluent-compatible
+# API is under /apis/ccompat/v7.
+APICURIO_VERSION=2.6.13.Final
+REGISTRY_PORT="${TICKPIPE_REGISTRY_PORT:-8081}"
 BQ_VERSION=1.4.0
 BQ_REST_PORT="${TICKPIPE_BQ_REST_PORT:-9050}"
 BQ_GRPC_PORT="${TICKPIPE_BQ_GRPC_PORT:-9060}"
@@ -71,27 +76,103 @@ docker_engine() { command -v docker >/dev/null && docker info >/dev/null 2>&1; }
 
 # ---------------------------------------------------------------- Kafka
 
-tansu_bin() { echo "$CACHE/tansu-$TANSU_VERSION/bin/tansu"; }
+# Apache Kafka from Maven Central: the broker's jars (what the distribution's
+# libs/ holds) resolved by Maven into the cache, a log4j 2 configuration, and
+# nothing else. docker-compose.yml runs the same version (apache/kafka image).
+kafka_home() { echo "$CACHE/kafka-$KAFKA_VERSION"; }
 
-install_tansu() {
-  local bin; bin=$(tansu_bin)
-  [[ -x $bin ]] && return 0
-  command -v cargo >/dev/null || die "cargo is needed to build the tansu broker; install Rust from https://rustup.rs"
-  say "building tansu $TANSU_VERSION into $CACHE (first run only, about 9 minutes on 2 cores; log: $STATE/logs/tansu-build.log)"
-  local tmp="$CACHE/tansu-$TANSU_VERSION.partial"
-  rm -rf "$tmp"
-  if ! cargo install --locked tansu --version "$TANSU_VERSION" --features dynostore --root "$tmp" \
-      >"$STATE/logs/tansu-build.log" 2>&1; then
-    tail -20 "$STATE/logs/tansu-build.log" >&2
-    die "building tansu failed; see $STATE/logs/tansu-build.log"
+install_kafka() {
+  local home; home=$(kafka_home)
+  [[ -f $home/libs/kafka_2.13-$KAFKA_VERSION.jar && -f $home/log4j2.properties ]] && return 0
+  command -v java >/dev/null || die "Java 17 or newer is needed to run Apache Kafka; install a JDK (Debian: openjdk-17-jre-headless)"
+  command -v mvn >/dev/null || die "Maven is needed to fetch Apache Kafka from Maven Central; install it (Debian: maven)"
+  say "installing Apache Kafka $KAFKA_VERSION from Maven Central into $home (first run only; log: $STATE/logs/kafka-install.log)"
+  local tmp="$home.partial"
+  rm -rf "$tmp" && mkdir -p "$tmp"
+  cat >"$tmp/pom.xml" <<EOF
+<project xmlns="http://maven.apache.org/POM/4.0.0">
+  <modelVersion>4.0.0</modelVersion>
+  <groupId>tickpipe.local</groupId>
+  <artifactId>kafka-broker</artifactId>
+  <version>$KAFKA_VERSION</version>
+  <packaging>pom</packaging>
+  <dependencies>
+    <dependency><groupId>org.apache.kafka</groupId><artifactId>kafka_2.13</artifactId><version>$KAFKA_VERSION</version></dependency>
+    <dependency><groupId>org.apache.logging.log4j</groupId><artifactId>log4j-core</artifactId><version>$LOG4J_VERSION</version></dependency>
+    <dependency><groupId>org.apache.logging.log4j</groupId><artifactId>log4j-slf4j-impl</artifactId><version>$LOG4J_VERSION</version></dependency>
+  </dependencies>
+</project>
+EOF
+  if ! mvn -B -q -f "$tmp/pom.xml" dependency:copy-dependencies -DoutputDirectory="$tmp/libs" \
+      >"$STATE/logs/kafka-install.log" 2>&1; then
+    tail -20 "$STATE/logs/kafka-install.log" >&2
+    die "fetching Apache Kafka from Maven Central failed; see $STATE/logs/kafka-install.log"
   fi
-  rm -rf "$CACHE/tansu-$TANSU_VERSION"
-  mv "$tmp" "$CACHE/tansu-$TANSU_VERSION"
+  cat >"$tmp/log4j2.properties" <<'EOF'
+status = warn
+appender.out.type = Console
+appender.out.name = OUT
+appender.out.layout.type = PatternLayout
+appender.out.layout.pattern = [%d] %p %m (%c)%n
+rootLogger.level = info
+rootLogger.appenderRef.out.ref = OUT
+logger.state.name = state.change.logger
+logger.state.level = warn
+logger.request.name = kafka.request.logger
+logger.request.level = warn
+EOF
+  rm -rf "$home"
+  mv "$tmp" "$home"
+}
+
+# The java command line of a Kafka node or tool, in KAFKA_CMD.
+kafka_cmd() {
+  # shellcheck disable=SC2206 # the heap options are words on purpose
+  KAFKA_CMD=(java ${TICKPIPE_KAFKA_HEAP:--Xms256m -Xmx1g} -XX:+UseG1GC -Djava.awt.headless=true
+    "-Dlog4j2.configurationFile=$(kafka_home)/log4j2.properties" -cp "$(kafka_home)/libs/*")
+}
+
+# The one node of the local stack: broker and controller in one process (KRaft),
+# its log under $STATE/kafka, kept across `down` and `up` like a real broker's.
+kafka_config() {
+  local dir=$1 cport=$((KAFKA_PORT + 1))
+  mkdir -p "$dir/data"
+  cat >"$dir/server.properties" <<EOF
+process.roles=broker,controller
+node.id=1
+listeners=PLAINTEXT://127.0.0.1:$KAFKA_PORT,CONTROLLER://127.0.0.1:$cport
+advertised.listeners=PLAINTEXT://127.0.0.1:$KAFKA_PORT
+listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
+controller.listener.names=CONTROLLER
+inter.broker.listener.name=PLAINTEXT
+controller.quorum.voters=1@127.0.0.1:$cport
+log.dirs=$dir/data
+num.partitions=1
+default.replication.factor=1
+offsets.topic.replication.factor=1
+transaction.state.log.replication.factor=1
+transaction.state.log.min.isr=1
+share.coordinator.state.topic.replication.factor=1
+share.coordinator.state.topic.min.isr=1
+# A group forms at once: nothing here waits for more members to arrive.
+group.initial.rebalance.delay.ms=0
+# Topics are created by the services, with their settings, never by a typo.
+auto.create.topics.enable=false
+# The log cleaner looks for work every second (default 15 s), so that a
+# compacted topic with short segments compacts while a test watches.
+log.cleaner.backoff.ms=1000
+EOF
+}
+
+kafka_started() {
+  pid_alive "$STATE/run/kafka.pid" \
+    || { tail -30 "$STATE/logs/kafka.log" >&2; die "Apache Kafka exited; see $STATE/logs/kafka.log"; }
+  port_open "$KAFKA_PORT" && grep -q 'Kafka Server started' "$STATE/logs/kafka.log"
 }
 
 kafka_up() {
-  if pid_alive "$STATE/run/tansu.pid" && port_open "$KAFKA_PORT"; then
-    say "kafka (tansu) already running on 127.0.0.1:$KAFKA_PORT"; return 0
+  if pid_alive "$STATE/run/kafka.pid" && port_open "$KAFKA_PORT"; then
+    say "kafka already running on 127.0.0.1:$KAFKA_PORT"; return 0
   fi
   if port_open "$KAFKA_PORT"; then
     say "kafka: using the broker already listening on 127.0.0.1:$KAFKA_PORT"; return 0
@@ -101,16 +182,65 @@ kafka_up() {
     docker compose -f "$ROOT/docker-compose.yml" up -d --wait kafka || die "docker compose could not start kafka"
     return 0
   fi
-  install_tansu
-  start_daemon tansu "$(tansu_bin)" broker \
-    --listener-url "tcp://127.0.0.1:$KAFKA_PORT" \
-    --advertised-listener-url "tcp://127.0.0.1:$KAFKA_PORT" \
-    --storage-engine "memory://tansu/"
-  wait_for "kafka (tansu) on 127.0.0.1:$KAFKA_PORT" 30 port_open "$KAFKA_PORT" \
-    || { tail -20 "$STATE/logs/tansu.log" >&2; die "tansu did not start; see $STATE/logs/tansu.log"; }
+  install_kafka
+  kafka_cmd
+  local dir="$STATE/kafka"
+  kafka_config "$dir"
+  if [[ ! -f $dir/data/meta.properties ]]; then
+    local id; id=$("${KAFKA_CMD[@]}" kafka.tools.StorageTool random-uuid 2>/dev/null)
+    "${KAFKA_CMD[@]}" kafka.tools.StorageTool format -t "$id" -c "$dir/server.properties" \
+        >"$STATE/logs/kafka-format.log" 2>&1 \
+      || { cat "$STATE/logs/kafka-format.log" >&2; die "formatting the Kafka storage in $dir/data failed"; }
+  fi
+  start_daemon kafka "${KAFKA_CMD[@]}" kafka.Kafka "$dir/server.properties"
+  wait_for "kafka (Apache Kafka $KAFKA_VERSION) on 127.0.0.1:$KAFKA_PORT" 90 kafka_started \
+    || { tail -30 "$STATE/logs/kafka.log" >&2; die "Apache Kafka did not start within 90 s; see $STATE/logs/kafka.log"; }
 }
 
-kafka_down() { stop_daemon tansu; }
+kafka_down() { stop_daemon kafka; }
+
+# ---------------------------------------------------------------- Schema Registry
+
+apicurio_home() { echo "$CACHE/apicurio-registry-$APICURIO_VERSION"; }
+registry_url() { echo "http://127.0.0.1:$REGISTRY_PORT/apis/ccompat/v7"; }
+
+install_apicurio() {
+  local home; home=$(apicurio_home)
+  [[ -f $home/apicurio-registry-app-$APICURIO_VERSION-runner.jar ]] && return 0
+  command -v java >/dev/null || die "Java 17 or newer is needed to run Apicurio Registry"
+  command -v mvn >/dev/null || die "Maven is needed to fetch Apicurio Registry from Maven Central; install it (Debian: maven)"
+  say "installing Apicurio Registry $APICURIO_VERSION from Maven Central into $home (first run only)"
+  local tmp="$home.partial"
+  rm -rf "$tmp" && mkdir -p "$tmp"
+  if ! mvn -B -q dependency:copy -Dartifact="io.apicurio:apicurio-registry-app:$APICURIO_VERSION:tar.gz:all"       -DoutputDirectory="$tmp" >"$STATE/logs/apicurio-install.log" 2>&1; then
+    tail -20 "$STATE/logs/apicurio-install.log" >&2
+    die "fetching Apicurio Registry from Maven Central failed; see $STATE/logs/apicurio-install.log"
+  fi
+  tar xzf "$tmp/apicurio-registry-app-$APICURIO_VERSION-all.tar.gz" -C "$tmp" \
+    && rm "$tmp/apicurio-registry-app-$APICURIO_VERSION-all.tar.gz" \
+    || die "unpacking Apicurio Registry failed"
+  rm -rf "$home"
+  mv "$tmp" "$home"
+}
+
+registry_ready() { curl -fsS -o /dev/null "$(registry_url)/subjects" 2>/dev/null; }
+
+registry_up() {
+  if pid_alive "$STATE/run/registry.pid" && registry_ready; then
+    say "schema registry already running on $(registry_url)"; return 0
+  fi
+  if registry_ready; then say "schema registry: using the one already on $(registry_url)"; return 0; fi
+  install_apicurio
+  # In-memory storage: schemas live as long as the process (the services
+  # register theirs again at start).
+  start_daemon registry java ${TICKPIPE_REGISTRY_HEAP:--Xms64m -Xmx512m} \
+    -Dquarkus.http.host=127.0.0.1 -Dquarkus.http.port="$REGISTRY_PORT" \
+    -jar "$(apicurio_home)/apicurio-registry-app-$APICURIO_VERSION-runner.jar"
+  wait_for "schema registry (Apicurio $APICURIO_VERSION) on $(registry_url)" 90 registry_ready \
+    || { tail -20 "$STATE/logs/registry.log" >&2; die "Apicurio Registry did not start; see $STATE/logs/registry.log"; }
+}
+
+registry_down() { stop_daemon registry; }
 
 # ---------------------------------------------------------------- PostgreSQL
 
@@ -228,7 +358,7 @@ bigquery_down() { stop_daemon bqemulator; }
 
 # ---------------------------------------------------------------- commands
 
-services() { if (($#)); then echo "$@"; else echo kafka postgres bigquery; fi; }
+services() { if (($#)); then echo "$@"; else echo kafka registry postgres bigquery; fi; }
 
 cmd=${1:-}; shift || true
 case $cmd in
@@ -236,19 +366,24 @@ case $cmd in
   down) for s in $(services "$@"); do "${s}_down"; done ;;
   status)
     port_open "$KAFKA_PORT" && echo "kafka     up   127.0.0.1:$KAFKA_PORT" || echo "kafka     down"
+    registry_ready && echo "registry  up   $(registry_url)" || echo "registry  down"
     url=$(postgres_url); port=${url##*:}; port=${port%%/*}
     pg_ready "$port" && echo "postgres  up   $url" || echo "postgres  down"
     bq_ready && echo "bigquery  up   http://127.0.0.1:$BQ_REST_PORT (grpc $BQ_GRPC_PORT)" || echo "bigquery  down" ;;
   env)
     echo "export TICKPIPE_KAFKA_BROKERS=127.0.0.1:$KAFKA_PORT"
     echo "export TICKPIPE_POSTGRES_URL=$(postgres_url)"
+    # Not TICKPIPE_SCHEMA_REGISTRY_URL: that would switch every service a test
+    # starts to the Confluent framing. Tests that want the registry ask for it.
+    echo "export TICKPIPE_TEST_REGISTRY_URL=$(registry_url)"
     echo "export TICKPIPE_BIGQUERY_REST=http://127.0.0.1:$BQ_REST_PORT"
     echo "export TICKPIPE_BIGQUERY_GRPC=127.0.0.1:$BQ_GRPC_PORT"
     echo "export TICKPIPE_BIGQUERY_PROJECT=$BQ_PROJECT"
-    # Tests that need a broker of their own (behind a TLS proxy) start this one.
-    echo "export TICKPIPE_TANSU_BIN=$(tansu_bin)" ;;
-  # Tests that start a broker of their own need tansu even where Docker runs
+    # Tests that start brokers of their own (behind a TLS proxy, a three-node
+    # cluster) run these jars.
+    echo "export TICKPIPE_KAFKA_HOME=$(kafka_home)" ;;
+  # Tests that start brokers of their own need the jars even where Docker runs
   # the shared one.
-  tansu-bin) install_tansu; tansu_bin ;;
+  kafka-home) install_kafka; kafka_home ;;
   *) sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2 ;;
 esac

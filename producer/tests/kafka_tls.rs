@@ -2,8 +2,8 @@
 //! configured the way a managed cluster is
 //! (`TICKPIPE_LIBRDKAFKA_SECURITY_PROTOCOL=SSL`, the CA file through OpenSSL's
 //! `SSL_CERT_FILE`, zstd batches): it verifies the certificates, publishes
-//! every record, and what it wrote is read back over TLS. The broker is a
-//! tansu of the test's own behind a rustls proxy (a TLS implementation other
+//! every record, and what it wrote is read back over TLS. The broker is an
+//! Apache Kafka node of the test's own behind a rustls proxy (a TLS implementation other
 //! than the OpenSSL inside librdkafka). Also: the librdkafka the binaries
 //! carry has the security and compression features managed clusters need.
 
@@ -18,7 +18,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use tickpipe_schemas::registry::{RegistryClient, RegistryConfig};
 use tickpipe_schemas::{Codec, Record, Trade, WriteFraming};
 use tickpipe_testkit::kafka;
-use tickpipe_testkit::registry::RegistryDouble;
+use tickpipe_testkit::registry::TestRegistry;
 use tickpipe_testkit::stack::{self, ScratchBroker};
 use tickpipe_testkit::tls::{TestCa, TlsProxy};
 
@@ -65,7 +65,7 @@ async fn the_producer_publishes_through_verified_tls_with_zstd() {
     let brokers = proxy.addr.to_string();
     // The Schema Registry over HTTPS too (rustls on the client side, trusting
     // the same CA through the same variable).
-    let registry = RegistryDouble::start().await.expect("registry double");
+    let registry = TestRegistry::start().await.expect("registry proxy");
     let registry_addr = registry
         .url
         .trim_start_matches("http://")

@@ -219,3 +219,49 @@ async fn malformed_input_of_every_kind_is_dead_lettered_and_the_rest_flows() {
     }
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// A replay that outlasts `--max-ahead-ms` (here 20 ms, against 60,000 lines
+/// that take longer than that) publishes every trade: each batch is judged
+/// against the clock of its own reading, not of the replay's start (once,
+/// every record read after the first 10 s of a replay was a dead letter).
+#[test]
+fn a_replay_longer_than_the_max_ahead_bound_publishes_every_trade() {
+    let dir = std::env::temp_dir().join(stack::unique_name("replay-long"));
+    std::fs::create_dir_all(&dir).expect("replay folder");
+    let csv = dir.join("BTCUSDT-trades-2024-08-08.csv");
+    let n = 60_000i64;
+    let mut text = String::new();
+    for id in 1..=n {
+        text.push_str(&format!(
+            "{id},{}.{:02},0.001,0,{},False,True\n",
+            61_000 + id % 97,
+            id % 100,
+            1_723_075_200_000i64 + id
+        ));
+    }
+    std::fs::write(&csv, text).expect("csv");
+    let prefix = format!("{}.", stack::unique_name("replay_long"));
+    let started = std::time::Instant::now();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_producer"))
+        .args(["--metrics-addr", "off", "replay"])
+        .arg(&csv)
+        .args(["--topic-prefix", &prefix, "--partitions", "1", "--max-ahead-ms", "20"])
+        .env("TICKPIPE_KAFKA_BROKERS", stack::kafka_brokers())
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("producer binary");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        started.elapsed() > std::time::Duration::from_millis(20),
+        "the replay must outlast the bound"
+    );
+    let brokers = stack::kafka_brokers();
+    let dead = common::dead_letters(&brokers, &prefix);
+    assert!(
+        dead.is_empty(),
+        "{} dead letters, the first: {:?}",
+        dead.len(),
+        dead.first().map(|d| &d.error)
+    );
+    assert_eq!(common::trades(&brokers, &prefix).len(), n as usize);
+}

@@ -133,8 +133,23 @@ struct SchemaResponse {
 #[derive(Deserialize)]
 struct CompatibilityResponse {
     is_compatible: bool,
+    /// Confluent's reasons (`verbose=true`).
     #[serde(default)]
     messages: Vec<String>,
+    /// Apicurio's Confluent-compatible API gives its reason here instead.
+    #[serde(default)]
+    reason: Option<String>,
+}
+
+impl CompatibilityResponse {
+    fn verdict(self) -> Result<(), String> {
+        match (self.is_compatible, self.messages.is_empty(), self.reason) {
+            (true, _, _) => Ok(()),
+            (false, false, _) => Err(self.messages.join("; ")),
+            (false, true, Some(reason)) => Err(reason),
+            (false, true, None) => Err("not compatible".to_owned()),
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -287,12 +302,7 @@ impl RegistryClient {
         );
         let req = Self::json_body(req, &serde_json::json!({ "schema": schema }));
         match self.send::<CompatibilityResponse>(req).await {
-            Ok(r) if r.is_compatible => Ok(Ok(())),
-            Ok(r) => Ok(Err(if r.messages.is_empty() {
-                "not compatible".to_owned()
-            } else {
-                r.messages.join("; ")
-            })),
+            Ok(r) => Ok(r.verdict()),
             Err(RegistryError::Api {
                 code: 40401 | 40402, ..
             }) => Ok(Ok(())),
@@ -394,4 +404,31 @@ fn encode_path(segment: &str) -> String {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::CompatibilityResponse;
+
+    fn verdict(body: &str) -> Result<(), String> {
+        serde_json::from_str::<CompatibilityResponse>(body)
+            .expect("a compatibility answer")
+            .verdict()
+    }
+
+    #[test]
+    fn both_registries_reasons_are_read() {
+        // Confluent's server (verbose=true).
+        assert_eq!(
+            verdict(r#"{"is_compatible":false,"messages":["READER_FIELD_MISSING_DEFAULT_VALUE fee"]}"#),
+            Err("READER_FIELD_MISSING_DEFAULT_VALUE fee".to_owned())
+        );
+        // Apicurio's Confluent-compatible API.
+        assert_eq!(
+            verdict(r#"{"is_compatible":false,"reason":"Incompatible artifact: fee at /fields/1"}"#),
+            Err("Incompatible artifact: fee at /fields/1".to_owned())
+        );
+        assert_eq!(verdict(r#"{"is_compatible":false}"#), Err("not compatible".to_owned()));
+        assert_eq!(verdict(r#"{"is_compatible":true}"#), Ok(()));
+    }
 }

@@ -18,7 +18,7 @@ use apache_avro::Schema;
 use common::*;
 use serde_json::json;
 use tickpipe_schemas::*;
-use tickpipe_testkit::registry::RegistryDouble;
+use tickpipe_testkit::registry::TestRegistry;
 
 /// A schema for apache-avro's generic reader and writer, which play the other
 /// side here. They run on the underlying types (decimals as bytes): apache-avro
@@ -248,26 +248,27 @@ fn changing_a_field_type_breaks_both_ways() {
 #[tokio::test]
 async fn the_registry_accepts_allowed_changes_and_refuses_breaking_ones_under_full() {
     use tickpipe_schemas::registry::{Compatibility, RegistryClient, RegistryConfig, RegistryError};
-    let registry = RegistryDouble::start().await.unwrap();
+    let registry = TestRegistry::start().await.unwrap();
     let c = RegistryClient::new(RegistryConfig::new(&registry.url)).unwrap();
-    c.set_compatibility("trades-value", Compatibility::Full).await.unwrap();
-    let v1 = c.register("trades-value", Trade::SCHEMA_JSON).await.unwrap();
+    let subject = format!("{}.trades-value", tickpipe_testkit::stack::unique_name("full"));
+    c.set_compatibility(&subject, Compatibility::Full).await.unwrap();
+    let v1 = c.register(&subject, Trade::SCHEMA_JSON).await.unwrap();
     let mut last = v1;
     for (label, newer) in allowed_changes(&trade()) {
         let id = c
-            .register("trades-value", &newer)
+            .register(&subject, &newer)
             .await
             .unwrap_or_else(|e| panic!("{label}: {e}"));
         assert!(id > last, "{label}: a new version gets a new id");
         last = id;
         // Go back to the base so that each change is judged against it alone.
-        c.register("trades-value", Trade::SCHEMA_JSON).await.unwrap();
+        c.register(&subject, Trade::SCHEMA_JSON).await.unwrap();
     }
     let breaking = evolve(Trade::SCHEMA_JSON, |v| {
         v["fields"].as_array_mut().unwrap().retain(|f| f["name"] != "quantity")
     });
     assert!(matches!(
-        c.register("trades-value", &breaking).await,
+        c.register(&subject, &breaking).await,
         Err(RegistryError::Incompatible { .. })
     ));
 }

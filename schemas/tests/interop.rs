@@ -1,6 +1,6 @@
 //! Interoperability with the ecosystem, proven by a real third-party client:
 //! confluent-kafka (Python) with its Schema Registry client, AvroSerializer and
-//! AvroDeserializer (fastavro underneath), talking to the registry double over
+//! AvroDeserializer (fastavro underneath), talking to the stack's registry over
 //! HTTP. The interpreter comes from `deploy/local/python-env.sh` (exported as
 //! TICKPIPE_INTEROP_PYTHON by `make test`).
 //!
@@ -18,7 +18,7 @@ use common::*;
 use serde_json::{json, Value as Json};
 use tickpipe_schemas::registry::{RegistryClient, RegistryConfig};
 use tickpipe_schemas::*;
-use tickpipe_testkit::registry::RegistryDouble;
+use tickpipe_testkit::registry::TestRegistry;
 use tickpipe_testkit::stack;
 
 /// A record in the normalised JSON form the Python side also produces: decimals
@@ -66,7 +66,7 @@ fn python() -> PathBuf {
     }
 }
 
-/// Runs the Python client off the async threads (the registry double it talks
+/// Runs the Python client off the async threads (the registry proxy it talks
 /// to is served by this test's runtime).
 async fn python_client(mode: &'static str, registry: &str, input: Json) -> Vec<Json> {
     let registry = registry.to_owned();
@@ -163,7 +163,7 @@ async fn decode_normalised(client: &RegistryClient, codec: &Codec, topic: &str, 
 
 #[tokio::test]
 async fn confluent_kafka_reads_what_tickpipe_writes() {
-    let registry = RegistryDouble::start().await.unwrap();
+    let registry = TestRegistry::start().await.unwrap();
     let client = RegistryClient::new(RegistryConfig::new(&registry.url)).unwrap();
     let codec = Codec::new(WriteFraming::Confluent);
     client.register_topics(&codec, "interop.", &Topic::ALL).await.unwrap();
@@ -184,7 +184,7 @@ async fn confluent_kafka_reads_what_tickpipe_writes() {
 
 #[tokio::test]
 async fn tickpipe_reads_what_confluent_kafka_writes() {
-    let registry = RegistryDouble::start().await.unwrap();
+    let registry = TestRegistry::start().await.unwrap();
     // Samples only provide the expected values here; Python registers the schemas.
     let samples = samples("py.", &Codec::new(WriteFraming::SingleObject));
     let input = Json::Array(

@@ -1,12 +1,14 @@
-//! The Schema Registry client against the registry double (the published REST
-//! API, served over real HTTP on loopback).
+//! The Schema Registry client against a real registry (Apicurio's
+//! Confluent-compatible API, from the local stack), through testkit's
+//! recording proxy.
 
 mod common;
 
 use common::*;
 use tickpipe_schemas::registry::{Compatibility, RegistryClient, RegistryConfig, RegistryError};
 use tickpipe_schemas::*;
-use tickpipe_testkit::registry::RegistryDouble;
+use tickpipe_testkit::registry::{TestRegistry, MISSING_ID};
+use tickpipe_testkit::stack::unique_name;
 
 fn client(url: &str) -> RegistryClient {
     RegistryClient::new(RegistryConfig::new(url)).unwrap()
@@ -14,18 +16,19 @@ fn client(url: &str) -> RegistryClient {
 
 #[tokio::test]
 async fn topics_are_registered_once_and_encoding_makes_no_http_call() {
-    let registry = RegistryDouble::start().await.unwrap();
+    let registry = TestRegistry::start().await.unwrap();
     let producer_codec = Codec::new(WriteFraming::Confluent);
     let producer_side = client(&registry.url);
+    let prefix = format!("{}.", unique_name("dev"));
     producer_side
-        .register_topics(&producer_codec, "dev.", &Topic::ALL)
+        .register_topics(&producer_codec, &prefix, &Topic::ALL)
         .await
         .unwrap();
 
     // Registering again (a restart) gives the same ids.
     let again = Codec::new(WriteFraming::Confluent);
     producer_side
-        .register_topics(&again, "dev.", &Topic::ALL)
+        .register_topics(&again, &prefix, &Topic::ALL)
         .await
         .unwrap();
     assert_eq!(
@@ -51,26 +54,39 @@ async fn topics_are_registered_once_and_encoding_makes_no_http_call() {
     let id = u32::from_be_bytes([bytes[0][1], bytes[0][2], bytes[0][3], bytes[0][4]]);
     assert_eq!(fetched, vec![format!("GET /schemas/ids/{id}")]);
 
-    let subjects = reqwest::get(format!("{}/subjects", registry.url))
+    let subjects: Vec<String> = reqwest::get(format!("{}/subjects", registry.url))
         .await
         .unwrap()
-        .text()
+        .json()
         .await
         .unwrap();
+    let mut ours: Vec<String> = subjects
+        .into_iter()
+        .filter_map(|s| s.strip_prefix(&prefix).map(str::to_owned))
+        .collect();
+    ours.sort();
     assert_eq!(
-        subjects,
-        r#"["dev.assets-value","dev.candles-value","dev.dead-letters-value","dev.exchanges-value","dev.markets-value","dev.prices-value","dev.rates-value","dev.trades-value"]"#
+        ours,
+        [
+            "assets-value",
+            "candles-value",
+            "dead-letters-value",
+            "exchanges-value",
+            "markets-value",
+            "prices-value",
+            "rates-value",
+            "trades-value"
+        ]
     );
 }
 
 #[tokio::test]
 async fn an_incompatible_schema_is_refused_with_the_reason() {
-    let registry = RegistryDouble::start().await.unwrap();
+    let registry = TestRegistry::start().await.unwrap();
     let c = client(&registry.url);
-    c.set_compatibility("trades-value", Compatibility::Backward)
-        .await
-        .unwrap();
-    c.register("trades-value", Trade::SCHEMA_JSON).await.unwrap();
+    let subject = format!("{}.trades-value", unique_name("compat"));
+    c.set_compatibility(&subject, Compatibility::Backward).await.unwrap();
+    c.register(&subject, Trade::SCHEMA_JSON).await.unwrap();
 
     // A new required field without a default: new readers cannot read old data.
     let mut v: serde_json::Value = serde_json::from_str(Trade::SCHEMA_JSON).unwrap();
@@ -80,24 +96,28 @@ async fn an_incompatible_schema_is_refused_with_the_reason() {
         .push(serde_json::json!({ "name": "fee", "type": "string" }));
     let breaking = v.to_string();
 
-    let verdict = c.check_compatibility("trades-value", &breaking).await.unwrap();
+    let verdict = c.check_compatibility(&subject, &breaking).await.unwrap();
     assert!(verdict.unwrap_err().contains("fee"), "the reason names the field");
-    match c.register("trades-value", &breaking).await {
-        Err(RegistryError::Incompatible { subject, message }) => {
-            assert_eq!(subject, "trades-value");
+    match c.register(&subject, &breaking).await {
+        Err(RegistryError::Incompatible {
+            subject: refused,
+            message,
+        }) => {
+            assert_eq!(refused, subject);
             assert!(message.contains("incompatible"), "{message}");
         }
         other => panic!("expected Incompatible, got {other:?}"),
     }
     // A subject with no versions accepts anything.
-    assert_eq!(c.check_compatibility("new-value", &breaking).await.unwrap(), Ok(()));
+    let new = format!("{}.new-value", unique_name("compat"));
+    assert_eq!(c.check_compatibility(&new, &breaking).await.unwrap(), Ok(()));
 }
 
 #[tokio::test]
 async fn registry_failures_are_typed_and_clear() {
-    let registry = RegistryDouble::start().await.unwrap();
+    let registry = TestRegistry::start().await.unwrap();
     let c = client(&registry.url);
-    match c.schema_by_id(999).await {
+    match c.schema_by_id(MISSING_ID).await {
         Err(
             e @ RegistryError::Api {
                 status: 404,
@@ -106,14 +126,20 @@ async fn registry_failures_are_typed_and_clear() {
             },
         ) => {
             assert!(!e.is_retriable());
-            assert_eq!(
-                e.to_string(),
-                "schema registry: Schema 999 not found (HTTP 404, error code 40403)"
+            let shown = e.to_string();
+            assert!(
+                shown.starts_with("schema registry: ")
+                    && shown.contains(&MISSING_ID.to_string())
+                    && shown.ends_with("(HTTP 404, error code 40403)"),
+                "{shown}"
             );
         }
         other => panic!("expected 40403, got {other:?}"),
     }
-    match c.register("x-value", "{\"type\": \"nope\"}").await {
+    match c
+        .register(&format!("{}.x-value", unique_name("bad")), "{\"type\": \"nope\"}")
+        .await
+    {
         Err(RegistryError::Api {
             status: 422,
             code: 42201,
@@ -148,10 +174,11 @@ fn the_password_is_never_printed() {
 
 #[tokio::test]
 async fn an_id_the_registry_lacks_is_asked_once_and_each_record_naming_it_is_refused() {
-    let registry = RegistryDouble::start().await.unwrap();
+    let registry = TestRegistry::start().await.unwrap();
     let consumer = client(&registry.url);
     let codec = Codec::new(WriteFraming::SingleObject);
-    let mut payload = vec![0u8, 0, 0, 0x03, 0xe7]; // schema id 999
+    let mut payload = vec![0u8];
+    payload.extend_from_slice(&MISSING_ID.to_be_bytes());
     payload.extend_from_slice(&Codec::new(WriteFraming::SingleObject).encode(&trade()).unwrap()[10..]);
     let first = consumer.learn(&codec, &payload).await;
     assert!(
@@ -162,7 +189,7 @@ async fn an_id_the_registry_lacks_is_asked_once_and_each_record_naming_it_is_ref
         // Remembered as missing: no further call, and the decoder refuses it.
         assert!(consumer.learn(&codec, &payload).await.is_ok());
         let err = codec.decode::<Trade>(&payload).unwrap_err();
-        assert!(err.to_string().contains("999"), "{err}");
+        assert!(err.to_string().contains(&MISSING_ID.to_string()), "{err}");
     }
-    assert_eq!(registry.requests(), vec!["GET /schemas/ids/999".to_owned()]);
+    assert_eq!(registry.requests(), vec![format!("GET /schemas/ids/{MISSING_ID}")]);
 }

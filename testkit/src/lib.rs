@@ -1,7 +1,9 @@
 //! Test-only support, never a dependency of a shipped binary.
 //!
-//! - [`registry`]: an in-memory double of the Confluent Schema Registry REST API,
-//!   because no registry server can be installed on the project's machines.
+//! - [`cluster`]: Apache Kafka nodes of a test's own (one behind a proxy, or a
+//!   KRaft cluster to kill -9 and restart).
+//! - [`registry`]: the stack's real Schema Registry (Apicurio) behind a
+//!   recording proxy that can also play an outage.
 //! - [`exchange`]: local servers impersonating Binance and CoinCap, replaying
 //!   real recordings with scripted faults.
 //! - [`hostile`]: proptest strategies for Avro bodies of every schema, with
@@ -12,6 +14,7 @@
 //!   and the real-data folder; a private PostgreSQL server (optionally TLS).
 //! - [`tls`]: a throwaway certificate authority and a TLS-terminating proxy.
 
+pub mod cluster;
 pub mod exchange;
 pub mod hostile;
 pub mod kafka;

@@ -10,7 +10,7 @@ fn var(name: &str, default: &str) -> String {
     std::env::var(name).unwrap_or_else(|_| default.to_owned())
 }
 
-/// Kafka bootstrap servers (tansu or a real cluster).
+/// Kafka bootstrap servers (the local Apache Kafka or a real cluster).
 pub fn kafka_brokers() -> String {
     var("TICKPIPE_KAFKA_BROKERS", "127.0.0.1:9092")
 }
@@ -70,11 +70,11 @@ pub async fn wait_count(client: &tokio_postgres::Client, sql: &str, want: i64, s
     }
 }
 
-/// A broker of a test's own: tansu (as built by `make stack-up`) listening on
-/// a free loopback port and advertising `advertised` (for example a TLS proxy
-/// in front of it). Killed on drop.
+/// A broker of a test's own: one Apache Kafka node listening on a free
+/// loopback port and advertising `advertised` to clients (for example a TLS
+/// proxy in front of it). Killed on drop.
 pub struct ScratchBroker {
-    child: std::process::Child,
+    _cluster: crate::cluster::KafkaCluster,
     /// Where it listens (plaintext).
     pub addr: std::net::SocketAddr,
 }
@@ -82,40 +82,12 @@ pub struct ScratchBroker {
 impl ScratchBroker {
     /// Starts the broker; panics with the reason when it cannot.
     pub fn start(advertised: std::net::SocketAddr) -> Self {
-        let bin = std::env::var("TICKPIPE_TANSU_BIN").unwrap_or_default();
-        assert!(
-            std::path::Path::new(&bin).is_file(),
-            "no tansu binary at TICKPIPE_TANSU_BIN={bin:?}: run the tests through `make test`, \
-             or `make stack-up` and `eval \"$(deploy/local/stack.sh env)\"`"
-        );
-        let addr = free_loopback_addr();
-        let child = std::process::Command::new(&bin)
-            .arg("broker")
-            .arg("--listener-url")
-            .arg(format!("tcp://{addr}"))
-            .arg("--advertised-listener-url")
-            .arg(format!("tcp://{advertised}"))
-            .args(["--storage-engine", "memory://tansu/"])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| panic!("{bin}: {e}"));
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-        while std::net::TcpStream::connect(addr).is_err() {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "tansu did not listen on {addr} within 30 s"
-            );
-            std::thread::sleep(std::time::Duration::from_millis(20));
+        let cluster = crate::cluster::KafkaCluster::start_with(&[Some(advertised)], &[]);
+        let addr = cluster.listener(1);
+        ScratchBroker {
+            _cluster: cluster,
+            addr,
         }
-        ScratchBroker { child, addr }
-    }
-}
-
-impl Drop for ScratchBroker {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -170,6 +142,22 @@ pub fn real_data(sub: &str) -> Option<PathBuf> {
     }
     eprintln!("\n*** {msg} ***\n");
     None
+}
+
+/// A binary of the workspace (`producer`, `candles`, `postgres-sink`, ...) as
+/// `cargo test --workspace` builds it, next to the test's own folder
+/// (`target/<profile>/deps/<test>` runs beside `target/<profile>/<binary>`).
+pub fn workspace_binary(name: &str) -> PathBuf {
+    let path = std::env::current_exe()
+        .ok()
+        .and_then(|exe| Some(exe.parent()?.parent()?.join(name)))
+        .unwrap_or_else(|| PathBuf::from(name));
+    assert!(
+        path.exists(),
+        "{} is missing: build the workspace (cargo build --workspace) before this test",
+        path.display()
+    );
+    path
 }
 
 /// A name no other test run uses, for databases, topics and datasets.

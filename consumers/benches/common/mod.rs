@@ -40,7 +40,6 @@ pub async fn postgres_sink(brokers: &str, prefix: &str, group: &str, n: usize) -
         pool_size: 2,
         batch_max: 20_000,
         batch_wait: Duration::from_millis(100),
-        resume_rewind: 10_000,
         max_backoff: Duration::from_secs(1),
         session_timeout: Duration::from_secs(10),
         instance_id: None,

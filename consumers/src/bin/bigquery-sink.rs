@@ -74,10 +74,6 @@ struct Args {
     /// Most rows per insert request.
     #[arg(long, env = "TICKPIPE_BIGQUERY_SINK_REQUEST_ROWS", default_value_t = 500)]
     request_rows: usize,
-    /// Records re-read before the committed offset on assignment (skipped, not
-    /// rewritten). Needed on tansu; 0 is enough on Apache Kafka.
-    #[arg(long, env = "TICKPIPE_RESUME_REWIND", default_value_t = 10_000)]
-    resume_rewind: i64,
     /// Longest pause between retries, in ms.
     #[arg(long, env = "TICKPIPE_BIGQUERY_SINK_MAX_BACKOFF_MS", default_value_t = 10_000)]
     max_backoff_ms: u64,
@@ -134,7 +130,6 @@ async fn main() -> anyhow::Result<()> {
         batch_max: args.batch_max,
         batch_wait: Duration::from_millis(args.batch_wait_ms),
         request_rows: args.request_rows,
-        resume_rewind: args.resume_rewind,
         max_backoff: Duration::from_millis(args.max_backoff_ms),
         session_timeout: Duration::from_millis(args.session_timeout_ms),
         partitions: args.kafka.partitions,

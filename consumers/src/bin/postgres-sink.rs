@@ -51,11 +51,6 @@ struct Args {
     /// Longest wait for a batch to fill, in ms.
     #[arg(long, env = "TICKPIPE_POSTGRES_SINK_BATCH_WAIT_MS", default_value_t = 200)]
     batch_wait_ms: u64,
-    /// Records re-read before the stored offset on assignment (skipped, not
-    /// rewritten). Needed on tansu, which cannot resume inside a record batch;
-    /// 0 is enough on Apache Kafka.
-    #[arg(long, env = "TICKPIPE_RESUME_REWIND", default_value_t = 10_000)]
-    resume_rewind: i64,
     /// Longest pause between retries of a failed write, in ms.
     #[arg(long, env = "TICKPIPE_POSTGRES_SINK_MAX_BACKOFF_MS", default_value_t = 5_000)]
     max_backoff_ms: u64,
@@ -97,7 +92,6 @@ async fn main() -> anyhow::Result<()> {
         pool_size: args.pool_size,
         batch_max: args.batch_max,
         batch_wait: Duration::from_millis(args.batch_wait_ms),
-        resume_rewind: args.resume_rewind,
         max_backoff: Duration::from_millis(args.max_backoff_ms),
         session_timeout: Duration::from_millis(args.session_timeout_ms),
         instance_id: args.instance_id,

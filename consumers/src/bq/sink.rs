@@ -5,9 +5,7 @@
 //!
 //! - the **consumer thread** owns the Kafka consumer (a group member). It
 //!   polls, decodes and validates records into batches. On assignment it reads
-//!   the group's committed offsets and starts a little before them (brokers
-//!   such as tansu only answer a fetch from a record-batch boundary), skipping
-//!   what is below the committed offset.
+//!   the group's committed offsets and starts there.
 //! - the **writer** turns a batch into rows, inserts them table by table in
 //!   requests of bounded size (each retried on its own until BigQuery
 //!   acknowledges it), publishes the rejects to the dead-letters topic, and only
@@ -71,9 +69,6 @@ pub struct BqSinkConfig {
     pub batch_wait: Duration,
     /// Most rows per insert request (BigQuery recommends about 500).
     pub request_rows: usize,
-    /// How far before its committed offset a partition is re-read on
-    /// assignment (those records are skipped); see `postgres-sink`.
-    pub resume_rewind: i64,
     /// Longest pause between retries.
     pub max_backoff: Duration,
     /// How long the group waits for a silent member.
@@ -480,7 +475,6 @@ pub async fn run(config: BqSinkConfig, shutdown: impl Future<Output = ()>) -> Re
         instance_id: None,
         batch_max: config.batch_max,
         batch_wait: config.batch_wait,
-        rewind: config.resume_rewind,
         registry: config.registry.clone(),
         registry_answers: registry_answers.clone(),
         rebaseline: rebaseline_group,

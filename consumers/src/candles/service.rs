@@ -12,8 +12,8 @@
 //! outputs depend only on its partition's trades, in order, not on how they
 //! were batched, so the same trades build the same candles; the topic may hold
 //! a candle version twice, identical, and consumers that upsert by candle
-//! identity see it once. No broker transactions are needed, so this works on
-//! brokers without them (tansu).
+//! identity see it once. No broker transactions are needed (why they are not
+//! used: ARCHITECTURE.md, "candles").
 //!
 //! Input partitions are assigned to this process explicitly (all of them): one
 //! instance per state topic.
@@ -41,13 +41,6 @@ use crate::kafka::{
     consumer_config, consumer_lag_gauge, letter_records, position_above_end, record_consumer_lag, record_ends,
     send_all, send_each, send_letters, Ends, STATISTICS_INTERVAL_MS,
 };
-
-/// How far before its stored position a partition is re-read on start; the
-/// records below the position are skipped. tansu 0.6 answers a fetch only with
-/// record batches that *start* at or after the requested offset, so resuming
-/// inside a producer batch would silently skip the rest of that batch; a
-/// librdkafka producer puts at most 10,000 records in a batch.
-const RESUME_REWIND: i64 = 10_000;
 
 /// Everything the service needs.
 #[derive(Debug, Clone)]
@@ -226,7 +219,7 @@ const STATE_READ_STALL: Duration = Duration::from_secs(60);
 /// Reads the newest snapshot of every input partition from the state topic.
 ///
 /// The end of each partition is found from the fetch responses (partition EOF),
-/// not from ListOffsets, which some Kafka-protocol brokers (tansu) answer wrongly.
+/// which is where the reader stands, whatever the topic's compaction did.
 fn read_state(config: &ServiceConfig) -> Result<(HashMap<i32, Stored>, Vec<String>), ServiceError> {
     let topic = config.state_topic();
     let mut cc = consumer_config(&config.brokers, &format!("{}-state-reader", config.group));
@@ -243,8 +236,7 @@ fn read_state(config: &ServiceConfig) -> Result<(HashMap<i32, Stored>, Vec<Strin
     let mut reads = 0;
     consumer.assign(&tpl)?;
     // A deadline on progress, not on the whole read: a state topic the broker
-    // has not compacted yet (Kafka leaves the active segment alone; tansu
-    // never compacts) can take longer than any fixed limit to read, and
+    // has not compacted yet (Kafka leaves the active segment alone) can take longer than any fixed limit to read, and
     // failing then would fail every restart after it.
     let mut deadline = std::time::Instant::now() + STATE_READ_STALL;
     while !open.is_empty() {
@@ -360,7 +352,7 @@ pub async fn run(config: ServiceConfig, shutdown: impl Future<Output = ()>) -> R
             Some(s) => (
                 {
                     positions.insert(p.id(), s.next);
-                    Offset::Offset(s.next.saturating_sub(RESUME_REWIND).max(0))
+                    Offset::Offset(s.next)
                 },
                 CandleBuilder::restore(config.candles.clone(), &s.snapshot).map_err(ServiceError::State)?,
             ),

@@ -62,11 +62,6 @@ pub struct SinkConfig {
     pub batch_max: usize,
     /// Longest wait for a batch to fill.
     pub batch_wait: Duration,
-    /// How far before its stored offset a partition is re-read on assignment
-    /// (the records below are skipped). Needed for brokers that answer a fetch
-    /// only with record batches starting at or after the requested offset
-    /// (tansu); 0 on Apache Kafka.
-    pub resume_rewind: i64,
     /// Longest pause between retries of a failed write.
     pub max_backoff: Duration,
     /// How long the group waits for a silent member before moving its partitions.
@@ -484,7 +479,6 @@ pub async fn run(config: SinkConfig, shutdown: impl Future<Output = ()>) -> Resu
         instance_id: config.instance_id.clone(),
         batch_max: config.batch_max,
         batch_wait: config.batch_wait,
-        rewind: config.resume_rewind,
         registry: config.registry.clone(),
         registry_answers: registry_answers.clone(),
         rebaseline: rebaseline_sql,

@@ -14,13 +14,14 @@ use std::pin::Pin;
 use std::time::Duration;
 
 use serde::Deserialize;
+use tickpipe_schemas::validate::Rules;
 use tickpipe_schemas::{Micros, Source as RecordSource};
 use tokio::sync::mpsc;
 
 use super::binance::parse::{self, Origin, WsEvent};
 use super::{Source, SourceError, Stop};
 use crate::config::Config;
-use crate::item::{now_micros, rules_now, Item, Reject};
+use crate::item::{now_micros, Item, Reject};
 use crate::publish::Publisher;
 
 const COMPONENT: &str = "replay";
@@ -379,10 +380,13 @@ fn read_file(
         counter: &counter,
         pending: 0,
     };
-    let rules = rules_now();
-    // Records of one batch share an ingest time: reading a batch takes well
-    // under a millisecond, and the clock costs more than the rest of a line.
+    // Records of one batch share an ingest time and the clock they are
+    // validated against: reading a batch takes well under a millisecond, and
+    // the clock costs more than the rest of a line. Both move on with every
+    // batch: a replay outlasts --max-ahead-ms, and its later ingest times
+    // would be judged against its start.
     let mut ingest = now_micros();
+    let mut rules = Rules::at(ingest);
     let mut n = 0u64;
     while let Some(line) = lines
         .next_line()
@@ -491,6 +495,7 @@ fn read_file(
             }
             batch.reserve(BATCH);
             ingest = now_micros();
+            rules = Rules::at(ingest);
         }
     }
     if !batch.is_empty() {
