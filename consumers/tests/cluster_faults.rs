@@ -8,6 +8,12 @@
 //! comes back: the topic holds every trade once (the idempotent producer's
 //! retries to the new leaders add no copy), PostgreSQL holds every trade once,
 //! and the sink's stored positions are the partitions' ends.
+//!
+//! `three_sinks_in_one_group_killed_restarted_and_added_write_every_trade_once`:
+//! up to three `postgres-sink` instances in one group while 1,000,000 trades
+//! of eight symbols flow; at ten random moments (a seeded generator, the seed
+//! in the output) an instance is added, killed with SIGKILL or started again:
+//! every trade is in PostgreSQL once and the stored positions are the ends.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -15,6 +21,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use rand::{Rng, SeedableRng};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use tickpipe_schemas::Trade;
 use tickpipe_testkit::cluster::KafkaCluster;
@@ -22,6 +29,7 @@ use tickpipe_testkit::{kafka, real, stack};
 use tokio_postgres::{Client, NoTls};
 
 const TRADES: usize = 500_000;
+const GROUP_TRADES: usize = 1_000_000;
 
 /// A service process, killed if the test fails while it runs; its log kept
 /// for the failure message.
@@ -123,11 +131,7 @@ async fn the_trades_leader_killed_mid_stream_loses_and_duplicates_nothing() {
             ..t
         })
         .collect();
-    let mut expected: BTreeMap<String, (i64, i64, i64)> = BTreeMap::new();
-    for t in &trades {
-        let e = expected.entry(t.symbol.clone()).or_insert((0, i64::MAX, i64::MIN));
-        *e = (e.0 + 1, e.1.min(t.trade_id), e.2.max(t.trade_id));
-    }
+    let expected = summary(&trades);
     let files = csv_files(&trades);
 
     let mut cluster = KafkaCluster::start(3);
@@ -229,7 +233,34 @@ async fn the_trades_leader_killed_mid_stream_loses_and_duplicates_nothing() {
     let parts = partitions(&consumer, &topic);
     let ends: i64 = parts.iter().map(|p| p.2).sum();
     assert_eq!(ends, TRADES as i64, "records in {topic}: {parts:?}");
-    // PostgreSQL: every trade once, and the positions at the ends.
+    check_written(&client, &topic, &expected, TRADES).await;
+    drop(sink);
+}
+
+/// Per symbol: how many trades, the lowest and the highest id.
+type Summary = BTreeMap<String, (i64, i64, i64)>;
+
+fn summary(trades: &[Trade]) -> Summary {
+    let mut out = Summary::new();
+    for t in trades {
+        let e = out.entry(t.symbol.clone()).or_insert((0, i64::MAX, i64::MIN));
+        *e = (e.0 + 1, e.1.min(t.trade_id), e.2.max(t.trade_id));
+    }
+    out
+}
+
+/// The sum of the sinks' stored positions of `topic`.
+async fn stored_positions(client: &Client, topic: &str) -> i64 {
+    count(
+        client,
+        &format!("SELECT coalesce(sum(next_offset), 0)::bigint FROM sink_offsets WHERE topic = '{topic}'"),
+    )
+    .await
+}
+
+/// PostgreSQL holds every trade once, no dead letter, and the sinks' stored
+/// positions of `topic` add up to the `n` records it holds.
+async fn check_written(client: &Client, topic: &str, expected: &Summary, n: usize) {
     let rows = client
         .query(
             "SELECT symbol, count(*), count(DISTINCT trade_id), min(trade_id), max(trade_id) \
@@ -238,7 +269,7 @@ async fn the_trades_leader_killed_mid_stream_loses_and_duplicates_nothing() {
         )
         .await
         .expect("trades");
-    let got: BTreeMap<String, (i64, i64, i64)> = rows
+    let got: Summary = rows
         .iter()
         .map(|r| {
             let n: i64 = r.get(1);
@@ -247,17 +278,140 @@ async fn the_trades_leader_killed_mid_stream_loses_and_duplicates_nothing() {
             (r.get(0), (n, r.get(3), r.get(4)))
         })
         .collect();
-    assert_eq!(got, expected);
-    let stored = count(
-        &client,
-        &format!("SELECT coalesce(sum(next_offset), 0)::bigint FROM sink_offsets WHERE topic = '{topic}'"),
-    )
-    .await;
+    assert_eq!(&got, expected);
     assert_eq!(
-        stored, TRADES as i64,
-        "the sink's stored positions are the partitions' ends"
+        stored_positions(client, topic).await,
+        n as i64,
+        "the sinks' stored positions are the partitions' ends"
     );
-    let dead = count(&client, "SELECT count(*) FROM dead_letters").await;
+    let dead = count(client, "SELECT count(*) FROM dead_letters").await;
     assert_eq!(dead, 0, "no trade is a dead letter");
-    drop(sink);
+}
+
+/// Polls until `written` trades are in PostgreSQL, or fails after `secs` with
+/// what `context` says.
+async fn wait_written(client: &Client, written: i64, secs: u64, context: impl Fn(i64) -> String) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        let now = count(client, "SELECT count(*) FROM trades").await;
+        if now >= written {
+            return;
+        }
+        assert!(Instant::now() < deadline, "after {secs} s: {}", context(now));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The real-shaped trades spread over eight symbols (the repeated captures
+/// take turns in runs of 5,000), so that most partitions of a six-partition
+/// topic carry some; whole milliseconds, as the CSVs carry them.
+fn many_symbol_trades(dir: &std::path::Path, n: usize) -> Vec<Trade> {
+    const SYMBOLS: [&str; 8] = [
+        "BTCUSDT", "ETHUSDT", "BNBUSDT", "SOLUSDT", "XRPUSDT", "ADAUSDT", "DOGEUSDT", "TRXUSDT",
+    ];
+    real::repeated_spot_trades(dir, n)
+        .into_iter()
+        .enumerate()
+        .map(|(i, t)| Trade {
+            symbol: SYMBOLS[(i / 5_000) % SYMBOLS.len()].to_owned(),
+            event_time: t.event_time / 1000 * 1000,
+            ..t
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_sinks_in_one_group_killed_restarted_and_added_write_every_trade_once() {
+    let Some(dir) = stack::real_data("binance_ws_raw_2024-08-08") else {
+        return;
+    };
+    let trades = many_symbol_trades(&dir, GROUP_TRADES);
+    let expected = summary(&trades);
+    let files = csv_files(&trades);
+    let seed: u64 = std::env::var("TICKPIPE_TEST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| rand::rng().random());
+    eprintln!("seed {seed} (TICKPIPE_TEST_SEED={seed} runs the same moments again)");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+
+    let cluster = KafkaCluster::start(3);
+    let brokers = cluster.bootstrap();
+    let prefix = format!("{}.", stack::unique_name("group"));
+    let topic = format!("{prefix}trades");
+    let url = stack::fresh_database("cluster_group").await;
+    let (client, conn) = tokio_postgres::connect(&url, NoTls).await.expect("postgres");
+    tokio::spawn(conn);
+    let common = [
+        ("TICKPIPE_KAFKA_BROKERS", brokers.clone()),
+        ("TICKPIPE_TOPIC_PREFIX", prefix.clone()),
+        ("TICKPIPE_TOPIC_PARTITIONS", "6".to_owned()),
+    ];
+    let mut sink_env = common.to_vec();
+    sink_env.extend([
+        ("TICKPIPE_POSTGRES_URL", url.clone()),
+        ("TICKPIPE_POSTGRES_SINK_GROUP", format!("{prefix}pg")),
+        ("TICKPIPE_POSTGRES_SINK_METRICS_ADDR", "off".to_owned()),
+        ("TICKPIPE_POSTGRES_SINK_SESSION_TIMEOUT_MS", "6000".to_owned()),
+        ("TICKPIPE_POSTGRES_SINK_BATCH_MAX", "5000".to_owned()),
+    ]);
+    let start_sink = || Service::start("postgres-sink", &[], &sink_env);
+    let mut sinks: Vec<Option<Service>> = vec![Some(start_sink()), None, None];
+    let mut args = vec!["--metrics-addr", "off", "replay", "--venue", "binance"];
+    let names: Vec<String> = files.iter().map(|f| f.display().to_string()).collect();
+    args.extend(names.iter().map(String::as_str));
+    let mut producer = Service::start("producer", &args, &common);
+
+    // Ten moments spread over the stream, each at a random point of its
+    // slot: an instance added while fewer than three run, else one killed
+    // (SIGKILL) or one killed before started again.
+    let slot = GROUP_TRADES as i64 / 12;
+    let moments: Vec<i64> = (0..10)
+        .map(|i| slot * (i + 1) + rng.random_range(0..slot / 2))
+        .collect();
+    let mut events: Vec<String> = Vec::new();
+    for at in moments {
+        wait_written(&client, at, 180, |now| {
+            format!("{now} written, waiting for {at}; events so far {events:?}")
+        })
+        .await;
+        let written = count(&client, "SELECT count(*) FROM trades").await;
+        let running: Vec<usize> = (0..3).filter(|i| sinks[*i].is_some()).collect();
+        let stopped: Vec<usize> = (0..3).filter(|i| sinks[*i].is_none()).collect();
+        if running.len() > 1 && (stopped.is_empty() || rng.random_bool(0.5)) {
+            let i = running[rng.random_range(0..running.len())];
+            sinks[i] = None;
+            events.push(format!("{written}: killed {i}"));
+        } else {
+            let i = stopped[rng.random_range(0..stopped.len())];
+            sinks[i] = Some(start_sink());
+            events.push(format!("{written}: started {i}"));
+        }
+    }
+    eprintln!("events: {events:?}");
+    assert!(events.iter().any(|e| e.contains("killed")), "{events:?}");
+
+    let (status, log) = tokio::task::spawn_blocking(move || (producer.child.wait(), producer.log_tail()))
+        .await
+        .expect("join");
+    assert!(status.is_ok_and(|s| s.success()), "the producer failed: {log}");
+    wait_written(&client, GROUP_TRADES as i64, 300, |now| {
+        let logs: Vec<String> = sinks.iter().flatten().map(Service::log_tail).collect();
+        format!(
+            "{now} of {GROUP_TRADES} trades written (events {events:?}); the sinks' logs end:\n{}",
+            logs.join("\n---\n")
+        )
+    })
+    .await;
+    let consumer: BaseConsumer = kafka::reader_config(&brokers).create().expect("consumer");
+    let parts = partitions(&consumer, &topic);
+    assert!(
+        parts.iter().filter(|p| p.2 > 0).count() >= 4,
+        "the trades fill most partitions: {parts:?}"
+    );
+    assert_eq!(parts.iter().map(|p| p.2).sum::<i64>(), GROUP_TRADES as i64);
+    // The rows of a batch and its positions commit together: once every row
+    // is there, so are the positions.
+    check_written(&client, &topic, &expected, GROUP_TRADES).await;
+    drop(cluster);
 }

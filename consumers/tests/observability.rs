@@ -594,3 +594,61 @@ async fn every_sql_panel_runs_against_the_real_schema() {
     }
     assert!(ran >= 5, "only {ran} SQL panels found");
 }
+
+/// The jobs of a Prometheus configuration and the port each scrapes.
+fn scrape_ports(path: &Path) -> BTreeMap<String, String> {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let doc = yaml_rust2::YamlLoader::load_from_str(&text).expect("yaml").remove(0);
+    let mut out = BTreeMap::new();
+    for job in doc["scrape_configs"].as_vec().expect("scrape_configs") {
+        let name = job["job_name"].as_str().expect("job_name").to_owned();
+        for sc in job["static_configs"].as_vec().into_iter().flatten() {
+            for t in sc["targets"].as_vec().into_iter().flatten() {
+                let (_, port) = t.as_str().and_then(|t| t.split_once(':')).expect("host:port");
+                out.insert(name.clone(), port.to_owned());
+            }
+        }
+    }
+    out
+}
+
+/// `make demo` starts Prometheus on a configuration of its own: promtool
+/// accepts it, it scrapes only loopback, and its jobs are those of
+/// deploy/prometheus/prometheus.yml on the same ports (less the backfill the
+/// demo does not run), with the same alert rules.
+#[test]
+fn the_demo_prometheus_scrapes_what_compose_does_on_loopback() {
+    let dir = std::env::temp_dir().join(stack::unique_name("demo-prometheus"));
+    let out = Command::new(repo().join("deploy/local/demo.sh"))
+        .args(["prometheus-config"])
+        .arg(&dir)
+        .output()
+        .expect("demo.sh");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let config = dir.join("prometheus.yml");
+    let check = Command::new(tool("promtool"))
+        .args(["check", "config"])
+        .arg(&config)
+        .output()
+        .expect("promtool");
+    assert!(
+        check.status.success(),
+        "promtool check config: {}{}",
+        String::from_utf8_lossy(&check.stdout),
+        String::from_utf8_lossy(&check.stderr)
+    );
+    let text = std::fs::read_to_string(&config).expect("config");
+    let targets: Vec<&str> = text.lines().filter(|l| l.contains("targets:")).collect();
+    assert!(
+        !targets.is_empty() && targets.iter().all(|l| l.contains("\"127.0.0.1:")),
+        "{targets:?}"
+    );
+    let mut compose = scrape_ports(&repo().join("deploy/prometheus/prometheus.yml"));
+    compose.remove("backfill");
+    assert_eq!(scrape_ports(&config), compose);
+    assert_eq!(
+        std::fs::read(dir.join("alerts.yml")).expect("alerts"),
+        std::fs::read(repo().join("deploy/prometheus/alerts.yml")).expect("alerts")
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}

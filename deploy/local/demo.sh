@@ -2,11 +2,14 @@
 # The whole pipeline on this machine, no Docker: the local stack, then the
 # producer, the candles aggregator and both sinks in the background.
 #
-#   deploy/local/demo.sh up [producer|consumers ...]  start (all four when none named)
+#   deploy/local/demo.sh up [producer|consumers|prometheus ...]  start (all when none named)
 #   deploy/local/demo.sh watch [seconds]              print progress every 5 s (default 60 s)
 #   deploy/local/demo.sh down                         stop what `up` started (the stack stays)
 #   deploy/local/demo.sh status                       one line per service
+#   deploy/local/demo.sh prometheus-config <dir>      write the demo's Prometheus configuration
 #
+# Prometheus (Debian's package) scrapes the four services on 127.0.0.1:9090
+# with the alert rules of deploy/prometheus; Grafana comes with docker compose.
 # The services use the stack's addresses (deploy/local/stack.sh env), a database
 # `tickpipe` on its PostgreSQL and a dataset `tickpipe` in the BigQuery emulator.
 # Environment variables the services read (README) pass through, e.g.
@@ -19,6 +22,7 @@ STATE="${TICKPIPE_STATE:-$ROOT/.local}/demo"
 STACK="$ROOT/deploy/local/stack.sh"
 BIN="${CARGO_TARGET_DIR:-$ROOT/target}/release"
 DATABASE="${TICKPIPE_DEMO_DATABASE:-tickpipe}"
+PROMETHEUS_PORT="${TICKPIPE_DEMO_PROMETHEUS_PORT:-9090}"
 mkdir -p "$STATE"
 
 say() { printf '[demo] %s\n' "$*" >&2; }
@@ -42,6 +46,61 @@ start() {
   say "$name started (log: $STATE/$name.log)"
 }
 
+# prometheus_config <dir>: deploy/prometheus/prometheus.yml as the demo runs
+# it: the same jobs and ports on 127.0.0.1, less the backfill the demo does not
+# run, and the same alert rules.
+prometheus_config() {
+  local dir=$1
+  mkdir -p "$dir"
+  cp "$ROOT/deploy/prometheus/alerts.yml" "$dir/alerts.yml"
+  cat >"$dir/prometheus.yml" <<EOF
+# Written by deploy/local/demo.sh from deploy/prometheus/prometheus.yml.
+global:
+  scrape_interval: 5s
+  evaluation_interval: 15s
+
+rule_files:
+  - alerts.yml
+
+scrape_configs:
+  - job_name: prometheus
+    static_configs:
+      - targets: ["127.0.0.1:$PROMETHEUS_PORT"]
+  - job_name: producer
+    static_configs:
+      - targets: ["127.0.0.1:9101"]
+  - job_name: candles
+    static_configs:
+      - targets: ["127.0.0.1:9103"]
+  - job_name: postgres-sink
+    static_configs:
+      - targets: ["127.0.0.1:9104"]
+  - job_name: bigquery-sink
+    static_configs:
+      - targets: ["127.0.0.1:9105"]
+EOF
+}
+
+start_prometheus() {
+  if pid_alive "$STATE/prometheus.pid"; then say "prometheus already running (pid $(cat "$STATE/prometheus.pid"))"; return 0; fi
+  if (exec 3<>"/dev/tcp/127.0.0.1/$PROMETHEUS_PORT") 2>/dev/null; then
+    say "prometheus: something already listens on 127.0.0.1:$PROMETHEUS_PORT; not starting another"; return 0
+  fi
+  local bin; bin=$("$ROOT/deploy/local/prometheus.sh")
+  prometheus_config "$STATE/prometheus"
+  nohup setsid "$bin/prometheus" --config.file="$STATE/prometheus/prometheus.yml" \
+    --storage.tsdb.path="$STATE/prometheus/data" --storage.tsdb.retention.time=7d \
+    --web.listen-address="127.0.0.1:$PROMETHEUS_PORT" >"$STATE/prometheus.log" 2>&1 </dev/null &
+  echo $! >"$STATE/prometheus.pid"
+  local deadline=$((SECONDS + 60))
+  until curl -fsS -o /dev/null "http://127.0.0.1:$PROMETHEUS_PORT/-/ready" 2>/dev/null; do
+    if ! pid_alive "$STATE/prometheus.pid"; then tail -5 "$STATE/prometheus.log" >&2; die "prometheus exited; see $STATE/prometheus.log"; fi
+    ((SECONDS < deadline)) || die "prometheus did not answer within 60 s; see $STATE/prometheus.log"
+    sleep 0.2
+  done
+  say "prometheus on http://127.0.0.1:$PROMETHEUS_PORT (log: $STATE/prometheus.log)"
+}
+
 # Waits until a service answers /healthz, or says why not from its log.
 healthy() {
   local name=$1 port=$2 deadline=$((SECONDS + 60))
@@ -59,7 +118,7 @@ up() {
   (cd "$ROOT" && cargo build --release --locked --bins -q)
   psql -q "$ADMIN_URL" -tc "SELECT 1 FROM pg_database WHERE datname = '$DATABASE'" | grep -q 1 \
     || psql -q "$ADMIN_URL" -c "CREATE DATABASE $DATABASE" >/dev/null
-  local parts=("$@"); ((${#parts[@]})) || parts=(producer consumers)
+  local parts=("$@"); ((${#parts[@]})) || parts=(producer consumers prometheus)
   for part in "${parts[@]}"; do
     case $part in
       producer)
@@ -70,7 +129,8 @@ up() {
         start postgres-sink postgres-sink
         start bigquery-sink bigquery-sink
         healthy candles 9103; healthy postgres-sink 9104; healthy bigquery-sink 9105 ;;
-      *) die "unknown part $part (producer or consumers)" ;;
+      prometheus) start_prometheus ;;
+      *) die "unknown part $part (producer, consumers or prometheus)" ;;
     esac
   done
 }
@@ -105,7 +165,7 @@ watch() {
 }
 
 down() {
-  for name in bigquery-sink postgres-sink candles producer; do
+  for name in prometheus bigquery-sink postgres-sink candles producer; do
     local pidf="$STATE/$name.pid"
     if pid_alive "$pidf"; then
       kill -TERM "$(cat "$pidf")"
@@ -119,7 +179,7 @@ down() {
 }
 
 status() {
-  for name in producer candles postgres-sink bigquery-sink; do
+  for name in producer candles postgres-sink bigquery-sink prometheus; do
     if pid_alive "$STATE/$name.pid"; then echo "$name up (pid $(cat "$STATE/$name.pid"))"; else echo "$name down"; fi
   done
 }
@@ -130,5 +190,6 @@ case $cmd in
   watch) watch "$@" ;;
   down) down ;;
   status) status ;;
-  *) sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2 ;;
+  prometheus-config) (($#)) || die "prometheus-config <dir>"; prometheus_config "$1" ;;
+  *) sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2 ;;
 esac
