@@ -110,6 +110,8 @@ async fn main() {
         batch_wait: Duration::from_millis(50),
         // The binary's default.
         state_interval: Duration::from_secs(5),
+        lease_session_timeout: Duration::from_secs(6),
+        instance_id: None,
         partitions: 3,
         replication: 1,
         metrics_addr: None,

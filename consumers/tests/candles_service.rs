@@ -1,6 +1,7 @@
 //! The `candles` service through the real broker: it publishes exactly the
-//! candles the pure builder makes from the same trades, and killing it with
-//! SIGKILL at any moment neither drops nor double-counts a trade.
+//! candles the pure builder makes from the same trades, killing it with
+//! SIGKILL at any moment neither drops nor double-counts a trade, and a
+//! standby takes over from an active instance that dies.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
@@ -151,6 +152,8 @@ fn service_config(prefix: &str, group: &str) -> ServiceConfig {
         batch_wait: Duration::from_millis(100),
         // Longer than the test: the state is stored once, when it stops.
         state_interval: Duration::from_secs(3600),
+        lease_session_timeout: Duration::from_secs(6),
+        instance_id: None,
         partitions: 3,
         replication: 1,
         metrics_addr: None,
@@ -387,6 +390,11 @@ impl Drop for Service {
 }
 
 fn spawn_service(prefix: &str, metrics: Option<SocketAddr>) -> Service {
+    spawn_instance(prefix, metrics, "candles-test")
+}
+
+/// An instance with its own id in the lease group.
+fn spawn_instance(prefix: &str, metrics: Option<SocketAddr>, id: &str) -> Service {
     let metrics = metrics.map_or_else(|| "off".to_owned(), |a| a.to_string());
     let child = Command::new(env!("CARGO_BIN_EXE_candles"))
         .env("TICKPIPE_KAFKA_BROKERS", stack::kafka_brokers())
@@ -398,6 +406,9 @@ fn spawn_service(prefix: &str, metrics: Option<SocketAddr>) -> Service {
         // Several batches per snapshot: a kill replays more than one batch.
         .env("TICKPIPE_CANDLES_STATE_INTERVAL_MS", "100")
         .env("TICKPIPE_CANDLES_METRICS_ADDR", metrics)
+        // Restarted at once after a kill: the same id takes the lease back.
+        .env("TICKPIPE_CANDLES_INSTANCE_ID", id)
+        .env("TICKPIPE_CANDLES_LEASE_SESSION_TIMEOUT_MS", "6000")
         .env("RUST_LOG", "warn")
         .spawn()
         .unwrap();
@@ -686,4 +697,70 @@ async fn the_state_of_5000_symbols_is_stored_in_chunks_and_restored() {
         .map(|c| c.symbol)
         .collect();
     assert_eq!(firsts.len(), 5_000);
+}
+
+/// The status of a service's `/readyz`, 0 while it does not answer.
+async fn readyz(addr: SocketAddr) -> u16 {
+    match reqwest::get(format!("http://{addr}/readyz")).await {
+        Ok(r) => r.status().as_u16(),
+        Err(_) => 0,
+    }
+}
+
+/// `tickpipe_candles_trades_in_total` of an instance, 0 until it answers.
+async fn trades_in(addr: SocketAddr) -> u64 {
+    stack::scrape(addr)
+        .await
+        .lines()
+        .find_map(|l| l.strip_prefix("tickpipe_candles_trades_in_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_takes_over_when_the_active_instance_dies() {
+    let Some(trades) = trades() else { return };
+    let expected = expected(&trades);
+    let brokers = stack::kafka_brokers();
+    let prefix = format!("{}.", stack::unique_name("candles_standby"));
+    let half = trades.len() / 2;
+    publish_trades(&brokers, &prefix, &trades[..half]).await;
+    let (at_a, at_b) = (stack::free_loopback_addr(), stack::free_loopback_addr());
+    let mut a = spawn_instance(&prefix, Some(at_a), "a");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while readyz(at_a).await != 200 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the first instance is not ready after 60 s"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let b = spawn_instance(&prefix, Some(at_b), "b");
+    let mut reader = CandleReader::new(&brokers, &prefix);
+    let first = self::expected(&trades[..half]).len();
+    reader
+        .read_until(120, "the first half's candles", |r| r.latest.len() >= first)
+        .await;
+    // The second stands by: serving its endpoints, not ready, reading nothing.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while readyz(at_b).await != 503 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the standby does not answer /readyz"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(trades_in(at_b).await, 0, "a standby reads no trade");
+    assert!(trades_in(at_a).await > 0);
+
+    a.0.kill().unwrap();
+    a.0.wait().unwrap();
+    publish_trades(&brokers, &prefix, &trades[half..]).await;
+    // Once the lease session of the dead one is over, the standby restores
+    // the stored state and builds the rest.
+    reader.read_until(120, "all candles", |r| r.complete(&expected)).await;
+    assert_eq!(readyz(at_b).await, 200, "the standby took over");
+    assert!(trades_in(at_b).await > 0);
+    reader.check(&expected);
+    drop(b);
 }

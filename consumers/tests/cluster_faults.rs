@@ -14,6 +14,10 @@
 //! of eight symbols flow; at ten random moments (a seeded generator, the seed
 //! in the output) an instance is added, killed with SIGKILL or started again:
 //! every trade is in PostgreSQL once and the stored positions are the ends.
+//!
+//! `two_bigquery_sinks_killed_and_restarted_leave_every_trade_once_in_the_view`:
+//! two `bigquery-sink` instances in one group, one killed and started again at
+//! random moments, against the emulator: every trade once in the view.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -23,6 +27,7 @@ use std::time::{Duration, Instant};
 
 use rand::{Rng, SeedableRng};
 use rdkafka::consumer::{BaseConsumer, Consumer};
+use tickpipe_consumers::bq::client::{Auth, BigQuery, Endpoint};
 use tickpipe_schemas::Trade;
 use tickpipe_testkit::cluster::KafkaCluster;
 use tickpipe_testkit::{kafka, real, stack};
@@ -413,5 +418,136 @@ async fn three_sinks_in_one_group_killed_restarted_and_added_write_every_trade_o
     // The rows of a batch and its positions commit together: once every row
     // is there, so are the positions.
     check_written(&client, &topic, &expected, GROUP_TRADES).await;
+    drop(cluster);
+}
+
+async fn bq_count(bq: &BigQuery, sql: &str) -> i64 {
+    bq.query(sql)
+        .await
+        .ok()
+        .and_then(|rows| rows.first().and_then(|r| r.first().cloned().flatten()))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_bigquery_sinks_killed_and_restarted_leave_every_trade_once_in_the_view() {
+    const N: usize = 60_000;
+    let Some(dir) = stack::real_data("binance_ws_raw_2024-08-08") else {
+        return;
+    };
+    let trades = many_symbol_trades(&dir, N);
+    let files = csv_files(&trades);
+    let seed: u64 = std::env::var("TICKPIPE_TEST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| rand::rng().random());
+    eprintln!("seed {seed} (TICKPIPE_TEST_SEED={seed} runs the same moments again)");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+
+    let cluster = KafkaCluster::start(3);
+    let brokers = cluster.bootstrap();
+    let prefix = format!("{}.", stack::unique_name("bqgroup"));
+    let dataset = stack::unique_name("bqgroup");
+    let project = stack::bigquery_project();
+    let bq = BigQuery::connect(
+        Endpoint {
+            api_url: stack::bigquery_rest_url(),
+            project: project.clone(),
+            auth: Auth::None,
+        },
+        None,
+    )
+    .await
+    .unwrap_or_else(|e| panic!("the BigQuery emulator (make stack-up): {e}"));
+    let common = [
+        ("TICKPIPE_KAFKA_BROKERS", brokers.clone()),
+        ("TICKPIPE_TOPIC_PREFIX", prefix.clone()),
+        ("TICKPIPE_TOPIC_PARTITIONS", "6".to_owned()),
+    ];
+    let mut sink_env = common.to_vec();
+    sink_env.extend([
+        ("TICKPIPE_BIGQUERY_EMULATOR", stack::bigquery_rest_url()),
+        ("TICKPIPE_BIGQUERY_PROJECT", project.clone()),
+        ("TICKPIPE_BIGQUERY_DATASET", dataset.clone()),
+        ("TICKPIPE_BIGQUERY_SINK_GROUP", format!("{prefix}bq")),
+        ("TICKPIPE_BIGQUERY_SINK_METRICS_ADDR", "off".to_owned()),
+        ("TICKPIPE_BIGQUERY_SINK_SESSION_TIMEOUT_MS", "6000".to_owned()),
+        ("TICKPIPE_BIGQUERY_SINK_BATCH_WAIT_MS", "100".to_owned()),
+    ]);
+    let start_sink = || Service::start("bigquery-sink", &[], &sink_env);
+    let mut sinks: Vec<Option<Service>> = vec![Some(start_sink()), Some(start_sink())];
+    let mut args = vec!["--metrics-addr", "off", "replay", "--venue", "binance"];
+    let names: Vec<String> = files.iter().map(|f| f.display().to_string()).collect();
+    args.extend(names.iter().map(String::as_str));
+    let mut producer = Service::start("producer", &args, &common);
+
+    // Raw rows, which kills may have written twice, and the view, which keeps
+    // one row per Kafka coordinate.
+    let raw = format!("SELECT COUNT(*) FROM `{project}.{dataset}.trades_raw`");
+    let view = format!("SELECT COUNT(*) FROM `{project}.{dataset}.trades`");
+    // Four moments at random points of their slots: one of the two killed,
+    // or the killed one started again.
+    let slot = N as i64 / 6;
+    let moments: Vec<i64> = (0..4).map(|i| slot * (i + 1) + rng.random_range(0..slot / 2)).collect();
+    let mut events: Vec<String> = Vec::new();
+    for at in moments {
+        let deadline = Instant::now() + Duration::from_secs(180);
+        let written = loop {
+            let written = bq_count(&bq, &raw).await;
+            if written >= at {
+                break written;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{written} raw rows, waiting for {at}, after 180 s; events so far {events:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        match (0..2).find(|i| sinks[*i].is_none()) {
+            Some(i) => {
+                sinks[i] = Some(start_sink());
+                events.push(format!("{written}: started {i}"));
+            }
+            None => {
+                let i = rng.random_range(0..2);
+                sinks[i] = None;
+                events.push(format!("{written}: killed {i}"));
+            }
+        }
+    }
+    eprintln!("events: {events:?}");
+    let (status, log) = tokio::task::spawn_blocking(move || (producer.child.wait(), producer.log_tail()))
+        .await
+        .expect("join");
+    assert!(status.is_ok_and(|s| s.success()), "the producer failed: {log}");
+    // Both run to the end.
+    for s in sinks.iter_mut().filter(|s| s.is_none()) {
+        *s = Some(start_sink());
+    }
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        let rows = bq_count(&bq, &view).await;
+        if rows >= N as i64 {
+            break;
+        }
+        let logs: Vec<String> = sinks.iter().flatten().map(Service::log_tail).collect();
+        assert!(
+            Instant::now() < deadline,
+            "{rows} of {N} trades in the view after 300 s (events {events:?}); the sinks' logs end:\n{}",
+            logs.join("\n---\n")
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let distinct = bq_count(
+        &bq,
+        &format!(
+            "SELECT COUNT(DISTINCT CONCAT(symbol, ':', CAST(trade_id AS STRING))) FROM `{project}.{dataset}.trades`"
+        ),
+    )
+    .await;
+    assert_eq!(distinct, N as i64, "every trade once in the view");
+    assert_eq!(bq_count(&bq, &view).await, N as i64, "no trade twice in the view");
+    drop(sinks);
     drop(cluster);
 }

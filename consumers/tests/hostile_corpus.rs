@@ -79,6 +79,8 @@ impl Setup {
                 .env("TICKPIPE_CANDLES_BATCH_MAX", "2000")
                 .env("TICKPIPE_CANDLES_BATCH_WAIT_MS", "20")
                 .env("TICKPIPE_CANDLES_STATE_INTERVAL_MS", "300")
+                // Restarted at once after a kill: the same id takes the lease back.
+                .env("TICKPIPE_CANDLES_INSTANCE_ID", "hostile")
                 .env("TICKPIPE_CANDLES_METRICS_ADDR", metrics.to_string()),
             "postgres-sink" => cmd
                 .env("TICKPIPE_POSTGRES_URL", &self.url)

@@ -194,6 +194,8 @@ async fn the_services_export_exactly_the_metrics_contract() {
             batch_max: 1000,
             batch_wait: Duration::from_millis(100),
             state_interval: Duration::from_secs(1),
+            lease_session_timeout: Duration::from_secs(6),
+            instance_id: None,
             partitions: 3,
             replication: 1,
             metrics_addr: Some(addrs["candles"]),

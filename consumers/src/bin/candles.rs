@@ -57,6 +57,15 @@ struct Args {
     /// (0: after every batch). A crash replays the trades since the last one.
     #[arg(long, env = "TICKPIPE_CANDLES_STATE_INTERVAL_MS", default_value_t = 5000)]
     state_interval_ms: u64,
+    /// How long a silent active instance keeps the lease before a standby
+    /// takes over, in ms (the lease group's session timeout).
+    #[arg(long, env = "TICKPIPE_CANDLES_LEASE_SESSION_TIMEOUT_MS", default_value_t = 10_000)]
+    lease_session_timeout_ms: u64,
+    /// Static membership of the lease group (`group.instance.id`): an instance
+    /// restarted with the same id takes its lease back at once. Give each
+    /// instance its own.
+    #[arg(long, env = "TICKPIPE_CANDLES_INSTANCE_ID")]
+    instance_id: Option<String>,
     /// Address of /metrics, /healthz and /readyz ("off" to disable).
     #[arg(long, env = "TICKPIPE_CANDLES_METRICS_ADDR", default_value = "127.0.0.1:9103")]
     metrics_addr: String,
@@ -82,6 +91,8 @@ async fn main() -> anyhow::Result<()> {
         batch_max: args.batch_max,
         batch_wait: Duration::from_millis(args.batch_wait_ms),
         state_interval: Duration::from_millis(args.state_interval_ms),
+        lease_session_timeout: Duration::from_millis(args.lease_session_timeout_ms),
+        instance_id: args.instance_id,
         partitions: args.kafka.partitions,
         replication: args.kafka.replication,
         metrics_addr,

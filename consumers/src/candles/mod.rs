@@ -4,6 +4,7 @@
 //! reads `trades` and writes `candles`.
 
 pub mod aggregate;
+pub mod lease;
 pub mod service;
 pub mod state;
 

@@ -15,8 +15,9 @@
 //! identity see it once. No broker transactions are needed (why they are not
 //! used: ARCHITECTURE.md, "candles").
 //!
-//! Input partitions are assigned to this process explicitly (all of them): one
-//! instance per state topic.
+//! Input partitions are assigned to this process explicitly (all of them), by
+//! the one instance that holds the lease ([`super::lease`]); any other
+//! instance stands by until it is free.
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
@@ -36,6 +37,7 @@ use tickpipe_schemas::validate::Rules;
 use tickpipe_schemas::{Codec, DeadLetter, Record, Source, Topic, Trade, WriteFraming};
 
 use super::aggregate::{CandleBuilder, CandleConfig, Output};
+use super::lease::Lease;
 use super::state::{self, Generation, Stored};
 use crate::kafka::{
     consumer_config, consumer_lag_gauge, letter_records, position_above_end, record_consumer_lag, record_ends,
@@ -67,6 +69,12 @@ pub struct ServiceConfig {
     pub replication: i32,
     /// Where `/metrics`, `/healthz` and `/readyz` are served, if anywhere.
     pub metrics_addr: Option<SocketAddr>,
+    /// How long the lease group waits for a silent holder before a standby
+    /// takes over (see [`super::lease`]).
+    pub lease_session_timeout: Duration,
+    /// Static membership of the lease group: a restarted instance with the
+    /// same id takes its lease back at once.
+    pub instance_id: Option<String>,
 }
 
 impl ServiceConfig {
@@ -77,6 +85,11 @@ impl ServiceConfig {
     /// The topic holding builder snapshots.
     pub fn state_topic(&self) -> String {
         format!("{}candles-state", self.topic_prefix)
+    }
+
+    /// The one-partition topic whose assignment makes an instance the active one.
+    pub fn lease_topic(&self) -> String {
+        format!("{}candles-lease", self.topic_prefix)
     }
 }
 
@@ -326,6 +339,37 @@ pub async fn run(config: ServiceConfig, shutdown: impl Future<Output = ()>) -> R
         .map_err(ServiceError::Metrics)?;
     }
 
+    // One active instance per state topic: a standby waits here until the
+    // group gives it the lease.
+    let mut shutdown = std::pin::pin!(shutdown);
+    let lease_topic = config.lease_topic();
+    ensure_topic_names(
+        &config.brokers,
+        std::slice::from_ref(&lease_topic),
+        1,
+        config.replication,
+    )
+    .await?;
+    let lease = Lease::join(
+        &config.brokers,
+        &format!("{}-lease", config.group),
+        &lease_topic,
+        config.lease_session_timeout,
+        config.instance_id.as_deref(),
+    )?;
+    if !lease.held() {
+        tracing::info!("candles: standing by until the lease is free");
+    }
+    while !lease.held() {
+        tokio::select! {
+            _ = &mut shutdown => {
+                tracing::info!("candles: stopped while standing by");
+                return Ok(());
+            }
+            _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+        }
+    }
+
     let restore_config = config.clone();
     let (stored, orphans) = tokio::task::spawn_blocking(move || read_state(&restore_config))
         .await
@@ -385,7 +429,6 @@ pub async fn run(config: ServiceConfig, shutdown: impl Future<Output = ()>) -> R
         .await?;
     }
     let codec = Codec::new(WriteFraming::SingleObject);
-    let mut shutdown = std::pin::pin!(shutdown);
     let mut stopping = false;
     let mut bars = Vec::new();
     let mut outputs = Vec::new();
@@ -394,6 +437,15 @@ pub async fn run(config: ServiceConfig, shutdown: impl Future<Output = ()>) -> R
     let mut unsaved: HashMap<i32, i64> = HashMap::new();
     let mut saved_at = tokio::time::Instant::now();
     while !stopping {
+        if lease.lost() {
+            // Another instance builds from the last stored state now; what
+            // this one did since is built again, the same, over there.
+            return Err(ServiceError::State(
+                "the lease was taken over by another candles instance (this one was silent past \
+                 the lease session); stopping without storing the state"
+                    .into(),
+            ));
+        }
         // Collect one batch.
         let mut next_offsets: HashMap<i32, i64> = HashMap::new();
         let mut dead: Vec<DeadLetter> = Vec::new();
