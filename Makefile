@@ -53,5 +53,6 @@ bench: stack-up ## print the benchmark figures (ratios against baselines run alo
 	cargo bench --locked -p tickpipe-consumers --bench candles
 	eval "$$($(STACK) env)"; cargo bench --locked -p tickpipe-consumers --bench candles_e2e
 	eval "$$($(STACK) env)"; cargo bench --locked -p tickpipe-consumers --bench postgres_sink
+	eval "$$($(STACK) env)"; TICKPIPE_KAFKA_HOME="$$($(STACK) kafka-home)" cargo bench --locked -p tickpipe-consumers --bench postgres_sink_group
 	eval "$$($(STACK) env)"; cargo bench --locked -p tickpipe-consumers --bench bigquery_sink
 	eval "$$($(STACK) env)"; cargo bench --locked -p tickpipe-producer --bench replay

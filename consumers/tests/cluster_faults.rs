@@ -307,30 +307,12 @@ async fn wait_written(client: &Client, written: i64, secs: u64, context: impl Fn
     }
 }
 
-/// The real-shaped trades spread over eight symbols (the repeated captures
-/// take turns in runs of 5,000), so that most partitions of a six-partition
-/// topic carry some; whole milliseconds, as the CSVs carry them.
-fn many_symbol_trades(dir: &std::path::Path, n: usize) -> Vec<Trade> {
-    const SYMBOLS: [&str; 8] = [
-        "BTCUSDT", "ETHUSDT", "BNBUSDT", "SOLUSDT", "XRPUSDT", "ADAUSDT", "DOGEUSDT", "TRXUSDT",
-    ];
-    real::repeated_spot_trades(dir, n)
-        .into_iter()
-        .enumerate()
-        .map(|(i, t)| Trade {
-            symbol: SYMBOLS[(i / 5_000) % SYMBOLS.len()].to_owned(),
-            event_time: t.event_time / 1000 * 1000,
-            ..t
-        })
-        .collect()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_sinks_in_one_group_killed_restarted_and_added_write_every_trade_once() {
     let Some(dir) = stack::real_data("binance_ws_raw_2024-08-08") else {
         return;
     };
-    let trades = many_symbol_trades(&dir, GROUP_TRADES);
+    let trades = real::repeated_spot_trades_over(&dir, GROUP_TRADES, &real::SPOT_SYMBOLS);
     let expected = summary(&trades);
     let files = csv_files(&trades);
     let seed: u64 = std::env::var("TICKPIPE_TEST_SEED")
@@ -436,7 +418,7 @@ async fn two_bigquery_sinks_killed_and_restarted_leave_every_trade_once_in_the_v
     let Some(dir) = stack::real_data("binance_ws_raw_2024-08-08") else {
         return;
     };
-    let trades = many_symbol_trades(&dir, N);
+    let trades = real::repeated_spot_trades_over(&dir, N, &real::SPOT_SYMBOLS);
     let files = csv_files(&trades);
     let seed: u64 = std::env::var("TICKPIPE_TEST_SEED")
         .ok()

@@ -135,6 +135,26 @@ pub fn repeated_spot_trades(dir: &Path, target: usize) -> Vec<Trade> {
         .collect()
 }
 
+/// Real Binance spot symbols, for [`repeated_spot_trades_over`].
+pub const SPOT_SYMBOLS: [&str; 8] = [
+    "BTCUSDT", "ETHUSDT", "BNBUSDT", "SOLUSDT", "XRPUSDT", "ADAUSDT", "DOGEUSDT", "TRXUSDT",
+];
+
+/// [`repeated_spot_trades`] spread over `symbols` (runs of 5,000 trades take
+/// turns), in whole milliseconds as Binance's CSVs carry them: real-shaped
+/// load for a topic keyed by symbol that fills many partitions.
+pub fn repeated_spot_trades_over(dir: &Path, target: usize, symbols: &[&str]) -> Vec<Trade> {
+    repeated_spot_trades(dir, target)
+        .into_iter()
+        .enumerate()
+        .map(|(i, t)| Trade {
+            symbol: symbols[(i / 5_000) % symbols.len()].to_owned(),
+            event_time: t.event_time / 1000 * 1000,
+            ..t
+        })
+        .collect()
+}
+
 /// data.binance.vision aggTrades rows (no header): id, price, quantity, first
 /// trade id, last trade id, time (ms), is buyer maker, is best match.
 pub fn agg_trades_csv(path: &Path, symbol: &str) -> Vec<Trade> {

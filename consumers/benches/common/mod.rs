@@ -27,7 +27,13 @@ pub async fn preload(brokers: &str, topic: &str, trades: &[Trade]) {
 /// Runs postgres-sink over the `trades` of `prefix` into a fresh database
 /// until `n` offsets are stored; returns the seconds it took (start-up
 /// included) and the database URL.
+#[allow(dead_code)] // not every bench that shares this module runs it
 pub async fn postgres_sink(brokers: &str, prefix: &str, group: &str, n: usize) -> (f64, String) {
+    postgres_sinks(brokers, prefix, group, n, 1).await
+}
+
+/// [`postgres_sink`] with `instances` sinks in one group, in this process.
+pub async fn postgres_sinks(brokers: &str, prefix: &str, group: &str, n: usize, instances: usize) -> (f64, String) {
     let url = stack::fresh_database("bench_pg").await;
     let (client, conn) = tokio_postgres::connect(&url, NoTls).await.expect("postgres");
     tokio::spawn(conn);
@@ -48,11 +54,16 @@ pub async fn postgres_sink(brokers: &str, prefix: &str, group: &str, n: usize) -
         metrics_addr: None,
         registry: None,
     };
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let (stop, stopped) = tokio::sync::watch::channel(false);
     let started = Instant::now();
-    let sink = tokio::spawn(run(config, async {
-        let _ = stopped.await;
-    }));
+    let sinks: Vec<_> = (0..instances)
+        .map(|_| {
+            let mut stopped = stopped.clone();
+            tokio::spawn(run(config.clone(), async move {
+                let _ = stopped.wait_for(|s| *s).await;
+            }))
+        })
+        .collect();
     loop {
         let done: i64 = client
             .query_one("SELECT coalesce(sum(next_offset), 0)::bigint FROM sink_offsets", &[])
@@ -65,7 +76,9 @@ pub async fn postgres_sink(brokers: &str, prefix: &str, group: &str, n: usize) -
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let secs = started.elapsed().as_secs_f64();
-    let _ = stop.send(());
-    sink.await.expect("sink task").expect("sink");
+    let _ = stop.send(true);
+    for sink in sinks {
+        sink.await.expect("sink task").expect("sink");
+    }
     (secs, url)
 }
