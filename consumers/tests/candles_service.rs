@@ -180,15 +180,9 @@ async fn publishes_what_the_pure_builder_makes() {
     published.insert(trades.len() / 2 + 1, ahead);
     publish_trades(&brokers, &prefix, &published).await;
 
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let service = tokio::spawn(run(service_config(&prefix, "candles-it"), async {
-        let _ = stopped.await;
-    }));
-    let mut reader = CandleReader::new(&brokers, &prefix);
-    reader.read_until(120, "all candles", |r| r.complete(&expected)).await;
-    stop.send(()).unwrap();
-    service.await.unwrap().unwrap();
-    reader.check(&expected);
+    run_until_complete(service_config(&prefix, "candles-it"), &expected)
+        .await
+        .check(&expected);
     let state_topic = format!("{prefix}candles-state");
     assert_eq!(
         state_topic_cleanup(&brokers, &state_topic).await,
@@ -346,15 +340,21 @@ async fn the_broker_compacts_the_state_topic_and_a_restart_restores_from_what_is
     // A restart on what compaction left, with the second half: exactly the
     // candles of every trade, each counted once.
     publish_trades(&brokers, &prefix, &trades[half..]).await;
+    run_until_complete(config, &expected).await.check(&expected);
+}
+
+/// Runs the service in this process until every expected candle is on the
+/// candles topic, then stops it; returns what was read.
+async fn run_until_complete(config: ServiceConfig, expected: &BTreeMap<Key, Candle>) -> CandleReader {
+    let mut reader = CandleReader::new(&config.brokers, &config.topic_prefix);
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let service = tokio::spawn(run(config, async {
         let _ = stopped.await;
     }));
-    let mut reader = CandleReader::new(&brokers, &prefix);
-    reader.read_until(120, "all candles", |r| r.complete(&expected)).await;
+    reader.read_until(120, "all candles", |r| r.complete(expected)).await;
     stop.send(()).unwrap();
     service.await.unwrap().unwrap();
-    reader.check(&expected);
+    reader
 }
 
 /// The broker's `cleanup.policy` of a topic.

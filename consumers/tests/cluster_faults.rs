@@ -123,6 +123,80 @@ async fn count(client: &Client, sql: &str) -> i64 {
     client.query_one(sql, &[]).await.map_or(0, |r| r.get(0))
 }
 
+/// What every test here starts with: a three-node cluster, a topic prefix of
+/// its own and the environment every process of the test shares.
+struct Run {
+    cluster: KafkaCluster,
+    brokers: String,
+    prefix: String,
+    common: Vec<(&'static str, String)>,
+}
+
+impl Run {
+    fn start(name: &str, partitions: u32) -> Self {
+        let cluster = KafkaCluster::start(3);
+        let brokers = cluster.bootstrap();
+        let prefix = format!("{}.", stack::unique_name(name));
+        let common = vec![
+            ("TICKPIPE_KAFKA_BROKERS", brokers.clone()),
+            ("TICKPIPE_TOPIC_PREFIX", prefix.clone()),
+            ("TICKPIPE_TOPIC_PARTITIONS", partitions.to_string()),
+        ];
+        Run {
+            cluster,
+            brokers,
+            prefix,
+            common,
+        }
+    }
+
+    fn trades_topic(&self) -> String {
+        format!("{}trades", self.prefix)
+    }
+
+    /// The environment of a sink: the shared one, then `own`.
+    fn env(&self, own: &[(&'static str, String)]) -> Vec<(&'static str, String)> {
+        self.common.iter().chain(own).cloned().collect()
+    }
+
+    /// `postgres-sink`'s environment, writing into `url`.
+    fn postgres_env(&self, url: &str) -> Vec<(&'static str, String)> {
+        self.env(&[
+            ("TICKPIPE_POSTGRES_URL", url.to_owned()),
+            ("TICKPIPE_POSTGRES_SINK_GROUP", format!("{}pg", self.prefix)),
+            ("TICKPIPE_POSTGRES_SINK_METRICS_ADDR", "off".to_owned()),
+            ("TICKPIPE_POSTGRES_SINK_SESSION_TIMEOUT_MS", "6000".to_owned()),
+        ])
+    }
+
+    /// The producer replaying `files` as fast as it can.
+    fn replay(&self, files: &[PathBuf]) -> Service {
+        let mut args = vec!["--metrics-addr", "off", "replay", "--venue", "binance"];
+        let names: Vec<String> = files.iter().map(|f| f.display().to_string()).collect();
+        args.extend(names.iter().map(String::as_str));
+        Service::start("producer", &args, &self.common)
+    }
+}
+
+/// A fresh database and a client of it.
+async fn database(name: &str) -> (String, Client) {
+    let url = stack::fresh_database(name).await;
+    let (client, conn) = tokio_postgres::connect(&url, NoTls).await.expect("postgres");
+    tokio::spawn(conn);
+    (url, client)
+}
+
+/// The generator of a test's random moments, seeded by `TICKPIPE_TEST_SEED`
+/// or at random (the seed printed either way).
+fn seeded_rng() -> rand::rngs::StdRng {
+    let seed: u64 = std::env::var("TICKPIPE_TEST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| rand::rng().random());
+    eprintln!("seed {seed} (TICKPIPE_TEST_SEED={seed} runs the same moments again)");
+    rand::rngs::StdRng::seed_from_u64(seed)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_trades_leader_killed_mid_stream_loses_and_duplicates_nothing() {
     let Some(dir) = stack::real_data("binance_ws_raw_2024-08-08") else {
@@ -139,31 +213,11 @@ async fn the_trades_leader_killed_mid_stream_loses_and_duplicates_nothing() {
     let expected = summary(&trades);
     let files = csv_files(&trades);
 
-    let mut cluster = KafkaCluster::start(3);
-    let brokers = cluster.bootstrap();
-    let prefix = format!("{}.", stack::unique_name("cluster"));
-    let topic = format!("{prefix}trades");
-    let url = stack::fresh_database("cluster_leader").await;
-    let (client, conn) = tokio_postgres::connect(&url, NoTls).await.expect("postgres");
-    tokio::spawn(conn);
-
-    let common = [
-        ("TICKPIPE_KAFKA_BROKERS", brokers.clone()),
-        ("TICKPIPE_TOPIC_PREFIX", prefix.clone()),
-        ("TICKPIPE_TOPIC_PARTITIONS", "3".to_owned()),
-    ];
-    let mut sink_env = common.to_vec();
-    sink_env.extend([
-        ("TICKPIPE_POSTGRES_URL", url.clone()),
-        ("TICKPIPE_POSTGRES_SINK_GROUP", format!("{prefix}pg")),
-        ("TICKPIPE_POSTGRES_SINK_METRICS_ADDR", "off".to_owned()),
-        ("TICKPIPE_POSTGRES_SINK_SESSION_TIMEOUT_MS", "6000".to_owned()),
-    ]);
-    let sink = Service::start("postgres-sink", &[], &sink_env);
-    let mut args = vec!["--metrics-addr", "off", "replay", "--venue", "binance"];
-    let names: Vec<String> = files.iter().map(|f| f.display().to_string()).collect();
-    args.extend(names.iter().map(String::as_str));
-    let mut producer = Service::start("producer", &args, &common);
+    let mut run = Run::start("cluster", 3);
+    let (brokers, topic) = (run.brokers.clone(), run.trades_topic());
+    let (url, client) = database("cluster_leader").await;
+    let sink = Service::start("postgres-sink", &[], &run.postgres_env(&url));
+    let mut producer = run.replay(&files);
 
     // The kill lands while the producer publishes and the sink writes.
     let consumer: BaseConsumer = kafka::reader_config(&brokers).create().expect("consumer");
@@ -188,7 +242,7 @@ async fn the_trades_leader_killed_mid_stream_loses_and_duplicates_nothing() {
         partitions(&consumer, &topic).iter().all(|p| p.3 == 3),
         "the producer's topics take the cluster's replication factor"
     );
-    cluster.kill(leader as u32);
+    run.cluster.kill(leader as u32);
     let written_at_kill = count(&client, "SELECT count(*) FROM trades").await;
     assert!(
         published_at_kill < TRADES as i64 && written_at_kill < TRADES as i64,
@@ -211,7 +265,7 @@ async fn the_trades_leader_killed_mid_stream_loses_and_duplicates_nothing() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    cluster.restart(leader as u32);
+    run.cluster.restart(leader as u32);
 
     let status = tokio::task::spawn_blocking(move || {
         let status = producer.child.wait().expect("producer");
@@ -315,39 +369,15 @@ async fn three_sinks_in_one_group_killed_restarted_and_added_write_every_trade_o
     let trades = real::repeated_spot_trades_over(&dir, GROUP_TRADES, &real::SPOT_SYMBOLS);
     let expected = summary(&trades);
     let files = csv_files(&trades);
-    let seed: u64 = std::env::var("TICKPIPE_TEST_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| rand::rng().random());
-    eprintln!("seed {seed} (TICKPIPE_TEST_SEED={seed} runs the same moments again)");
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-
-    let cluster = KafkaCluster::start(3);
-    let brokers = cluster.bootstrap();
-    let prefix = format!("{}.", stack::unique_name("group"));
-    let topic = format!("{prefix}trades");
-    let url = stack::fresh_database("cluster_group").await;
-    let (client, conn) = tokio_postgres::connect(&url, NoTls).await.expect("postgres");
-    tokio::spawn(conn);
-    let common = [
-        ("TICKPIPE_KAFKA_BROKERS", brokers.clone()),
-        ("TICKPIPE_TOPIC_PREFIX", prefix.clone()),
-        ("TICKPIPE_TOPIC_PARTITIONS", "6".to_owned()),
-    ];
-    let mut sink_env = common.to_vec();
-    sink_env.extend([
-        ("TICKPIPE_POSTGRES_URL", url.clone()),
-        ("TICKPIPE_POSTGRES_SINK_GROUP", format!("{prefix}pg")),
-        ("TICKPIPE_POSTGRES_SINK_METRICS_ADDR", "off".to_owned()),
-        ("TICKPIPE_POSTGRES_SINK_SESSION_TIMEOUT_MS", "6000".to_owned()),
-        ("TICKPIPE_POSTGRES_SINK_BATCH_MAX", "5000".to_owned()),
-    ]);
+    let mut rng = seeded_rng();
+    let run = Run::start("group", 6);
+    let (brokers, topic) = (run.brokers.clone(), run.trades_topic());
+    let (url, client) = database("cluster_group").await;
+    let mut sink_env = run.postgres_env(&url);
+    sink_env.push(("TICKPIPE_POSTGRES_SINK_BATCH_MAX", "5000".to_owned()));
     let start_sink = || Service::start("postgres-sink", &[], &sink_env);
     let mut sinks: Vec<Option<Service>> = vec![Some(start_sink()), None, None];
-    let mut args = vec!["--metrics-addr", "off", "replay", "--venue", "binance"];
-    let names: Vec<String> = files.iter().map(|f| f.display().to_string()).collect();
-    args.extend(names.iter().map(String::as_str));
-    let mut producer = Service::start("producer", &args, &common);
+    let mut producer = run.replay(&files);
 
     // Ten moments spread over the stream, each at a random point of its
     // slot: an instance added while fewer than three run, else one killed
@@ -400,7 +430,7 @@ async fn three_sinks_in_one_group_killed_restarted_and_added_write_every_trade_o
     // The rows of a batch and its positions commit together: once every row
     // is there, so are the positions.
     check_written(&client, &topic, &expected, GROUP_TRADES).await;
-    drop(cluster);
+    drop(run);
 }
 
 async fn bq_count(bq: &BigQuery, sql: &str) -> i64 {
@@ -420,16 +450,8 @@ async fn two_bigquery_sinks_killed_and_restarted_leave_every_trade_once_in_the_v
     };
     let trades = real::repeated_spot_trades_over(&dir, N, &real::SPOT_SYMBOLS);
     let files = csv_files(&trades);
-    let seed: u64 = std::env::var("TICKPIPE_TEST_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| rand::rng().random());
-    eprintln!("seed {seed} (TICKPIPE_TEST_SEED={seed} runs the same moments again)");
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-
-    let cluster = KafkaCluster::start(3);
-    let brokers = cluster.bootstrap();
-    let prefix = format!("{}.", stack::unique_name("bqgroup"));
+    let mut rng = seeded_rng();
+    let run = Run::start("bqgroup", 6);
     let dataset = stack::unique_name("bqgroup");
     let project = stack::bigquery_project();
     let bq = BigQuery::connect(
@@ -442,27 +464,18 @@ async fn two_bigquery_sinks_killed_and_restarted_leave_every_trade_once_in_the_v
     )
     .await
     .unwrap_or_else(|e| panic!("the BigQuery emulator (make stack-up): {e}"));
-    let common = [
-        ("TICKPIPE_KAFKA_BROKERS", brokers.clone()),
-        ("TICKPIPE_TOPIC_PREFIX", prefix.clone()),
-        ("TICKPIPE_TOPIC_PARTITIONS", "6".to_owned()),
-    ];
-    let mut sink_env = common.to_vec();
-    sink_env.extend([
+    let sink_env = run.env(&[
         ("TICKPIPE_BIGQUERY_EMULATOR", stack::bigquery_rest_url()),
         ("TICKPIPE_BIGQUERY_PROJECT", project.clone()),
         ("TICKPIPE_BIGQUERY_DATASET", dataset.clone()),
-        ("TICKPIPE_BIGQUERY_SINK_GROUP", format!("{prefix}bq")),
+        ("TICKPIPE_BIGQUERY_SINK_GROUP", format!("{}bq", run.prefix)),
         ("TICKPIPE_BIGQUERY_SINK_METRICS_ADDR", "off".to_owned()),
         ("TICKPIPE_BIGQUERY_SINK_SESSION_TIMEOUT_MS", "6000".to_owned()),
         ("TICKPIPE_BIGQUERY_SINK_BATCH_WAIT_MS", "100".to_owned()),
     ]);
     let start_sink = || Service::start("bigquery-sink", &[], &sink_env);
     let mut sinks: Vec<Option<Service>> = vec![Some(start_sink()), Some(start_sink())];
-    let mut args = vec!["--metrics-addr", "off", "replay", "--venue", "binance"];
-    let names: Vec<String> = files.iter().map(|f| f.display().to_string()).collect();
-    args.extend(names.iter().map(String::as_str));
-    let mut producer = Service::start("producer", &args, &common);
+    let mut producer = run.replay(&files);
 
     // Raw rows, which kills may have written twice, and the view, which keeps
     // one row per Kafka coordinate.
@@ -531,5 +544,5 @@ async fn two_bigquery_sinks_killed_and_restarted_leave_every_trade_once_in_the_v
     assert_eq!(distinct, N as i64, "every trade once in the view");
     assert_eq!(bq_count(&bq, &view).await, N as i64, "no trade twice in the view");
     drop(sinks);
-    drop(cluster);
+    drop(run);
 }
