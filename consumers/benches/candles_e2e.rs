@@ -4,7 +4,10 @@
 //! candle has arrived on `candles`, and reports trades/s in, next to the pure
 //! builder on the same trades measured in the same run. The candle output is
 //! verified: every candle the pure builder makes is published, with the same
-//! content.
+//! content. Twice: as the service runs by default, and with `--transactions`
+//! (a transaction per state interval, read `read_committed`; the last
+//! candles arrive when the last transaction commits, up to a state interval
+//! after the last trade), each on topics of its own.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -73,15 +76,58 @@ async fn main() {
     let pure = start.elapsed();
 
     let brokers = stack::kafka_brokers();
+    let plain = run_service(&brokers, &trades, &expected, false).await;
+    let txn = run_service(&brokers, &trades, &expected, true).await;
+
+    let e2e_rate = n as f64 / plain.as_secs_f64();
+    let txn_rate = n as f64 / txn.as_secs_f64();
+    let pure_rate = n as f64 / pure.as_secs_f64();
+    println!("candles end to end: {n} real spot trades through the local broker, intervals 1s,5s,1m,5m,1h,1d");
+    println!("  {:<44} {:>12} {:>8}", "", "trades/s", "ratio");
+    println!(
+        "  {:<44} {:>12.0} {:>7.3}x",
+        "candles service (decode, build, publish, state)",
+        e2e_rate,
+        e2e_rate / pure_rate
+    );
+    println!(
+        "  {:<44} {:>12.0} {:>7.3}x",
+        "the same in Kafka transactions (--transactions)",
+        txn_rate,
+        txn_rate / pure_rate
+    );
+    println!(
+        "  {:<44} {:>12.0} {:>7.3}x",
+        "pure builder on the same trades (baseline)", pure_rate, 1.0
+    );
+    println!(
+        "  transactions cost: {:.3}x the plain service's rate",
+        txn_rate / e2e_rate
+    );
+    println!(
+        "  output verified: {} candles in each run, each equal to the pure builder's",
+        expected.len()
+    );
+}
+
+/// Publishes the trades to a fresh `trades` topic, runs the service until
+/// every expected candle is on its `candles` topic, checks each, and returns
+/// how long the service took (from its start to the last candle).
+async fn run_service(
+    brokers: &str,
+    trades: &[Trade],
+    expected: &HashMap<(String, String, i64), Candle>,
+    transactions: bool,
+) -> Duration {
     let prefix = format!("{}.", stack::unique_name("bench_candles"));
-    ensure_topics(&brokers, &prefix, &Topic::ALL, 3, 1)
+    ensure_topics(brokers, &prefix, &Topic::ALL, 3, 1)
         .await
         .expect("the broker is up (make kafka)");
     let codec = Codec::new(WriteFraming::SingleObject);
-    let producer: FutureProducer = producer_config(&brokers).create().expect("producer");
+    let producer: FutureProducer = producer_config(brokers).create().expect("producer");
     let topic = Topic::Trades.name(&prefix);
-    let mut pending = Vec::with_capacity(n);
-    for t in &trades {
+    let mut pending = Vec::with_capacity(trades.len());
+    for t in trades {
         let payload = codec.encode(t).expect("encodable");
         loop {
             match producer.send_result(FutureRecord::to(&topic).key(&t.key()).payload(&payload)) {
@@ -97,21 +143,24 @@ async fn main() {
         p.await.expect("delivered").expect("acknowledged");
     }
 
-    let reader: StreamConsumer = consumer_config(&brokers, &stack::unique_name("bench-reader"))
+    // read_committed, as every consumer of ours: in transactions, a candle
+    // arrives when its transaction commits.
+    let reader: StreamConsumer = consumer_config(brokers, &stack::unique_name("bench-reader"))
         .create()
         .expect("consumer");
     reader.subscribe(&[&Topic::Candles.name(&prefix)]).expect("subscribe");
     let service_config = ServiceConfig {
-        brokers: brokers.clone(),
+        brokers: brokers.to_owned(),
         topic_prefix: prefix.clone(),
         candles: config(),
-        group: "bench-candles".into(),
+        group: format!("{prefix}bench-candles"),
         batch_max: 10_000,
         batch_wait: Duration::from_millis(50),
         // The binary's default.
         state_interval: Duration::from_secs(5),
         lease_session_timeout: Duration::from_secs(6),
         instance_id: None,
+        transactions,
         partitions: 3,
         replication: 1,
         metrics_addr: None,
@@ -134,29 +183,11 @@ async fn main() {
         assert_eq!(msg.key(), Some(c.key().as_bytes()));
         seen.insert((c.symbol.clone(), c.interval.clone(), c.open_time), c);
     }
-    let e2e = start.elapsed();
+    let took = start.elapsed();
     let _ = stop.send(());
     service.await.expect("joined").expect("clean stop");
-    for (k, c) in &expected {
+    for (k, c) in expected {
         assert_eq!(seen.get(k), Some(c), "candle {k:?}");
     }
-
-    let e2e_rate = n as f64 / e2e.as_secs_f64();
-    let pure_rate = n as f64 / pure.as_secs_f64();
-    println!("candles end to end: {n} real spot trades through the local broker, intervals 1s,5s,1m,5m,1h,1d");
-    println!("  {:<44} {:>12} {:>8}", "", "trades/s", "ratio");
-    println!(
-        "  {:<44} {:>12.0} {:>7.3}x",
-        "candles service (decode, build, publish, state)",
-        e2e_rate,
-        e2e_rate / pure_rate
-    );
-    println!(
-        "  {:<44} {:>12.0} {:>7.3}x",
-        "pure builder on the same trades (baseline)", pure_rate, 1.0
-    );
-    println!(
-        "  output verified: {} candles, each equal to the pure builder's",
-        expected.len()
-    );
+    took
 }

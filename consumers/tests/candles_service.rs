@@ -39,6 +39,20 @@ fn trades() -> Option<Vec<Trade>> {
     ))
 }
 
+/// How many candle records the pure builder emits for the trades (versions
+/// included): what a run without copies publishes.
+fn expected_records(trades: &[Trade]) -> usize {
+    let mut b = CandleBuilder::new(candle_config());
+    let mut out = Vec::new();
+    for t in trades {
+        b.push(t, &mut out);
+    }
+    out.into_iter()
+        .map(|o| b.resolve(o))
+        .filter(|o| matches!(o, Output::Candle(_)))
+        .count()
+}
+
 /// What the service must publish while streaming: the pure builder's candles.
 fn expected(trades: &[Trade]) -> BTreeMap<Key, Candle> {
     let mut b = CandleBuilder::new(candle_config());
@@ -154,6 +168,7 @@ fn service_config(prefix: &str, group: &str) -> ServiceConfig {
         state_interval: Duration::from_secs(3600),
         lease_session_timeout: Duration::from_secs(6),
         instance_id: None,
+        transactions: false,
         partitions: 3,
         replication: 1,
         metrics_addr: None,
@@ -390,11 +405,12 @@ impl Drop for Service {
 }
 
 fn spawn_service(prefix: &str, metrics: Option<SocketAddr>) -> Service {
-    spawn_instance(prefix, metrics, "candles-test")
+    spawn_instance(prefix, metrics, "candles-test", false)
 }
 
-/// An instance with its own id in the lease group.
-fn spawn_instance(prefix: &str, metrics: Option<SocketAddr>, id: &str) -> Service {
+/// An instance with its own id in the lease group, writing in Kafka
+/// transactions or not.
+fn spawn_instance(prefix: &str, metrics: Option<SocketAddr>, id: &str, transactions: bool) -> Service {
     let metrics = metrics.map_or_else(|| "off".to_owned(), |a| a.to_string());
     let child = Command::new(env!("CARGO_BIN_EXE_candles"))
         .env("TICKPIPE_KAFKA_BROKERS", stack::kafka_brokers())
@@ -409,6 +425,7 @@ fn spawn_instance(prefix: &str, metrics: Option<SocketAddr>, id: &str) -> Servic
         // Restarted at once after a kill: the same id takes the lease back.
         .env("TICKPIPE_CANDLES_INSTANCE_ID", id)
         .env("TICKPIPE_CANDLES_LEASE_SESSION_TIMEOUT_MS", "6000")
+        .env("TICKPIPE_CANDLES_TRANSACTIONS", transactions.to_string())
         .env("RUST_LOG", "warn")
         .spawn()
         .unwrap();
@@ -726,7 +743,7 @@ async fn a_standby_takes_over_when_the_active_instance_dies() {
     let half = trades.len() / 2;
     publish_trades(&brokers, &prefix, &trades[..half]).await;
     let (at_a, at_b) = (stack::free_loopback_addr(), stack::free_loopback_addr());
-    let mut a = spawn_instance(&prefix, Some(at_a), "a");
+    let mut a = spawn_instance(&prefix, Some(at_a), "a", false);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     while readyz(at_a).await != 200 {
         assert!(
@@ -735,7 +752,7 @@ async fn a_standby_takes_over_when_the_active_instance_dies() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let b = spawn_instance(&prefix, Some(at_b), "b");
+    let b = spawn_instance(&prefix, Some(at_b), "b", false);
     let mut reader = CandleReader::new(&brokers, &prefix);
     let first = self::expected(&trades[..half]).len();
     reader
@@ -763,4 +780,34 @@ async fn a_standby_takes_over_when_the_active_instance_dies() {
     assert!(trades_in(at_b).await > 0);
     reader.check(&expected);
     drop(b);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_transactions_sigkills_leave_no_candle_twice_for_committed_readers() {
+    let Some(trades) = trades() else { return };
+    let expected = expected(&trades);
+    let records = expected_records(&trades);
+    let brokers = stack::kafka_brokers();
+    let prefix = format!("{}.", stack::unique_name("candles_txn"));
+    publish_trades(&brokers, &prefix, &trades).await;
+    // The reader is read_committed, as every consumer of ours.
+    let mut reader = CandleReader::new(&brokers, &prefix);
+    for i in 0..4 {
+        let mut child = spawn_instance(&prefix, None, "txn", true);
+        let threshold = expected.len() * (i + 1) / 6;
+        reader
+            .read_until(120, &format!("run {i}: {threshold} candles"), |r| {
+                r.latest.len() >= threshold
+            })
+            .await;
+        child.0.kill().unwrap();
+        child.0.wait().unwrap();
+    }
+    let last = spawn_instance(&prefix, None, "txn", true);
+    reader.read_until(120, "all candles", |r| r.complete(&expected)).await;
+    drop(last);
+    reader.check(&expected);
+    // What each killed run wrote after its last commit was aborted; the next
+    // one wrote it again, once.
+    assert_eq!(reader.records, records, "candle records read, against the builder's");
 }

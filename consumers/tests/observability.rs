@@ -196,6 +196,7 @@ async fn the_services_export_exactly_the_metrics_contract() {
             state_interval: Duration::from_secs(1),
             lease_session_timeout: Duration::from_secs(6),
             instance_id: None,
+            transactions: false,
             partitions: 3,
             replication: 1,
             metrics_addr: Some(addrs["candles"]),

@@ -66,6 +66,11 @@ struct Args {
     /// instance its own.
     #[arg(long, env = "TICKPIPE_CANDLES_INSTANCE_ID")]
     instance_id: Option<String>,
+    /// Write candles, dead letters and state in Kafka transactions, one per
+    /// state interval: `read_committed` readers then see no candle twice after
+    /// a crash, and see candles up to a state interval later.
+    #[arg(long, env = "TICKPIPE_CANDLES_TRANSACTIONS", default_value_t = false, action = clap::ArgAction::Set)]
+    transactions: bool,
     /// Address of /metrics, /healthz and /readyz ("off" to disable).
     #[arg(long, env = "TICKPIPE_CANDLES_METRICS_ADDR", default_value = "127.0.0.1:9103")]
     metrics_addr: String,
@@ -93,6 +98,7 @@ async fn main() -> anyhow::Result<()> {
         state_interval: Duration::from_millis(args.state_interval_ms),
         lease_session_timeout: Duration::from_millis(args.lease_session_timeout_ms),
         instance_id: args.instance_id,
+        transactions: args.transactions,
         partitions: args.kafka.partitions,
         replication: args.kafka.replication,
         metrics_addr,
