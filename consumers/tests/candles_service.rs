@@ -260,11 +260,16 @@ async fn a_state_topic_made_without_compaction_is_altered_to_compact() {
     )
     .await
     .expect("the broker alters the topic's configuration");
-    // Compacted, the topic's own retention kept.
-    assert_eq!(
-        topic_config(&brokers, &topic, "cleanup.policy").await.as_deref(),
-        Some("compact")
-    );
+    // Compacted, the topic's own retention kept. (The controller takes the
+    // change; a broker describes it once its metadata caught up.)
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while topic_config(&brokers, &topic, "cleanup.policy").await.as_deref() != Some("compact") {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{topic} is not compacted after 30 s"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     assert_eq!(
         topic_config(&brokers, &topic, "retention.ms").await.as_deref(),
         Some("86400000")
