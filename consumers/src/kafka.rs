@@ -59,8 +59,8 @@ pub fn record_consumer_lag(lag: &IntGaugeVec, statistics: &Statistics) {
 }
 
 /// Why a written position cannot be right, if it cannot: it is above `end`,
-/// the partition's end as the broker's fetch responses report it (ListOffsets
-/// is not asked: some Kafka-protocol brokers, tansu, answer it short). Nothing
+/// the partition's end as the broker's fetch responses report it (no request
+/// of its own: the end the consumer reads to). Nothing
 /// can have been written there, so the topic was deleted and recreated, or the
 /// reader now reads another cluster; reading on from the position would skip
 /// the partition's records in silence.

@@ -212,8 +212,8 @@ pub struct ConfigMismatch {
 }
 
 /// Creates the given entity topics (with `prefix`) if they do not exist yet.
-/// Brokers such as tansu do not auto-create topics, so every service calls this
-/// at start.
+/// Brokers should not auto-create topics (ours do not: a typo would make one),
+/// so every service calls this at start.
 pub async fn ensure_topics(
     brokers: &str,
     prefix: &str,

@@ -10,8 +10,8 @@ use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 
 /// Every record of `topic` up to its current end, as (key, payload). The end
-/// is where each partition reports EOF: tansu's ListOffsets (watermarks) can
-/// report less than the log holds.
+/// is where each partition reports EOF, so a compacted topic reads as what it
+/// still holds.
 pub fn read_topic(brokers: &str, topic: &str) -> Vec<(Vec<u8>, Vec<u8>)> {
     let consumer: BaseConsumer = reader_config(brokers).create().expect("consumer");
     read_with(&consumer, topic)
