@@ -339,7 +339,7 @@ pub async fn run(config: ServiceConfig, shutdown: impl Future<Output = ()>) -> R
             addr,
             metrics.registry.clone(),
             ready.clone(),
-            "not ready: restoring the aggregation state",
+            "not ready: standing by for the lease, or restoring the aggregation state",
         )
         .await
         .map_err(ServiceError::Metrics)?;
