@@ -91,6 +91,41 @@ pub fn record_ends(ends: &Ends, statistics: &Statistics) {
     }
 }
 
+/// What a written position's check against its partition's end says.
+#[derive(Debug, PartialEq, Eq)]
+pub enum EndVerdict {
+    /// No end reported yet: ask again later.
+    Unknown,
+    /// At or below the end.
+    Fine,
+    /// Above the end for the first time: judged again on a later report.
+    Again,
+    /// Above the end twice: the reason (see [`position_above_end`]).
+    Refuse(String),
+}
+
+/// Judges the written position `next` of `tp` against the end `ends` holds.
+/// A new leader can report an end below what its predecessor served for a
+/// moment after a failover (its high watermark catches up with its
+/// followers' next fetch), so a position above the end is refused only when
+/// a later report says so again: the first time (`above_before` false) the
+/// end is taken out of `ends`, and the next verdict waits for a new report
+/// (the statistics come every `STATISTICS_INTERVAL_MS`).
+pub fn judge_position(ends: &Ends, tp: &(String, i32), next: i64, above_before: bool) -> EndVerdict {
+    let mut ends = ends.lock().unwrap_or_else(|p| p.into_inner());
+    let Some(&end) = ends.get(tp) else {
+        return EndVerdict::Unknown;
+    };
+    match position_above_end(next, end) {
+        None => EndVerdict::Fine,
+        Some(_) if !above_before => {
+            ends.remove(tp);
+            EndVerdict::Again
+        }
+        Some(why) => EndVerdict::Refuse(why),
+    }
+}
+
 /// Produces records and waits until the broker acknowledged every one. All are
 /// enqueued first, so that librdkafka batches them, then awaited.
 pub async fn send_all(producer: &FutureProducer, records: Vec<(String, String, Vec<u8>)>) -> Result<(), KafkaError> {
@@ -192,4 +227,32 @@ pub async fn send_letters(producer: &FutureProducer, letters: &[LetterRecord]) -
         }),
     )
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_position_above_the_end_is_refused_only_when_a_later_report_agrees() {
+        let ends = Ends::default();
+        let tp = ("trades".to_owned(), 0);
+        assert_eq!(judge_position(&ends, &tp, 100, false), EndVerdict::Unknown);
+        ends.lock().unwrap().insert(tp.clone(), 100);
+        assert_eq!(judge_position(&ends, &tp, 100, false), EndVerdict::Fine);
+        // A new leader's end, low for a moment: judged again on the next report.
+        ends.lock().unwrap().insert(tp.clone(), 90);
+        assert_eq!(judge_position(&ends, &tp, 100, false), EndVerdict::Again);
+        assert_eq!(judge_position(&ends, &tp, 100, true), EndVerdict::Unknown);
+        ends.lock().unwrap().insert(tp.clone(), 120);
+        assert_eq!(judge_position(&ends, &tp, 100, true), EndVerdict::Fine);
+        // Above twice: refused, with the reason.
+        ends.lock().unwrap().insert(tp.clone(), 90);
+        assert_eq!(judge_position(&ends, &tp, 100, false), EndVerdict::Again);
+        ends.lock().unwrap().insert(tp.clone(), 90);
+        match judge_position(&ends, &tp, 100, true) {
+            EndVerdict::Refuse(why) => assert!(why.contains("100") && why.contains("90"), "{why}"),
+            other => panic!("{other:?}"),
+        }
+    }
 }

@@ -3,8 +3,9 @@
 //! assigned partition where the sink's writes stand.
 //!
 //! A written position above its partition's end (the topic was recreated or
-//! the cluster changed) cannot be right: once the first fetch response gives
-//! the end, that partition is paused, an error says how to re-baseline it,
+//! the cluster changed) cannot be right: once two statistics reports in a row
+//! give an end below it (one could come from a new leader catching up), that
+//! partition is paused, an error says how to re-baseline it,
 //! and a gauge counts it, while the other partitions go on. (A position below
 //! the partition's start, records deleted by retention before they were
 //! written, shows as an offset gap.)
@@ -34,7 +35,7 @@ use tokio::sync::mpsc;
 
 use crate::decode::{decode_item, learn_schema, Item};
 use crate::kafka::{consumer_config, consumer_lag_gauge, record_consumer_lag, STATISTICS_INTERVAL_MS};
-use crate::kafka::{position_above_end, record_ends, Ends};
+use crate::kafka::{judge_position, record_ends, EndVerdict, Ends};
 
 pub(crate) fn must<T>(r: prometheus::Result<T>) -> T {
     r.unwrap_or_else(|e| panic!("metric definition: {e}"))
@@ -219,6 +220,9 @@ struct Position {
     written_below: Option<i64>,
     /// `written_below` is still to be checked against the partition's end.
     unchecked: bool,
+    /// A report put the end below `written_below` once (see
+    /// `kafka::judge_position`).
+    above_once: bool,
     /// The written position cannot be right: the partition is paused and
     /// nothing of it is handed to the writer.
     refused: bool,
@@ -312,6 +316,7 @@ impl ConsumerContext for SinkContext {
                                 expect: Some(from),
                                 written_below: Some(*next),
                                 unchecked: true,
+                                above_once: false,
                                 refused: false,
                             };
                             self.unchecked.store(true, Ordering::Release);
@@ -356,19 +361,31 @@ fn check_ends(
     settings: &ConsumerSettings,
     metrics: &SinkMetrics,
 ) -> bool {
-    let ends = ends.lock().unwrap_or_else(|p| p.into_inner()).clone();
     let mut positions = positions.lock().unwrap_or_else(|p| p.into_inner());
     let mut pause = TopicPartitionList::new();
     let mut still = false;
     for ((topic, partition), p) in positions.iter_mut().filter(|(_, p)| p.unchecked) {
-        let Some(&end) = ends.get(&(topic.clone(), *partition)) else {
-            still = true;
+        let Some(next) = p.written_below else {
+            p.unchecked = false;
             continue;
+        };
+        let why = match judge_position(ends, &(topic.clone(), *partition), next, p.above_once) {
+            EndVerdict::Unknown => {
+                still = true;
+                continue;
+            }
+            EndVerdict::Again => {
+                p.above_once = true;
+                still = true;
+                continue;
+            }
+            EndVerdict::Fine => {
+                p.unchecked = false;
+                continue;
+            }
+            EndVerdict::Refuse(why) => why,
         };
         p.unchecked = false;
-        let Some(why) = p.written_below.and_then(|next| position_above_end(next, end)) else {
-            continue;
-        };
         p.refused = true;
         tracing::error!(
             component = settings.component,

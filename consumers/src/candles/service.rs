@@ -43,8 +43,8 @@ use super::aggregate::{CandleBuilder, CandleConfig, Output};
 use super::lease::Lease;
 use super::state::{self, Generation, Stored};
 use crate::kafka::{
-    consumer_config, consumer_lag_gauge, letter_records, position_above_end, record_consumer_lag, record_ends,
-    send_all, send_each, send_letters, Ends, STATISTICS_INTERVAL_MS,
+    consumer_config, consumer_lag_gauge, judge_position, letter_records, record_consumer_lag, record_ends, send_all,
+    send_each, send_letters, EndVerdict, Ends, STATISTICS_INTERVAL_MS,
 };
 
 /// Everything the service needs.
@@ -413,10 +413,10 @@ pub async fn run(config: ServiceConfig, shutdown: impl Future<Output = ()>) -> R
         builders.insert(p.id(), builder);
     }
     consumer.assign(&tpl)?;
-    // Restored positions still to be checked against their partition's end,
-    // and the partitions refused because theirs lies above it.
-    let mut unchecked: HashSet<i32> = positions.keys().copied().collect();
-    let mut refused: HashSet<i32> = HashSet::new();
+    let mut checks = EndChecks {
+        unchecked: positions.keys().copied().collect(),
+        ..EndChecks::default()
+    };
     ready.store(true, std::sync::atomic::Ordering::Relaxed);
     tracing::info!(
         partitions = builders.len(),
@@ -462,17 +462,9 @@ pub async fn run(config: ServiceConfig, shutdown: impl Future<Output = ()>) -> R
         let mut next_offsets: HashMap<i32, i64> = HashMap::new();
         let mut dead: Vec<DeadLetter> = Vec::new();
         let deadline = tokio::time::Instant::now() + config.batch_wait;
-        if !unchecked.is_empty() {
-            check_ends(
-                &consumer,
-                &config,
-                &trades_topic,
-                &positions,
-                &ends,
-                &mut unchecked,
-                &mut refused,
-            );
-            metrics.refused.set(refused.len() as i64);
+        if !checks.unchecked.is_empty() {
+            check_ends(&consumer, &config, &trades_topic, &positions, &ends, &mut checks);
+            metrics.refused.set(checks.refused.len() as i64);
         }
         // One clock reading per batch: a batch lasts at most `batch_wait`.
         let rules = Rules::at(now_micros());
@@ -484,7 +476,7 @@ pub async fn run(config: ServiceConfig, shutdown: impl Future<Output = ()>) -> R
                 msg = consumer.recv() => {
                     let msg = msg?;
                     let partition = msg.partition();
-                    if refused.contains(&partition) {
+                    if checks.refused.contains(&partition) {
                         continue;
                     }
                     let position = positions.entry(partition).or_insert(0);
@@ -746,6 +738,16 @@ impl Transactions {
     }
 }
 
+/// Restored positions still to be checked against their partition's end,
+/// those a report put above it once (judged again on the next), and the
+/// partitions refused because theirs lies above it.
+#[derive(Default)]
+struct EndChecks {
+    unchecked: HashSet<i32>,
+    above_once: HashSet<i32>,
+    refused: HashSet<i32>,
+}
+
 /// Checks the restored positions in `unchecked` against their partitions'
 /// ends, once the statistics report the end a fetch response gave; pauses
 /// each partition whose position lies above it and adds it to `refused`.
@@ -755,16 +757,20 @@ fn check_ends(
     topic: &str,
     positions: &HashMap<i32, i64>,
     ends: &Ends,
-    unchecked: &mut HashSet<i32>,
-    refused: &mut HashSet<i32>,
+    checks: &mut EndChecks,
 ) {
-    let ends = ends.lock().unwrap_or_else(|p| p.into_inner()).clone();
     let mut pause = TopicPartitionList::new();
+    let EndChecks {
+        unchecked,
+        above_once,
+        refused,
+    } = checks;
     unchecked.retain(|p| {
-        let Some(&end) = ends.get(&(topic.to_owned(), *p)) else {
-            return true;
+        let Some(&next) = positions.get(p) else {
+            return false;
         };
-        if let Some(why) = positions.get(p).and_then(|next| position_above_end(*next, end)) {
+        let verdict = judge_position(ends, &(topic.to_owned(), *p), next, above_once.contains(p));
+        if let EndVerdict::Refuse(why) = verdict {
             tracing::error!(
                 partition = p,
                 "candles: {topic}[{p}]: {why}. This partition is not read until the position is fixed. To start \
@@ -774,8 +780,16 @@ fn check_ends(
             );
             refused.insert(*p);
             let _ = pause.add_partition_offset(topic, *p, Offset::Invalid);
+            return false;
         }
-        false
+        match verdict {
+            EndVerdict::Unknown => true,
+            EndVerdict::Again => {
+                above_once.insert(*p);
+                true
+            }
+            _ => false,
+        }
     });
     if pause.count() > 0 {
         if let Err(e) = consumer.pause(&pause) {
