@@ -4,7 +4,7 @@
 //! one process, so that a test can kill -9 a node and bring it back.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -254,16 +254,6 @@ impl KafkaCluster {
         let before = self.starts(i);
         self.spawn(i);
         self.wait_serving(i, before);
-    }
-
-    /// The nodes' ids.
-    pub fn ids(&self) -> Vec<u32> {
-        self.nodes.iter().map(|n| n.id).collect()
-    }
-
-    /// The folder of the cluster's logs and data.
-    pub fn dir(&self) -> &Path {
-        &self.dir
     }
 }
 
