@@ -729,6 +729,15 @@ async fn readyz(addr: SocketAddr) -> u16 {
     }
 }
 
+/// Polls `/readyz` until it answers `status`, or fails after `secs` saying `what`.
+async fn wait_readyz(addr: SocketAddr, status: u16, secs: u64, what: &str) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+    while readyz(addr).await != status {
+        assert!(tokio::time::Instant::now() < deadline, "not so after {secs} s: {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// `tickpipe_candles_trades_in_total` of an instance, 0 until it answers.
 async fn trades_in(addr: SocketAddr) -> u64 {
     stack::scrape(addr)
@@ -749,14 +758,7 @@ async fn a_standby_takes_over_when_the_active_instance_dies() {
     publish_trades(&brokers, &prefix, &trades[..half]).await;
     let (at_a, at_b) = (stack::free_loopback_addr(), stack::free_loopback_addr());
     let mut a = spawn_instance(&prefix, Some(at_a), "a", false);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    while readyz(at_a).await != 200 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the first instance is not ready after 60 s"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_readyz(at_a, 200, 60, "the first instance is ready").await;
     let b = spawn_instance(&prefix, Some(at_b), "b", false);
     let mut reader = CandleReader::new(&brokers, &prefix);
     let first = self::expected(&trades[..half]).len();
@@ -764,14 +766,7 @@ async fn a_standby_takes_over_when_the_active_instance_dies() {
         .read_until(120, "the first half's candles", |r| r.latest.len() >= first)
         .await;
     // The second stands by: serving its endpoints, not ready, reading nothing.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while readyz(at_b).await != 503 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the standby does not answer /readyz"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_readyz(at_b, 503, 30, "the standby answers /readyz, not ready").await;
     assert_eq!(trades_in(at_b).await, 0, "a standby reads no trade");
     assert!(trades_in(at_a).await > 0);
 

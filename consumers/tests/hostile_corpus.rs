@@ -48,12 +48,6 @@ impl Drop for Service {
     }
 }
 
-/// The binaries built next to this test's: the consumers' own, and the
-/// producer's (`cargo test --workspace`, which `make test` runs, builds it).
-fn binary(name: &str) -> PathBuf {
-    stack::workspace_binary(name)
-}
-
 struct Setup {
     prefix: String,
     url: String,
@@ -65,7 +59,7 @@ impl Setup {
         let metrics = stack::free_loopback_addr();
         let log = std::env::temp_dir().join(format!("{}.log", stack::unique_name(name)));
         let log = std::fs::File::create(log).expect("log file");
-        let mut cmd = Command::new(binary(name));
+        let mut cmd = Command::new(stack::workspace_binary(name));
         cmd.env("TICKPIPE_KAFKA_BROKERS", stack::kafka_brokers())
             .env("TICKPIPE_TOPIC_PREFIX", &self.prefix)
             .env("RUST_LOG", "warn")
@@ -642,7 +636,7 @@ async fn a_hostile_corpus_under_sigkill_loses_nothing_duplicates_nothing_and_let
     // Then the producer replays the last REPLAYED trades (the newest of each
     // symbol, so none is late), with its own bad lines.
     let (capture, replay_bad) = replay_file(&trades[PUBLISHED..]);
-    let replay = Command::new(binary("producer"))
+    let replay = Command::new(stack::workspace_binary("producer"))
         .args(["replay", "--venue", "binance"])
         .arg(&capture)
         .env("TICKPIPE_KAFKA_BROKERS", &brokers)

@@ -28,6 +28,8 @@ struct LeaseContext {
     topic: String,
     held: Arc<AtomicBool>,
     lost: Arc<AtomicBool>,
+    /// This instance is leaving: the revocation it causes is no loss.
+    leaving: Arc<AtomicBool>,
 }
 
 impl ClientContext for LeaseContext {}
@@ -39,10 +41,11 @@ impl ConsumerContext for LeaseContext {
                 self.held.store(true, Ordering::Release);
                 tracing::info!(topic = self.topic, "candles: this instance holds the lease");
             }
-            // Held until now: lost (a stop's own revocation comes after the
-            // service stopped looking).
+            // Held until now, and not given up by this instance: lost.
             Rebalance::Revoke(tpl)
-                if !tpl.elements_for_topic(&self.topic).is_empty() && self.held.swap(false, Ordering::AcqRel) =>
+                if !tpl.elements_for_topic(&self.topic).is_empty()
+                    && self.held.swap(false, Ordering::AcqRel)
+                    && !self.leaving.load(Ordering::Acquire) =>
             {
                 self.lost.store(true, Ordering::Release);
                 tracing::warn!(topic = self.topic, "candles: this instance no longer holds the lease");
@@ -83,6 +86,7 @@ impl Lease {
             topic: topic.to_owned(),
             held: held.clone(),
             lost: lost.clone(),
+            leaving: stop.clone(),
         })?;
         consumer.subscribe(&[topic])?;
         let stopping = stop.clone();
