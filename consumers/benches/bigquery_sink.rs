@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use tickpipe_consumers::bq::client::{Auth, BigQuery, Endpoint};
 use tickpipe_consumers::bq::schema::DecimalColumns;
 use tickpipe_consumers::bq::sink::{run, BqSinkConfig};
-use tickpipe_producer::kafka::ensure_topics;
+use tickpipe_kafka::ensure_topics;
 use tickpipe_schemas::Topic;
 use tickpipe_testkit::{real, stack};
 

@@ -17,8 +17,8 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::Message;
 use tickpipe_consumers::candles::service::{run, ServiceConfig};
 use tickpipe_consumers::candles::{CandleBuilder, CandleConfig, Output};
-use tickpipe_consumers::kafka::consumer_config;
-use tickpipe_producer::kafka::{ensure_topics, producer_config};
+use tickpipe_kafka::consumer_config;
+use tickpipe_kafka::{ensure_topics, producer_config};
 use tickpipe_schemas::{Candle, Codec, Record, Topic, Trade, WriteFraming};
 use tickpipe_testkit::{real, stack};
 

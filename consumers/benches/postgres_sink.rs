@@ -12,7 +12,7 @@ use std::io::Write;
 use std::process::Command;
 use std::time::Instant;
 
-use tickpipe_producer::kafka::ensure_topics;
+use tickpipe_kafka::ensure_topics;
 use tickpipe_schemas::{Record, Topic, Trade};
 use tickpipe_testkit::{real, stack};
 use tokio_postgres::NoTls;

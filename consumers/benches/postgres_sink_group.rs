@@ -6,7 +6,7 @@
 //! exactly-once path. Prints rows/s and the ratio against one instance,
 //! measured in the same run.
 
-use tickpipe_producer::kafka::ensure_topics;
+use tickpipe_kafka::ensure_topics;
 use tickpipe_schemas::Topic;
 use tickpipe_testkit::cluster::KafkaCluster;
 use tickpipe_testkit::{real, stack};

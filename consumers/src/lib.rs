@@ -5,7 +5,6 @@ pub mod args;
 pub mod bq;
 pub mod candles;
 pub mod decode;
-pub mod kafka;
 pub use tickpipe_ops as ops;
 pub mod pg;
 pub mod sink;

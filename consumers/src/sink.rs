@@ -26,16 +26,16 @@ use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
 use rdkafka::types::RDKafkaRespErr;
 use rdkafka::util::Timeout;
 use rdkafka::{ClientContext, Message, Offset, Statistics, TopicPartitionList};
+use tickpipe_kafka::{ensure_topic_names, TopicError};
 use tickpipe_ops::now_micros;
-use tickpipe_producer::kafka::{ensure_topic_names, TopicError};
 use tickpipe_schemas::registry::{RegistryClient, RegistryConfig, RegistryError};
 use tickpipe_schemas::validate::Rules;
 use tickpipe_schemas::{Codec, Topic, WriteFraming};
 use tokio::sync::mpsc;
 
 use crate::decode::{decode_item, learn_schema, Item};
-use crate::kafka::{consumer_config, consumer_lag_gauge, record_consumer_lag, STATISTICS_INTERVAL_MS};
-use crate::kafka::{judge_position, record_ends, EndVerdict, Ends};
+use tickpipe_kafka::{consumer_config, consumer_lag_gauge, record_consumer_lag, STATISTICS_INTERVAL_MS};
+use tickpipe_kafka::{judge_position, record_ends, EndVerdict, Ends};
 
 pub(crate) fn must<T>(r: prometheus::Result<T>) -> T {
     r.unwrap_or_else(|e| panic!("metric definition: {e}"))

@@ -13,7 +13,7 @@ use serde_json::json;
 use tickpipe_consumers::bq::client::{Auth, BigQuery, Endpoint};
 use tickpipe_consumers::bq::schema::{table_spec, DecimalColumns, LATEST_CANDLES};
 use tickpipe_consumers::bq::sink::{prepare_tables, run, BqSinkConfig};
-use tickpipe_producer::kafka::{ensure_topics, producer_config};
+use tickpipe_kafka::{ensure_topics, producer_config};
 use tickpipe_schemas::{Candle, CandleOrigin, Codec, DeadLetter, Decimal, Record, Source, Topic, Trade, WriteFraming};
 use tickpipe_testkit::{real, stack};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};

@@ -17,7 +17,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use tickpipe_consumers::bq::client::{Auth, BigQuery, Endpoint};
 use tickpipe_consumers::candles::{CandleBuilder, CandleConfig, Output};
 use tickpipe_consumers::ops::now_micros;
-use tickpipe_producer::kafka::{ensure_topics, producer_config};
+use tickpipe_kafka::{ensure_topics, producer_config};
 use tickpipe_schemas::decimal::put_unscaled;
 use tickpipe_schemas::field::AvroField;
 use tickpipe_schemas::{

@@ -22,8 +22,8 @@ use tickpipe_consumers::bq::sink::BqSinkConfig;
 use tickpipe_consumers::candles::aggregate::CandleConfig;
 use tickpipe_consumers::candles::service::ServiceConfig;
 use tickpipe_consumers::pg::sink::SinkConfig;
+use tickpipe_kafka::ensure_topics;
 use tickpipe_producer::config::Config;
-use tickpipe_producer::kafka::ensure_topics;
 use tickpipe_producer::metrics::Metrics;
 use tickpipe_schemas::Topic;
 use tickpipe_testkit::stack;
@@ -331,9 +331,7 @@ async fn the_services_export_exactly_the_metrics_contract() {
 }
 
 fn producer_config_for(brokers: &str) -> FutureProducer {
-    tickpipe_producer::kafka::producer_config(brokers)
-        .create()
-        .expect("producer")
+    tickpipe_kafka::producer_config(brokers).create().expect("producer")
 }
 
 /// Every PromQL expression of the alert rules and the dashboards.

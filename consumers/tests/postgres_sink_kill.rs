@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use rand::{Rng, SeedableRng};
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use tickpipe_producer::kafka::{ensure_topics, producer_config};
+use tickpipe_kafka::{ensure_topics, producer_config};
 use tickpipe_schemas::{Codec, Record, Topic, Trade, WriteFraming};
 use tickpipe_testkit::{real, stack};
 use tokio_postgres::{Client, NoTls};

@@ -8,10 +8,10 @@
 use std::time::Duration;
 
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use tickpipe_consumers::kafka::position_above_end;
 use tickpipe_consumers::ops::now_micros;
 use tickpipe_consumers::pg::sink::{rebaseline, run, SinkConfig};
-use tickpipe_producer::kafka::{ensure_topics, producer_config};
+use tickpipe_kafka::position_above_end;
+use tickpipe_kafka::{ensure_topics, producer_config};
 use tickpipe_schemas::{Codec, Decimal, Source, Topic, Trade, TradeKind, WriteFraming};
 use tickpipe_testkit::stack;
 use tickpipe_testkit::stack::{wait_count, wait_metric};

@@ -9,7 +9,7 @@ use std::time::Duration;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use tickpipe_consumers::ops::now_micros;
 use tickpipe_consumers::pg::sink::{run, SinkConfig};
-use tickpipe_producer::kafka::{ensure_topics, producer_config};
+use tickpipe_kafka::{ensure_topics, producer_config};
 use tickpipe_schemas::{Codec, Record, Topic, WriteFraming};
 use tickpipe_testkit::stack::ScratchPostgres;
 use tickpipe_testkit::{real, stack};

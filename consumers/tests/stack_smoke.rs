@@ -10,8 +10,8 @@ use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::Message;
 use serde_json::{json, Value};
-use tickpipe_consumers::kafka::consumer_config;
-use tickpipe_producer::kafka::{ensure_topics, producer_config};
+use tickpipe_kafka::consumer_config;
+use tickpipe_kafka::{ensure_topics, producer_config};
 use tickpipe_schemas::{Codec, Decimal, Record, Source, Topic, Trade, TradeKind, WriteFraming};
 use tickpipe_testkit::stack;
 

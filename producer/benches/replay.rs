@@ -14,7 +14,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
-use tickpipe_producer::kafka::{ensure_topics, producer_config};
+use tickpipe_kafka::{ensure_topics, producer_config};
 use tickpipe_schemas::{Codec, Record, Topic, Trade, WriteFraming};
 use tickpipe_testkit::{real, stack};
 

@@ -6,11 +6,10 @@
 //! - [`item`]: what sources emit (a record or a reject) and the exact-decimal helpers.
 //! - [`publish`]: encoding and the bounded, backpressured Kafka enqueue.
 //! - [`service`]: topics, registry, endpoint, sources, shutdown.
-//! - [`config`], [`metrics`], [`kafka`].
+//! - [`config`], [`metrics`]; Kafka itself is `tickpipe_kafka`.
 
 pub mod config;
 pub mod item;
-pub mod kafka;
 pub mod metrics;
 pub mod publish;
 pub mod service;

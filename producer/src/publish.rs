@@ -237,7 +237,7 @@ impl Publisher {
         let names: Vec<String> = Topic::ALL.iter().map(|t| t.name(&config.topic_prefix)).collect();
         {
             let (weak, topic) = (Arc::downgrade(&producer), names[topic_index(Topic::Trades)].clone());
-            crate::kafka::warm_up(move || {
+            tickpipe_kafka::warm_up(move || {
                 let Some(producer) = weak.upgrade() else { return false };
                 if let Err(e) = producer.client().fetch_metadata(Some(&topic), Duration::from_secs(2)) {
                     tracing::debug!(error = %e, "metadata at start");

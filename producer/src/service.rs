@@ -11,11 +11,11 @@ use tickpipe_schemas::registry::{RegistryClient, RegistryConfig};
 use tickpipe_schemas::{Codec, Topic, WriteFraming};
 
 use crate::config::Config;
-use crate::kafka::{ensure_topics, producer_config_tuned};
 use crate::metrics::Metrics;
 use crate::publish::{Publisher, PublisherConfig};
 use crate::sources::binance::backfill::{self, BackfillJob};
 use crate::sources::{self, stop_pair, SourceError};
+use tickpipe_kafka::{ensure_topics, producer_config_tuned};
 
 /// Why the service could not run.
 #[derive(Debug, thiserror::Error)]

@@ -4,9 +4,9 @@
 use std::time::{Duration, Instant};
 
 use rdkafka::producer::FutureProducer;
-use tickpipe_consumers::kafka::send_all;
 use tickpipe_consumers::pg::sink::{run, SinkConfig};
-use tickpipe_producer::kafka::producer_config;
+use tickpipe_kafka::producer_config;
+use tickpipe_kafka::send_all;
 use tickpipe_schemas::{Codec, Record, Topic, Trade, WriteFraming};
 use tickpipe_testkit::stack;
 use tokio_postgres::NoTls;

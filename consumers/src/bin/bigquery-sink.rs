@@ -16,7 +16,7 @@ use tickpipe_consumers::ops::{self, KafkaArgs};
 /// Writes every entity topic into BigQuery: an append-only table per entity,
 /// partitioned by event day, and a view with one row per Kafka record.
 #[derive(Debug, Parser)]
-#[command(version, after_help = tickpipe_producer::kafka::PROPERTIES_HELP)]
+#[command(version, after_help = tickpipe_kafka::PROPERTIES_HELP)]
 struct Args {
     #[command(flatten)]
     config: ConfigArg,

@@ -12,7 +12,7 @@ use tickpipe_consumers::ops::{self, KafkaArgs};
 
 /// Builds OHLCV candles from trades in event time and publishes them.
 #[derive(Debug, Parser)]
-#[command(version, after_help = tickpipe_producer::kafka::PROPERTIES_HELP)]
+#[command(version, after_help = tickpipe_kafka::PROPERTIES_HELP)]
 struct Args {
     #[command(flatten)]
     config: ConfigArg,

@@ -12,7 +12,7 @@ use tickpipe_consumers::pg::sink::{rebaseline, run, SinkConfig};
 /// Writes every entity topic into PostgreSQL: current state, SCD2 asset
 /// history, append tables and dead letters, exactly once per Kafka offset.
 #[derive(Debug, Parser)]
-#[command(version, after_help = tickpipe_producer::kafka::PROPERTIES_HELP)]
+#[command(version, after_help = tickpipe_kafka::PROPERTIES_HELP)]
 struct Args {
     #[command(flatten)]
     config: ConfigArg,

@@ -27,8 +27,8 @@ use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry};
 use rdkafka::producer::FutureProducer;
 use rdkafka::{Offset, TopicPartitionList};
 use serde_json::json;
+use tickpipe_kafka::{future_producer, TopicError};
 use tickpipe_ops::now_micros;
-use tickpipe_producer::kafka::{future_producer, TopicError};
 use tickpipe_schemas::registry::RegistryConfig;
 use tickpipe_schemas::{Codec, Source, Topic, WriteFraming};
 use tokio::sync::mpsc;
@@ -41,8 +41,8 @@ use super::schema::{
 };
 use super::COMPONENT;
 use crate::decode::{reject_letter, Body, Item, Reject};
-use crate::kafka::{letter_records, send_letters};
 use crate::sink::{must, sink_topics, spawn_consumer, ConsumeError, ConsumerSettings, Resume, SinkMetrics};
+use tickpipe_kafka::{letter_records, send_letters};
 
 /// Everything the sink needs.
 #[derive(Debug, Clone)]

@@ -22,7 +22,7 @@ use std::time::Duration;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
 use rdkafka::ClientContext;
 
-use crate::kafka::consumer_config;
+use tickpipe_kafka::consumer_config;
 
 struct LeaseContext {
     topic: String,

@@ -33,16 +33,14 @@ use rdkafka::error::KafkaError;
 use rdkafka::producer::Producer;
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{ClientContext, Message, Offset, Statistics, TopicPartitionList};
-use tickpipe_producer::kafka::{
-    ensure_topic_names, ensure_topics_configured, future_producer, producer_config, TopicError,
-};
+use tickpipe_kafka::{ensure_topic_names, ensure_topics_configured, future_producer, producer_config, TopicError};
 use tickpipe_schemas::validate::Rules;
 use tickpipe_schemas::{Codec, DeadLetter, Record, Source, Topic, Trade, WriteFraming};
 
 use super::aggregate::{CandleBuilder, CandleConfig, Output};
 use super::lease::Lease;
 use super::state::{self, Generation, Stored};
-use crate::kafka::{
+use tickpipe_kafka::{
     consumer_config, consumer_lag_gauge, judge_position, letter_records, record_consumer_lag, record_ends, send_all,
     send_each, send_letters, EndVerdict, Ends, STATISTICS_INTERVAL_MS,
 };

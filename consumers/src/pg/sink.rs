@@ -32,7 +32,7 @@ use rdkafka::{Offset, TopicPartitionList};
 use tickpipe_ops::now_micros;
 use tokio::sync::mpsc;
 
-use tickpipe_producer::kafka::{future_producer, TopicError};
+use tickpipe_kafka::{future_producer, TopicError};
 use tickpipe_schemas::registry::{RegistryConfig, RegistryError};
 use tickpipe_schemas::{Codec, DeadLetter, Source, Topic, WriteFraming};
 
@@ -40,8 +40,8 @@ use super::migrate::{migrate, MigrateError};
 use super::rows::{reject_letter, write_items, Body, Item, Reject};
 use super::tls;
 use super::COMPONENT;
-use crate::kafka::{letter_records, send_letters};
 use crate::sink::{sink_topics, spawn_consumer, ConsumeError, ConsumerSettings, Resume, SinkMetrics};
+use tickpipe_kafka::{letter_records, send_letters};
 
 /// Everything the sink needs.
 #[derive(Debug, Clone)]

@@ -20,7 +20,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 /// Settings come from built-in defaults, then the TOML file given by --config,
 /// then environment variables, then flags.
 #[derive(Debug, Parser)]
-#[command(version, after_help = tickpipe_producer::kafka::PROPERTIES_HELP)]
+#[command(version, after_help = tickpipe_kafka::PROPERTIES_HELP)]
 struct Cli {
     #[command(flatten)]
     common: Common,

@@ -1,15 +1,12 @@
-//! Kafka settings shared by the consumers.
-
-use std::time::Duration;
+//! Consuming: the settings of a consumer whose offsets follow its output,
+//! the lag gauge, and the check of a written position against the
+//! partition's end.
 
 use prometheus::{IntGaugeVec, Opts};
 use rdkafka::config::ClientConfig;
-use rdkafka::error::KafkaError;
-use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::Statistics;
-use tickpipe_producer::kafka::{client_config, default_to, require};
-use tickpipe_schemas::{Codec, DeadLetter, EncodeError, Record};
+
+use crate::client::{client_config, default_to, require};
 
 /// Settings for a consumer whose offsets move only after its output is durable:
 /// no automatic commit and no automatic offset store (the sink stores offsets
@@ -124,109 +121,6 @@ pub fn judge_position(ends: &Ends, tp: &(String, i32), next: i64, above_before: 
         }
         Some(why) => EndVerdict::Refuse(why),
     }
-}
-
-/// Produces records and waits until the broker acknowledged every one. All are
-/// enqueued first, so that librdkafka batches them, then awaited.
-pub async fn send_all(producer: &FutureProducer, records: Vec<(String, String, Vec<u8>)>) -> Result<(), KafkaError> {
-    send_each(
-        producer,
-        records
-            .iter()
-            .map(|(t, k, v)| (t.as_str(), k.as_str(), Some(v.as_slice()), &[][..])),
-    )
-    .await
-}
-
-/// A record's headers, as (name, value).
-pub type Headers = [(&'static str, String)];
-
-/// [`send_all`] for records that may be tombstones (no value) or carry headers.
-pub async fn send_each<'a>(
-    producer: &FutureProducer,
-    records: impl Iterator<Item = (&'a str, &'a str, Option<&'a [u8]>, &'a Headers)>,
-) -> Result<(), KafkaError> {
-    let mut deliveries = Vec::new();
-    for (topic, key, value, headers) in records {
-        let mut record = FutureRecord::to(topic).key(key);
-        if let Some(v) = value {
-            record = record.payload(v);
-        }
-        if !headers.is_empty() {
-            let owned = headers
-                .iter()
-                .fold(OwnedHeaders::new_with_capacity(headers.len()), |h, (k, v)| {
-                    h.insert(Header {
-                        key: k,
-                        value: Some(v.as_bytes()),
-                    })
-                });
-            record = record.headers(owned);
-        }
-        loop {
-            match producer.send_result(record) {
-                Ok(delivery) => {
-                    deliveries.push(delivery);
-                    break;
-                }
-                // The local queue is full: let deliveries drain, then retry.
-                Err((KafkaError::MessageProduction(rdkafka::types::RDKafkaErrorCode::QueueFull), r)) => {
-                    record = r;
-                    tokio::time::sleep(Duration::from_millis(1)).await;
-                }
-                Err((e, _)) => return Err(e),
-            }
-        }
-    }
-    for d in deliveries {
-        match d.await {
-            Ok(Ok(_)) => {}
-            Ok(Err((e, _))) => return Err(e),
-            Err(_) => return Err(KafkaError::Canceled),
-        }
-    }
-    Ok(())
-}
-
-/// A dead letter ready to publish: encoded, keyed, with the Kafka Connect
-/// headers (`DeadLetter::connect_headers`).
-#[derive(Debug, Clone)]
-pub struct LetterRecord {
-    pub topic: String,
-    pub key: String,
-    pub value: Vec<u8>,
-    pub headers: Vec<(&'static str, String)>,
-}
-
-/// Dead letters as records for [`send_letters`], bound for `topic`.
-pub fn letter_records(topic: &str, codec: &Codec, letters: &[DeadLetter]) -> Result<Vec<LetterRecord>, EncodeError> {
-    letters
-        .iter()
-        .map(|l| {
-            Ok(LetterRecord {
-                topic: topic.to_owned(),
-                key: l.key(),
-                value: codec.encode(l)?,
-                headers: l.connect_headers(),
-            })
-        })
-        .collect()
-}
-
-/// Publishes dead letters and waits until every one is acknowledged.
-pub async fn send_letters(producer: &FutureProducer, letters: &[LetterRecord]) -> Result<(), KafkaError> {
-    send_each(
-        producer,
-        letters.iter().map(|l| {
-            (
-                l.topic.as_str(),
-                l.key.as_str(),
-                Some(l.value.as_slice()),
-                l.headers.as_slice(),
-            )
-        }),
-    )
-    .await
 }
 
 #[cfg(test)]
