@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use tickpipe_consumers::bq::client::{Auth, BigQuery, Endpoint};
 use tickpipe_consumers::bq::schema::DecimalColumns;
 use tickpipe_consumers::bq::sink::{run, BqSinkConfig};
+use tickpipe_consumers::sink::SinkSettings;
 use tickpipe_kafka::ensure_topics;
 use tickpipe_schemas::Topic;
 use tickpipe_testkit::{real, stack};
@@ -62,23 +63,26 @@ async fn main() {
     };
     let dataset = stack::unique_name("bench_bq");
     let config = BqSinkConfig {
-        brokers: brokers.clone(),
-        topic_prefix: prefix.clone(),
-        topics: vec![Topic::Trades],
-        group: format!("{prefix}bq"),
+        sink: SinkSettings {
+            brokers: brokers.clone(),
+            topic_prefix: prefix.clone(),
+            topics: vec![Topic::Trades],
+            group: format!("{prefix}bq"),
+            batch_max: 10_000,
+            batch_wait: Duration::from_millis(200),
+            max_backoff: Duration::from_secs(1),
+            session_timeout: Duration::from_secs(10),
+            instance_id: None,
+            partitions: 3,
+            replication: 1,
+            metrics_addr: None,
+            registry: None,
+        },
         endpoint: endpoint.clone(),
         dataset: dataset.clone(),
         location: "US".into(),
         decimals: DecimalColumns::String,
-        batch_max: 10_000,
-        batch_wait: Duration::from_millis(200),
         request_rows: 500,
-        max_backoff: Duration::from_secs(1),
-        session_timeout: Duration::from_secs(10),
-        partitions: 3,
-        replication: 1,
-        metrics_addr: None,
-        registry: None,
     };
     let bq = BigQuery::connect(endpoint, None).await.expect("emulator up");
     let emulator = emulator_pid();

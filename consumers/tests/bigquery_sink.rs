@@ -11,8 +11,10 @@ use std::time::Duration;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde_json::json;
 use tickpipe_consumers::bq::client::{Auth, BigQuery, Endpoint};
+use tickpipe_consumers::bq::prepare_tables;
 use tickpipe_consumers::bq::schema::{table_spec, DecimalColumns, LATEST_CANDLES};
-use tickpipe_consumers::bq::sink::{prepare_tables, run, BqSinkConfig};
+use tickpipe_consumers::bq::sink::{run, BqSinkConfig};
+use tickpipe_consumers::sink::SinkSettings;
 use tickpipe_kafka::{ensure_topics, producer_config};
 use tickpipe_schemas::{Candle, CandleOrigin, Codec, DeadLetter, Decimal, Record, Source, Topic, Trade, WriteFraming};
 use tickpipe_testkit::{real, stack};
@@ -34,23 +36,26 @@ async fn client() -> BigQuery {
 
 fn config(prefix: &str, dataset: &str) -> BqSinkConfig {
     BqSinkConfig {
-        brokers: stack::kafka_brokers(),
-        topic_prefix: prefix.to_owned(),
-        topics: vec![Topic::Trades, Topic::DeadLetters],
-        group: format!("{prefix}bq"),
+        sink: SinkSettings {
+            brokers: stack::kafka_brokers(),
+            topic_prefix: prefix.to_owned(),
+            topics: vec![Topic::Trades, Topic::DeadLetters],
+            group: format!("{prefix}bq"),
+            batch_max: 5_000,
+            batch_wait: Duration::from_millis(200),
+            max_backoff: Duration::from_secs(1),
+            session_timeout: Duration::from_secs(6),
+            instance_id: None,
+            partitions: 3,
+            replication: 1,
+            metrics_addr: None,
+            registry: None,
+        },
         endpoint: emulator(),
         dataset: dataset.to_owned(),
         location: "US".into(),
         decimals: DecimalColumns::String,
-        batch_max: 5_000,
-        batch_wait: Duration::from_millis(200),
         request_rows: 500,
-        max_backoff: Duration::from_secs(1),
-        session_timeout: Duration::from_secs(6),
-        partitions: 3,
-        replication: 1,
-        metrics_addr: None,
-        registry: None,
     }
 }
 
@@ -350,7 +355,7 @@ async fn candles_latest_holds_the_newest_version_of_each_candle() {
     publish(&producer, &Topic::Candles.name(&prefix), &encoded(&codec, &versions)).await;
 
     let mut config = config(&prefix, &dataset);
-    config.topics = vec![Topic::Candles, Topic::DeadLetters];
+    config.sink.topics = vec![Topic::Candles, Topic::DeadLetters];
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let sink = tokio::spawn(run(config, async {
         let _ = stopped.await;

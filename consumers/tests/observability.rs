@@ -22,6 +22,7 @@ use tickpipe_consumers::bq::sink::BqSinkConfig;
 use tickpipe_consumers::candles::aggregate::CandleConfig;
 use tickpipe_consumers::candles::service::ServiceConfig;
 use tickpipe_consumers::pg::sink::SinkConfig;
+use tickpipe_consumers::sink::SinkSettings;
 use tickpipe_kafka::ensure_topics;
 use tickpipe_producer::config::Config;
 use tickpipe_producer::metrics::Metrics;
@@ -205,30 +206,43 @@ async fn the_services_export_exactly_the_metrics_contract() {
     ));
     let pg = tokio::spawn(tickpipe_consumers::pg::sink::run(
         SinkConfig {
-            brokers: brokers.clone(),
-            topic_prefix: prefix.clone(),
-            topics: Topic::ALL.to_vec(),
-            group: format!("{prefix}pg"),
+            sink: SinkSettings {
+                brokers: brokers.clone(),
+                topic_prefix: prefix.clone(),
+                topics: Topic::ALL.to_vec(),
+                group: format!("{prefix}pg"),
+                batch_max: 1000,
+                batch_wait: Duration::from_millis(100),
+                max_backoff: Duration::from_secs(1),
+                session_timeout: Duration::from_secs(6),
+                instance_id: None,
+                partitions: 3,
+                replication: 1,
+                metrics_addr: Some(addrs["postgres_sink"]),
+                registry: None,
+            },
             postgres_url: url,
             pool_size: 2,
-            batch_max: 1000,
-            batch_wait: Duration::from_millis(100),
-            max_backoff: Duration::from_secs(1),
-            session_timeout: Duration::from_secs(6),
-            instance_id: None,
-            partitions: 3,
-            replication: 1,
-            metrics_addr: Some(addrs["postgres_sink"]),
-            registry: None,
         },
         until_stopped(stopped.clone()),
     ));
     let bq = tokio::spawn(tickpipe_consumers::bq::sink::run(
         BqSinkConfig {
-            brokers: brokers.clone(),
-            topic_prefix: prefix.clone(),
-            topics: vec![Topic::Trades, Topic::DeadLetters],
-            group: format!("{prefix}bq"),
+            sink: SinkSettings {
+                brokers: brokers.clone(),
+                topic_prefix: prefix.clone(),
+                topics: vec![Topic::Trades, Topic::DeadLetters],
+                group: format!("{prefix}bq"),
+                batch_max: 1000,
+                batch_wait: Duration::from_millis(200),
+                max_backoff: Duration::from_secs(1),
+                session_timeout: Duration::from_secs(6),
+                instance_id: None,
+                partitions: 3,
+                replication: 1,
+                metrics_addr: Some(addrs["bigquery_sink"]),
+                registry: None,
+            },
             endpoint: Endpoint {
                 api_url: stack::bigquery_rest_url(),
                 project: stack::bigquery_project(),
@@ -237,15 +251,7 @@ async fn the_services_export_exactly_the_metrics_contract() {
             dataset: stack::unique_name("contract"),
             location: "US".into(),
             decimals: DecimalColumns::String,
-            batch_max: 1000,
-            batch_wait: Duration::from_millis(200),
             request_rows: 500,
-            max_backoff: Duration::from_secs(1),
-            session_timeout: Duration::from_secs(6),
-            partitions: 3,
-            replication: 1,
-            metrics_addr: Some(addrs["bigquery_sink"]),
-            registry: None,
         },
         until_stopped(stopped.clone()),
     ));

@@ -12,6 +12,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::Message;
 use tickpipe_consumers::decode::{Body, Item, Reject};
 use tickpipe_consumers::pg::sink::{run, write_batch, SinkConfig};
+use tickpipe_consumers::sink::SinkSettings;
 use tickpipe_kafka::consumer_config;
 use tickpipe_kafka::{ensure_topics, producer_config};
 use tickpipe_schemas::decimal::put_unscaled;
@@ -50,21 +51,23 @@ fn trade(id: i64, price: &str) -> Trade {
 
 fn config(prefix: &str, url: &str) -> SinkConfig {
     SinkConfig {
-        brokers: stack::kafka_brokers(),
-        topic_prefix: prefix.into(),
-        topics: Topic::ALL.to_vec(),
-        group: format!("{prefix}sink"),
+        sink: SinkSettings {
+            brokers: stack::kafka_brokers(),
+            topic_prefix: prefix.into(),
+            topics: Topic::ALL.to_vec(),
+            group: format!("{prefix}sink"),
+            batch_max: 1000,
+            batch_wait: Duration::from_millis(50),
+            max_backoff: Duration::from_millis(500),
+            session_timeout: Duration::from_secs(6),
+            instance_id: None,
+            partitions: 3,
+            replication: 1,
+            metrics_addr: None,
+            registry: None,
+        },
         postgres_url: url.into(),
         pool_size: 2,
-        batch_max: 1000,
-        batch_wait: Duration::from_millis(50),
-        max_backoff: Duration::from_millis(500),
-        session_timeout: Duration::from_secs(6),
-        instance_id: None,
-        partitions: 3,
-        replication: 1,
-        metrics_addr: None,
-        registry: None,
     }
 }
 
@@ -515,7 +518,7 @@ async fn confluent_framed_records_decode_with_schemas_from_the_registry() {
     publish(&Topic::Trades.name(&prefix), &[(key.clone(), framed), (key, unknown)]).await;
 
     let mut config = config(&prefix, &url);
-    config.registry = Some(RegistryConfig::new(double.url.clone()));
+    config.sink.registry = Some(RegistryConfig::new(double.url.clone()));
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let sink = tokio::spawn(run(config, async {
         let _ = stopped.await;
@@ -698,10 +701,10 @@ async fn a_partition_started_elsewhere_mid_batch_costs_the_batch_nothing() {
         .await
         .unwrap();
     let mut cfg = config(&prefix, &url);
-    cfg.topics = vec![Topic::Trades];
+    cfg.sink.topics = vec![Topic::Trades];
     // One batch for all forty-one records.
-    cfg.batch_wait = Duration::from_secs(2);
-    let group = cfg.group.clone();
+    cfg.sink.batch_wait = Duration::from_secs(2);
+    let group = cfg.sink.group.clone();
 
     let (mut other, conn) = tokio_postgres::connect(&url, NoTls).await.unwrap();
     tokio::spawn(conn);
@@ -831,8 +834,8 @@ async fn a_registry_outage_shows_on_readyz_and_the_record_is_written_once_it_ans
 
     let metrics = stack::free_loopback_addr();
     let mut config = config(&prefix, &url);
-    config.registry = Some(RegistryConfig::new(double.url.clone()));
-    config.metrics_addr = Some(metrics);
+    config.sink.registry = Some(RegistryConfig::new(double.url.clone()));
+    config.sink.metrics_addr = Some(metrics);
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let sink = tokio::spawn(run(config, async {
         let _ = stopped.await;

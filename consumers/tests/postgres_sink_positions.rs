@@ -10,6 +10,7 @@ use std::time::Duration;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use tickpipe_consumers::ops::now_micros;
 use tickpipe_consumers::pg::sink::{rebaseline, run, SinkConfig};
+use tickpipe_consumers::sink::SinkSettings;
 use tickpipe_kafka::position_above_end;
 use tickpipe_kafka::{ensure_topics, producer_config};
 use tickpipe_schemas::{Codec, Decimal, Source, Topic, Trade, TradeKind, WriteFraming};
@@ -37,21 +38,23 @@ fn trade(id: i64) -> Trade {
 
 fn config(prefix: &str, url: &str, metrics: Option<std::net::SocketAddr>) -> SinkConfig {
     SinkConfig {
-        brokers: stack::kafka_brokers(),
-        topic_prefix: prefix.into(),
-        topics: vec![Topic::Trades],
-        group: format!("{prefix}sink"),
+        sink: SinkSettings {
+            brokers: stack::kafka_brokers(),
+            topic_prefix: prefix.into(),
+            topics: vec![Topic::Trades],
+            group: format!("{prefix}sink"),
+            batch_max: 1000,
+            batch_wait: Duration::from_millis(50),
+            max_backoff: Duration::from_millis(500),
+            session_timeout: Duration::from_secs(6),
+            instance_id: None,
+            partitions: 2,
+            replication: 1,
+            metrics_addr: metrics,
+            registry: None,
+        },
         postgres_url: url.into(),
         pool_size: 2,
-        batch_max: 1000,
-        batch_wait: Duration::from_millis(50),
-        max_backoff: Duration::from_millis(500),
-        session_timeout: Duration::from_secs(6),
-        instance_id: None,
-        partitions: 2,
-        replication: 1,
-        metrics_addr: metrics,
-        registry: None,
     }
 }
 
@@ -92,7 +95,10 @@ async fn a_stored_position_above_the_partition_end_stops_that_partition_until_re
     let config = config(&prefix, &url, None);
     // Each run serves its metrics on a port of its own (a server outlives its run).
     let with_metrics = |addr| SinkConfig {
-        metrics_addr: Some(addr),
+        sink: SinkSettings {
+            metrics_addr: Some(addr),
+            ..config.sink.clone()
+        },
         ..config.clone()
     };
 
@@ -104,7 +110,7 @@ async fn a_stored_position_above_the_partition_end_stops_that_partition_until_re
     client
         .execute(
             "INSERT INTO sink_offsets (consumer_group, topic, partition, next_offset) VALUES ($1, $2, 0, 6106)",
-            &[&config.group, &topic],
+            &[&config.sink.group, &topic],
         )
         .await
         .expect("stored position");

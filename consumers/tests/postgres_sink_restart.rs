@@ -9,6 +9,7 @@ use std::time::Duration;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use tickpipe_consumers::ops::now_micros;
 use tickpipe_consumers::pg::sink::{run, SinkConfig};
+use tickpipe_consumers::sink::SinkSettings;
 use tickpipe_kafka::{ensure_topics, producer_config};
 use tickpipe_schemas::{Codec, Record, Topic, WriteFraming};
 use tickpipe_testkit::stack::ScratchPostgres;
@@ -71,21 +72,23 @@ async fn postgres_restart_mid_stream_loses_and_duplicates_nothing() {
         l.local_addr().unwrap()
     };
     let config = SinkConfig {
-        brokers: brokers.clone(),
-        topic_prefix: prefix.clone(),
-        topics: vec![Topic::Trades],
-        group: format!("{prefix}sink"),
+        sink: SinkSettings {
+            brokers: brokers.clone(),
+            topic_prefix: prefix.clone(),
+            topics: vec![Topic::Trades],
+            group: format!("{prefix}sink"),
+            batch_max: 500,
+            batch_wait: Duration::from_millis(20),
+            max_backoff: Duration::from_millis(300),
+            session_timeout: Duration::from_secs(6),
+            instance_id: None,
+            partitions: 3,
+            replication: 1,
+            metrics_addr: Some(metrics),
+            registry: None,
+        },
         postgres_url: url.clone(),
         pool_size: 2,
-        batch_max: 500,
-        batch_wait: Duration::from_millis(20),
-        max_backoff: Duration::from_millis(300),
-        session_timeout: Duration::from_secs(6),
-        instance_id: None,
-        partitions: 3,
-        replication: 1,
-        metrics_addr: Some(metrics),
-        registry: None,
     };
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let sink = tokio::spawn(run(config, async {

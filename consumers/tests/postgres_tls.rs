@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rust_decimal::Decimal;
 use tickpipe_consumers::pg::sink::{connect, run, SinkConfig, SinkError};
+use tickpipe_consumers::sink::SinkSettings;
 use tickpipe_kafka::{ensure_topics, producer_config};
 use tickpipe_ops::now_micros;
 use tickpipe_schemas::{Codec, Record, Source, Topic, Trade, TradeKind, WriteFraming};
@@ -25,21 +26,23 @@ fn config(postgres_url: String) -> SinkConfig {
     let brokers = stack::kafka_brokers();
     let prefix = format!("{}.", stack::unique_name("pgsink_tls"));
     SinkConfig {
-        brokers,
-        topic_prefix: prefix.clone(),
-        topics: vec![Topic::Trades],
-        group: format!("{prefix}sink"),
+        sink: SinkSettings {
+            brokers,
+            topic_prefix: prefix.clone(),
+            topics: vec![Topic::Trades],
+            group: format!("{prefix}sink"),
+            batch_max: 100,
+            batch_wait: Duration::from_millis(20),
+            max_backoff: Duration::from_millis(300),
+            session_timeout: Duration::from_secs(6),
+            instance_id: None,
+            partitions: 1,
+            replication: 1,
+            metrics_addr: None,
+            registry: None,
+        },
         postgres_url,
         pool_size: 2,
-        batch_max: 100,
-        batch_wait: Duration::from_millis(20),
-        max_backoff: Duration::from_millis(300),
-        session_timeout: Duration::from_secs(6),
-        instance_id: None,
-        partitions: 1,
-        replication: 1,
-        metrics_addr: None,
-        registry: None,
     }
 }
 
@@ -158,11 +161,11 @@ async fn the_sink_streams_into_a_server_that_requires_verified_tls() {
         ca.cert_file().display()
     );
     let config = config(url.clone());
-    let brokers = config.brokers.clone();
-    ensure_topics(&brokers, &config.topic_prefix, &[Topic::Trades], 1, 1)
+    let brokers = config.sink.brokers.clone();
+    ensure_topics(&brokers, &config.sink.topic_prefix, &[Topic::Trades], 1, 1)
         .await
         .unwrap_or_else(|e| panic!("is the broker up (make stack-up)? {e}"));
-    let topic = Topic::Trades.name(&config.topic_prefix);
+    let topic = Topic::Trades.name(&config.sink.topic_prefix);
     let now = now_micros();
     let trades: Vec<Trade> = (1..=500)
         .map(|id| Trade {

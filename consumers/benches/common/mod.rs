@@ -5,6 +5,7 @@ use std::time::{Duration, Instant};
 
 use rdkafka::producer::FutureProducer;
 use tickpipe_consumers::pg::sink::{run, SinkConfig};
+use tickpipe_consumers::sink::SinkSettings;
 use tickpipe_kafka::producer_config;
 use tickpipe_kafka::send_all;
 use tickpipe_schemas::{Codec, Record, Topic, Trade, WriteFraming};
@@ -38,21 +39,23 @@ pub async fn postgres_sinks(brokers: &str, prefix: &str, group: &str, n: usize, 
     let (client, conn) = tokio_postgres::connect(&url, NoTls).await.expect("postgres");
     tokio::spawn(conn);
     let config = SinkConfig {
-        brokers: brokers.to_owned(),
-        topic_prefix: prefix.to_owned(),
-        topics: vec![Topic::Trades],
-        group: group.to_owned(),
+        sink: SinkSettings {
+            brokers: brokers.to_owned(),
+            topic_prefix: prefix.to_owned(),
+            topics: vec![Topic::Trades],
+            group: group.to_owned(),
+            batch_max: 20_000,
+            batch_wait: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(1),
+            session_timeout: Duration::from_secs(10),
+            instance_id: None,
+            partitions: 3,
+            replication: 1,
+            metrics_addr: None,
+            registry: None,
+        },
         postgres_url: url.clone(),
         pool_size: 2,
-        batch_max: 20_000,
-        batch_wait: Duration::from_millis(100),
-        max_backoff: Duration::from_secs(1),
-        session_timeout: Duration::from_secs(10),
-        instance_id: None,
-        partitions: 3,
-        replication: 1,
-        metrics_addr: None,
-        registry: None,
     };
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let started = Instant::now();

@@ -12,6 +12,7 @@ use tickpipe_consumers::bq::schema::DecimalColumns;
 use tickpipe_consumers::bq::sink::{run, BqSinkConfig};
 use tickpipe_consumers::ops::config::ConfigArg;
 use tickpipe_consumers::ops::{self, KafkaArgs};
+use tickpipe_consumers::sink::SinkSettings;
 
 /// Writes every entity topic into BigQuery: an append-only table per entity,
 /// partitioned by event day, and a view with one row per Kafka record.
@@ -80,6 +81,10 @@ struct Args {
     /// Milliseconds the group waits for a silent member before moving its partitions.
     #[arg(long, env = "TICKPIPE_BIGQUERY_SINK_SESSION_TIMEOUT_MS", default_value_t = 10_000)]
     session_timeout_ms: u64,
+    /// Static group membership id (e.g. the pod name): a restarted instance
+    /// with the same id gets its partitions back without a rebalance.
+    #[arg(long, env = "TICKPIPE_BIGQUERY_SINK_INSTANCE_ID")]
+    instance_id: Option<String>,
     #[command(flatten)]
     registry: RegistryArgs,
     /// Address of /metrics, /healthz and /readyz ("off" to disable).
@@ -119,23 +124,26 @@ async fn main() -> anyhow::Result<()> {
         DecimalColumns::BigNumeric
     });
     let config = BqSinkConfig {
-        brokers: args.kafka.brokers,
-        topic_prefix: args.kafka.topic_prefix,
-        topics,
-        group: args.group,
+        sink: SinkSettings {
+            brokers: args.kafka.brokers,
+            topic_prefix: args.kafka.topic_prefix,
+            topics,
+            group: args.group,
+            batch_max: args.batch_max,
+            batch_wait: Duration::from_millis(args.batch_wait_ms),
+            max_backoff: Duration::from_millis(args.max_backoff_ms),
+            session_timeout: Duration::from_millis(args.session_timeout_ms),
+            instance_id: args.instance_id,
+            partitions: args.kafka.partitions,
+            replication: args.kafka.replication,
+            metrics_addr,
+            registry: args.registry.config(),
+        },
         endpoint,
         dataset: args.dataset,
         location: args.location,
         decimals,
-        batch_max: args.batch_max,
-        batch_wait: Duration::from_millis(args.batch_wait_ms),
         request_rows: args.request_rows,
-        max_backoff: Duration::from_millis(args.max_backoff_ms),
-        session_timeout: Duration::from_millis(args.session_timeout_ms),
-        partitions: args.kafka.partitions,
-        replication: args.kafka.replication,
-        metrics_addr,
-        registry: args.registry.config(),
     };
     run(config, shutdown).await?;
     Ok(())

@@ -8,6 +8,7 @@ use tickpipe_consumers::args::{entity_topics, RegistryArgs, ValidationArgs};
 use tickpipe_consumers::ops::config::ConfigArg;
 use tickpipe_consumers::ops::{self, KafkaArgs};
 use tickpipe_consumers::pg::sink::{rebaseline, run, SinkConfig};
+use tickpipe_consumers::sink::SinkSettings;
 
 /// Writes every entity topic into PostgreSQL: current state, SCD2 asset
 /// history, append tables and dead letters, exactly once per Kafka offset.
@@ -84,21 +85,23 @@ async fn main() -> anyhow::Result<()> {
     let metrics_addr = ops::metrics_addr(&args.metrics_addr).map_err(anyhow::Error::msg)?;
     let topics = entity_topics(&args.topics).map_err(anyhow::Error::msg)?;
     let config = SinkConfig {
-        brokers: args.kafka.brokers,
-        topic_prefix: args.kafka.topic_prefix,
-        topics,
-        group: args.group,
+        sink: SinkSettings {
+            brokers: args.kafka.brokers,
+            topic_prefix: args.kafka.topic_prefix,
+            topics,
+            group: args.group,
+            batch_max: args.batch_max,
+            batch_wait: Duration::from_millis(args.batch_wait_ms),
+            max_backoff: Duration::from_millis(args.max_backoff_ms),
+            session_timeout: Duration::from_millis(args.session_timeout_ms),
+            instance_id: args.instance_id,
+            partitions: args.kafka.partitions,
+            replication: args.kafka.replication,
+            metrics_addr,
+            registry: args.registry.config(),
+        },
         postgres_url: args.postgres_url,
         pool_size: args.pool_size,
-        batch_max: args.batch_max,
-        batch_wait: Duration::from_millis(args.batch_wait_ms),
-        max_backoff: Duration::from_millis(args.max_backoff_ms),
-        session_timeout: Duration::from_millis(args.session_timeout_ms),
-        instance_id: args.instance_id,
-        partitions: args.kafka.partitions,
-        replication: args.kafka.replication,
-        metrics_addr,
-        registry: args.registry.config(),
     };
     if !args.rebaseline.is_empty() {
         rebaseline(&config, &args.rebaseline).await?;

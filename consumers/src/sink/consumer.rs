@@ -1,6 +1,6 @@
-//! What the two sinks share: their core metrics, and the consumer thread that
-//! polls, decodes, validates and batches records for a writer, resuming each
-//! assigned partition where the sink's writes stand.
+//! The consumer thread that polls, decodes, validates and batches records for
+//! a sink's writer, resuming each assigned partition where the sink's writes
+//! stand.
 //!
 //! A written position above its partition's end (the topic was recreated or
 //! the cluster changed) cannot be right: once two statistics reports in a row
@@ -21,161 +21,31 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use prometheus::{Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
 use rdkafka::types::RDKafkaRespErr;
 use rdkafka::util::Timeout;
 use rdkafka::{ClientContext, Message, Offset, Statistics, TopicPartitionList};
-use tickpipe_kafka::{ensure_topic_names, TopicError};
 use tickpipe_ops::now_micros;
 use tickpipe_schemas::registry::{RegistryClient, RegistryConfig, RegistryError};
 use tickpipe_schemas::validate::Rules;
 use tickpipe_schemas::{Codec, Topic, WriteFraming};
 use tokio::sync::mpsc;
 
+use super::SinkMetrics;
 use crate::decode::{decode_item, learn_schema, Item};
-use tickpipe_kafka::{consumer_config, consumer_lag_gauge, record_consumer_lag, STATISTICS_INTERVAL_MS};
+use tickpipe_kafka::{consumer_config, record_consumer_lag, STATISTICS_INTERVAL_MS};
 use tickpipe_kafka::{judge_position, record_ends, EndVerdict, Ends};
 
-pub(crate) fn must<T>(r: prometheus::Result<T>) -> T {
-    r.unwrap_or_else(|e| panic!("metric definition: {e}"))
-}
-
-/// The metrics every sink exports, named `<prefix>_...`.
-#[derive(Clone)]
-pub struct SinkMetrics {
-    pub consumed: IntCounterVec,
-    pub written: IntCounterVec,
-    pub rejected: IntCounterVec,
-    pub already_written: IntCounterVec,
-    pub offset_gaps: IntCounterVec,
-    pub refused: IntGaugeVec,
-    pub retries: IntCounter,
-    pub batch_size: Histogram,
-    pub write_seconds: Histogram,
-    pub end_to_end: HistogramVec,
-    pub lag: IntGaugeVec,
-}
-
-impl SinkMetrics {
-    /// Creates and registers the metrics; `target` names where rows go
-    /// ("Postgres", "BigQuery") in the help texts.
-    pub fn new(registry: &Registry, prefix: &str, target: &str) -> Self {
-        let counter = |name: &str, help: String, labels: &[&str]| {
-            must(IntCounterVec::new(Opts::new(format!("{prefix}_{name}"), help), labels))
-        };
-        let m = SinkMetrics {
-            consumed: counter("records_consumed_total", "Records read from Kafka.".into(), &["topic"]),
-            written: counter(
-                "records_written_total",
-                format!("Records written to their table (acknowledged by {target})."),
-                &["topic"],
-            ),
-            rejected: counter(
-                "records_rejected_total",
-                "Records sent to dead letters, by stage (decode, validate, write).".into(),
-                &["topic", "stage"],
-            ),
-            already_written: counter(
-                "records_already_written_total",
-                "Records skipped because their offset was already written.".into(),
-                &["topic"],
-            ),
-            offset_gaps: counter(
-                "offset_gaps_total",
-                "Offsets the broker skipped, or batches that started after the written position.".into(),
-                &["topic"],
-            ),
-            refused: must(IntGaugeVec::new(
-                Opts::new(
-                    format!("{prefix}_refused_partitions"),
-                    "Assigned partitions paused because the written position is above the partition's end; the \
-                     log says how to re-baseline.",
-                ),
-                &["topic"],
-            )),
-            retries: must(IntCounter::new(
-                format!("{prefix}_write_retries_total"),
-                format!("Writes retried after a {target} or broker failure."),
-            )),
-            batch_size: must(Histogram::with_opts(
-                HistogramOpts::new(format!("{prefix}_batch_records"), "Records per written batch.")
-                    .buckets(vec![1.0, 10.0, 100.0, 1_000.0, 5_000.0, 10_000.0, 50_000.0]),
-            )),
-            write_seconds: must(Histogram::with_opts(
-                HistogramOpts::new(format!("{prefix}_write_duration_seconds"), "Time to write a batch.")
-                    .buckets(prometheus::exponential_buckets(0.001, 2.0, 14).unwrap_or_default()),
-            )),
-            end_to_end: must(HistogramVec::new(
-                HistogramOpts::new(
-                    format!("{prefix}_end_to_end_latency_seconds"),
-                    format!("From the exchange's event time to the write in {target}."),
-                )
-                .buckets(prometheus::exponential_buckets(0.01, 2.0, 16).unwrap_or_default()),
-                &["topic"],
-            )),
-            lag: consumer_lag_gauge(prefix),
-        };
-        for c in [
-            Box::new(m.consumed.clone()) as Box<dyn prometheus::core::Collector>,
-            Box::new(m.written.clone()),
-            Box::new(m.rejected.clone()),
-            Box::new(m.already_written.clone()),
-            Box::new(m.offset_gaps.clone()),
-            Box::new(m.refused.clone()),
-            Box::new(m.retries.clone()),
-            Box::new(m.batch_size.clone()),
-            Box::new(m.write_seconds.clone()),
-            Box::new(m.end_to_end.clone()),
-            Box::new(m.lag.clone()),
-        ] {
-            must(registry.register(c));
-        }
-        m
-    }
-
-    /// Observes the end-to-end latency of records written now, by topic.
-    pub fn observe_end_to_end<'a>(&self, event_times: impl IntoIterator<Item = (&'a str, i64)>) {
-        let now = now_micros();
-        let mut by_topic: HashMap<&str, Histogram> = HashMap::new();
-        for (topic, t) in event_times {
-            let h = by_topic
-                .entry(topic)
-                .or_insert_with(|| self.end_to_end.with_label_values(&[topic]));
-            h.observe((now - t).max(0) as f64 / 1e6);
-        }
-    }
-}
-
-/// The topics a sink reads, by name with the prefix, and the dead-letters
-/// topic's name; creates those missing.
-pub async fn sink_topics(
-    brokers: &str,
-    prefix: &str,
-    topics: &[Topic],
-    partitions: i32,
-    replication: i32,
-) -> Result<(HashMap<String, Topic>, String), TopicError> {
-    let topic_of: HashMap<String, Topic> = topics.iter().map(|t| (t.name(prefix), *t)).collect();
-    let dead_topic = Topic::DeadLetters.name(prefix);
-    let mut names: Vec<String> = topic_of.keys().cloned().collect();
-    if !names.contains(&dead_topic) {
-        names.push(dead_topic.clone());
-    }
-    ensure_topic_names(brokers, &names, partitions, replication).await?;
-    Ok((topic_of, dead_topic))
-}
-
 /// The next offsets already written, per partition, as the sink knows them.
-pub type Written = HashMap<(String, i32), i64>;
+pub type Positions = HashMap<(String, i32), i64>;
 
 /// Reads the written positions of some partitions from a sink's store.
-pub type ReadWritten = Box<dyn Fn(&TopicPartitionList) -> Result<Written, String> + Send + Sync>;
+pub type ReadPositions = Box<dyn Fn(&TopicPartitionList) -> Result<Positions, String> + Send + Sync>;
 
 /// Where a sink's writes stand.
 pub enum Resume {
     /// In the sink's own store (asked again until it answers).
-    Store(ReadWritten),
+    Store(ReadPositions),
     /// The group's committed offsets, committed only after the writes.
     Committed,
 }
@@ -221,7 +91,7 @@ struct Position {
     /// `written_below` is still to be checked against the partition's end.
     unchecked: bool,
     /// A report put the end below `written_below` once (see
-    /// `kafka::judge_position`).
+    /// `tickpipe_kafka::judge_position`).
     above_once: bool,
     /// The written position cannot be right: the partition is paused and
     /// nothing of it is handed to the writer.
@@ -244,7 +114,7 @@ struct SinkContext {
 impl SinkContext {
     /// Where the writes of the given partitions stand, asked until the answer
     /// comes; `None` when the sink stops meanwhile.
-    fn written(&self, consumer: &BaseConsumer<Self>, tpl: &TopicPartitionList) -> Option<Written> {
+    fn written(&self, consumer: &BaseConsumer<Self>, tpl: &TopicPartitionList) -> Option<Positions> {
         let mut backoff = Duration::from_millis(100);
         loop {
             let answer = match &self.resume {
