@@ -8,84 +8,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use rdkafka::Message;
-use tickpipe_schemas::field::Value;
 use tickpipe_schemas::registry::RegistryClient;
 use tickpipe_schemas::validate::Rules;
-use tickpipe_schemas::Record;
-use tickpipe_schemas::{
-    Asset, Candle, Codec, DeadLetter, DecodeError, Exchange, Market, Micros, Price, Rate, Source, Topic, Trade,
-};
-
-/// A decoded record.
-#[derive(Debug, Clone)]
-pub enum Body {
-    Asset(Asset),
-    Rate(Rate),
-    Exchange(Exchange),
-    Market(Market),
-    Price(Price),
-    Trade(Trade),
-    Candle(Candle),
-    /// Another service's reject, read from the dead-letters topic.
-    DeadLetter(DeadLetter),
-}
-
-impl Body {
-    /// The exchange's event time, for end-to-end latency.
-    pub fn event_time(&self) -> Micros {
-        match self {
-            Body::Asset(r) => r.event_time,
-            Body::Rate(r) => r.event_time,
-            Body::Exchange(r) => r.event_time,
-            Body::Market(r) => r.event_time,
-            Body::Price(r) => r.event_time,
-            Body::Trade(r) => r.event_time,
-            Body::Candle(r) => r.event_time,
-            Body::DeadLetter(r) => r.event_time,
-        }
-    }
-
-    pub fn source(&self) -> Source {
-        match self {
-            Body::Asset(r) => r.source,
-            Body::Rate(r) => r.source,
-            Body::Exchange(r) => r.source,
-            Body::Market(r) => r.source,
-            Body::Price(r) => r.source,
-            Body::Trade(r) => r.source,
-            Body::Candle(r) => r.source,
-            Body::DeadLetter(r) => r.source,
-        }
-    }
-
-    /// The entity topic this record belongs to (one table, or two for assets).
-    /// Every field by name, in schema order.
-    pub fn values(&self) -> Vec<(&'static str, Value<'_>)> {
-        match self {
-            Body::Asset(r) => r.values(),
-            Body::Rate(r) => r.values(),
-            Body::Exchange(r) => r.values(),
-            Body::Market(r) => r.values(),
-            Body::Price(r) => r.values(),
-            Body::Trade(r) => r.values(),
-            Body::Candle(r) => r.values(),
-            Body::DeadLetter(r) => r.values(),
-        }
-    }
-
-    pub fn topic(&self) -> Topic {
-        match self {
-            Body::Asset(_) => Topic::Assets,
-            Body::Rate(_) => Topic::Rates,
-            Body::Exchange(_) => Topic::Exchanges,
-            Body::Market(_) => Topic::Markets,
-            Body::Price(_) => Topic::Prices,
-            Body::Trade(_) => Topic::Trades,
-            Body::Candle(_) => Topic::Candles,
-            Body::DeadLetter(_) => Topic::DeadLetters,
-        }
-    }
-}
+use tickpipe_schemas::{AnyRecord, Codec, DeadLetter, Micros, Source, Topic};
 
 /// Why a record was not written.
 #[derive(Debug, Clone)]
@@ -104,7 +29,7 @@ pub struct Item {
     pub offset: i64,
     pub key: Option<Vec<u8>>,
     pub payload: Vec<u8>,
-    pub body: Result<Body, Reject>,
+    pub body: Result<AnyRecord, Reject>,
 }
 
 /// Decodes and validates one Kafka record.
@@ -117,23 +42,12 @@ pub fn decode_item(codec: &Codec, rules: &Rules, topic_of: &HashMap<String, Topi
             format!("no entity for topic {}", msg.topic()),
             Source::Unknown,
         )),
-        Some(topic) => decode_body(codec, *topic, payload)
+        Some(topic) => topic
+            .decode(codec, payload)
             .map_err(|e| reject("decode", format!("{}: {e}", e.kind()), Source::Unknown))
-            .and_then(|body| {
-                let checked = match &body {
-                    Body::Trade(r) => rules.trade(r),
-                    Body::Candle(r) => rules.candle(r),
-                    Body::Asset(r) => rules.asset(r),
-                    Body::Rate(r) => rules.rate(r),
-                    Body::Exchange(r) => rules.exchange(r),
-                    Body::Market(r) => rules.market(r),
-                    Body::Price(r) => rules.price(r),
-                    Body::DeadLetter(r) => rules.dead_letter(r),
-                };
-                match checked {
-                    Ok(()) => Ok(body),
-                    Err(e) => Err(reject("validate", e, body.source())),
-                }
+            .and_then(|body| match body.validate(rules) {
+                Ok(()) => Ok(body),
+                Err(e) => Err(reject("validate", e, body.source())),
             }),
     };
     Item {
@@ -144,19 +58,6 @@ pub fn decode_item(codec: &Codec, rules: &Rules, topic_of: &HashMap<String, Topi
         payload: payload.to_vec(),
         body,
     }
-}
-
-fn decode_body(codec: &Codec, topic: Topic, payload: &[u8]) -> Result<Body, DecodeError> {
-    Ok(match topic {
-        Topic::Assets => Body::Asset(codec.decode::<Asset>(payload)?),
-        Topic::Rates => Body::Rate(codec.decode::<Rate>(payload)?),
-        Topic::Exchanges => Body::Exchange(codec.decode::<Exchange>(payload)?),
-        Topic::Markets => Body::Market(codec.decode::<Market>(payload)?),
-        Topic::Prices => Body::Price(codec.decode::<Price>(payload)?),
-        Topic::Trades => Body::Trade(codec.decode::<Trade>(payload)?),
-        Topic::Candles => Body::Candle(codec.decode::<Candle>(payload)?),
-        Topic::DeadLetters => Body::DeadLetter(codec.decode::<DeadLetter>(payload)?),
-    })
 }
 
 /// Teaches the codec the writer schema of a Confluent-framed payload it has not

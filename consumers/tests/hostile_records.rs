@@ -14,8 +14,9 @@ use rdkafka::message::{OwnedMessage, Timestamp};
 use tickpipe_consumers::bq::rows::{row, Coordinates};
 use tickpipe_consumers::bq::schema::{table_spec, DecimalColumns};
 use tickpipe_consumers::candles::{CandleBuilder, CandleConfig, Output};
-use tickpipe_consumers::decode::{decode_item, reject_letter, Body, Item};
+use tickpipe_consumers::decode::{decode_item, reject_letter, Item};
 use tickpipe_schemas::validate::Rules;
+use tickpipe_schemas::AnyRecord;
 use tickpipe_schemas::{Codec, DeadLetter, Record, Topic, WriteFraming};
 use tickpipe_testkit::hostile::{any_body, single_object, NOW};
 
@@ -111,7 +112,7 @@ proptest! {
         for (offset, body) in bodies.iter().enumerate() {
             let item = item(&codec, Topic::Trades, single_object(Topic::Trades, body), offset as i64);
             match &item.body {
-                Ok(Body::Trade(trade)) => {
+                Ok(AnyRecord::Trade(trade)) => {
                     builder.push(trade, &mut bars);
                     outputs.extend(bars.drain(..).map(|o| builder.resolve(o)));
                 }

@@ -10,7 +10,7 @@ use std::time::Duration;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::Message;
-use tickpipe_consumers::decode::{Body, Item, Reject};
+use tickpipe_consumers::decode::{Item, Reject};
 use tickpipe_consumers::pg::sink::{run, write_batch, SinkConfig};
 use tickpipe_consumers::sink::SinkSettings;
 use tickpipe_kafka::consumer_config;
@@ -18,6 +18,7 @@ use tickpipe_kafka::{ensure_topics, producer_config};
 use tickpipe_schemas::decimal::put_unscaled;
 use tickpipe_schemas::field::AvroField;
 use tickpipe_schemas::registry::{RegistryClient, RegistryConfig};
+use tickpipe_schemas::AnyRecord;
 use tickpipe_schemas::{
     Asset, Candle, CandleOrigin, Codec, DeadLetter, Decimal, Exchange, Market, Price, Rate, RateType, Record, Source,
     Topic, Trade, TradeKind, WriteFraming,
@@ -596,7 +597,7 @@ async fn offsets_read_twice_into_one_batch_are_written_once() {
         .unwrap();
     let candles = Topic::Candles.name(&prefix);
     let trades = Topic::Trades.name(&prefix);
-    let item = |topic: &str, offset: i64, body: Result<Body, Reject>| Item {
+    let item = |topic: &str, offset: i64, body: Result<AnyRecord, Reject>| Item {
         topic: topic.to_owned(),
         partition: 0,
         offset,
@@ -622,15 +623,15 @@ async fn offsets_read_twice_into_one_batch_are_written_once() {
     let mut too_long = trade(1, "0.2391");
     too_long.symbol = huge;
     let items = vec![
-        item(&candles, 0, Ok(Body::Candle(candle_version("1", 1)))),
-        item(&candles, 1, Ok(Body::Candle(candle_version("2", 2)))),
+        item(&candles, 0, Ok(AnyRecord::from(candle_version("1", 1)))),
+        item(&candles, 1, Ok(AnyRecord::from(candle_version("2", 2)))),
         item(&candles, 2, Err(poison())),
         // Given back and read again up to offset 1.
-        item(&candles, 0, Ok(Body::Candle(candle_version("1", 1)))),
-        item(&candles, 1, Ok(Body::Candle(candle_version("2", 2)))),
-        item(&trades, 0, Ok(Body::Trade(too_long))),
-        item(&trades, 1, Ok(Body::Trade(trade(2, "0.2392")))),
-        item(&trades, 0, Ok(Body::Trade(trade(1, "0.2391")))),
+        item(&candles, 0, Ok(AnyRecord::from(candle_version("1", 1)))),
+        item(&candles, 1, Ok(AnyRecord::from(candle_version("2", 2)))),
+        item(&trades, 0, Ok(AnyRecord::Trade(too_long))),
+        item(&trades, 1, Ok(AnyRecord::Trade(trade(2, "0.2392")))),
+        item(&trades, 0, Ok(AnyRecord::Trade(trade(1, "0.2391")))),
     ];
     let written = write_batch(&pool, "g", &items, None).await.unwrap();
     assert_eq!(written.already_written.get(&candles), Some(&2));

@@ -4,21 +4,23 @@
 use rust_decimal::Decimal;
 pub use tickpipe_ops::now_micros;
 use tickpipe_schemas::validate::Rules;
-use tickpipe_schemas::{Asset, Candle, Exchange, Market, Micros, Price, Rate, Source, Topic, Trade};
+use tickpipe_schemas::{AnyRecord, Micros, Source, Topic};
 
 /// One unit of output.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Item {
-    // The larger records are boxed so that an `Item` is the size of a trade,
-    // the most frequent one, and moves cheaply between reader and publisher.
-    Asset(Box<Asset>),
-    Rate(Rate),
-    Exchange(Exchange),
-    Market(Box<Market>),
-    Price(Price),
-    Trade(Trade),
-    Candle(Box<Candle>),
+    /// A record for its entity topic.
+    Record(AnyRecord),
     Reject(Reject),
+}
+
+impl<R> From<R> for Item
+where
+    AnyRecord: From<R>,
+{
+    fn from(r: R) -> Self {
+        Item::Record(r.into())
+    }
 }
 
 /// Input that could not become a record, kept with the reason.
@@ -54,13 +56,7 @@ impl Item {
     /// The entity topic the item is published to.
     pub fn topic(&self) -> Topic {
         match self {
-            Item::Asset(_) => Topic::Assets,
-            Item::Rate(_) => Topic::Rates,
-            Item::Exchange(_) => Topic::Exchanges,
-            Item::Market(_) => Topic::Markets,
-            Item::Price(_) => Topic::Prices,
-            Item::Trade(_) => Topic::Trades,
-            Item::Candle(_) => Topic::Candles,
+            Item::Record(r) => r.topic(),
             Item::Reject(_) => Topic::DeadLetters,
         }
     }
@@ -68,25 +64,18 @@ impl Item {
     /// Runs the meaning checks on a record; a failing record becomes a reject that
     /// carries `raw` (the input it was parsed from).
     pub fn validated(self, rules: &Rules, component: &'static str, raw: &[u8]) -> Item {
-        let (check, source) = match &self {
-            Item::Asset(r) => (rules.asset(r), r.source),
-            Item::Rate(r) => (rules.rate(r), r.source),
-            Item::Exchange(r) => (rules.exchange(r), r.source),
-            Item::Market(r) => (rules.market(r), r.source),
-            Item::Price(r) => (rules.price(r), r.source),
-            Item::Trade(r) => (rules.trade(r), r.source),
-            Item::Candle(r) => (rules.candle(r), r.source),
-            Item::Reject(_) => return self,
+        let Item::Record(r) = &self else {
+            return self;
         };
-        match check {
+        match r.validate(rules) {
             Ok(()) => self,
             Err(reason) => Item::Reject(Reject {
                 component,
                 stage: "validate",
                 reason,
                 raw: raw.to_vec(),
-                topic: Some(self.topic()),
-                source,
+                topic: Some(r.topic()),
+                source: r.source(),
             }),
         }
     }

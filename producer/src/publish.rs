@@ -19,7 +19,7 @@ use rdkafka::message::{DeliveryResult, Header, Message, OwnedHeaders};
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer, ProducerContext};
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::ClientContext;
-use tickpipe_schemas::{Codec, DeadLetter, Record, Topic};
+use tickpipe_schemas::{AnyRecord, Codec, DeadLetter, Topic};
 use tokio::sync::{Notify, Semaphore, TryAcquireError};
 
 use crate::item::{now_micros, Item, Reject};
@@ -365,18 +365,12 @@ impl Publisher {
         let topic = item.topic();
         let mut headers = None;
         let encoded = match &item {
-            Item::Asset(r) => self.encode(&**r),
-            Item::Rate(r) => self.encode(r),
-            Item::Exchange(r) => self.encode(r),
-            Item::Market(r) => self.encode(&**r),
-            Item::Price(r) => self.encode(r),
-            Item::Trade(r) => self.encode(r),
-            Item::Candle(r) => self.encode(&**r),
+            Item::Record(r) => self.encode(r),
             Item::Reject(r) => {
                 inner.metrics.rejected.with_label_values(&[r.component, r.stage]).inc();
                 let letter = self.dead_letter(r);
                 headers = Some(letter_headers(&letter));
-                self.encode(&letter)
+                self.encode(&letter.into())
             }
         };
         // Nothing we built should fail to encode (validation ran first); if it
@@ -416,11 +410,9 @@ impl Publisher {
                 };
                 inner.metrics.rejected.with_label_values(&["producer", "encode"]).inc();
                 let letter = self.dead_letter(&reject);
-                match self.encode(&letter) {
-                    Ok(key) => {
-                        self.enqueue(Topic::DeadLetters, &key, Some(letter_headers(&letter)), enqueued)
-                            .await
-                    }
+                let headers = letter_headers(&letter);
+                match self.encode(&letter.into()) {
+                    Ok(key) => self.enqueue(Topic::DeadLetters, &key, Some(headers), enqueued).await,
                     Err(e) => {
                         tracing::error!(error = %e, "dead letter could not be encoded");
                         inner
@@ -441,15 +433,13 @@ impl Publisher {
 
     /// Encodes into this thread's buffer (read by the `enqueue` that follows
     /// on the same thread, before any await) and returns the key.
-    fn encode<R: Record>(&self, record: &R) -> Result<String, String> {
+    fn encode(&self, record: &AnyRecord) -> Result<String, String> {
         BUF.with(|b| {
             let mut buf = b.borrow_mut();
             buf.clear();
-            self.inner
-                .codec
-                .encode_into(record, &mut buf)
-                .map_err(|e| e.to_string())?;
-            Ok(record.key())
+            record
+                .encode_into(&self.inner.codec, &mut buf)
+                .map_err(|e| e.to_string())
         })
     }
 

@@ -12,7 +12,7 @@ use tickpipe_producer::sources::binance::parse::{
 };
 use tickpipe_producer::sources::coincap::parse::{self as coincap, Times};
 use tickpipe_schemas::validate::Rules;
-use tickpipe_schemas::{Codec, Record, Source, WriteFraming};
+use tickpipe_schemas::{Codec, Source, WriteFraming};
 
 const NOW: i64 = 1_767_225_600_000_000;
 
@@ -98,13 +98,7 @@ fn unquoted(s: String) -> String {
 fn publishable(item: Item, raw: &str) -> Result<(), TestCaseError> {
     let codec = Codec::new(WriteFraming::SingleObject);
     let encoded = match item.validated(&Rules::at(NOW), "test", raw.as_bytes()) {
-        Item::Trade(t) => codec.encode(&t).map(|_| t.key()),
-        Item::Candle(c) => codec.encode(&*c).map(|_| c.key()),
-        Item::Asset(a) => codec.encode(&*a).map(|_| a.key()),
-        Item::Rate(r) => codec.encode(&r).map(|_| r.key()),
-        Item::Exchange(e) => codec.encode(&e).map(|_| e.key()),
-        Item::Market(m) => codec.encode(&*m).map(|_| m.key()),
-        Item::Price(p) => codec.encode(&p).map(|_| p.key()),
+        Item::Record(r) => r.encode(&codec).map(|_| r.key()),
         Item::Reject(r) => {
             prop_assert!(!r.reason.is_empty(), "a reject without a reason");
             return Ok(());
@@ -131,8 +125,8 @@ proptest! {
     #[test]
     fn binance_frames_become_records_or_rejects(text in frame()) {
         match ws_message(&text, origin()) {
-            Ok(WsEvent::Trade(t)) => publishable(Item::Trade(t), &text)?,
-            Ok(WsEvent::Candle(c)) => publishable(Item::Candle(Box::new(c)), &text)?,
+            Ok(WsEvent::Trade(t)) => publishable(Item::from(t), &text)?,
+            Ok(WsEvent::Candle(c)) => publishable(Item::from(c), &text)?,
             Ok(_) => {}
             Err(reason) => prop_assert!(!reason.is_empty()),
         }
@@ -145,14 +139,14 @@ proptest! {
         let f: Vec<&str> = fields.iter().map(String::as_str).collect();
         let raw = fields.join(",");
         if let Ok(t) = trade_csv_row(&f, "BTCUSDT", origin()) {
-            publishable(Item::Trade(t), &raw)?;
+            publishable(Item::from(t), &raw)?;
         }
         if let Ok(t) = agg_trade_csv_row(&f, "BTCUSDT", origin()) {
-            publishable(Item::Trade(t), &raw)?;
+            publishable(Item::from(t), &raw)?;
         }
         for now in [NOW, i64::MAX] {
             if let Ok(Some(c)) = kline_row(&f, "BTCUSDT", "1m", origin(), now) {
-                publishable(Item::Candle(Box::new(c)), &raw)?;
+                publishable(Item::from(c), &raw)?;
             }
         }
     }
@@ -169,15 +163,15 @@ proptest! {
         let Ok((rows, response)) = coincap::envelope(body.as_bytes()) else { return Ok(()) };
         let t = Times { response, ingest: NOW, source: Source::Coincap };
         for row in &rows {
-            if let Ok(r) = coincap::asset(row, t) { publishable(Item::Asset(Box::new(r)), &body)?; }
-            if let Ok(r) = coincap::rate(row, t) { publishable(Item::Rate(r), &body)?; }
-            if let Ok(r) = coincap::exchange(row, t) { publishable(Item::Exchange(r), &body)?; }
-            if let Ok(r) = coincap::market(row, t) { publishable(Item::Market(Box::new(r)), &body)?; }
+            if let Ok(r) = coincap::asset(row, t) { publishable(Item::from(r), &body)?; }
+            if let Ok(r) = coincap::rate(row, t) { publishable(Item::from(r), &body)?; }
+            if let Ok(r) = coincap::exchange(row, t) { publishable(Item::from(r), &body)?; }
+            if let Ok(r) = coincap::market(row, t) { publishable(Item::from(r), &body)?; }
         }
         let prices = format!(r#"{{"bitcoin":{a},"ethereum":{b}}}"#);
         if let Ok(all) = coincap::prices(&prices, Times { response: NOW, ingest: NOW, source: Source::Coincap }) {
             for p in all.into_iter().flatten() {
-                publishable(Item::Price(p), &prices)?;
+                publishable(Item::from(p), &prices)?;
             }
         }
     }

@@ -24,4 +24,4 @@ pub use interval::Interval;
 pub use record::{CompiledSchema, Record};
 pub use records::*;
 pub use rust_decimal::Decimal;
-pub use topic::Topic;
+pub use topic::{AnyRecord, Topic};

@@ -7,7 +7,8 @@ use tickpipe_schemas::Topic;
 
 use super::rows::{row, Coordinates};
 use super::schema::TableSpec;
-use crate::decode::{Body, Item, Reject};
+use crate::decode::{Item, Reject};
+use tickpipe_schemas::AnyRecord;
 
 /// Rows of one insert request: the batch index of each row and its JSON.
 pub struct Chunk<'a> {
@@ -86,7 +87,7 @@ pub fn plan<'a>(
     (chunks, rejects)
 }
 
-pub fn write_reject(error: String, body: &Body) -> Reject {
+pub fn write_reject(error: String, body: &AnyRecord) -> Reject {
     Reject {
         stage: "write",
         error,
@@ -100,7 +101,7 @@ mod tests {
     use super::*;
     use tickpipe_schemas::{Decimal, Price, Source};
 
-    fn item(offset: i64, body: Result<Body, Reject>) -> Item {
+    fn item(offset: i64, body: Result<AnyRecord, Reject>) -> Item {
         Item {
             topic: "prices".into(),
             partition: 0,
@@ -114,7 +115,7 @@ mod tests {
     fn price(offset: i64) -> Item {
         item(
             offset,
-            Ok(Body::Price(Price {
+            Ok(AnyRecord::Price(Price {
                 asset_id: "bitcoin".into(),
                 price_usd: Decimal::from(offset),
                 source: Source::Coincap,

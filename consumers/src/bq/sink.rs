@@ -23,9 +23,10 @@ use super::plan::plan;
 use super::schema::{DecimalColumns, TableSpec};
 use super::tables::prepare_tables;
 use super::COMPONENT;
-use crate::decode::{Body, Item, Reject};
+use crate::decode::{Item, Reject};
 pub use crate::sink::SinkError;
 use crate::sink::{fatal, must, target, Failure, Opening, Out, Resume, Sink, SinkSettings, Written};
+use tickpipe_schemas::AnyRecord;
 
 /// Everything the sink needs.
 #[derive(Debug, Clone)]
@@ -197,7 +198,7 @@ impl Sink for BigQuerySink {
                 .inc_by(bytes as u64);
             for (i, reason) in refused {
                 tracing::warn!(table = chunk.table, "bigquery-sink: {reason}");
-                let source = batch[i].body.as_ref().map(Body::source).unwrap_or(Source::Unknown);
+                let source = batch[i].body.as_ref().map(AnyRecord::source).unwrap_or(Source::Unknown);
                 rejects.push((
                     i,
                     Reject {
@@ -220,7 +221,7 @@ impl Sink for BigQuerySink {
         for (i, reject) in &rejects {
             let item = &batch[*i];
             written.rejected.push((item.topic.clone(), reject.stage));
-            if matches!(&item.body, Ok(Body::DeadLetter(d)) if d.component == COMPONENT) {
+            if matches!(&item.body, Ok(AnyRecord::DeadLetter(d)) if d.component == COMPONENT) {
                 tracing::error!(
                     topic = item.topic,
                     partition = item.partition,

@@ -12,7 +12,8 @@ use tokio_postgres::{Error, Transaction};
 
 use tickpipe_schemas::{Asset, Candle, DeadLetter, Exchange, Market, Micros, Price, Rate, Topic, Trade};
 
-pub use crate::decode::{Body, Item, Reject};
+pub use crate::decode::{Item, Reject};
+pub use tickpipe_schemas::AnyRecord;
 
 /// A timestamp for Postgres from microseconds since the epoch.
 pub fn ts(micros: Micros) -> SystemTime {
@@ -57,8 +58,8 @@ pub fn db_reason(e: &Error) -> String {
 /// The sink's own rejects come back on the dead-letters topic; they are in the
 /// table already (written in the transaction that rejected them), so they only
 /// move the offset.
-pub fn is_own_letter(body: &Body) -> bool {
-    matches!(body, Body::DeadLetter(d) if d.component == crate::pg::COMPONENT)
+pub fn is_own_letter(body: &AnyRecord) -> bool {
+    matches!(body, AnyRecord::DeadLetter(d) if d.component == crate::pg::COMPONENT)
 }
 
 /// A row the sink itself rejected, for the `dead_letters` table and topic.
@@ -122,7 +123,7 @@ async fn write_table(tx: &Transaction<'_>, table: Topic, rows: &[&Item]) -> Resu
         ($variant:ident) => {
             rows.iter()
                 .filter_map(|i| match &i.body {
-                    Ok(Body::$variant(r)) => Some(r),
+                    Ok(AnyRecord::$variant(r)) => Some::<&tickpipe_schemas::$variant>(r),
                     _ => None,
                 })
                 .collect::<Vec<_>>()

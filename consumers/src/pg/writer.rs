@@ -15,7 +15,7 @@ use deadpool_postgres::Pool;
 use tickpipe_ops::now_micros;
 use tickpipe_schemas::{DeadLetter, Source};
 
-use super::rows::{reject_letter, write_items, Body, Item, Reject};
+use super::rows::{reject_letter, write_items, AnyRecord, Item, Reject};
 use crate::sink::{LetterError, Letters, Written};
 
 /// Why a batch write failed (it is retried).
@@ -114,7 +114,7 @@ pub async fn write_batch(
         }
     }
     for (item, reason) in &refused {
-        let source = item.body.as_ref().map(Body::source).unwrap_or(Source::Unknown);
+        let source = item.body.as_ref().map(AnyRecord::source).unwrap_or(Source::Unknown);
         let reject = Reject {
             stage: "write",
             error: reason.clone(),

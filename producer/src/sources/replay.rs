@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 use tickpipe_schemas::validate::Rules;
-use tickpipe_schemas::{Micros, Source as RecordSource};
+use tickpipe_schemas::{AnyRecord, Micros, Source as RecordSource};
 use tokio::sync::mpsc;
 
 use super::binance::parse::{self, Origin, WsEvent};
@@ -143,9 +143,9 @@ impl Source for Replay {
 
 fn event_time(item: &Item) -> Option<Micros> {
     match item {
-        Item::Trade(t) => Some(t.event_time),
-        Item::Candle(c) => Some(c.event_time),
-        Item::Price(p) => Some(p.event_time),
+        Item::Record(AnyRecord::Trade(t)) => Some(t.event_time),
+        Item::Record(AnyRecord::Candle(c)) => Some(c.event_time),
+        Item::Record(AnyRecord::Price(p)) => Some(p.event_time),
         _ => None,
     }
 }
@@ -460,18 +460,18 @@ fn read_file(
                     continue;
                 }
                 match parse::ws_message(json.trim_start(), origin) {
-                    Ok(WsEvent::Trade(t)) => Some(Item::Trade(t)),
-                    Ok(WsEvent::Candle(k)) => Some(Item::Candle(Box::new(k))),
+                    Ok(WsEvent::Trade(t)) => Some(Item::from(t)),
+                    Ok(WsEvent::Candle(k)) => Some(Item::from(k)),
                     Ok(WsEvent::Excluded(_, reason)) => Some(reject(json, reason, path, n)),
                     Ok(_) => None,
                     Err(reason) => Some(reject(json, reason, path, n)),
                 }
             }
             Format::Trades { symbol } => Some(row(text, path, n, |f| {
-                parse::trade_csv_row(f, symbol, origin).map(Item::Trade)
+                parse::trade_csv_row(f, symbol, origin).map(Item::from)
             })),
             Format::AggTrades { symbol } => Some(row(text, path, n, |f| {
-                parse::agg_trade_csv_row(f, symbol, origin).map(Item::Trade)
+                parse::agg_trade_csv_row(f, symbol, origin).map(Item::from)
             })),
             Format::Klines { symbol, interval } => match parse::kline_row(
                 &text.split(',').collect::<Vec<_>>(),
@@ -480,7 +480,7 @@ fn read_file(
                 origin,
                 Micros::MAX,
             ) {
-                Ok(Some(k)) => Some(Item::Candle(Box::new(k))),
+                Ok(Some(k)) => Some(Item::from(k)),
                 Ok(None) => None,
                 Err(reason) => Some(reject(text, reason, path, n)),
             },

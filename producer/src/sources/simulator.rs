@@ -18,7 +18,7 @@ use rand::{Rng, SeedableRng};
 use rust_decimal::Decimal;
 use serde::Deserialize;
 use tickpipe_schemas::{
-    Asset, Candle, CandleOrigin, Exchange, Market as MarketRecord, Micros, Price, Rate, RateType,
+    AnyRecord, Asset, Candle, CandleOrigin, Exchange, Market as MarketRecord, Micros, Price, Rate, RateType,
     Source as RecordSource, Trade, TradeKind,
 };
 
@@ -109,7 +109,7 @@ impl Source for Simulator {
                 if stop.is_stopped() {
                     break;
                 }
-                if let Item::Trade(t) = &item {
+                if let Item::Record(AnyRecord::Trade(t)) = &item {
                     let due = if c.rate > 0.0 {
                         Some(wall0 + Duration::from_micros((t.event_time - start).max(0) as u64))
                     } else {
@@ -137,15 +137,8 @@ impl Source for Simulator {
 }
 
 fn set_ingest(item: &mut Item, t: Micros) {
-    match item {
-        Item::Asset(r) => r.ingest_time = t,
-        Item::Rate(r) => r.ingest_time = t,
-        Item::Exchange(r) => r.ingest_time = t,
-        Item::Market(r) => r.ingest_time = t,
-        Item::Price(r) => r.ingest_time = t,
-        Item::Trade(r) => r.ingest_time = t,
-        Item::Candle(r) => r.ingest_time = t,
-        Item::Reject(_) => {}
+    if let Item::Record(r) = item {
+        r.set_ingest_time(t);
     }
 }
 
@@ -281,7 +274,7 @@ impl Market {
             let closed = b.window.take().map(|w| candle(&venue, &b.symbol, kline, w));
             if let Some(c) = closed {
                 b.last_close = Some(c.close);
-                self.pending.push_back(Item::Candle(Box::new(c)));
+                self.pending.push_back(Item::from(c));
             }
             if next_open < open_time {
                 let p = b.last_close.unwrap_or(price);
@@ -290,7 +283,7 @@ impl Market {
         }
         let w = b.window.get_or_insert_with(|| Window::empty(open_time, price));
         w.add(price, quantity, id, !buyer_is_maker);
-        self.pending.push_back(Item::Trade(Trade {
+        self.pending.push_back(Item::from(Trade {
             venue,
             symbol: b.symbol.clone(),
             kind: TradeKind::Trade,
@@ -312,7 +305,7 @@ impl Market {
         for (rank, b) in self.books.iter().enumerate() {
             let price = Decimal::new(b.ticks, 2);
             let supply = Decimal::from(21_000_000 / (rank as i64 + 1));
-            self.pending.push_back(Item::Asset(Box::new(Asset {
+            self.pending.push_back(Item::from(Asset {
                 id: b.asset.clone(),
                 rank: rank as i32 + 1,
                 symbol: b.base.clone(),
@@ -332,8 +325,8 @@ impl Market {
                 source: src,
                 event_time: now,
                 ingest_time: now,
-            })));
-            self.pending.push_back(Item::Rate(Rate {
+            }));
+            self.pending.push_back(Item::from(Rate {
                 id: b.asset.clone(),
                 symbol: b.base.clone(),
                 currency_symbol: None,
@@ -343,7 +336,7 @@ impl Market {
                 event_time: now,
                 ingest_time: now,
             }));
-            self.pending.push_back(Item::Market(Box::new(MarketRecord {
+            self.pending.push_back(Item::from(MarketRecord {
                 exchange_id: self.venue.clone(),
                 rank: rank as i32 + 1,
                 base_symbol: b.base.clone(),
@@ -358,8 +351,8 @@ impl Market {
                 source: src,
                 event_time: now,
                 ingest_time: now,
-            })));
-            self.pending.push_back(Item::Price(Price {
+            }));
+            self.pending.push_back(Item::from(Price {
                 asset_id: b.asset.clone(),
                 price_usd: price,
                 source: src,
@@ -367,7 +360,7 @@ impl Market {
                 ingest_time: now,
             }));
         }
-        self.pending.push_back(Item::Rate(Rate {
+        self.pending.push_back(Item::from(Rate {
             id: "united-states-dollar".into(),
             symbol: "USD".into(),
             currency_symbol: Some("$".into()),
@@ -377,7 +370,7 @@ impl Market {
             event_time: now,
             ingest_time: now,
         }));
-        self.pending.push_back(Item::Exchange(Exchange {
+        self.pending.push_back(Item::from(Exchange {
             exchange_id: self.venue.clone(),
             name: "tickpipe simulator".into(),
             rank: 1,
@@ -517,7 +510,7 @@ mod tests {
         };
         let last = Market::new(&c, START)
             .filter_map(|i| match i {
-                Item::Trade(t) => Some(t.event_time),
+                Item::Record(AnyRecord::Trade(t)) => Some(t.event_time),
                 _ => None,
             })
             .max()
@@ -544,23 +537,19 @@ mod tests {
         let mut trades = 0;
         for item in &items {
             let check = match item {
-                Item::Trade(t) => {
+                Item::Record(AnyRecord::Trade(t)) => {
                     trades += 1;
                     let n = next.entry(t.symbol.clone()).or_insert(1);
                     assert_eq!(t.trade_id, *n, "ids are sequential per symbol");
                     *n += 1;
                     rules.trade(t)
                 }
-                Item::Candle(c) => {
+                Item::Record(AnyRecord::Candle(c)) => {
                     *counted.entry(c.symbol.clone()).or_default() += c.trade_count;
                     assert_eq!(c.open_time % 60_000_000, 0);
                     rules.candle(c)
                 }
-                Item::Asset(a) => rules.asset(a),
-                Item::Rate(r) => rules.rate(r),
-                Item::Market(m) => rules.market(m),
-                Item::Exchange(e) => rules.exchange(e),
-                Item::Price(p) => rules.price(p),
+                Item::Record(r) => r.validate(&rules),
                 Item::Reject(r) => Err(r.reason.clone()),
             };
             assert_eq!(check, Ok(()), "{item:?}");
@@ -575,6 +564,6 @@ mod tests {
                 n - 1
             );
         }
-        assert!(items.iter().any(|i| matches!(i, Item::Exchange(_))));
+        assert!(items.iter().any(|i| matches!(i, Item::Record(AnyRecord::Exchange(_)))));
     }
 }

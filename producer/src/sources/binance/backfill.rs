@@ -319,7 +319,7 @@ async fn one(
                     page_next = c.close_time + 1000;
                     *total += 1;
                     publisher
-                        .publish(Item::Candle(Box::new(c)).validated(&rules, COMPONENT, raw.as_bytes()))
+                        .publish(Item::from(c).validated(&rules, COMPONENT, raw.as_bytes()))
                         .await;
                 }
                 // The newest candle is still open: it is published by a later run.

@@ -397,7 +397,7 @@ async fn run_ws(config: BinanceConfig, publisher: Publisher, mut stop: Stop) -> 
                     Ok(WsEvent::Candle(c)) => {
                         if klines.is_new(&c.symbol, &c.interval, c.open_time) {
                             publisher
-                                .publish(Item::Candle(Box::new(c)).validated(&rules_now(), COMPONENT, raw.as_bytes()))
+                                .publish(Item::from(c).validated(&rules_now(), COMPONENT, raw.as_bytes()))
                                 .await;
                         } else {
                             metrics.duplicates.with_label_values(&[COMPONENT]).inc();
@@ -621,7 +621,7 @@ async fn sequence_trade(
     let raw = raw.as_bytes();
     let item = match excluded {
         Some(reason) => Item::Reject(Reject::parse(COMPONENT, RecordSource::Binance, raw, reason)),
-        None => Item::Trade(t).validated(&rules_now(), COMPONENT, raw),
+        None => Item::from(t).validated(&rules_now(), COMPONENT, raw),
     };
     publisher.publish(item).await;
 }
@@ -723,7 +723,7 @@ async fn fill_gap(
                     skipped += (t.trade_id - next).max(0) as u64;
                     next = t.trade_id + 1;
                     publisher
-                        .publish(Item::Trade(t).validated(&rules_now(), "binance-rest", &raw))
+                        .publish(Item::from(t).validated(&rules_now(), "binance-rest", &raw))
                         .await;
                 }
                 Err(reason) => {

@@ -264,10 +264,10 @@ async fn poll_once(
         let n = rows.len();
         for row in rows {
             let parsed = match entity {
-                Entity::Assets => parse::asset(&row, times).map(|a| Item::Asset(Box::new(a))),
-                Entity::Rates => parse::rate(&row, times).map(Item::Rate),
-                Entity::Exchanges => parse::exchange(&row, times).map(Item::Exchange),
-                Entity::Markets => parse::market(&row, times).map(|m| Item::Market(Box::new(m))),
+                Entity::Assets => parse::asset(&row, times).map(Item::from),
+                Entity::Rates => parse::rate(&row, times).map(Item::from),
+                Entity::Exchanges => parse::exchange(&row, times).map(Item::from),
+                Entity::Markets => parse::market(&row, times).map(Item::from),
             };
             let raw = row.to_string().into_bytes();
             let item = match parsed {
@@ -354,7 +354,7 @@ async fn prices(c: CoinCapConfig, publisher: Publisher, mut stop: Stop) -> Resul
                     let rules = rules_now();
                     for p in prices {
                         let item = match p {
-                            Ok(p) => Item::Price(p).validated(&rules, WS, text.as_bytes()),
+                            Ok(p) => Item::from(p).validated(&rules, WS, text.as_bytes()),
                             Err(reason) => {
                                 Item::Reject(Reject::parse(WS, RecordSource::Coincap, text.as_bytes(), reason))
                             }
