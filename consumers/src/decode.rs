@@ -10,13 +10,13 @@ use std::time::Duration;
 use rdkafka::Message;
 use tickpipe_schemas::registry::RegistryClient;
 use tickpipe_schemas::validate::Rules;
-use tickpipe_schemas::{AnyRecord, Codec, DeadLetter, Micros, Source, Topic};
+use tickpipe_schemas::{AnyRecord, Codec, DeadLetter, Micros, Origin, Source, Stage, Topic};
 
 /// Why a record was not written.
 #[derive(Debug, Clone)]
 pub struct Reject {
-    /// `decode`, `validate` or `write`.
-    pub stage: &'static str,
+    /// `Decode`, `Validate` or `Write`.
+    pub stage: Stage,
     pub error: String,
     pub source: Source,
 }
@@ -38,16 +38,16 @@ pub fn decode_item(codec: &Codec, rules: &Rules, topic_of: &HashMap<String, Topi
     let reject = |stage, error: String, source| Reject { stage, error, source };
     let body = match topic_of.get(msg.topic()) {
         None => Err(reject(
-            "decode",
+            Stage::Decode,
             format!("no entity for topic {}", msg.topic()),
             Source::Unknown,
         )),
         Some(topic) => topic
             .decode(codec, payload)
-            .map_err(|e| reject("decode", format!("{}: {e}", e.kind()), Source::Unknown))
+            .map_err(|e| reject(Stage::Decode, format!("{}: {e}", e.kind()), Source::Unknown))
             .and_then(|body| match body.validate(rules) {
                 Ok(()) => Ok(body),
-                Err(e) => Err(reject("validate", e, body.source())),
+                Err(e) => Err(reject(Stage::Validate, e, body.source())),
             }),
     };
     Item {
@@ -96,18 +96,14 @@ pub fn learn_schema(
 /// A record a sink (`component`) could not write, as a dead letter (bounded:
 /// [`DeadLetter::bounded`]).
 pub fn reject_letter(component: &str, item: &Item, reject: &Reject, now: Micros) -> DeadLetter {
-    DeadLetter {
-        stage: reject.stage.to_owned(),
-        error: reject.error.clone(),
-        component: component.to_owned(),
-        topic: Some(item.topic.clone()),
-        partition: Some(item.partition),
-        offset: Some(item.offset),
-        key: item.key.clone(),
-        payload: item.payload.clone(),
-        source: reject.source,
-        event_time: now,
-        ingest_time: now,
-    }
-    .bounded()
+    let origin = Origin::kafka(&item.topic, item.partition, item.offset, item.key.as_deref());
+    DeadLetter::new(
+        component,
+        reject.stage,
+        reject.error.clone(),
+        item.payload.clone(),
+        reject.source,
+        origin,
+        now,
+    )
 }

@@ -18,7 +18,7 @@ use tickpipe_kafka::{ensure_topics, producer_config};
 use tickpipe_schemas::decimal::put_unscaled;
 use tickpipe_schemas::field::AvroField;
 use tickpipe_schemas::registry::{RegistryClient, RegistryConfig};
-use tickpipe_schemas::AnyRecord;
+use tickpipe_schemas::{AnyRecord, Stage};
 use tickpipe_schemas::{
     Asset, Candle, CandleOrigin, Codec, DeadLetter, Decimal, Exchange, Market, Price, Rate, RateType, Record, Source,
     Topic, Trade, TradeKind, WriteFraming,
@@ -606,7 +606,7 @@ async fn offsets_read_twice_into_one_batch_are_written_once() {
         body,
     };
     let poison = || Reject {
-        stage: "validate",
+        stage: Stage::Validate,
         error: "price must be positive, got -1".into(),
         source: Source::Binance,
     };

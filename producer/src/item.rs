@@ -4,7 +4,7 @@
 use rust_decimal::Decimal;
 pub use tickpipe_ops::now_micros;
 use tickpipe_schemas::validate::Rules;
-use tickpipe_schemas::{AnyRecord, Micros, Source, Topic};
+use tickpipe_schemas::{AnyRecord, Micros, Source, Stage, Topic};
 
 /// One unit of output.
 #[derive(Debug, Clone, PartialEq)]
@@ -28,8 +28,8 @@ where
 pub struct Reject {
     /// Which source saw it (`binance-ws`, `coincap-rest`, `replay`, ...): a metric label.
     pub component: &'static str,
-    /// Where it failed: `parse`, `validate` or `encode`.
-    pub stage: &'static str,
+    /// Where it failed: `Parse`, `Validate` or `Encode`.
+    pub stage: Stage,
     /// Why, in words a user can act on.
     pub reason: String,
     /// The input exactly as received, so nothing is lost.
@@ -43,7 +43,7 @@ impl Reject {
     pub fn parse(component: &'static str, source: Source, raw: &[u8], reason: impl Into<String>) -> Self {
         Reject {
             component,
-            stage: "parse",
+            stage: Stage::Parse,
             reason: reason.into(),
             raw: raw.to_vec(),
             topic: None,
@@ -71,7 +71,7 @@ impl Item {
             Ok(()) => self,
             Err(reason) => Item::Reject(Reject {
                 component,
-                stage: "validate",
+                stage: Stage::Validate,
                 reason,
                 raw: raw.to_vec(),
                 topic: Some(r.topic()),

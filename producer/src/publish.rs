@@ -19,7 +19,7 @@ use rdkafka::message::{DeliveryResult, Header, Message, OwnedHeaders};
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer, ProducerContext};
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::ClientContext;
-use tickpipe_schemas::{AnyRecord, Codec, DeadLetter, Topic};
+use tickpipe_schemas::{AnyRecord, Codec, DeadLetter, Origin, Stage, Topic};
 use tokio::sync::{Notify, Semaphore, TryAcquireError};
 
 use crate::item::{now_micros, Item, Reject};
@@ -367,7 +367,11 @@ impl Publisher {
         let encoded = match &item {
             Item::Record(r) => self.encode(r),
             Item::Reject(r) => {
-                inner.metrics.rejected.with_label_values(&[r.component, r.stage]).inc();
+                inner
+                    .metrics
+                    .rejected
+                    .with_label_values(&[r.component, r.stage.as_str()])
+                    .inc();
                 let letter = self.dead_letter(r);
                 headers = Some(letter_headers(&letter));
                 self.encode(&letter.into())
@@ -402,13 +406,17 @@ impl Publisher {
             Err((reason, raw)) => {
                 let reject = Reject {
                     component: "producer",
-                    stage: "encode",
+                    stage: Stage::Encode,
                     reason,
                     raw,
                     topic: Some(topic),
                     source: tickpipe_schemas::Source::Unknown,
                 };
-                inner.metrics.rejected.with_label_values(&["producer", "encode"]).inc();
+                inner
+                    .metrics
+                    .rejected
+                    .with_label_values(&["producer", Stage::Encode.as_str()])
+                    .inc();
                 let letter = self.dead_letter(&reject);
                 let headers = letter_headers(&letter);
                 match self.encode(&letter.into()) {
@@ -444,21 +452,17 @@ impl Publisher {
     }
 
     fn dead_letter(&self, r: &Reject) -> DeadLetter {
-        let now = now_micros();
-        DeadLetter {
-            stage: r.stage.to_owned(),
-            error: r.reason.clone(),
-            component: r.component.to_owned(),
-            topic: r.topic.map(|t| self.inner.names[topic_index(t)].clone()),
-            partition: None,
-            offset: None,
-            key: None,
-            payload: r.raw.clone(),
-            source: r.source,
-            event_time: now,
-            ingest_time: now,
-        }
-        .bounded()
+        let topic = r.topic.map(|t| self.inner.names[topic_index(t)].as_str());
+        let origin = topic.map_or_else(Origin::default, Origin::meant_for);
+        DeadLetter::new(
+            r.component,
+            r.stage,
+            r.reason.clone(),
+            r.raw.clone(),
+            r.source,
+            origin,
+            now_micros(),
+        )
     }
 
     /// Enqueues the record just encoded into this thread's buffer. librdkafka

@@ -230,6 +230,129 @@ fn cut(s: &mut String, max: usize) {
     }
 }
 
+/// Where a record failed: the `stage` of its dead letter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Stage {
+    /// Reading the upstream's input (an exchange's frame, a file's line).
+    Parse,
+    /// Reading a Kafka record's framing and schema.
+    Decode,
+    /// The meaning checks the schema cannot express.
+    Validate,
+    /// Writing a record's Avro.
+    Encode,
+    /// Building candles.
+    Aggregate,
+    /// The sink's target refused it.
+    Write,
+}
+
+impl Stage {
+    /// Every stage.
+    pub const ALL: [Stage; 6] = [
+        Stage::Parse,
+        Stage::Decode,
+        Stage::Validate,
+        Stage::Encode,
+        Stage::Aggregate,
+        Stage::Write,
+    ];
+
+    /// Its name in letters, metrics and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Stage::Parse => "parse",
+            Stage::Decode => "decode",
+            Stage::Validate => "validate",
+            Stage::Encode => "encode",
+            Stage::Aggregate => "aggregate",
+            Stage::Write => "write",
+        }
+    }
+
+    /// The stage of a letter's `stage` text.
+    pub fn from_name(name: &str) -> Option<Stage> {
+        Stage::ALL.into_iter().find(|s| s.as_str() == name)
+    }
+
+    /// Kafka Connect's name of the stage: `parse` is `TASK_POLL` (reading the
+    /// external system), `decode` and `encode` are `VALUE_CONVERTER`,
+    /// `validate` and `aggregate` are `TRANSFORMATION`, `write` is `TASK_PUT`.
+    pub fn connect_name(self) -> &'static str {
+        match self {
+            Stage::Parse => "TASK_POLL",
+            Stage::Decode | Stage::Encode => "VALUE_CONVERTER",
+            Stage::Validate | Stage::Aggregate => "TRANSFORMATION",
+            Stage::Write => "TASK_PUT",
+        }
+    }
+}
+
+impl std::fmt::Display for Stage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Where a refused record comes from, as far as it is known.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Origin<'a> {
+    /// The topic it was read from, or meant for.
+    pub topic: Option<&'a str>,
+    /// Its partition and offset, when it was read from Kafka.
+    pub at: Option<(i32, i64)>,
+    /// Its Kafka key.
+    pub key: Option<&'a [u8]>,
+}
+
+impl<'a> Origin<'a> {
+    /// A record read from Kafka.
+    pub fn kafka(topic: &'a str, partition: i32, offset: i64, key: Option<&'a [u8]>) -> Self {
+        Origin {
+            topic: Some(topic),
+            at: Some((partition, offset)),
+            key,
+        }
+    }
+
+    /// A record meant for `topic` (full name) that never got there.
+    pub fn meant_for(topic: &'a str) -> Self {
+        Origin {
+            topic: Some(topic),
+            ..Origin::default()
+        }
+    }
+}
+
+impl DeadLetter {
+    /// The dead letter of a record `component` refused at `stage`, bounded
+    /// ([`DeadLetter::bounded`]): every service builds its letters here.
+    pub fn new(
+        component: &str,
+        stage: Stage,
+        error: impl Into<String>,
+        payload: Vec<u8>,
+        source: Source,
+        origin: Origin<'_>,
+        now: Micros,
+    ) -> Self {
+        DeadLetter {
+            stage: stage.as_str().to_owned(),
+            error: error.into(),
+            component: component.to_owned(),
+            topic: origin.topic.map(str::to_owned),
+            partition: origin.at.map(|(p, _)| p),
+            offset: origin.at.map(|(_, o)| o),
+            key: origin.key.map(<[u8]>::to_vec),
+            payload,
+            source,
+            event_time: now,
+            ingest_time: now,
+        }
+        .bounded()
+    }
+}
+
 impl DeadLetter {
     /// The letter within what any broker takes: a payload longer than
     /// [`MAX_LETTER_PAYLOAD`] keeps its first bytes, and the error says how
@@ -268,18 +391,12 @@ impl DeadLetter {
 impl DeadLetter {
     /// The Kafka Connect dead-letter headers (`errors.deadletterqueue.context.headers.enable`),
     /// so that the DLQ tooling built for Connect reads our letters too. The
-    /// stage maps onto Connect's stage names: `parse` onto `TASK_POLL` (reading
-    /// the external system), `decode` and `encode` onto `VALUE_CONVERTER`,
-    /// `validate` and `aggregate` onto `TRANSFORMATION`, `write` onto
-    /// `TASK_PUT`; the exception class is `tickpipe.<stage>`, its message the
-    /// error text. Coordinates the letter lacks are left out.
+    /// stage is Connect's name of it ([`Stage::connect_name`]; a stage this
+    /// release does not know is `TRANSFORMATION`); the exception class is
+    /// `tickpipe.<stage>`, its message the error text. Coordinates the letter
+    /// lacks are left out.
     pub fn connect_headers(&self) -> Vec<(&'static str, String)> {
-        let stage = match self.stage.as_str() {
-            "parse" => "TASK_POLL",
-            "decode" | "encode" => "VALUE_CONVERTER",
-            "write" => "TASK_PUT",
-            _ => "TRANSFORMATION",
-        };
+        let stage = Stage::from_name(&self.stage).map_or("TRANSFORMATION", Stage::connect_name);
         let mut h = Vec::with_capacity(7);
         if let Some(t) = &self.topic {
             h.push(("__connect.errors.topic", t.clone()));
@@ -392,5 +509,46 @@ mod tests {
             "{}",
             &l.error[l.error.len() - 60..]
         );
+    }
+
+    #[test]
+    fn stages_have_one_name_each_and_a_connect_name() {
+        for stage in Stage::ALL {
+            assert_eq!(Stage::from_name(stage.as_str()), Some(stage));
+        }
+        assert_eq!(Stage::from_name("transform"), None);
+        assert_eq!(Stage::Parse.connect_name(), "TASK_POLL");
+        assert_eq!(Stage::Write.connect_name(), "TASK_PUT");
+    }
+
+    #[test]
+    fn a_new_letter_keeps_its_origin_and_is_bounded() {
+        let payload = vec![7; MAX_LETTER_PAYLOAD + 1];
+        let l = DeadLetter::new(
+            "postgres-sink",
+            Stage::Write,
+            "refused",
+            payload,
+            Source::Binance,
+            Origin::kafka("dev.trades", 2, 41, Some(b"k")),
+            5,
+        );
+        assert_eq!((l.stage.as_str(), l.component.as_str()), ("write", "postgres-sink"));
+        assert_eq!(
+            (l.topic.as_deref(), l.partition, l.offset, l.key.as_deref()),
+            (Some("dev.trades"), Some(2), Some(41), Some(&b"k"[..]))
+        );
+        assert_eq!(l.payload.len(), MAX_LETTER_PAYLOAD);
+        assert!(l.error.starts_with("refused [payload truncated"), "{}", l.error);
+        let meant = DeadLetter::new(
+            "producer",
+            Stage::Encode,
+            "x",
+            vec![],
+            Source::Unknown,
+            Origin::meant_for("t"),
+            5,
+        );
+        assert_eq!((meant.topic.as_deref(), meant.partition), (Some("t"), None));
     }
 }

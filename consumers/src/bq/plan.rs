@@ -3,7 +3,7 @@
 use std::collections::{BTreeMap, HashMap};
 
 use serde_json::json;
-use tickpipe_schemas::Topic;
+use tickpipe_schemas::{Stage, Topic};
 
 use super::rows::{row, Coordinates};
 use super::schema::TableSpec;
@@ -89,7 +89,7 @@ pub fn plan<'a>(
 
 pub fn write_reject(error: String, body: &AnyRecord) -> Reject {
     Reject {
-        stage: "write",
+        stage: Stage::Write,
         error,
         source: body.source(),
     }
@@ -135,7 +135,7 @@ mod tests {
             item(
                 100,
                 Err(Reject {
-                    stage: "decode",
+                    stage: Stage::Decode,
                     error: "garbage".into(),
                     source: Source::Unknown,
                 }),
@@ -160,7 +160,7 @@ mod tests {
         let (chunks, rejects) = plan(&[price(1)], &specs, 500, 0);
         assert!(chunks.is_empty());
         assert_eq!(
-            (rejects[0].1.stage, rejects[0].1.error.as_str()),
+            (rejects[0].1.stage.as_str(), rejects[0].1.error.as_str()),
             ("write", "no table for prices")
         );
     }

@@ -16,7 +16,7 @@ use std::future::Future;
 
 use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry};
 use tickpipe_ops::now_micros;
-use tickpipe_schemas::{Source, Topic};
+use tickpipe_schemas::{Source, Stage, Topic};
 
 use super::client::{BigQuery, BqError, Endpoint};
 use super::plan::plan;
@@ -202,7 +202,7 @@ impl Sink for BigQuerySink {
                 rejects.push((
                     i,
                     Reject {
-                        stage: "write",
+                        stage: Stage::Write,
                         error: reason,
                         source,
                     },
@@ -220,7 +220,7 @@ impl Sink for BigQuerySink {
         let mut letters = Vec::with_capacity(rejects.len());
         for (i, reject) in &rejects {
             let item = &batch[*i];
-            written.rejected.push((item.topic.clone(), reject.stage));
+            written.rejected.push((item.topic.clone(), reject.stage.as_str()));
             if matches!(&item.body, Ok(AnyRecord::DeadLetter(d)) if d.component == COMPONENT) {
                 tracing::error!(
                     topic = item.topic,

@@ -35,7 +35,7 @@ use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{ClientContext, Message, Offset, Statistics, TopicPartitionList};
 use tickpipe_kafka::{ensure_topic_names, ensure_topics_configured, future_producer, producer_config, TopicError};
 use tickpipe_schemas::validate::Rules;
-use tickpipe_schemas::{Codec, DeadLetter, Record, Source, Topic, Trade, WriteFraming};
+use tickpipe_schemas::{Codec, DeadLetter, Origin, Record, Source, Stage, Topic, Trade, WriteFraming};
 
 use super::aggregate::{CandleBuilder, CandleConfig, Output};
 use super::lease::Lease;
@@ -494,7 +494,7 @@ pub async fn run(config: ServiceConfig, shutdown: impl Future<Output = ()>) -> R
                             // ahead would close a day of windows at once).
                             if let Err(reason) = rules.trade(&trade) {
                                 metrics.rejected.with_label_values(&["invalid_trade"]).inc();
-                                dead.push(dead_letter("validate", reason, Some(&msg), payload.to_vec(), trade.source));
+                                dead.push(dead_letter(Stage::Validate, reason, Some(&msg), payload.to_vec(), trade.source));
                                 continue;
                             }
                             if let Some(b) = builders.get_mut(&partition) {
@@ -504,7 +504,7 @@ pub async fn run(config: ServiceConfig, shutdown: impl Future<Output = ()>) -> R
                         }
                         Err(e) => {
                             metrics.rejected.with_label_values(&[e.kind()]).inc();
-                            dead.push(dead_letter("decode", e.to_string(), Some(&msg), payload.to_vec(), Source::Unknown));
+                            dead.push(dead_letter(Stage::Decode, e.to_string(), Some(&msg), payload.to_vec(), Source::Unknown));
                         }
                     }
                 }
@@ -563,7 +563,7 @@ pub async fn run(config: ServiceConfig, shutdown: impl Future<Output = ()>) -> R
                         "{key} {interval} candle at {open_time}: sums exceed 28 significant digits or the trade count exceeds i64"
                     );
                     dead.push(dead_letter(
-                        "aggregate",
+                        Stage::Aggregate,
                         reason,
                         None,
                         key.into_bytes(),
@@ -805,32 +805,32 @@ fn set_watermark_lag(gauge: &IntGauge, builders: &HashMap<i32, CandleBuilder>) {
 }
 
 fn dead_letter(
-    stage: &str,
+    stage: Stage,
     error: String,
     msg: Option<&rdkafka::message::BorrowedMessage<'_>>,
     payload: Vec<u8>,
     source: Source,
 ) -> DeadLetter {
-    let now = now_micros();
-    DeadLetter {
-        stage: stage.into(),
-        error,
-        component: "candles".into(),
-        topic: msg.map(|m| m.topic().to_owned()),
-        partition: msg.map(|m| m.partition()),
-        offset: msg.map(|m| m.offset()),
-        key: msg.and_then(|m| m.key().map(<[u8]>::to_vec)),
-        payload,
-        source,
-        event_time: now,
-        ingest_time: now,
-    }
-    .bounded()
+    let origin = msg.map_or_else(Origin::default, |m| {
+        Origin::kafka(m.topic(), m.partition(), m.offset(), m.key())
+    });
+    DeadLetter::new("candles", stage, error, payload, source, origin, now_micros())
 }
 
 fn trade_dead_letter(codec: &Codec, trade: &Trade, reason: String) -> DeadLetter {
     let payload = codec.encode(trade).unwrap_or_default();
-    let mut d = dead_letter("aggregate", reason, None, payload, trade.source);
-    d.key = Some(trade.key().into_bytes());
-    d
+    let key = trade.key();
+    let origin = Origin {
+        key: Some(key.as_bytes()),
+        ..Origin::default()
+    };
+    DeadLetter::new(
+        "candles",
+        Stage::Aggregate,
+        reason,
+        payload,
+        trade.source,
+        origin,
+        now_micros(),
+    )
 }

@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 
 use deadpool_postgres::Pool;
 use tickpipe_ops::now_micros;
-use tickpipe_schemas::{DeadLetter, Source};
+use tickpipe_schemas::{DeadLetter, Source, Stage};
 
 use super::rows::{reject_letter, write_items, AnyRecord, Item, Reject};
 use crate::sink::{LetterError, Letters, Written};
@@ -116,7 +116,7 @@ pub async fn write_batch(
     for (item, reason) in &refused {
         let source = item.body.as_ref().map(AnyRecord::source).unwrap_or(Source::Unknown);
         let reject = Reject {
-            stage: "write",
+            stage: Stage::Write,
             error: reason.clone(),
             source,
         };
@@ -165,10 +165,8 @@ pub async fn write_batch(
     Ok(out)
 }
 
+/// The metric label of a letter's stage (this sink's letters are decode,
+/// validate or write).
 fn stage_label(stage: &str) -> &'static str {
-    match stage {
-        "decode" => "decode",
-        "validate" => "validate",
-        _ => "write",
-    }
+    Stage::from_name(stage).map_or(Stage::Write.as_str(), Stage::as_str)
 }

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use serde::Deserialize;
-use tickpipe_schemas::{Source as RecordSource, Trade, TradeKind};
+use tickpipe_schemas::{Source as RecordSource, Stage, Trade, TradeKind};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
@@ -563,7 +563,7 @@ async fn sleep_until(at: Option<Instant>) {
 fn validate_reject(raw: &[u8], reason: String) -> Reject {
     Reject {
         component: COMPONENT,
-        stage: "validate",
+        stage: Stage::Validate,
         reason,
         raw: raw.to_vec(),
         topic: Some(tickpipe_schemas::Topic::Trades),
@@ -734,7 +734,7 @@ async fn fill_gap(
                     publisher
                         .publish(Item::Reject(Reject {
                             component: "binance-rest",
-                            stage: "parse",
+                            stage: Stage::Parse,
                             reason,
                             raw,
                             topic: Some(tickpipe_schemas::Topic::Trades),
