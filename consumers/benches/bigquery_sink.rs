@@ -64,19 +64,8 @@ async fn main() {
     let dataset = stack::unique_name("bench_bq");
     let config = BqSinkConfig {
         sink: SinkSettings {
-            brokers: brokers.clone(),
-            topic_prefix: prefix.clone(),
-            topics: vec![Topic::Trades],
-            group: format!("{prefix}bq"),
-            batch_max: 10_000,
-            batch_wait: Duration::from_millis(200),
             max_backoff: Duration::from_secs(1),
-            session_timeout: Duration::from_secs(10),
-            instance_id: None,
-            partitions: 3,
-            replication: 1,
-            metrics_addr: None,
-            registry: None,
+            ..SinkSettings::new(&brokers, &prefix, &[Topic::Trades], &format!("{prefix}bq"))
         },
         endpoint: endpoint.clone(),
         dataset: dataset.clone(),

@@ -37,19 +37,15 @@ async fn client() -> BigQuery {
 fn config(prefix: &str, dataset: &str) -> BqSinkConfig {
     BqSinkConfig {
         sink: SinkSettings {
-            brokers: stack::kafka_brokers(),
-            topic_prefix: prefix.to_owned(),
-            topics: vec![Topic::Trades, Topic::DeadLetters],
-            group: format!("{prefix}bq"),
             batch_max: 5_000,
-            batch_wait: Duration::from_millis(200),
             max_backoff: Duration::from_secs(1),
             session_timeout: Duration::from_secs(6),
-            instance_id: None,
-            partitions: 3,
-            replication: 1,
-            metrics_addr: None,
-            registry: None,
+            ..SinkSettings::new(
+                &stack::kafka_brokers(),
+                prefix,
+                &[Topic::Trades, Topic::DeadLetters],
+                &format!("{prefix}bq"),
+            )
         },
         endpoint: emulator(),
         dataset: dataset.to_owned(),

@@ -25,7 +25,8 @@ fn key(k: &str) -> Yaml {
 }
 
 /// The `TICKPIPE_*` variables the binaries read: clap `env = "..."` attributes
-/// and `std::env::var` calls in the crates they are built from.
+/// and `std::env::var` calls in the crates they are built from, and what the
+/// binaries' `--help` names.
 fn variables_read() -> BTreeSet<String> {
     let mut out = BTreeSet::new();
     let mut stack: Vec<PathBuf> = ["producer/src", "consumers/src", "ops/src", "schemas/src"]
@@ -47,6 +48,22 @@ fn variables_read() -> BTreeSet<String> {
                     rest = &tail[end..];
                 }
             }
+        }
+    }
+    // Flags declared through a macro name their variables with `concat!`:
+    // the binaries' own help lists every flag's variable.
+    for binary in ["producer", "candles", "postgres-sink", "bigquery-sink"] {
+        let help = std::process::Command::new(tickpipe_testkit::stack::workspace_binary(binary))
+            .arg("--help")
+            .output()
+            .expect("the binary's --help");
+        let help = String::from_utf8_lossy(&help.stdout);
+        for at in help.match_indices("[env: ").map(|(i, _)| i + "[env: ".len()) {
+            let name: String = help[at..]
+                .chars()
+                .take_while(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || *c == '_')
+                .collect();
+            out.insert(name);
         }
     }
     assert!(out.len() > 40, "the scan found too few variables: {out:?}");

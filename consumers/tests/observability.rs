@@ -207,19 +207,12 @@ async fn the_services_export_exactly_the_metrics_contract() {
     let pg = tokio::spawn(tickpipe_consumers::pg::sink::run(
         SinkConfig {
             sink: SinkSettings {
-                brokers: brokers.clone(),
-                topic_prefix: prefix.clone(),
-                topics: Topic::ALL.to_vec(),
-                group: format!("{prefix}pg"),
                 batch_max: 1000,
                 batch_wait: Duration::from_millis(100),
                 max_backoff: Duration::from_secs(1),
                 session_timeout: Duration::from_secs(6),
-                instance_id: None,
-                partitions: 3,
-                replication: 1,
                 metrics_addr: Some(addrs["postgres_sink"]),
-                registry: None,
+                ..SinkSettings::new(&brokers, &prefix, &Topic::ALL, &format!("{prefix}pg"))
             },
             postgres_url: url,
             pool_size: 2,
@@ -229,19 +222,16 @@ async fn the_services_export_exactly_the_metrics_contract() {
     let bq = tokio::spawn(tickpipe_consumers::bq::sink::run(
         BqSinkConfig {
             sink: SinkSettings {
-                brokers: brokers.clone(),
-                topic_prefix: prefix.clone(),
-                topics: vec![Topic::Trades, Topic::DeadLetters],
-                group: format!("{prefix}bq"),
                 batch_max: 1000,
-                batch_wait: Duration::from_millis(200),
                 max_backoff: Duration::from_secs(1),
                 session_timeout: Duration::from_secs(6),
-                instance_id: None,
-                partitions: 3,
-                replication: 1,
                 metrics_addr: Some(addrs["bigquery_sink"]),
-                registry: None,
+                ..SinkSettings::new(
+                    &brokers,
+                    &prefix,
+                    &[Topic::Trades, Topic::DeadLetters],
+                    &format!("{prefix}bq"),
+                )
             },
             endpoint: Endpoint {
                 api_url: stack::bigquery_rest_url(),

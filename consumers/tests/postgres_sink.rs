@@ -53,19 +53,11 @@ fn trade(id: i64, price: &str) -> Trade {
 fn config(prefix: &str, url: &str) -> SinkConfig {
     SinkConfig {
         sink: SinkSettings {
-            brokers: stack::kafka_brokers(),
-            topic_prefix: prefix.into(),
-            topics: Topic::ALL.to_vec(),
-            group: format!("{prefix}sink"),
             batch_max: 1000,
             batch_wait: Duration::from_millis(50),
             max_backoff: Duration::from_millis(500),
             session_timeout: Duration::from_secs(6),
-            instance_id: None,
-            partitions: 3,
-            replication: 1,
-            metrics_addr: None,
-            registry: None,
+            ..SinkSettings::new(&stack::kafka_brokers(), prefix, &Topic::ALL, &format!("{prefix}sink"))
         },
         postgres_url: url.into(),
         pool_size: 2,

@@ -39,19 +39,18 @@ fn trade(id: i64) -> Trade {
 fn config(prefix: &str, url: &str, metrics: Option<std::net::SocketAddr>) -> SinkConfig {
     SinkConfig {
         sink: SinkSettings {
-            brokers: stack::kafka_brokers(),
-            topic_prefix: prefix.into(),
-            topics: vec![Topic::Trades],
-            group: format!("{prefix}sink"),
             batch_max: 1000,
             batch_wait: Duration::from_millis(50),
             max_backoff: Duration::from_millis(500),
             session_timeout: Duration::from_secs(6),
-            instance_id: None,
             partitions: 2,
-            replication: 1,
             metrics_addr: metrics,
-            registry: None,
+            ..SinkSettings::new(
+                &stack::kafka_brokers(),
+                prefix,
+                &[Topic::Trades],
+                &format!("{prefix}sink"),
+            )
         },
         postgres_url: url.into(),
         pool_size: 2,

@@ -73,19 +73,12 @@ async fn postgres_restart_mid_stream_loses_and_duplicates_nothing() {
     };
     let config = SinkConfig {
         sink: SinkSettings {
-            brokers: brokers.clone(),
-            topic_prefix: prefix.clone(),
-            topics: vec![Topic::Trades],
-            group: format!("{prefix}sink"),
             batch_max: 500,
             batch_wait: Duration::from_millis(20),
             max_backoff: Duration::from_millis(300),
             session_timeout: Duration::from_secs(6),
-            instance_id: None,
-            partitions: 3,
-            replication: 1,
             metrics_addr: Some(metrics),
-            registry: None,
+            ..SinkSettings::new(&brokers, &prefix, &[Topic::Trades], &format!("{prefix}sink"))
         },
         postgres_url: url.clone(),
         pool_size: 2,

@@ -27,19 +27,12 @@ fn config(postgres_url: String) -> SinkConfig {
     let prefix = format!("{}.", stack::unique_name("pgsink_tls"));
     SinkConfig {
         sink: SinkSettings {
-            brokers,
-            topic_prefix: prefix.clone(),
-            topics: vec![Topic::Trades],
-            group: format!("{prefix}sink"),
             batch_max: 100,
             batch_wait: Duration::from_millis(20),
             max_backoff: Duration::from_millis(300),
             session_timeout: Duration::from_secs(6),
-            instance_id: None,
             partitions: 1,
-            replication: 1,
-            metrics_addr: None,
-            registry: None,
+            ..SinkSettings::new(&brokers, &prefix, &[Topic::Trades], &format!("{prefix}sink"))
         },
         postgres_url,
         pool_size: 2,

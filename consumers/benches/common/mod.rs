@@ -40,19 +40,10 @@ pub async fn postgres_sinks(brokers: &str, prefix: &str, group: &str, n: usize, 
     tokio::spawn(conn);
     let config = SinkConfig {
         sink: SinkSettings {
-            brokers: brokers.to_owned(),
-            topic_prefix: prefix.to_owned(),
-            topics: vec![Topic::Trades],
-            group: group.to_owned(),
             batch_max: 20_000,
             batch_wait: Duration::from_millis(100),
             max_backoff: Duration::from_secs(1),
-            session_timeout: Duration::from_secs(10),
-            instance_id: None,
-            partitions: 3,
-            replication: 1,
-            metrics_addr: None,
-            registry: None,
+            ..SinkSettings::new(brokers, prefix, &[Topic::Trades], group)
         },
         postgres_url: url.clone(),
         pool_size: 2,

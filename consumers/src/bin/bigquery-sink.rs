@@ -3,16 +3,23 @@
 //! the library.
 
 use std::path::PathBuf;
-use std::time::Duration;
 
 use clap::Parser;
-use tickpipe_consumers::args::{entity_topics, RegistryArgs, ValidationArgs};
 use tickpipe_consumers::bq::client::{Auth, Endpoint};
 use tickpipe_consumers::bq::schema::DecimalColumns;
 use tickpipe_consumers::bq::sink::{run, BqSinkConfig};
+use tickpipe_consumers::ops;
 use tickpipe_consumers::ops::config::ConfigArg;
-use tickpipe_consumers::ops::{self, KafkaArgs};
-use tickpipe_consumers::sink::SinkSettings;
+
+tickpipe_consumers::sink_args!(
+    SinkArgs,
+    env = "BIGQUERY_SINK",
+    group = "tickpipe-bigquery-sink",
+    batch_max = 10_000,
+    batch_wait_ms = 500,
+    max_backoff_ms = 10_000,
+    metrics_addr = "127.0.0.1:9105"
+);
 
 /// Writes every entity topic into BigQuery: an append-only table per entity,
 /// partitioned by event day, and a view with one row per Kafka record.
@@ -22,17 +29,7 @@ struct Args {
     #[command(flatten)]
     config: ConfigArg,
     #[command(flatten)]
-    kafka: KafkaArgs,
-    #[command(flatten)]
-    validation: ValidationArgs,
-    /// Entity topics to consume (names without prefix), comma-separated.
-    #[arg(
-        long,
-        env = "TICKPIPE_BIGQUERY_SINK_TOPICS",
-        value_delimiter = ',',
-        default_value = "assets,rates,exchanges,markets,prices,trades,candles,dead-letters"
-    )]
-    topics: Vec<String>,
+    sink: SinkArgs,
     /// Google Cloud project of the dataset.
     #[arg(long, env = "TICKPIPE_BIGQUERY_PROJECT", default_value = "tickpipe-local")]
     project: String,
@@ -63,33 +60,9 @@ struct Args {
     /// which cannot create BIGNUMERIC columns.
     #[arg(long, env = "TICKPIPE_BIGQUERY_DECIMALS")]
     decimals: Option<DecimalColumns>,
-    /// Consumer group; its committed offsets are where reading resumes.
-    #[arg(long, env = "TICKPIPE_BIGQUERY_SINK_GROUP", default_value = "tickpipe-bigquery-sink")]
-    group: String,
-    /// Most records per batch.
-    #[arg(long, env = "TICKPIPE_BIGQUERY_SINK_BATCH_MAX", default_value_t = 10_000)]
-    batch_max: usize,
-    /// Longest wait for a batch to fill, in ms.
-    #[arg(long, env = "TICKPIPE_BIGQUERY_SINK_BATCH_WAIT_MS", default_value_t = 500)]
-    batch_wait_ms: u64,
     /// Most rows per insert request.
     #[arg(long, env = "TICKPIPE_BIGQUERY_SINK_REQUEST_ROWS", default_value_t = 500)]
     request_rows: usize,
-    /// Longest pause between retries, in ms.
-    #[arg(long, env = "TICKPIPE_BIGQUERY_SINK_MAX_BACKOFF_MS", default_value_t = 10_000)]
-    max_backoff_ms: u64,
-    /// Milliseconds the group waits for a silent member before moving its partitions.
-    #[arg(long, env = "TICKPIPE_BIGQUERY_SINK_SESSION_TIMEOUT_MS", default_value_t = 10_000)]
-    session_timeout_ms: u64,
-    /// Static group membership id (e.g. the pod name): a restarted instance
-    /// with the same id gets its partitions back without a rebalance.
-    #[arg(long, env = "TICKPIPE_BIGQUERY_SINK_INSTANCE_ID")]
-    instance_id: Option<String>,
-    #[command(flatten)]
-    registry: RegistryArgs,
-    /// Address of /metrics, /healthz and /readyz ("off" to disable).
-    #[arg(long, env = "TICKPIPE_BIGQUERY_SINK_METRICS_ADDR", default_value = "127.0.0.1:9105")]
-    metrics_addr: String,
 }
 
 #[tokio::main]
@@ -98,9 +71,6 @@ async fn main() -> anyhow::Result<()> {
     let shutdown = ops::shutdown_signal()?;
     ops::init_logging();
     let args: Args = ops::config::parse()?;
-    args.validation.apply();
-    let metrics_addr = ops::metrics_addr(&args.metrics_addr).map_err(anyhow::Error::msg)?;
-    let topics = entity_topics(&args.topics).map_err(anyhow::Error::msg)?;
     let endpoint = match (&args.emulator, args.credentials) {
         (Some(url), None) => Endpoint {
             api_url: url.clone(),
@@ -124,21 +94,7 @@ async fn main() -> anyhow::Result<()> {
         DecimalColumns::BigNumeric
     });
     let config = BqSinkConfig {
-        sink: SinkSettings {
-            brokers: args.kafka.brokers,
-            topic_prefix: args.kafka.topic_prefix,
-            topics,
-            group: args.group,
-            batch_max: args.batch_max,
-            batch_wait: Duration::from_millis(args.batch_wait_ms),
-            max_backoff: Duration::from_millis(args.max_backoff_ms),
-            session_timeout: Duration::from_millis(args.session_timeout_ms),
-            instance_id: args.instance_id,
-            partitions: args.kafka.partitions,
-            replication: args.kafka.replication,
-            metrics_addr,
-            registry: args.registry.config(),
-        },
+        sink: args.sink.settings().map_err(anyhow::Error::msg)?,
         endpoint,
         dataset: args.dataset,
         location: args.location,
