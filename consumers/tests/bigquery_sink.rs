@@ -4,6 +4,8 @@
 //! streaming; BigQuery failing at start; tables that evolve or cannot;
 //! credentials that fail; the newest version of each candle.
 
+mod common;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -17,7 +19,7 @@ use tickpipe_consumers::bq::sink::{run, BqSinkConfig};
 use tickpipe_consumers::sink::SinkSettings;
 use tickpipe_kafka::{ensure_topics, producer_config};
 use tickpipe_schemas::{Candle, CandleOrigin, Codec, DeadLetter, Decimal, Record, Source, Topic, Trade, WriteFraming};
-use tickpipe_testkit::{real, stack};
+use tickpipe_testkit::stack;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn emulator() -> Endpoint {
@@ -55,16 +57,10 @@ fn config(prefix: &str, dataset: &str) -> BqSinkConfig {
     }
 }
 
-/// The recorded trades of two symbols, or `None` (said loudly) without the data.
+/// The recorded trades of two symbols, received now, or `None` (said loudly)
+/// without the data.
 fn recorded_trades() -> Option<Vec<Trade>> {
-    let xrp = stack::real_data("binance_spot_xrpeth_2019-10-11")?;
-    let trx = stack::real_data("binance_trxusdt_2025-03-04")?;
-    let mut trades = real::agg_trades_csv(&xrp.join("XRPETH-aggTrades-2019-10-11_2019-10-13.csv"), "XRPETH");
-    trades.extend(
-        real::trade_stream_csv(&trx.join("spot_TRXUSDT_trade_stream_2025-03-04.csv"), "binance")
-            .into_iter()
-            .map(|(t, _)| t),
-    );
+    let mut trades = common::recorded_trades()?;
     let now = tickpipe_consumers::ops::now_micros();
     for t in &mut trades {
         t.ingest_time = now;

@@ -19,6 +19,9 @@
 //! two `bigquery-sink` instances in one group, one killed and started again at
 //! random moments, against the emulator: every trade once in the view.
 
+mod common;
+
+use common::{bq_count, pg_count as count};
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::PathBuf;
@@ -117,10 +120,6 @@ fn partitions(consumer: &BaseConsumer, topic: &str) -> Vec<(i32, i32, i64, usize
             (p.id(), p.leader(), end, p.replicas().len())
         })
         .collect()
-}
-
-async fn count(client: &Client, sql: &str) -> i64 {
-    client.query_one(sql, &[]).await.map_or(0, |r| r.get(0))
 }
 
 /// What every test here starts with: a three-node cluster, a topic prefix of
@@ -431,15 +430,6 @@ async fn three_sinks_in_one_group_killed_restarted_and_added_write_every_trade_o
     // is there, so are the positions.
     check_written(&client, &topic, &expected, GROUP_TRADES).await;
     drop(run);
-}
-
-async fn bq_count(bq: &BigQuery, sql: &str) -> i64 {
-    bq.query(sql)
-        .await
-        .ok()
-        .and_then(|rows| rows.first().and_then(|r| r.first().cloned().flatten()))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -7,6 +7,9 @@
 //! dead letter with a reason from each consumer that reads its topic, and
 //! every service is ready.
 
+mod common;
+
+use common::{bq_count, pg_count as count};
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -140,24 +143,6 @@ async fn ready(addr: SocketAddr) -> bool {
     reqwest::get(format!("http://{addr}/readyz"))
         .await
         .is_ok_and(|r| r.status().is_success())
-}
-
-async fn count(client: &Client, sql: &str) -> i64 {
-    client
-        .query_one(sql, &[])
-        .await
-        .ok()
-        .and_then(|r| r.try_get::<_, i64>(0).ok())
-        .unwrap_or(0)
-}
-
-async fn bq_count(bq: &BigQuery, sql: &str) -> i64 {
-    bq.query(sql)
-        .await
-        .ok()
-        .and_then(|rows| rows.first().and_then(|r| r.first().cloned().flatten()))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
 }
 
 fn dec(s: &str) -> Decimal {

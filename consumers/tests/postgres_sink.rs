@@ -3,6 +3,8 @@
 //! around them are written; CoinCap state never regresses and the SCD2 history
 //! is exact whatever the arrival order.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::str::FromStr;
 use std::time::Duration;
@@ -12,7 +14,6 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::Message;
 use tickpipe_consumers::decode::{Item, Reject};
 use tickpipe_consumers::pg::sink::{run, write_batch, SinkConfig};
-use tickpipe_consumers::sink::SinkSettings;
 use tickpipe_kafka::consumer_config;
 use tickpipe_kafka::{ensure_topics, producer_config};
 use tickpipe_schemas::decimal::put_unscaled;
@@ -51,17 +52,7 @@ fn trade(id: i64, price: &str) -> Trade {
 }
 
 fn config(prefix: &str, url: &str) -> SinkConfig {
-    SinkConfig {
-        sink: SinkSettings {
-            batch_max: 1000,
-            batch_wait: Duration::from_millis(50),
-            max_backoff: Duration::from_millis(500),
-            session_timeout: Duration::from_secs(6),
-            ..SinkSettings::new(&stack::kafka_brokers(), prefix, &Topic::ALL, &format!("{prefix}sink"))
-        },
-        postgres_url: url.into(),
-        pool_size: 2,
-    }
+    common::quick_pg_config(prefix, &Topic::ALL, url)
 }
 
 async fn setup(name: &str) -> (String, String, Client) {

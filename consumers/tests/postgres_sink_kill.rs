@@ -5,6 +5,9 @@
 //! offset was written twice: `dead_letters` holds back a second copy of a
 //! letter since migration 0002).
 
+mod common;
+
+use common::{recorded_trades, stored_positions};
 use std::collections::BTreeMap;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -12,23 +15,9 @@ use std::time::Duration;
 use rand::{Rng, SeedableRng};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use tickpipe_kafka::{ensure_topics, producer_config};
-use tickpipe_schemas::{Codec, Record, Topic, Trade, WriteFraming};
-use tickpipe_testkit::{real, stack};
+use tickpipe_schemas::{Codec, Record, Topic, WriteFraming};
+use tickpipe_testkit::stack;
 use tokio_postgres::{Client, NoTls};
-
-/// The recorded trades of two symbols (so two partitions), or `None` (said
-/// loudly) without the data.
-fn recorded_trades() -> Option<Vec<Trade>> {
-    let xrp = stack::real_data("binance_spot_xrpeth_2019-10-11")?;
-    let trx = stack::real_data("binance_trxusdt_2025-03-04")?;
-    let mut trades = real::agg_trades_csv(&xrp.join("XRPETH-aggTrades-2019-10-11_2019-10-13.csv"), "XRPETH");
-    trades.extend(
-        real::trade_stream_csv(&trx.join("spot_TRXUSDT_trade_stream_2025-03-04.csv"), "binance")
-            .into_iter()
-            .map(|(t, _)| t),
-    );
-    Some(trades)
-}
 
 /// The sink process, killed if the test fails before it does.
 struct Sink(Child);
@@ -163,13 +152,7 @@ async fn sigkill_at_random_moments_loses_and_duplicates_nothing() {
     let status = sink.0.wait().unwrap();
     assert!(status.success(), "SIGTERM must end the sink with 0, got {status}");
 
-    let stored: BTreeMap<i32, i64> = client
-        .query("SELECT partition, next_offset FROM sink_offsets", &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| (r.get(0), r.get(1)))
-        .collect();
+    let stored = stored_positions(&client).await;
     assert_eq!(stored, ends, "stored offsets equal the partition ends");
     let written: i64 = client
         .query_one("SELECT count(*) FROM trades", &[])

@@ -5,6 +5,8 @@
 //! and counts it, while the other partitions are written. After the
 //! re-baseline the operator is told to run, every record is written.
 
+mod common;
+
 use std::time::Duration;
 
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -37,24 +39,10 @@ fn trade(id: i64) -> Trade {
 }
 
 fn config(prefix: &str, url: &str, metrics: Option<std::net::SocketAddr>) -> SinkConfig {
-    SinkConfig {
-        sink: SinkSettings {
-            batch_max: 1000,
-            batch_wait: Duration::from_millis(50),
-            max_backoff: Duration::from_millis(500),
-            session_timeout: Duration::from_secs(6),
-            partitions: 2,
-            metrics_addr: metrics,
-            ..SinkSettings::new(
-                &stack::kafka_brokers(),
-                prefix,
-                &[Topic::Trades],
-                &format!("{prefix}sink"),
-            )
-        },
-        postgres_url: url.into(),
-        pool_size: 2,
-    }
+    let mut config = common::quick_pg_config(prefix, &[Topic::Trades], url);
+    config.sink.partitions = 2;
+    config.sink.metrics_addr = metrics;
+    config
 }
 
 type Stop = tokio::sync::oneshot::Sender<()>;

@@ -3,6 +3,8 @@
 //! written once and the stored offsets equal the ends of the partitions; an
 //! idle sink reports an outage too.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::time::Duration;
 
@@ -175,13 +177,7 @@ async fn postgres_restart_mid_stream_loses_and_duplicates_nothing() {
         (trades.len() as i64, trades.len() as i64),
         "every trade once"
     );
-    let stored: BTreeMap<i32, i64> = client
-        .query("SELECT partition, next_offset FROM sink_offsets", &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| (r.get(0), r.get(1)))
-        .collect();
+    let stored = common::stored_positions(&client).await;
     assert_eq!(stored, ends);
     let letters: i64 = client
         .query_one("SELECT count(*) FROM dead_letters", &[])

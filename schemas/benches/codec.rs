@@ -186,6 +186,32 @@ fn to_json(t: &Trade) -> JsonTrade {
     }
 }
 
+/// Best records/s writing each of `items` into a reused buffer, `reps` times
+/// per run.
+fn encode_rate<T>(items: &[T], reps: usize, runs: usize, mut write: impl FnMut(&T, &mut Vec<u8>)) -> f64 {
+    let mut buf = Vec::with_capacity(256);
+    measure(items.len() * reps, runs, || {
+        for _ in 0..reps {
+            for t in items {
+                buf.clear();
+                write(t, &mut buf);
+                std::hint::black_box(&buf);
+            }
+        }
+    })
+}
+
+/// Best records/s reading each of `payloads`, `reps` times per run.
+fn decode_rate<R>(payloads: &[Vec<u8>], reps: usize, runs: usize, mut read: impl FnMut(&[u8]) -> R) -> f64 {
+    measure(payloads.len() * reps, runs, || {
+        for _ in 0..reps {
+            for b in payloads {
+                std::hint::black_box(read(b));
+            }
+        }
+    })
+}
+
 /// Best records/s over `runs` runs of `f`, which handles `n` records per call.
 fn measure(n: usize, runs: usize, mut f: impl FnMut()) -> f64 {
     let mut best = Duration::MAX;
@@ -206,7 +232,6 @@ fn main() {
     let codec = Codec::new(WriteFraming::SingleObject);
     let reps = if quick { 1 } else { (1_000_000 / trades.len()).max(1) };
     let runs = if quick { 1 } else { 5 };
-    let n = trades.len() * reps;
 
     let avro: Vec<Vec<u8>> = trades.iter().map(|t| codec.encode(t).expect("encodable")).collect();
     let jsons: Vec<Vec<u8>> = json
@@ -237,65 +262,25 @@ fn main() {
         assert_eq!(&from_serde(back), t);
     }
 
-    let mut buf = Vec::with_capacity(256);
-    let apache_enc = measure(n, runs, || {
-        for _ in 0..reps {
-            for t in &trades {
-                buf.clear();
-                writer.write_ref(&to_serde(t), &mut buf).expect("encodable");
-                std::hint::black_box(&buf);
-            }
-        }
+    let apache_enc = encode_rate(&trades, reps, runs, |t, buf| {
+        writer.write_ref(&to_serde(t), buf).expect("encodable");
     });
     // Its best case: the serde records built beforehand, no conversion.
-    let apache_enc_ready = measure(n, runs, || {
-        for _ in 0..reps {
-            for t in &serde_trades {
-                buf.clear();
-                writer.write_ref(t, &mut buf).expect("encodable");
-                std::hint::black_box(&buf);
-            }
-        }
+    let apache_enc_ready = encode_rate(&serde_trades, reps, runs, |t, buf| {
+        writer.write_ref(t, buf).expect("encodable");
     });
-    let apache_dec = measure(n, runs, || {
-        for _ in 0..reps {
-            for b in &avro {
-                let t: SerdeTrade = reader.read_deser(&mut b.as_slice()).expect("decodable");
-                std::hint::black_box(from_serde(t));
-            }
-        }
+    let apache_dec = decode_rate(&avro, reps, runs, |mut b| {
+        from_serde(reader.read_deser(&mut b).expect("decodable"))
     });
-    let avro_enc = measure(n, runs, || {
-        for _ in 0..reps {
-            for t in &trades {
-                buf.clear();
-                codec.encode_into(t, &mut buf).expect("encodable");
-                std::hint::black_box(&buf);
-            }
-        }
+    let avro_enc = encode_rate(&trades, reps, runs, |t, buf| {
+        codec.encode_into(t, buf).expect("encodable")
     });
-    let avro_dec = measure(n, runs, || {
-        for _ in 0..reps {
-            for b in &avro {
-                std::hint::black_box(codec.decode::<Trade>(b).expect("decodable"));
-            }
-        }
+    let avro_dec = decode_rate(&avro, reps, runs, |b| codec.decode::<Trade>(b).expect("decodable"));
+    let json_enc = encode_rate(&json, reps, runs, |t, buf| {
+        serde_json::to_writer(buf, t).expect("serialisable");
     });
-    let json_enc = measure(n, runs, || {
-        for _ in 0..reps {
-            for t in &json {
-                buf.clear();
-                serde_json::to_writer(&mut buf, t).expect("serialisable");
-                std::hint::black_box(&buf);
-            }
-        }
-    });
-    let json_dec = measure(n, runs, || {
-        for _ in 0..reps {
-            for b in &jsons {
-                std::hint::black_box(serde_json::from_slice::<JsonTrade>(b).expect("parsable"));
-            }
-        }
+    let json_dec = decode_rate(&jsons, reps, runs, |b| {
+        serde_json::from_slice::<JsonTrade>(b).expect("parsable")
     });
 
     let avg = |v: &[Vec<u8>]| v.iter().map(Vec::len).sum::<usize>() as f64 / v.len() as f64;
@@ -307,48 +292,18 @@ fn main() {
         "  {:<28} {:>14} {:>14} {:>12}",
         "", "records/s", "vs serde_json", "bytes/rec"
     );
-    println!(
-        "  {:<28} {:>14.0} {:>13.2}x {:>12.1}",
-        "avro encode (single-object)",
-        avro_enc,
-        avro_enc / json_enc,
-        avg(&avro)
-    );
-    println!(
-        "  {:<28} {:>14.0} {:>13.2}x",
-        "avro decode",
-        avro_dec,
-        avro_dec / json_dec
-    );
-    println!(
-        "  {:<28} {:>14.0} {:>13.2}x {:>12.1}",
-        "serde_json encode (baseline)",
-        json_enc,
-        1.0,
-        avg(&jsons)
-    );
-    println!(
-        "  {:<28} {:>14.0} {:>13.2}x",
-        "serde_json decode (baseline)", json_dec, 1.0
-    );
-    println!(
-        "  {:<28} {:>14.0} {:>13.2}x",
-        "apache-avro 0.22 encode",
-        apache_enc,
-        apache_enc / json_enc
-    );
-    println!(
-        "  {:<28} {:>14.0} {:>13.2}x",
-        "  (serde records ready)",
-        apache_enc_ready,
-        apache_enc_ready / json_enc
-    );
-    println!(
-        "  {:<28} {:>14.0} {:>13.2}x",
-        "apache-avro 0.22 decode",
-        apache_dec,
-        apache_dec / json_dec
-    );
+    let row = |label: &str, rate: f64, baseline: f64, bytes: Option<f64>| {
+        let bytes = bytes.map_or(String::new(), |b| format!("{b:>12.1}"));
+        let line = format!("  {label:<28} {rate:>14.0} {:>13.2}x {bytes}", rate / baseline);
+        println!("{}", line.trim_end());
+    };
+    row("avro encode (single-object)", avro_enc, json_enc, Some(avg(&avro)));
+    row("avro decode", avro_dec, json_dec, None);
+    row("serde_json encode (baseline)", json_enc, json_enc, Some(avg(&jsons)));
+    row("serde_json decode (baseline)", json_dec, json_dec, None);
+    row("apache-avro 0.22 encode", apache_enc, json_enc, None);
+    row("  (serde records ready)", apache_enc_ready, json_enc, None);
+    row("apache-avro 0.22 decode", apache_dec, json_dec, None);
     // From our records and back to them, as the services would use it.
     let (enc_ratio, dec_ratio) = (avro_enc / apache_enc, avro_dec / apache_dec);
     println!(
