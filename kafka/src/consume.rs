@@ -2,9 +2,10 @@
 //! the lag gauge, and the check of a written position against the
 //! partition's end.
 
-use prometheus::{IntGaugeVec, Opts};
+use prometheus::{IntGaugeVec, Opts, Registry};
 use rdkafka::config::ClientConfig;
 use rdkafka::Statistics;
+use tickpipe_ops::metrics::register;
 
 use crate::client::{client_config, default_to, require};
 
@@ -27,17 +28,19 @@ pub fn consumer_config(brokers: &str, group: &str) -> ClientConfig {
 /// gauge is set.
 pub const STATISTICS_INTERVAL_MS: &str = "5000";
 
-/// `<prefix>_consumer_lag_records{topic, partition}`, set by
+/// `<prefix>_consumer_lag_records{topic, partition}` in `registry`, set by
 /// [`record_consumer_lag`].
-pub fn consumer_lag_gauge(prefix: &str) -> IntGaugeVec {
-    IntGaugeVec::new(
-        Opts::new(
-            format!("{prefix}_consumer_lag_records"),
-            "Records behind the partition's end (from the committed offset).",
+pub fn consumer_lag_gauge(registry: &Registry, prefix: &str) -> IntGaugeVec {
+    register(
+        registry,
+        IntGaugeVec::new(
+            Opts::new(
+                format!("{prefix}_consumer_lag_records"),
+                "Records behind the partition's end (from the committed offset).",
+            ),
+            &["topic", "partition"],
         ),
-        &["topic", "partition"],
     )
-    .unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// Sets the lag gauge from a statistics report: per partition, the records

@@ -5,6 +5,7 @@
 //! the shutdown signal and the logging set-up.
 
 pub mod config;
+pub mod metrics;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};

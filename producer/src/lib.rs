@@ -6,9 +6,11 @@
 //! - [`item`]: what sources emit (a record or a reject) and the exact-decimal helpers.
 //! - [`publish`]: encoding and the bounded, backpressured Kafka enqueue.
 //! - [`service`]: topics, registry, endpoint, sources, shutdown.
-//! - [`config`], [`metrics`]; Kafka itself is `tickpipe_kafka`.
+//! - [`config`], [`metrics`], [`events`] (occurrences logged and counted
+//!   together); Kafka itself is `tickpipe_kafka`.
 
 pub mod config;
+pub mod events;
 pub mod item;
 pub mod metrics;
 pub mod publish;

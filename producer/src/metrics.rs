@@ -3,6 +3,7 @@
 //! only), `interval`, `api`, `outcome`.
 
 use prometheus::{GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry};
+use tickpipe_ops::metrics::register;
 
 /// Every metric the producer exports.
 #[derive(Clone)]
@@ -51,9 +52,7 @@ pub struct Metrics {
 }
 
 fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
-    let c = IntCounterVec::new(Opts::new(name, help), labels).expect("metric definition");
-    registry.register(Box::new(c.clone())).expect("unique metric");
-    c
+    register(registry, IntCounterVec::new(Opts::new(name, help), labels))
 }
 
 impl Default for Metrics {
@@ -66,37 +65,41 @@ impl Metrics {
     pub fn new() -> Self {
         let registry = Registry::new();
         let r = &registry;
-        let produce_latency = Histogram::with_opts(
-            HistogramOpts::new(
-                "tickpipe_producer_produce_latency_seconds",
-                "Time from enqueue to the broker's acknowledgement.",
-            )
-            .buckets(prometheus::exponential_buckets(0.0005, 2.0, 16).expect("buckets")),
-        )
-        .expect("metric definition");
-        r.register(Box::new(produce_latency.clone())).expect("unique metric");
-        let queue_depth = IntGauge::new(
-            "tickpipe_producer_queue_depth_records",
-            "Records enqueued and not yet acknowledged.",
-        )
-        .expect("metric definition");
-        r.register(Box::new(queue_depth.clone())).expect("unique metric");
-        let rest_latency = HistogramVec::new(
-            HistogramOpts::new("tickpipe_producer_rest_latency_seconds", "REST request latency.")
-                .buckets(prometheus::exponential_buckets(0.005, 2.0, 12).expect("buckets")),
-            &["api"],
-        )
-        .expect("metric definition");
-        r.register(Box::new(rest_latency.clone())).expect("unique metric");
-        let kline_newest = GaugeVec::new(
-            Opts::new(
-                "tickpipe_producer_kline_newest_close_timestamp_seconds",
-                "Close time (Unix seconds) of the newest kline the backfill published or finds checkpointed.",
+        let produce_latency = register(
+            r,
+            Histogram::with_opts(
+                HistogramOpts::new(
+                    "tickpipe_producer_produce_latency_seconds",
+                    "Time from enqueue to the broker's acknowledgement.",
+                )
+                .buckets(prometheus::exponential_buckets(0.0005, 2.0, 16).expect("buckets")),
             ),
-            &["symbol", "interval"],
-        )
-        .expect("metric definition");
-        r.register(Box::new(kline_newest.clone())).expect("unique metric");
+        );
+        let queue_depth = register(
+            r,
+            IntGauge::new(
+                "tickpipe_producer_queue_depth_records",
+                "Records enqueued and not yet acknowledged.",
+            ),
+        );
+        let rest_latency = register(
+            r,
+            HistogramVec::new(
+                HistogramOpts::new("tickpipe_producer_rest_latency_seconds", "REST request latency.")
+                    .buckets(prometheus::exponential_buckets(0.005, 2.0, 12).expect("buckets")),
+                &["api"],
+            ),
+        );
+        let kline_newest = register(
+            r,
+            GaugeVec::new(
+                Opts::new(
+                    "tickpipe_producer_kline_newest_close_timestamp_seconds",
+                    "Close time (Unix seconds) of the newest kline the backfill published or finds checkpointed.",
+                ),
+                &["symbol", "interval"],
+            ),
+        );
         Metrics {
             received: counter(
                 r,

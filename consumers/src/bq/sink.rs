@@ -15,6 +15,7 @@ use std::collections::{HashMap, HashSet};
 use std::future::Future;
 
 use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry};
+use tickpipe_ops::metrics::register;
 use tickpipe_ops::now_micros;
 use tickpipe_schemas::{Source, Stage, Topic};
 
@@ -25,7 +26,7 @@ use super::tables::prepare_tables;
 use super::COMPONENT;
 use crate::decode::{Item, Reject};
 pub use crate::sink::SinkError;
-use crate::sink::{fatal, must, target, Failure, Opening, Out, Resume, Sink, SinkSettings, Written};
+use crate::sink::{fatal, target, Failure, Opening, Out, Resume, Sink, SinkSettings, Written};
 use tickpipe_schemas::AnyRecord;
 
 /// Everything the sink needs.
@@ -56,26 +57,30 @@ struct Metrics {
 impl Metrics {
     fn new(registry: &Registry) -> Self {
         let p = "tickpipe_bigquery_sink";
-        let counter =
-            |name: &str, help: &str| must(IntCounterVec::new(Opts::new(format!("{p}_{name}"), help), &["table"]));
+        let counter = |name: &str, help: &str| {
+            register(
+                registry,
+                IntCounterVec::new(Opts::new(format!("{p}_{name}"), help), &["table"]),
+            )
+        };
         let m = Metrics {
             rows: counter("rows_written_total", "Rows acknowledged by BigQuery, per table."),
             bytes: counter(
                 "bytes_written_total",
                 "Bytes of row JSON acknowledged by BigQuery, per table.",
             ),
-            requests: must(HistogramVec::new(
-                HistogramOpts::new(
-                    format!("{p}_request_duration_seconds"),
-                    "BigQuery API request latency, by operation.",
-                )
-                .buckets(prometheus::exponential_buckets(0.001, 2.0, 15).unwrap_or_default()),
-                &["operation"],
-            )),
+            requests: register(
+                registry,
+                HistogramVec::new(
+                    HistogramOpts::new(
+                        format!("{p}_request_duration_seconds"),
+                        "BigQuery API request latency, by operation.",
+                    )
+                    .buckets(prometheus::exponential_buckets(0.001, 2.0, 15).unwrap_or_default()),
+                    &["operation"],
+                ),
+            ),
         };
-        must(registry.register(Box::new(m.rows.clone())));
-        must(registry.register(Box::new(m.bytes.clone())));
-        must(registry.register(Box::new(m.requests.clone())));
         m
     }
 }

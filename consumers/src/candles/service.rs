@@ -34,6 +34,7 @@ use rdkafka::producer::Producer;
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{ClientContext, Message, Offset, Statistics, TopicPartitionList};
 use tickpipe_kafka::{ensure_topic_names, ensure_topics_configured, future_producer, producer_config, TopicError};
+use tickpipe_ops::metrics::register;
 use tickpipe_schemas::validate::Rules;
 use tickpipe_schemas::{Codec, DeadLetter, Origin, Record, Source, Stage, Topic, Trade, WriteFraming};
 
@@ -127,57 +128,59 @@ pub struct Metrics {
 impl Metrics {
     fn new() -> Self {
         let registry = Registry::new();
-        let trades_in = IntCounter::new("tickpipe_candles_trades_in_total", "Trades read from the trades topic.")
-            .unwrap_or_else(|e| panic!("{e}"));
-        let already_counted = IntCounter::new(
-            "tickpipe_candles_records_already_counted_total",
-            "Trades skipped on re-reading because the restored state already holds them.",
-        )
-        .unwrap_or_else(|e| panic!("{e}"));
-        let candles_out = IntCounterVec::new(
-            Opts::new(
-                "tickpipe_candles_candles_out_total",
-                "Candle versions published, by interval.",
+        let trades_in = register(
+            &registry,
+            IntCounter::new("tickpipe_candles_trades_in_total", "Trades read from the trades topic."),
+        );
+        let already_counted = register(
+            &registry,
+            IntCounter::new(
+                "tickpipe_candles_records_already_counted_total",
+                "Trades skipped on re-reading because the restored state already holds them.",
             ),
-            &["interval"],
-        )
-        .unwrap_or_else(|e| panic!("{e}"));
-        let late = IntCounter::new(
-            "tickpipe_candles_late_trades_total",
-            "Trades behind the watermark (dead letters).",
-        )
-        .unwrap_or_else(|e| panic!("{e}"));
-        let rejected = IntCounterVec::new(
-            Opts::new(
-                "tickpipe_candles_rejected_total",
-                "Input sent to dead letters, by error type.",
+        );
+        let candles_out = register(
+            &registry,
+            IntCounterVec::new(
+                Opts::new(
+                    "tickpipe_candles_candles_out_total",
+                    "Candle versions published, by interval.",
+                ),
+                &["interval"],
             ),
-            &["error_type"],
-        )
-        .unwrap_or_else(|e| panic!("{e}"));
-        let watermark_lag = IntGauge::new(
-            "tickpipe_candles_watermark_lag_seconds",
-            "Wall clock minus the oldest watermark of the symbols seen.",
-        )
-        .unwrap_or_else(|e| panic!("{e}"));
-        let lag = consumer_lag_gauge("tickpipe_candles");
-        let refused = IntGauge::new(
-            "tickpipe_candles_refused_partitions",
-            "Trades partitions paused because the stored position is above the partition's end.",
-        )
-        .unwrap_or_else(|e| panic!("{e}"));
-        for c in [
-            Box::new(refused.clone()) as Box<dyn prometheus::core::Collector>,
-            Box::new(trades_in.clone()),
-            Box::new(already_counted.clone()),
-            Box::new(candles_out.clone()),
-            Box::new(late.clone()),
-            Box::new(rejected.clone()),
-            Box::new(watermark_lag.clone()),
-            Box::new(lag.clone()),
-        ] {
-            registry.register(c).unwrap_or_else(|e| panic!("{e}"));
-        }
+        );
+        let late = register(
+            &registry,
+            IntCounter::new(
+                "tickpipe_candles_late_trades_total",
+                "Trades behind the watermark (dead letters).",
+            ),
+        );
+        let rejected = register(
+            &registry,
+            IntCounterVec::new(
+                Opts::new(
+                    "tickpipe_candles_rejected_total",
+                    "Input sent to dead letters, by error type.",
+                ),
+                &["error_type"],
+            ),
+        );
+        let watermark_lag = register(
+            &registry,
+            IntGauge::new(
+                "tickpipe_candles_watermark_lag_seconds",
+                "Wall clock minus the oldest watermark of the symbols seen.",
+            ),
+        );
+        let lag = consumer_lag_gauge(&registry, "tickpipe_candles");
+        let refused = register(
+            &registry,
+            IntGauge::new(
+                "tickpipe_candles_refused_partitions",
+                "Trades partitions paused because the stored position is above the partition's end.",
+            ),
+        );
         Metrics {
             registry,
             trades_in,

@@ -4,11 +4,8 @@ use std::collections::HashMap;
 
 use prometheus::{Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry};
 use tickpipe_kafka::consumer_lag_gauge;
+use tickpipe_ops::metrics::register;
 use tickpipe_ops::now_micros;
-
-pub(crate) fn must<T>(r: prometheus::Result<T>) -> T {
-    r.unwrap_or_else(|e| panic!("metric definition: {e}"))
-}
 
 /// The metrics every sink exports, named `<prefix>_...`.
 #[derive(Clone)]
@@ -30,8 +27,12 @@ impl SinkMetrics {
     /// Creates and registers the metrics; `target` names where rows go
     /// ("Postgres", "BigQuery") in the help texts.
     pub fn new(registry: &Registry, prefix: &str, target: &str) -> Self {
+        let r = registry;
         let counter = |name: &str, help: String, labels: &[&str]| {
-            must(IntCounterVec::new(Opts::new(format!("{prefix}_{name}"), help), labels))
+            register(
+                r,
+                IntCounterVec::new(Opts::new(format!("{prefix}_{name}"), help), labels),
+            )
         };
         let m = SinkMetrics {
             consumed: counter("records_consumed_total", "Records read from Kafka.".into(), &["topic"]),
@@ -55,51 +56,51 @@ impl SinkMetrics {
                 "Offsets the broker skipped, or batches that started after the written position.".into(),
                 &["topic"],
             ),
-            refused: must(IntGaugeVec::new(
-                Opts::new(
-                    format!("{prefix}_refused_partitions"),
-                    "Assigned partitions paused because the written position is above the partition's end; the \
+            refused: register(
+                r,
+                IntGaugeVec::new(
+                    Opts::new(
+                        format!("{prefix}_refused_partitions"),
+                        "Assigned partitions paused because the written position is above the partition's end; the \
                      log says how to re-baseline.",
+                    ),
+                    &["topic"],
                 ),
-                &["topic"],
-            )),
-            retries: must(IntCounter::new(
-                format!("{prefix}_write_retries_total"),
-                format!("Writes retried after a {target} or broker failure."),
-            )),
-            batch_size: must(Histogram::with_opts(
-                HistogramOpts::new(format!("{prefix}_batch_records"), "Records per written batch.")
-                    .buckets(vec![1.0, 10.0, 100.0, 1_000.0, 5_000.0, 10_000.0, 50_000.0]),
-            )),
-            write_seconds: must(Histogram::with_opts(
-                HistogramOpts::new(format!("{prefix}_write_duration_seconds"), "Time to write a batch.")
-                    .buckets(prometheus::exponential_buckets(0.001, 2.0, 14).unwrap_or_default()),
-            )),
-            end_to_end: must(HistogramVec::new(
-                HistogramOpts::new(
-                    format!("{prefix}_end_to_end_latency_seconds"),
-                    format!("From the exchange's event time to the write in {target}."),
-                )
-                .buckets(prometheus::exponential_buckets(0.01, 2.0, 16).unwrap_or_default()),
-                &["topic"],
-            )),
-            lag: consumer_lag_gauge(prefix),
+            ),
+            retries: register(
+                r,
+                IntCounter::new(
+                    format!("{prefix}_write_retries_total"),
+                    format!("Writes retried after a {target} or broker failure."),
+                ),
+            ),
+            batch_size: register(
+                r,
+                Histogram::with_opts(
+                    HistogramOpts::new(format!("{prefix}_batch_records"), "Records per written batch.")
+                        .buckets(vec![1.0, 10.0, 100.0, 1_000.0, 5_000.0, 10_000.0, 50_000.0]),
+                ),
+            ),
+            write_seconds: register(
+                r,
+                Histogram::with_opts(
+                    HistogramOpts::new(format!("{prefix}_write_duration_seconds"), "Time to write a batch.")
+                        .buckets(prometheus::exponential_buckets(0.001, 2.0, 14).unwrap_or_default()),
+                ),
+            ),
+            end_to_end: register(
+                r,
+                HistogramVec::new(
+                    HistogramOpts::new(
+                        format!("{prefix}_end_to_end_latency_seconds"),
+                        format!("From the exchange's event time to the write in {target}."),
+                    )
+                    .buckets(prometheus::exponential_buckets(0.01, 2.0, 16).unwrap_or_default()),
+                    &["topic"],
+                ),
+            ),
+            lag: consumer_lag_gauge(r, prefix),
         };
-        for c in [
-            Box::new(m.consumed.clone()) as Box<dyn prometheus::core::Collector>,
-            Box::new(m.written.clone()),
-            Box::new(m.rejected.clone()),
-            Box::new(m.already_written.clone()),
-            Box::new(m.offset_gaps.clone()),
-            Box::new(m.refused.clone()),
-            Box::new(m.retries.clone()),
-            Box::new(m.batch_size.clone()),
-            Box::new(m.write_seconds.clone()),
-            Box::new(m.end_to_end.clone()),
-            Box::new(m.lag.clone()),
-        ] {
-            must(registry.register(c));
-        }
         m
     }
 

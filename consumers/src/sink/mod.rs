@@ -40,7 +40,6 @@ use tickpipe_schemas::{Codec, DeadLetter, EncodeError, Micros, Topic, WriteFrami
 use tokio::sync::mpsc;
 
 pub use consumer::{ConsumeError, Positions, ReadPositions, Resume};
-pub(crate) use metrics::must;
 pub use metrics::SinkMetrics;
 
 use crate::decode::{reject_letter, Item, Reject};

@@ -2,6 +2,7 @@
 //! `trades` holds every id exactly once; a repair holds up only its own lane.
 
 use super::*;
+use crate::events::TradesUnrepaired;
 
 /// A live trade on its way to its lane, with the frame it came in (for dead
 /// letters) and, for a trade Binance excludes, why.
@@ -98,15 +99,14 @@ impl Lanes {
         let metrics = self.shared.publisher.metrics();
         for ((symbol, _), lane) in &self.lanes {
             if lane.left > lane.queued {
-                let missing = lane.left.abs_diff(lane.queued);
-                metrics.unrepaired.with_label_values(&[symbol]).inc_by(missing);
-                tracing::error!(
-                    symbol = %symbol,
-                    from = lane.queued.saturating_add(1),
-                    to = lane.left,
-                    missing,
-                    "trades left to a repair when the producer stopped are not published"
-                );
+                TradesUnrepaired {
+                    symbol,
+                    from: lane.queued.saturating_add(1),
+                    to: lane.left,
+                    missing: lane.left.abs_diff(lane.queued),
+                    why: "trades left to a repair when the producer stopped are not published",
+                }
+                .emit(metrics);
             }
         }
         drop(self.lanes);
@@ -184,8 +184,14 @@ pub(super) async fn sequence_trade(
             };
             let missing = (to - filled + 1).max(0) as u64 + skipped;
             if missing > 0 {
-                metrics.unrepaired.with_label_values(&[&t.symbol]).inc_by(missing);
-                tracing::error!(symbol = %t.symbol, from, to, missing, "trade ids could not be repaired");
+                TradesUnrepaired {
+                    symbol: &t.symbol,
+                    from,
+                    to,
+                    missing,
+                    why: "trade ids could not be repaired",
+                }
+                .emit(metrics);
             }
         }
         Order::First | Order::Next => {}
