@@ -1,16 +1,23 @@
-//! Records to rows: one function per table, each a binary `COPY` (into the table
-//! itself, or into a per-connection staging table followed by one set-based
-//! upsert), plus poison isolation by bisection.
+//! Records to rows, derived from the schemas: a table's columns are its
+//! record's fields (their PostgreSQL types from the Avro types), so each table
+//! says only its key and how a new row merges with a stored one ([`TABLES`]).
+//! Rows go in by binary `COPY` (into the table itself, or into a
+//! per-connection staging table followed by one set-based upsert), with
+//! poison isolation by bisection.
 
 use std::collections::HashMap;
+use std::sync::OnceLock;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use apache_avro::schema::Schema;
+use bytes::BytesMut;
 use tokio_postgres::binary_copy::BinaryCopyInWriter;
 use tokio_postgres::error::SqlState;
-use tokio_postgres::types::Type;
+use tokio_postgres::types::{to_sql_checked, IsNull, ToSql, Type};
 use tokio_postgres::{Error, Transaction};
 
-use tickpipe_schemas::{Asset, Candle, DeadLetter, Exchange, Market, Micros, Price, Rate, Topic, Trade};
+use tickpipe_schemas::field::Value;
+use tickpipe_schemas::{Asset, DeadLetter, Micros, Record, Topic};
 
 pub use crate::decode::{Item, Reject};
 pub use tickpipe_schemas::AnyRecord;
@@ -118,270 +125,373 @@ fn write_isolating<'t, 'a: 't>(
     })
 }
 
-async fn write_table(tx: &Transaction<'_>, table: Topic, rows: &[&Item]) -> Result<(), Error> {
-    macro_rules! bodies {
-        ($variant:ident) => {
-            rows.iter()
-                .filter_map(|i| match &i.body {
-                    Ok(AnyRecord::$variant(r)) => Some::<&tickpipe_schemas::$variant>(r),
-                    _ => None,
-                })
-                .collect::<Vec<_>>()
-        };
-    }
-    match table {
-        Topic::Trades => trades(tx, &bodies!(Trade)).await,
-        Topic::Prices => prices(tx, &bodies!(Price)).await,
-        Topic::Candles => candles(tx, &bodies!(Candle)).await,
-        Topic::Assets => assets(tx, &bodies!(Asset)).await,
-        Topic::Rates => rates(tx, &bodies!(Rate)).await,
-        Topic::Exchanges => exchanges(tx, &bodies!(Exchange)).await,
-        Topic::Markets => markets(tx, &bodies!(Market)).await,
-        Topic::DeadLetters => dead_letters(tx, &bodies!(DeadLetter)).await,
+/// How a new row merges with a stored one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Merge {
+    /// Immutable rows: the first copy wins. `direct` copies straight into the
+    /// table first, and through staging only when a row is already stored.
+    Keep { direct: bool },
+    /// The last version in Kafka order wins (a correction replaces the row
+    /// it corrects).
+    LastWins,
+    /// Current state: the newest event time wins, so a record replayed or
+    /// delivered late never overwrites a newer one.
+    NewerWins,
+}
+
+/// A table: what is not derived from its record's schema.
+struct Table {
+    topic: Topic,
+    name: &'static str,
+    /// The columns a row is identified by (for `LastWins` and `NewerWins`).
+    key: &'static [&'static str],
+    merge: Merge,
+    /// Text without NUL (dead letters keep the rest of a text Postgres
+    /// could not hold; elsewhere such a value is refused as data).
+    clean: bool,
+}
+
+/// Every table the sink writes.
+const TABLES: &[Table] = &[
+    Table {
+        topic: Topic::Trades,
+        name: "trades",
+        key: &[],
+        merge: Merge::Keep { direct: true },
+        clean: false,
+    },
+    Table {
+        topic: Topic::Prices,
+        name: "prices",
+        key: &[],
+        merge: Merge::Keep { direct: false },
+        clean: false,
+    },
+    Table {
+        topic: Topic::Candles,
+        name: "candles",
+        key: &["venue", "symbol", "interval", "open_time", "origin"],
+        merge: Merge::LastWins,
+        clean: false,
+    },
+    Table {
+        topic: Topic::Assets,
+        name: "assets",
+        key: &["id"],
+        merge: Merge::NewerWins,
+        clean: false,
+    },
+    Table {
+        topic: Topic::Rates,
+        name: "rates",
+        key: &["id"],
+        merge: Merge::NewerWins,
+        clean: false,
+    },
+    Table {
+        topic: Topic::Exchanges,
+        name: "exchanges",
+        key: &["exchange_id"],
+        merge: Merge::NewerWins,
+        clean: false,
+    },
+    Table {
+        topic: Topic::Markets,
+        name: "markets",
+        key: &["exchange_id", "base_symbol", "quote_symbol"],
+        merge: Merge::NewerWins,
+        clean: false,
+    },
+    Table {
+        topic: Topic::DeadLetters,
+        name: "dead_letters",
+        key: &[],
+        merge: Merge::Keep { direct: false },
+        clean: true,
+    },
+];
+
+fn table_of(topic: Topic) -> &'static Table {
+    TABLES
+        .iter()
+        .find(|t| t.topic == topic)
+        .unwrap_or_else(|| panic!("no table for {topic:?}"))
+}
+
+/// A table's columns: its record's fields in schema order, with their types.
+struct Columns {
+    names: Vec<String>,
+    types: Vec<Type>,
+    /// The names, quoted, comma-separated.
+    list: String,
+}
+
+/// The PostgreSQL type of an Avro field.
+fn pg_type(schema: &Schema) -> Type {
+    match schema {
+        Schema::Union(u) => u
+            .variants()
+            .iter()
+            .find(|v| !matches!(v, Schema::Null))
+            .map_or(Type::TEXT, pg_type),
+        Schema::Boolean => Type::BOOL,
+        Schema::Int => Type::INT4,
+        Schema::Long => Type::INT8,
+        Schema::TimestampMicros | Schema::TimestampMillis => Type::TIMESTAMPTZ,
+        Schema::Bytes | Schema::Fixed(_) => Type::BYTEA,
+        Schema::Decimal(_) => Type::NUMERIC,
+        Schema::Map(_) | Schema::Array(_) | Schema::Record(_) => Type::JSONB,
+        // Strings, enums and named references (the shared enums).
+        _ => Type::TEXT,
     }
 }
 
-/// Streams rows into `COPY <target> (<columns>) FROM STDIN BINARY`.
-macro_rules! copy_rows {
-    ($tx:expr, $target:expr, $columns:expr, $types:expr, $rows:expr, |$r:ident| $values:expr) => {{
-        let sink = $tx
-            .copy_in(&format!("COPY {} ({}) FROM STDIN BINARY", $target, $columns))
-            .await?;
-        let writer = BinaryCopyInWriter::new(sink, $types);
-        futures_util::pin_mut!(writer);
-        for $r in $rows {
-            writer.as_mut().write($values).await?;
+fn columns(topic: Topic) -> &'static Columns {
+    static ALL: OnceLock<HashMap<Topic, Columns>> = OnceLock::new();
+    let all = ALL.get_or_init(|| {
+        Topic::ALL
+            .into_iter()
+            .map(|t| {
+                let Schema::Record(record) = &t.schema().schema else {
+                    panic!("the {t:?} schema is not a record");
+                };
+                let names: Vec<String> = record.fields.iter().map(|f| f.name.clone()).collect();
+                let types = record.fields.iter().map(|f| pg_type(&f.schema)).collect();
+                let list = names.iter().map(|n| format!("\"{n}\"")).collect::<Vec<_>>().join(", ");
+                (t, Columns { names, types, list })
+            })
+            .collect()
+    });
+    &all[&topic]
+}
+
+/// One value as `COPY` takes it.
+#[derive(Debug)]
+enum Cell<'a> {
+    Null,
+    Bool(bool),
+    Int(i32),
+    Long(i64),
+    Time(SystemTime),
+    Text(&'a str),
+    Owned(String),
+    Bytes(&'a [u8]),
+    Decimal(rust_decimal::Decimal),
+    Json(serde_json::Value),
+}
+
+impl ToSql for Cell<'_> {
+    fn to_sql(&self, ty: &Type, out: &mut BytesMut) -> Result<IsNull, Box<dyn std::error::Error + Sync + Send>> {
+        match self {
+            Cell::Null => Ok(IsNull::Yes),
+            Cell::Bool(v) => v.to_sql(ty, out),
+            Cell::Int(v) => v.to_sql(ty, out),
+            Cell::Long(v) => v.to_sql(ty, out),
+            Cell::Time(v) => v.to_sql(ty, out),
+            Cell::Text(v) => v.to_sql(ty, out),
+            Cell::Owned(v) => v.to_sql(ty, out),
+            Cell::Bytes(v) => v.to_sql(ty, out),
+            Cell::Decimal(v) => v.to_sql(ty, out),
+            Cell::Json(v) => v.to_sql(ty, out),
         }
-        writer.finish().await
-    }};
+    }
+
+    fn accepts(_: &Type) -> bool {
+        true
+    }
+
+    to_sql_checked!();
 }
 
-/// A per-connection staging table shaped like `table`, emptied at commit.
-async fn stage(tx: &Transaction<'_>, table: &str) -> Result<String, Error> {
+/// A value as JSON (for map and array columns).
+fn json(value: &Value<'_>) -> serde_json::Value {
+    match value {
+        Value::Null => serde_json::Value::Null,
+        Value::Boolean(b) => (*b).into(),
+        Value::Int(i) => (*i).into(),
+        Value::Long(l) => (*l).into(),
+        Value::String(s) => (*s).into(),
+        Value::Enum(s) => (*s).into(),
+        Value::Decimal(d) => d.normalize().to_string().into(),
+        Value::Bytes(b) => b.iter().map(|x| serde_json::Value::from(*x)).collect(),
+        Value::Array(items) => items.iter().map(json).collect(),
+        Value::Map(entries) => entries.iter().map(|(k, v)| ((*k).to_owned(), json(v))).collect(),
+    }
+}
+
+fn cell<'a>(value: &Value<'a>, ty: &Type, clean_text: bool) -> Cell<'a> {
+    match value {
+        Value::Null => Cell::Null,
+        Value::Boolean(b) => Cell::Bool(*b),
+        Value::Int(i) => Cell::Int(*i),
+        Value::Long(l) if *ty == Type::TIMESTAMPTZ => Cell::Time(ts(*l)),
+        Value::Long(l) => Cell::Long(*l),
+        Value::String(s) if clean_text && s.contains('\0') => Cell::Owned(clean(s)),
+        Value::String(s) => Cell::Text(s),
+        Value::Enum(s) => Cell::Text(s),
+        Value::Bytes(b) => Cell::Bytes(b),
+        Value::Decimal(d) => Cell::Decimal(*d),
+        Value::Array(_) | Value::Map(_) => Cell::Json(json(value)),
+    }
+}
+
+/// Streams rows (each a record's values in schema order) into
+/// `COPY <target> (<columns>) FROM STDIN BINARY`.
+async fn copy_rows(
+    tx: &Transaction<'_>,
+    target: &str,
+    table: &Table,
+    rows: &[Vec<(&'static str, Value<'_>)>],
+) -> Result<u64, Error> {
+    let columns = columns(table.topic);
+    let sink = tx
+        .copy_in(&format!("COPY {target} ({}) FROM STDIN BINARY", columns.list))
+        .await?;
+    let writer = BinaryCopyInWriter::new(sink, &columns.types);
+    futures_util::pin_mut!(writer);
+    // One buffer of cells for every row.
+    let mut cells: Vec<Cell<'_>> = Vec::with_capacity(columns.types.len());
+    for row in rows {
+        for ((_, v), ty) in row.iter().zip(&columns.types) {
+            cells.push(cell(v, ty, table.clean));
+        }
+        writer.as_mut().write_raw(cells.drain(..)).await?;
+    }
+    writer.finish().await
+}
+
+async fn write_table(tx: &Transaction<'_>, topic: Topic, items: &[&Item]) -> Result<(), Error> {
+    let records: Vec<&AnyRecord> = items.iter().filter_map(|i| i.body.as_ref().ok()).collect();
+    if topic == Topic::Assets {
+        asset_history(tx, &records).await?;
+    }
+    let rows: Vec<Vec<(&'static str, Value<'_>)>> = records.iter().map(|r| r.values()).collect();
+    write_rows(
+        tx,
+        table_of(topic),
+        rows,
+        records.iter().map(|r| r.event_time()).collect(),
+    )
+    .await
+}
+
+/// Writes a table's rows (values in schema order; `event_times` alongside,
+/// for `NewerWins`) by its merge policy.
+async fn write_rows(
+    tx: &Transaction<'_>,
+    table: &Table,
+    rows: Vec<Vec<(&'static str, Value<'_>)>>,
+    event_times: Vec<Micros>,
+) -> Result<(), Error> {
+    let name = table.name;
+    let list = &columns(table.topic).list;
+    let rows = match table.merge {
+        Merge::Keep { .. } => rows,
+        Merge::LastWins => latest(rows, event_times, table.key, |_, _| true),
+        Merge::NewerWins => latest(rows, event_times, table.key, |kept, new| new >= kept),
+    };
+    if table.merge == (Merge::Keep { direct: true }) {
+        tx.batch_execute("SAVEPOINT direct").await?;
+        match copy_rows(tx, name, table, &rows).await {
+            Ok(_) => return tx.batch_execute("RELEASE SAVEPOINT direct").await,
+            Err(e) if e.code() == Some(&SqlState::UNIQUE_VIOLATION) => {
+                tx.batch_execute("ROLLBACK TO SAVEPOINT direct; RELEASE SAVEPOINT direct")
+                    .await?;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    let staged = stage(tx, name, list).await?;
+    copy_rows(tx, &staged, table, &rows).await?;
+    let sql = match table.merge {
+        Merge::Keep { .. } => format!("INSERT INTO {name} ({list}) SELECT {list} FROM {staged} ON CONFLICT DO NOTHING"),
+        Merge::LastWins => upsert_sql(table, &staged, ""),
+        Merge::NewerWins => upsert_sql(table, &staged, "WHERE t.event_time <= EXCLUDED.event_time"),
+    };
+    tx.batch_execute(&sql).await
+}
+
+/// A per-connection staging table with `columns` of `table`, emptied at
+/// commit. (`LIKE` would also carry an identity column's NOT NULL without
+/// its default.)
+async fn stage(tx: &Transaction<'_>, table: &str, columns: &str) -> Result<String, Error> {
     let name = format!("stage_{table}");
     tx.batch_execute(&format!(
-        "CREATE TEMP TABLE IF NOT EXISTS {name} (LIKE {table}) ON COMMIT DELETE ROWS; TRUNCATE {name}"
+        "CREATE TEMP TABLE IF NOT EXISTS {name} ON COMMIT DELETE ROWS AS SELECT {columns} FROM {table} WITH NO DATA; \
+         TRUNCATE {name}"
     ))
     .await?;
     Ok(name)
 }
 
-/// Keeps one row per key: the last one for which `newer(kept, candidate)` holds.
-fn latest<'a, T, K: std::hash::Hash + Eq>(
-    rows: &[&'a T],
-    key: impl Fn(&T) -> K,
-    newer: impl Fn(&T, &T) -> bool,
-) -> Vec<&'a T> {
-    let mut index: HashMap<K, usize> = HashMap::new();
-    let mut out: Vec<&'a T> = Vec::new();
-    for r in rows {
-        match index.get(&key(r)) {
+/// Keeps one row per key: the last one for which `newer(kept, candidate)`
+/// holds of their event times.
+fn latest<'v>(
+    rows: Vec<Vec<(&'static str, Value<'v>)>>,
+    event_times: Vec<Micros>,
+    key: &[&str],
+    newer: impl Fn(Micros, Micros) -> bool,
+) -> Vec<Vec<(&'static str, Value<'v>)>> {
+    let mut index: HashMap<String, usize> = HashMap::new();
+    let mut out: Vec<(Vec<(&'static str, Value<'v>)>, Micros)> = Vec::new();
+    for (row, t) in rows.into_iter().zip(event_times) {
+        let k = format!(
+            "{:?}",
+            row.iter()
+                .filter(|(n, _)| key.contains(n))
+                .map(|(_, v)| v)
+                .collect::<Vec<_>>()
+        );
+        match index.get(&k) {
             Some(&i) => {
-                if newer(out[i], r) {
-                    out[i] = r;
+                if newer(out[i].1, t) {
+                    out[i] = (row, t);
                 }
             }
             None => {
-                index.insert(key(r), out.len());
-                out.push(r);
+                index.insert(k, out.len());
+                out.push((row, t));
             }
         }
     }
-    out
-}
-
-const TRADE_COLUMNS: &str = "venue, symbol, kind, trade_id, price, quantity, buyer_is_maker, \
-                             first_trade_id, last_trade_id, source, event_time, ingest_time";
-const TRADE_TYPES: &[Type] = &[
-    Type::TEXT,
-    Type::TEXT,
-    Type::TEXT,
-    Type::INT8,
-    Type::NUMERIC,
-    Type::NUMERIC,
-    Type::BOOL,
-    Type::INT8,
-    Type::INT8,
-    Type::TEXT,
-    Type::TIMESTAMPTZ,
-    Type::TIMESTAMPTZ,
-];
-
-async fn copy_trades(tx: &Transaction<'_>, target: &str, rows: &[&Trade]) -> Result<u64, Error> {
-    copy_rows!(tx, target, TRADE_COLUMNS, TRADE_TYPES, rows, |t| &[
-        &t.venue,
-        &t.symbol,
-        &t.kind.as_str(),
-        &t.trade_id,
-        &t.price,
-        &t.quantity,
-        &t.buyer_is_maker,
-        &t.first_trade_id,
-        &t.last_trade_id,
-        &t.source.as_str(),
-        &ts(t.event_time),
-        &ts(t.ingest_time),
-    ])
-}
-
-/// Trades are immutable: the first copy of a trade id wins. The fast path
-/// copies straight into `trades`; a batch holding a trade already stored (the
-/// same trade published twice) goes through staging and `ON CONFLICT DO NOTHING`.
-async fn trades(tx: &Transaction<'_>, rows: &[&Trade]) -> Result<(), Error> {
-    tx.batch_execute("SAVEPOINT direct").await?;
-    match copy_trades(tx, "trades", rows).await {
-        Ok(_) => return tx.batch_execute("RELEASE SAVEPOINT direct").await,
-        Err(e) if e.code() == Some(&SqlState::UNIQUE_VIOLATION) => {
-            tx.batch_execute("ROLLBACK TO SAVEPOINT direct; RELEASE SAVEPOINT direct")
-                .await?;
-        }
-        Err(e) => return Err(e),
-    }
-    let staged = stage(tx, "trades").await?;
-    copy_trades(tx, &staged, rows).await?;
-    tx.batch_execute(&format!(
-        "INSERT INTO trades ({TRADE_COLUMNS}) SELECT {TRADE_COLUMNS} FROM {staged} ON CONFLICT DO NOTHING"
-    ))
-    .await
-}
-
-async fn prices(tx: &Transaction<'_>, rows: &[&Price]) -> Result<(), Error> {
-    const COLUMNS: &str = "asset_id, event_time, price_usd, source, ingest_time";
-    let staged = stage(tx, "prices").await?;
-    copy_rows!(
-        tx,
-        staged,
-        COLUMNS,
-        &[
-            Type::TEXT,
-            Type::TIMESTAMPTZ,
-            Type::NUMERIC,
-            Type::TEXT,
-            Type::TIMESTAMPTZ
-        ],
-        rows,
-        |p| &[
-            &p.asset_id,
-            &ts(p.event_time),
-            &p.price_usd,
-            &p.source.as_str(),
-            &ts(p.ingest_time)
-        ]
-    )?;
-    tx.batch_execute(&format!(
-        "INSERT INTO prices ({COLUMNS}) SELECT {COLUMNS} FROM {staged} ON CONFLICT DO NOTHING"
-    ))
-    .await
+    out.into_iter().map(|(row, _)| row).collect()
 }
 
 /// Builds `INSERT INTO table (cols) SELECT cols FROM staged ON CONFLICT (key)
 /// DO UPDATE SET every other column [WHERE guard]`.
-fn upsert_sql(table: &str, staged: &str, columns: &str, key: &str, guard: &str) -> String {
-    let keys: Vec<&str> = key.split(',').map(str::trim).collect();
+fn upsert_sql(table: &Table, staged: &str, guard: &str) -> String {
+    let columns = columns(table.topic);
     let set: Vec<String> = columns
-        .split(',')
-        .map(str::trim)
-        .filter(|c| !keys.contains(c))
-        .map(|c| format!("{c} = EXCLUDED.{c}"))
+        .names
+        .iter()
+        .filter(|c| !table.key.contains(&c.as_str()))
+        .map(|c| format!("\"{c}\" = EXCLUDED.\"{c}\""))
         .collect();
+    let key = table
+        .key
+        .iter()
+        .map(|k| format!("\"{k}\""))
+        .collect::<Vec<_>>()
+        .join(", ");
     format!(
-        "INSERT INTO {table} AS t ({columns}) SELECT {columns} FROM {staged} \
-         ON CONFLICT ({key}) DO UPDATE SET {} {guard}",
+        "INSERT INTO {} AS t ({}) SELECT {} FROM {staged} ON CONFLICT ({key}) DO UPDATE SET {} {guard}",
+        table.name,
+        columns.list,
+        columns.list,
         set.join(", ")
     )
 }
 
-/// Candles: the latest version in Kafka order wins (a correction replaces the
-/// candle it corrects).
-async fn candles(tx: &Transaction<'_>, rows: &[&Candle]) -> Result<(), Error> {
-    const COLUMNS: &str = "venue, symbol, interval, open_time, origin, close_time, open, high, low, close, \
-                           volume, quote_volume, trade_count, taker_buy_base_volume, taker_buy_quote_volume, \
-                           first_trade_id, last_trade_id, closed, source, event_time, ingest_time";
-    let rows = latest(
-        rows,
-        |c| {
-            (
-                c.venue.clone(),
-                c.symbol.clone(),
-                c.interval.clone(),
-                c.open_time,
-                c.origin,
-            )
-        },
-        |_, _| true,
-    );
-    let staged = stage(tx, "candles").await?;
-    copy_rows!(
-        tx,
-        staged,
-        COLUMNS,
-        &[
-            Type::TEXT,
-            Type::TEXT,
-            Type::TEXT,
-            Type::TIMESTAMPTZ,
-            Type::TEXT,
-            Type::TIMESTAMPTZ,
-            Type::NUMERIC,
-            Type::NUMERIC,
-            Type::NUMERIC,
-            Type::NUMERIC,
-            Type::NUMERIC,
-            Type::NUMERIC,
-            Type::INT8,
-            Type::NUMERIC,
-            Type::NUMERIC,
-            Type::INT8,
-            Type::INT8,
-            Type::BOOL,
-            Type::TEXT,
-            Type::TIMESTAMPTZ,
-            Type::TIMESTAMPTZ,
-        ],
-        &rows,
-        |c| &[
-            &c.venue,
-            &c.symbol,
-            &c.interval,
-            &ts(c.open_time),
-            &c.origin.as_str(),
-            &ts(c.close_time),
-            &c.open,
-            &c.high,
-            &c.low,
-            &c.close,
-            &c.volume,
-            &c.quote_volume,
-            &c.trade_count,
-            &c.taker_buy_base_volume,
-            &c.taker_buy_quote_volume,
-            &c.first_trade_id,
-            &c.last_trade_id,
-            &c.closed,
-            &c.source.as_str(),
-            &ts(c.event_time),
-            &ts(c.ingest_time),
-        ]
-    )?;
-    tx.batch_execute(&upsert_sql(
-        "candles",
-        &staged,
-        COLUMNS,
-        "venue, symbol, interval, open_time, origin",
-        "",
-    ))
-    .await
-}
-
-/// Current-state upserts: the newest event time wins, so a record replayed or
-/// delivered late never overwrites a newer one.
-const NEWER_WINS: &str = "WHERE t.event_time <= EXCLUDED.event_time";
-
-async fn assets(tx: &Transaction<'_>, rows: &[&Asset]) -> Result<(), Error> {
-    const COLUMNS: &str = "id, rank, symbol, name, supply, max_supply, market_cap_usd, volume_usd_24h, price_usd, \
-                           change_percent_24h, vwap_24h, explorer, tokens, source, event_time, ingest_time";
-    // History first, every state in event-time order.
-    let mut ordered: Vec<&Asset> = rows.to_vec();
+/// Asset history first, every state in event-time order (SCD2, kept by the
+/// `tickpipe_asset_history_apply` function of the migrations).
+async fn asset_history(tx: &Transaction<'_>, records: &[&AnyRecord]) -> Result<(), Error> {
+    let mut ordered: Vec<&Asset> = records
+        .iter()
+        .filter_map(|r| match r {
+            AnyRecord::Asset(a) => Some(&**a),
+            _ => None,
+        })
+        .collect();
     ordered.sort_by(|a, b| (&a.id, a.event_time).cmp(&(&b.id, b.event_time)));
     let apply = tx
         .prepare("SELECT tickpipe_asset_history_apply($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)")
@@ -407,254 +517,14 @@ async fn assets(tx: &Transaction<'_>, rows: &[&Asset]) -> Result<(), Error> {
         )
         .await?;
     }
-    let rows = latest(rows, |a| a.id.clone(), |kept, new| new.event_time >= kept.event_time);
-    let staged = stage(tx, "assets").await?;
-    let tokens: Vec<serde_json::Value> = rows
-        .iter()
-        .map(|a| serde_json::to_value(&a.tokens).unwrap_or_default())
-        .collect();
-    copy_rows!(
-        tx,
-        staged,
-        COLUMNS,
-        &[
-            Type::TEXT,
-            Type::INT4,
-            Type::TEXT,
-            Type::TEXT,
-            Type::NUMERIC,
-            Type::NUMERIC,
-            Type::NUMERIC,
-            Type::NUMERIC,
-            Type::NUMERIC,
-            Type::NUMERIC,
-            Type::NUMERIC,
-            Type::TEXT,
-            Type::JSONB,
-            Type::TEXT,
-            Type::TIMESTAMPTZ,
-            Type::TIMESTAMPTZ,
-        ],
-        rows.iter().zip(&tokens),
-        |pair| {
-            let (a, tokens) = pair;
-            &[
-                &a.id,
-                &a.rank,
-                &a.symbol,
-                &a.name,
-                &a.supply,
-                &a.max_supply,
-                &a.market_cap_usd,
-                &a.volume_usd_24h,
-                &a.price_usd,
-                &a.change_percent_24h,
-                &a.vwap_24h,
-                &a.explorer,
-                tokens,
-                &a.source.as_str(),
-                &ts(a.event_time),
-                &ts(a.ingest_time),
-            ]
-        }
-    )?;
-    tx.batch_execute(&upsert_sql("assets", &staged, COLUMNS, "id", NEWER_WINS))
-        .await
-}
-
-async fn rates(tx: &Transaction<'_>, rows: &[&Rate]) -> Result<(), Error> {
-    const COLUMNS: &str = "id, symbol, currency_symbol, rate_type, rate_usd, source, event_time, ingest_time";
-    let rows = latest(rows, |r| r.id.clone(), |kept, new| new.event_time >= kept.event_time);
-    let staged = stage(tx, "rates").await?;
-    copy_rows!(
-        tx,
-        staged,
-        COLUMNS,
-        &[
-            Type::TEXT,
-            Type::TEXT,
-            Type::TEXT,
-            Type::TEXT,
-            Type::NUMERIC,
-            Type::TEXT,
-            Type::TIMESTAMPTZ,
-            Type::TIMESTAMPTZ,
-        ],
-        &rows,
-        |r| &[
-            &r.id,
-            &r.symbol,
-            &r.currency_symbol,
-            &r.rate_type.as_str(),
-            &r.rate_usd,
-            &r.source.as_str(),
-            &ts(r.event_time),
-            &ts(r.ingest_time),
-        ]
-    )?;
-    tx.batch_execute(&upsert_sql("rates", &staged, COLUMNS, "id", NEWER_WINS))
-        .await
-}
-
-async fn exchanges(tx: &Transaction<'_>, rows: &[&Exchange]) -> Result<(), Error> {
-    const COLUMNS: &str = "exchange_id, name, rank, percent_total_volume, volume_usd, trading_pairs, socket, \
-                           exchange_url, source, event_time, ingest_time";
-    let rows = latest(
-        rows,
-        |e| e.exchange_id.clone(),
-        |kept, new| new.event_time >= kept.event_time,
-    );
-    let staged = stage(tx, "exchanges").await?;
-    copy_rows!(
-        tx,
-        staged,
-        COLUMNS,
-        &[
-            Type::TEXT,
-            Type::TEXT,
-            Type::INT4,
-            Type::NUMERIC,
-            Type::NUMERIC,
-            Type::INT4,
-            Type::BOOL,
-            Type::TEXT,
-            Type::TEXT,
-            Type::TIMESTAMPTZ,
-            Type::TIMESTAMPTZ,
-        ],
-        &rows,
-        |e| &[
-            &e.exchange_id,
-            &e.name,
-            &e.rank,
-            &e.percent_total_volume,
-            &e.volume_usd,
-            &e.trading_pairs,
-            &e.socket,
-            &e.exchange_url,
-            &e.source.as_str(),
-            &ts(e.event_time),
-            &ts(e.ingest_time),
-        ]
-    )?;
-    tx.batch_execute(&upsert_sql("exchanges", &staged, COLUMNS, "exchange_id", NEWER_WINS))
-        .await
-}
-
-async fn markets(tx: &Transaction<'_>, rows: &[&Market]) -> Result<(), Error> {
-    const COLUMNS: &str = "exchange_id, base_symbol, quote_symbol, rank, base_id, quote_id, price_quote, price_usd, \
-                           volume_usd_24h, percent_exchange_volume, trades_count_24h, source, event_time, ingest_time";
-    let rows = latest(
-        rows,
-        |m| (m.exchange_id.clone(), m.base_symbol.clone(), m.quote_symbol.clone()),
-        |kept, new| new.event_time >= kept.event_time,
-    );
-    let staged = stage(tx, "markets").await?;
-    copy_rows!(
-        tx,
-        staged,
-        COLUMNS,
-        &[
-            Type::TEXT,
-            Type::TEXT,
-            Type::TEXT,
-            Type::INT4,
-            Type::TEXT,
-            Type::TEXT,
-            Type::NUMERIC,
-            Type::NUMERIC,
-            Type::NUMERIC,
-            Type::NUMERIC,
-            Type::INT8,
-            Type::TEXT,
-            Type::TIMESTAMPTZ,
-            Type::TIMESTAMPTZ,
-        ],
-        &rows,
-        |m| &[
-            &m.exchange_id,
-            &m.base_symbol,
-            &m.quote_symbol,
-            &m.rank,
-            &m.base_id,
-            &m.quote_id,
-            &m.price_quote,
-            &m.price_usd,
-            &m.volume_usd_24h,
-            &m.percent_exchange_volume,
-            &m.trades_count_24h,
-            &m.source.as_str(),
-            &ts(m.event_time),
-            &ts(m.ingest_time),
-        ]
-    )?;
-    tx.batch_execute(&upsert_sql(
-        "markets",
-        &staged,
-        COLUMNS,
-        "exchange_id, base_symbol, quote_symbol",
-        NEWER_WINS,
-    ))
-    .await
+    Ok(())
 }
 
 /// Appends dead letters (another service's, or the sink's own rejects); a
 /// letter already stored (same component and record coordinates, published
 /// again after a crash) is not stored twice.
 pub async fn dead_letters(tx: &Transaction<'_>, rows: &[&DeadLetter]) -> Result<(), Error> {
-    const COLUMNS: &str =
-        "component, stage, error, topic, partition, \"offset\", key, payload, source, event_time, ingest_time";
-    // Not `stage()`: `LIKE` would carry the id's NOT NULL without its default.
-    let staged = "stage_dead_letters";
-    tx.batch_execute(&format!(
-        "CREATE TEMP TABLE IF NOT EXISTS {staged} ON COMMIT DELETE ROWS AS SELECT {COLUMNS} FROM dead_letters \
-         WITH NO DATA; TRUNCATE {staged}"
-    ))
-    .await?;
-    let cleaned: Vec<DeadLetter> = rows
-        .iter()
-        .map(|d| DeadLetter {
-            component: clean(&d.component),
-            stage: clean(&d.stage),
-            error: clean(&d.error),
-            topic: d.topic.as_deref().map(clean),
-            ..(*d).clone()
-        })
-        .collect();
-    copy_rows!(
-        tx,
-        staged,
-        COLUMNS,
-        &[
-            Type::TEXT,
-            Type::TEXT,
-            Type::TEXT,
-            Type::TEXT,
-            Type::INT4,
-            Type::INT8,
-            Type::BYTEA,
-            Type::BYTEA,
-            Type::TEXT,
-            Type::TIMESTAMPTZ,
-            Type::TIMESTAMPTZ,
-        ],
-        &cleaned,
-        |d| &[
-            &d.component,
-            &d.stage,
-            &d.error,
-            &d.topic,
-            &d.partition,
-            &d.offset,
-            &d.key,
-            &d.payload,
-            &d.source.as_str(),
-            &ts(d.event_time),
-            &ts(d.ingest_time),
-        ]
-    )?;
-    tx.batch_execute(&format!(
-        "INSERT INTO dead_letters ({COLUMNS}) SELECT {COLUMNS} FROM {staged} ON CONFLICT DO NOTHING"
-    ))
-    .await
+    let values = rows.iter().map(|d| d.values()).collect();
+    let times = rows.iter().map(|d| d.event_time).collect();
+    write_rows(tx, table_of(Topic::DeadLetters), values, times).await
 }
