@@ -26,12 +26,12 @@ use rdkafka::types::RDKafkaRespErr;
 use rdkafka::util::Timeout;
 use rdkafka::{ClientContext, Message, Offset, Statistics, TopicPartitionList};
 use tickpipe_ops::now_micros;
-use tickpipe_schemas::registry::{RegistryClient, RegistryConfig, RegistryError};
+use tickpipe_schemas::registry::{RegistryClient, RegistryError};
 use tickpipe_schemas::validate::Rules;
 use tickpipe_schemas::{Codec, Topic, WriteFraming};
 use tokio::sync::mpsc;
 
-use super::SinkMetrics;
+use super::{SinkMetrics, SinkSettings};
 use crate::decode::{decode_item, learn_schema, Item};
 use tickpipe_kafka::{consumer_config, record_consumer_lag, STATISTICS_INTERVAL_MS};
 use tickpipe_kafka::{judge_position, record_ends, EndVerdict, Ends};
@@ -55,14 +55,8 @@ pub enum Resume {
 pub struct ConsumerSettings {
     /// The sink's name, in log lines and the thread's name.
     pub component: &'static str,
-    pub brokers: String,
-    pub group: String,
-    pub session_timeout: Duration,
-    /// Static group membership, if set.
-    pub instance_id: Option<String>,
-    pub batch_max: usize,
-    pub batch_wait: Duration,
-    pub registry: Option<RegistryConfig>,
+    /// Where it reads, as what group, and how it batches.
+    pub sink: SinkSettings,
     /// What an operator does to start a partition over from its beginning
     /// (group, topic, partition), for the error that refuses a position.
     pub rebaseline: fn(&str, &str, i32) -> String,
@@ -263,7 +257,7 @@ fn check_ends(
             partition,
             "{topic}[{partition}]: {why}. This partition is not read until the position is fixed. To start it \
              over from its beginning: {}",
-            (settings.rebaseline)(&settings.group, topic, *partition)
+            (settings.rebaseline)(&settings.sink.group, topic, *partition)
         );
         metrics.refused.with_label_values(&[topic]).inc();
         if let Err(e) = pause.add_partition_offset(topic, *partition, Offset::Invalid) {
@@ -321,19 +315,21 @@ fn consume(
         stop: stop.clone(),
         metrics: metrics.clone(),
     };
-    let mut cc = consumer_config(&settings.brokers, &settings.group);
-    cc.set("statistics.interval.ms", STATISTICS_INTERVAL_MS)
-        .set("session.timeout.ms", settings.session_timeout.as_millis().to_string());
-    if let Some(id) = &settings.instance_id {
+    let mut cc = consumer_config(&settings.sink.brokers, &settings.sink.group);
+    cc.set("statistics.interval.ms", STATISTICS_INTERVAL_MS).set(
+        "session.timeout.ms",
+        settings.sink.session_timeout.as_millis().to_string(),
+    );
+    if let Some(id) = &settings.sink.instance_id {
         cc.set("group.instance.id", id);
     }
-    let registry = settings.registry.clone().map(RegistryClient::new).transpose()?;
+    let registry = settings.sink.registry.clone().map(RegistryClient::new).transpose()?;
     let consumer: BaseConsumer<SinkContext> = cc.create_with_context(context)?;
     let names: Vec<&str> = topic_of.keys().map(String::as_str).collect();
     consumer.subscribe(&names)?;
     let codec = Codec::new(WriteFraming::SingleObject);
 
-    let mut batch: Vec<Item> = Vec::with_capacity(settings.batch_max);
+    let mut batch: Vec<Item> = Vec::with_capacity(settings.sink.batch_max);
     let mut ready: Option<Vec<Item>> = None;
     let mut opened = Instant::now();
     loop {
@@ -345,9 +341,12 @@ fn consume(
         }
         if ready.is_none()
             && !batch.is_empty()
-            && (batch.len() >= settings.batch_max || opened.elapsed() >= settings.batch_wait || stopping)
+            && (batch.len() >= settings.sink.batch_max || opened.elapsed() >= settings.sink.batch_wait || stopping)
         {
-            ready = Some(std::mem::replace(&mut batch, Vec::with_capacity(settings.batch_max)));
+            ready = Some(std::mem::replace(
+                &mut batch,
+                Vec::with_capacity(settings.sink.batch_max),
+            ));
         }
         if let Some(mut b) = ready.take() {
             // Wait for the writer; the group keeps us meanwhile (heartbeats run

@@ -374,13 +374,7 @@ where
     let (commits_tx, commits_rx) = std::sync::mpsc::channel::<TopicPartitionList>();
     let consumer_settings = ConsumerSettings {
         component: name,
-        brokers: settings.brokers.clone(),
-        group: settings.group.clone(),
-        session_timeout: settings.session_timeout,
-        instance_id: settings.instance_id.clone(),
-        batch_max: settings.batch_max,
-        batch_wait: settings.batch_wait,
-        registry: settings.registry.clone(),
+        sink: settings.clone(),
         registry_answers,
         rebaseline: S::rebaseline,
     };
