@@ -153,17 +153,6 @@ async fn insert_isolating(
     Ok(refused)
 }
 
-/// How an operator starts a partition over: the sink's position is the
-/// group's committed offset, so reset it (or use a new group, which reads
-/// every partition again; the views hide the copies).
-fn rebaseline_group(group: &str, topic: &str, partition: i32) -> String {
-    format!(
-        "stop the sink, reset the group's offset (kafka-consumer-groups.sh --bootstrap-server <brokers> --group \
-         {group} --reset-offsets --to-earliest --topic {topic}:{partition} --execute) and restart it; or restart \
-         it with a new --group, which reads every partition from its beginning (the views hide the copies)"
-    )
-}
-
 impl Sink for BigQuerySink {
     const NAME: &'static str = COMPONENT;
     const METRICS_PREFIX: &'static str = "tickpipe_bigquery_sink";
@@ -174,8 +163,15 @@ impl Sink for BigQuerySink {
         Resume::Committed
     }
 
+    /// How an operator starts a partition over: the sink's position is the
+    /// group's committed offset, so reset it (or use a new group, which reads
+    /// every partition again; the views hide the copies).
     fn rebaseline(group: &str, topic: &str, partition: i32) -> String {
-        rebaseline_group(group, topic, partition)
+        format!(
+            "stop the sink, reset the group's offset (kafka-consumer-groups.sh --bootstrap-server <brokers> --group \
+             {group} --reset-offsets --to-earliest --topic {topic}:{partition} --execute) and restart it; or restart \
+             it with a new --group, which reads every partition from its beginning (the views hide the copies)"
+        )
     }
 
     async fn write(&self, batch: &[Item], out: &Out<'_>) -> Result<Written, Failure> {

@@ -52,8 +52,15 @@ impl Sink for Postgres {
         }))
     }
 
+    /// How an operator starts a partition over: forget its stored position, so
+    /// that it is read from its beginning (rows already written stay; a record
+    /// read again is not written twice where its table has a natural key).
     fn rebaseline(group: &str, topic: &str, partition: i32) -> String {
-        rebaseline_sql(group, topic, partition)
+        format!(
+            "restart the sink with --rebaseline {topic}:{partition}, or run DELETE FROM sink_offsets WHERE \
+             consumer_group = '{group}' AND topic = '{topic}' AND partition = {partition}; in its database and \
+             restart it"
+        )
     }
 
     async fn write(&self, batch: &[Item], out: &Out<'_>) -> Result<Written, Failure> {
@@ -73,16 +80,6 @@ impl Sink for Postgres {
         let answered = async { self.pool.get().await.ok()?.simple_query("SELECT 1").await.ok() };
         Some(answered.await.is_some())
     }
-}
-
-/// How an operator starts a partition over: forget its stored position, so
-/// that it is read from its beginning (rows already written stay; a record
-/// read again is not written twice where its table has a natural key).
-fn rebaseline_sql(group: &str, topic: &str, partition: i32) -> String {
-    format!(
-        "restart the sink with --rebaseline {topic}:{partition}, or run DELETE FROM sink_offsets WHERE \
-         consumer_group = '{group}' AND topic = '{topic}' AND partition = {partition}; in its database and restart it"
-    )
 }
 
 /// Forgets the stored positions of `partitions` (full topic names) for the

@@ -23,7 +23,6 @@ mod consumer;
 mod metrics;
 
 use std::collections::{BTreeMap, HashMap};
-use std::fmt::Display;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -81,7 +80,10 @@ pub struct SinkSettings {
 
 impl SinkSettings {
     /// Settings for reading `topics` (with `topic_prefix`) from `brokers` as
-    /// `group`, with the binaries' defaults for the rest.
+    /// `group`, for tests and embedding: batches of 10,000 within 200 ms,
+    /// backoff up to 5 s, a 10 s session, and topics it creates with 3
+    /// partitions and one replica (a local broker). The binaries take their
+    /// own defaults from their flags.
     pub fn new(brokers: &str, topic_prefix: &str, topics: &[Topic], group: &str) -> Self {
         SinkSettings {
             brokers: brokers.to_owned(),
@@ -219,6 +221,12 @@ pub enum LetterError {
     Kafka(#[from] KafkaError),
 }
 
+impl From<SinkError> for Failure {
+    fn from(e: SinkError) -> Self {
+        Failure::Fatal(e)
+    }
+}
+
 impl From<LetterError> for Failure {
     fn from(e: LetterError) -> Self {
         match e {
@@ -263,8 +271,9 @@ impl Out<'_> {
     /// Runs `op` until it succeeds or fails for good: at once again after
     /// [`Failure::Again`], after a doubling backoff (up to `max_backoff`, with
     /// `/readyz` not ready) after [`Failure::Outage`], and not at all once the
-    /// sink has been stopping for 30 s. Every retry is counted.
-    pub async fn retrying<T, F, Fut>(&self, what: &str, mut op: F) -> Result<T, Failure>
+    /// sink has been stopping for 30 s. Every retry is counted. It ends only
+    /// with the value or the error the sink stops with.
+    pub async fn retrying<T, F, Fut>(&self, what: &str, mut op: F) -> Result<T, SinkError>
     where
         F: FnMut() -> Fut,
         Fut: Future<Output = Result<T, Failure>>,
@@ -289,12 +298,12 @@ impl Out<'_> {
                     if self.stop.load(Ordering::Relaxed)
                         && stopping_since.get_or_insert_with(Instant::now).elapsed() > STOPPING_GRACE
                     {
-                        return Err(Failure::Fatal(SinkError::Unwritten(why)));
+                        return Err(SinkError::Unwritten(why));
                     }
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(self.max_backoff);
                 }
-                Err(fatal) => return Err(fatal),
+                Err(Failure::Fatal(e)) => return Err(e),
             }
         }
     }
@@ -308,11 +317,6 @@ pub fn target(e: impl std::error::Error + Send + Sync + 'static) -> SinkError {
 /// A failure that ends the sink, from the sink's own error.
 pub fn fatal(e: impl std::error::Error + Send + Sync + 'static) -> Failure {
     Failure::Fatal(target(e))
-}
-
-/// An outage, from anything that says what failed.
-pub fn outage(e: impl Display) -> Failure {
-    Failure::Outage(e.to_string())
 }
 
 /// How often an idle sink asks its target whether it answers.
@@ -402,12 +406,15 @@ where
     // target is asked now and then, so that `/readyz` tells an outage.
     let mut probe = tokio::time::interval(PROBE_EVERY);
     probe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let begin_stop = || {
+        tracing::info!("{name}: stopping");
+        stop.store(true, Ordering::Relaxed);
+    };
     loop {
         let stopping = stop.load(Ordering::Relaxed);
         let batch = tokio::select! {
             _ = &mut shutdown, if !stopping => {
-                tracing::info!("{name}: stopping");
-                stop.store(true, Ordering::Relaxed);
+                begin_stop();
                 continue;
             }
             b = batches.recv() => match b { Some(b) => b, None => break },
@@ -434,10 +441,7 @@ where
             loop {
                 tokio::select! {
                     w = &mut write => break w,
-                    _ = &mut shutdown, if !stop.load(Ordering::Relaxed) => {
-                        tracing::info!("{name}: stopping");
-                        stop.store(true, Ordering::Relaxed);
-                    }
+                    _ = &mut shutdown, if !stop.load(Ordering::Relaxed) => begin_stop(),
                 }
             }
         };
@@ -450,12 +454,9 @@ where
                 }
                 let _ = commits_tx.send(tpl);
             }
-            Err(failure) => {
+            Err(e) => {
                 stop.store(true, Ordering::Relaxed);
-                result = Err(match failure {
-                    Failure::Fatal(e) => e,
-                    Failure::Again(why) | Failure::Outage(why) => SinkError::Unwritten(why),
-                });
+                result = Err(e);
                 break;
             }
         }
