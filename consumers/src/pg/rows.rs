@@ -366,29 +366,21 @@ async fn write_table(tx: &Transaction<'_>, topic: Topic, items: &[&Item]) -> Res
         asset_history(tx, &records).await?;
     }
     let rows: Vec<Vec<(&'static str, Value<'_>)>> = records.iter().map(|r| r.values()).collect();
-    write_rows(
-        tx,
-        table_of(topic),
-        rows,
-        records.iter().map(|r| r.event_time()).collect(),
-    )
-    .await
+    write_rows(tx, table_of(topic), rows).await
 }
 
-/// Writes a table's rows (values in schema order; `event_times` alongside,
-/// for `NewerWins`) by its merge policy.
+/// Writes a table's rows (values in schema order) by its merge policy.
 async fn write_rows(
     tx: &Transaction<'_>,
     table: &Table,
     rows: Vec<Vec<(&'static str, Value<'_>)>>,
-    event_times: Vec<Micros>,
 ) -> Result<(), Error> {
     let name = table.name;
     let list = &columns(table.topic).list;
     let rows = match table.merge {
         Merge::Keep { .. } => rows,
-        Merge::LastWins => latest(rows, event_times, table.key, |_, _| true),
-        Merge::NewerWins => latest(rows, event_times, table.key, |kept, new| new >= kept),
+        Merge::LastWins => latest(rows, table.key, |_, _| true),
+        Merge::NewerWins => latest(rows, table.key, |kept, new| new >= kept),
     };
     if table.merge == (Merge::Keep { direct: true }) {
         tx.batch_execute("SAVEPOINT direct").await?;
@@ -424,17 +416,27 @@ async fn stage(tx: &Transaction<'_>, table: &str, columns: &str) -> Result<Strin
     Ok(name)
 }
 
+/// A row's `event_time` (every record has one).
+fn event_time(row: &[(&'static str, Value<'_>)]) -> Micros {
+    row.iter()
+        .find_map(|(name, value)| match (*name, value) {
+            ("event_time", Value::Long(t)) => Some(*t),
+            _ => None,
+        })
+        .unwrap_or(Micros::MIN)
+}
+
 /// Keeps one row per key: the last one for which `newer(kept, candidate)`
 /// holds of their event times.
 fn latest<'v>(
     rows: Vec<Vec<(&'static str, Value<'v>)>>,
-    event_times: Vec<Micros>,
     key: &[&str],
     newer: impl Fn(Micros, Micros) -> bool,
 ) -> Vec<Vec<(&'static str, Value<'v>)>> {
     let mut index: HashMap<String, usize> = HashMap::new();
     let mut out: Vec<(Vec<(&'static str, Value<'v>)>, Micros)> = Vec::new();
-    for (row, t) in rows.into_iter().zip(event_times) {
+    for row in rows {
+        let t = event_time(&row);
         let k = format!(
             "{:?}",
             row.iter()
@@ -525,6 +527,5 @@ async fn asset_history(tx: &Transaction<'_>, records: &[&AnyRecord]) -> Result<(
 /// again after a crash) is not stored twice.
 pub async fn dead_letters(tx: &Transaction<'_>, rows: &[&DeadLetter]) -> Result<(), Error> {
     let values = rows.iter().map(|d| d.values()).collect();
-    let times = rows.iter().map(|d| d.event_time).collect();
-    write_rows(tx, table_of(Topic::DeadLetters), values, times).await
+    write_rows(tx, table_of(Topic::DeadLetters), values).await
 }
