@@ -21,6 +21,18 @@ pub struct Reject {
     pub source: Source,
 }
 
+impl Reject {
+    /// The sink's target refused `item` (a decoded record, or one already
+    /// rejected whose source is then unknown).
+    pub fn write(item: &Item, error: impl Into<String>) -> Reject {
+        Reject {
+            stage: Stage::Write,
+            error: error.into(),
+            source: item.body.as_ref().map_or(Source::Unknown, AnyRecord::source),
+        }
+    }
+}
+
 /// One Kafka record, decoded or rejected.
 #[derive(Debug, Clone)]
 pub struct Item {

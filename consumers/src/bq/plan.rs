@@ -3,12 +3,11 @@
 use std::collections::{BTreeMap, HashMap};
 
 use serde_json::json;
-use tickpipe_schemas::{Stage, Topic};
+use tickpipe_schemas::Topic;
 
 use super::rows::{row, Coordinates};
 use super::schema::TableSpec;
 use crate::decode::{Item, Reject};
-use tickpipe_schemas::AnyRecord;
 
 /// Rows of one insert request: the batch index of each row and its JSON.
 pub struct Chunk<'a> {
@@ -39,7 +38,7 @@ pub fn plan<'a>(
         let Some(spec) = specs.get(&body.topic()) else {
             rejects.push((
                 i,
-                write_reject(format!("no table for {}", body.topic().base_name()), body),
+                Reject::write(item, format!("no table for {}", body.topic().base_name())),
             ));
             continue;
         };
@@ -54,7 +53,7 @@ pub fn plan<'a>(
                 let bytes = serde_json::to_vec(&json!({"insertId": insert_id, "json": json})).unwrap_or_default();
                 by_table.entry(spec.table.as_str()).or_default().push((i, bytes));
             }
-            Err(e) => rejects.push((i, write_reject(e, body))),
+            Err(e) => rejects.push((i, Reject::write(item, e))),
         }
     }
     let mut chunks = Vec::new();
@@ -87,18 +86,11 @@ pub fn plan<'a>(
     (chunks, rejects)
 }
 
-pub fn write_reject(error: String, body: &AnyRecord) -> Reject {
-    Reject {
-        stage: Stage::Write,
-        error,
-        source: body.source(),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::super::schema::{table_spec, DecimalColumns};
     use super::*;
+    use tickpipe_schemas::{AnyRecord, Stage};
     use tickpipe_schemas::{Decimal, Price, Source};
 
     fn item(offset: i64, body: Result<AnyRecord, Reject>) -> Item {

@@ -17,7 +17,7 @@ use std::future::Future;
 use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry};
 use tickpipe_ops::metrics::register;
 use tickpipe_ops::now_micros;
-use tickpipe_schemas::{Source, Stage, Topic};
+use tickpipe_schemas::Topic;
 
 use super::client::{BigQuery, BqError, Endpoint};
 use super::plan::plan;
@@ -199,15 +199,7 @@ impl Sink for BigQuerySink {
                 .inc_by(bytes as u64);
             for (i, reason) in refused {
                 tracing::warn!(table = chunk.table, "bigquery-sink: {reason}");
-                let source = batch[i].body.as_ref().map(AnyRecord::source).unwrap_or(Source::Unknown);
-                rejects.push((
-                    i,
-                    Reject {
-                        stage: Stage::Write,
-                        error: reason,
-                        source,
-                    },
-                ));
+                rejects.push((i, Reject::write(&batch[i], reason)));
             }
         }
 

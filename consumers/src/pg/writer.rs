@@ -13,9 +13,9 @@ use std::collections::BTreeMap;
 
 use deadpool_postgres::Pool;
 use tickpipe_ops::now_micros;
-use tickpipe_schemas::{DeadLetter, Source, Stage};
+use tickpipe_schemas::{DeadLetter, Stage};
 
-use super::rows::{reject_letter, write_items, AnyRecord, Item, Reject};
+use super::rows::{reject_letter, write_items, Item, Reject};
 use crate::sink::{LetterError, Letters, Written};
 
 /// Why a batch write failed (it is retried).
@@ -114,13 +114,7 @@ pub async fn write_batch(
         }
     }
     for (item, reason) in &refused {
-        let source = item.body.as_ref().map(AnyRecord::source).unwrap_or(Source::Unknown);
-        let reject = Reject {
-            stage: Stage::Write,
-            error: reason.clone(),
-            source,
-        };
-        letters.push(reject_letter(item, &reject, now));
+        letters.push(reject_letter(item, &Reject::write(item, reason.clone()), now));
     }
     if !letters.is_empty() {
         super::rows::dead_letters(&tx, &letters.iter().collect::<Vec<_>>()).await?;
