@@ -118,15 +118,13 @@ fn families(text: &str) -> BTreeMap<String, Spec> {
 }
 
 fn simulator_config(prefix: &str, metrics: SocketAddr) -> Config {
-    let mut c = Config {
-        sources: vec!["simulator".into()],
-        metrics_addr: metrics.to_string(),
-        ..Config::default()
-    };
+    let mut c = Config::default();
+    c.sources.names = vec!["simulator".into()];
+    c.producer.metrics_addr = metrics.to_string();
     c.kafka.brokers = stack::kafka_brokers();
     c.kafka.topic_prefix = prefix.into();
-    c.simulator.rate = 400.0;
-    c.simulator.coincap_every_secs = 1;
+    c.sources.simulator.rate = 400.0;
+    c.sources.simulator.coincap_every_secs = 1;
     c
 }
 

@@ -57,7 +57,7 @@ pub fn parse<T: clap::Parser>() -> Result<T, ConfigError> {
 
 /// [`parse`] over given arguments and `TICKPIPE_CONFIG` value.
 pub fn parse_from<T: clap::Parser>(args: Vec<OsString>, env: Option<OsString>) -> Result<T, ConfigError> {
-    let mut command = T::command();
+    let mut command = with_global_flags(T::command());
     if let Some(path) = config_path(&args).or(env.map(PathBuf::from)) {
         let (preset, properties) = preset(command, &path)?;
         command = preset;
@@ -65,6 +65,30 @@ pub fn parse_from<T: clap::Parser>(args: Vec<OsString>, env: Option<OsString>) -
     }
     let matches = command.get_matches_from(args);
     T::from_arg_matches(&matches).map_err(|e| e.exit())
+}
+
+/// `command` with every flag of its own (not its subcommands') also taken
+/// after a subcommand: `producer replay --brokers ...` as `producer --brokers
+/// ... replay`.
+fn with_global_flags(command: Command) -> Command {
+    if !command.has_subcommands() {
+        return command;
+    }
+    command.mut_args(|a| if a.is_positional() { a } else { a.global(true) })
+}
+
+/// `T` as an empty command line gives it, the environment unread: every
+/// flag at its built-in default. The `Default` of a configuration section.
+pub fn defaults<T: clap::Args + clap::FromArgMatches>() -> T {
+    let command = T::augment_args(Command::new("defaults")).mut_args(|a| a.env(None));
+    let parsed = command
+        .try_get_matches_from(["defaults"])
+        .and_then(|m| T::from_arg_matches(&m));
+    match parsed {
+        Ok(t) => t,
+        // A default that does not parse is a bug in the flag's declaration.
+        Err(e) => panic!("the built-in defaults do not parse: {e}"),
+    }
 }
 
 /// The value of `--config` on the command line, if given there.
@@ -131,19 +155,17 @@ pub fn preset(command: Command, path: &Path) -> Result<(Command, Vec<(String, St
     let mut values = BTreeMap::new();
     flatten("", "_", &toml::Value::Table(table), &mut values).map_err(invalid)?;
 
-    // Environment variable name -> (flag id, secret?, takes a list?).
-    let flags: BTreeMap<String, (String, bool, bool)> = command
-        .get_arguments()
-        .filter_map(|a| {
-            let env = a.get_env()?.to_str()?.to_owned();
-            let takes_list = a.get_value_delimiter().is_some();
-            Some((env, (a.get_id().to_string(), a.is_hide_env_values_set(), takes_list)))
-        })
-        .collect();
+    let flags = flags(&command, None);
     let mut command = command;
     for (key, value) in values {
         let env = format!("TICKPIPE_{}", key.to_uppercase());
-        let Some((id, secret, takes_list)) = flags.get(&env) else {
+        let Some(Flag {
+            subcommand,
+            id,
+            secret,
+            takes_list,
+        }) = flags.get(&env)
+        else {
             let known: Vec<String> = flags
                 .keys()
                 .filter(|e| *e != "TICKPIPE_CONFIG")
@@ -164,11 +186,47 @@ pub fn preset(command: Command, path: &Path) -> Result<(Command, Vec<(String, St
             )));
         }
         let secret = *secret;
-        command = command.mut_arg(id.as_str(), |arg| {
-            arg.default_value(value.text).hide_default_value(secret)
-        });
+        let preset = |arg: clap::Arg| arg.default_value(value.text).hide_default_value(secret);
+        command = match subcommand {
+            None => command.mut_arg(id.as_str(), preset),
+            Some(name) => command.mut_subcommand(name.as_str(), |s| s.mut_arg(id.as_str(), preset)),
+        };
     }
     Ok((command, properties))
+}
+
+/// A flag a file key can preset.
+struct Flag {
+    /// The subcommand that takes it, if not the program itself.
+    subcommand: Option<String>,
+    id: String,
+    secret: bool,
+    takes_list: bool,
+}
+
+/// The flags of `command` and of its subcommands, by environment variable.
+fn flags(command: &Command, subcommand: Option<&str>) -> BTreeMap<String, Flag> {
+    let mut out: BTreeMap<String, Flag> = command
+        .get_arguments()
+        .filter_map(|a| {
+            let env = a.get_env()?.to_str()?.to_owned();
+            let flag = Flag {
+                subcommand: subcommand.map(str::to_owned),
+                id: a.get_id().to_string(),
+                secret: a.is_hide_env_values_set(),
+                takes_list: a.get_value_delimiter().is_some(),
+            };
+            Some((env, flag))
+        })
+        .collect();
+    if subcommand.is_none() {
+        for s in command.get_subcommands() {
+            for (env, flag) in flags(s, Some(s.get_name())) {
+                out.entry(env).or_insert(flag);
+            }
+        }
+    }
+    out
 }
 
 /// The file key of an environment variable, as the error message shows it.
@@ -367,6 +425,49 @@ mod tests {
         let help = preset(Args::command(), &path).unwrap().0.render_long_help().to_string();
         assert!(!help.contains("hunter2"), "{help}");
         assert!(help.contains("TICKPIPE_TEST_PASSWORD"));
+    }
+
+    #[derive(Debug, Parser)]
+    struct WithCommands {
+        #[command(flatten)]
+        config: ConfigArg,
+        #[arg(long, env = "TICKPIPE_TEST_BROKERS", default_value = "a:9092")]
+        brokers: String,
+        #[command(subcommand)]
+        command: Sub,
+    }
+
+    #[derive(Debug, clap::Subcommand)]
+    enum Sub {
+        Backfill {
+            #[arg(long, env = "TICKPIPE_BACKFILL_SINCE", default_value = "5y")]
+            since: String,
+        },
+    }
+
+    #[test]
+    fn a_key_presets_a_subcommands_flag_and_flags_follow_the_subcommand() {
+        let (_d, path) = file("[test]\nbrokers = \"f:9092\"\n[backfill]\nsince = \"1w\"\n");
+        let config = path.to_str().unwrap();
+        let a: WithCommands = parse_from(args(&["x", "--config", config, "backfill"]), None).unwrap();
+        let Sub::Backfill { since } = &a.command;
+        assert_eq!((a.brokers.as_str(), since.as_str()), ("f:9092", "1w"));
+        let a: WithCommands =
+            parse_from(args(&["x", "backfill", "--brokers", "g:9092", "--since", "2d"]), None).unwrap();
+        let Sub::Backfill { since } = &a.command;
+        assert_eq!((a.brokers.as_str(), since.as_str()), ("g:9092", "2d"));
+    }
+
+    #[test]
+    fn defaults_ignore_the_environment() {
+        #[derive(Debug, clap::Args)]
+        struct Section {
+            #[arg(long, env = "TICKPIPE_OPS_DEFAULTS_TEST", default_value_t = 7)]
+            n: u32,
+        }
+        // The variable is this test's own; no other test reads it.
+        std::env::set_var("TICKPIPE_OPS_DEFAULTS_TEST", "8");
+        assert_eq!(defaults::<Section>().n, 7);
     }
 
     #[test]

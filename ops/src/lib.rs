@@ -1,11 +1,15 @@
 //! What every tickpipe service shares, so the producer and the consumers behave
 //! alike: the operations endpoint (`/metrics` in Prometheus text, `/healthz`
 //! while the process answers, `/readyz` 200 while `ready` holds and 503 with
-//! `not_ready` otherwise), the Kafka flags, the configuration file (`config`),
+//! `not_ready` otherwise), the flags every binary takes (`args`), the
+//! configuration file (`config`),
 //! the shutdown signal and the logging set-up.
 
+pub mod args;
 pub mod config;
 pub mod metrics;
+
+pub use args::{metrics_addr, KafkaArgs, RegistryArgs, Secret, ValidationArgs};
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -63,36 +67,6 @@ pub async fn serve_conditions(
         let _ = axum::serve(listener, app).await;
     });
     Ok(())
-}
-
-/// The Kafka settings every binary takes, flattened into its flags.
-#[derive(Debug, Clone, clap::Args)]
-pub struct KafkaArgs {
-    /// Kafka bootstrap servers.
-    #[arg(long, env = "TICKPIPE_KAFKA_BROKERS", default_value = "127.0.0.1:9092")]
-    pub brokers: String,
-    /// Prefix of every topic name, so that several pipelines share a cluster.
-    #[arg(long, env = "TICKPIPE_TOPIC_PREFIX", default_value = "")]
-    pub topic_prefix: String,
-    /// Partitions of the topics this service creates when they are missing.
-    #[arg(long, env = "TICKPIPE_TOPIC_PARTITIONS", default_value_t = 3)]
-    pub partitions: i32,
-    /// Replication factor of the topics this service creates when they are
-    /// missing; -1 = the cluster's `default.replication.factor` (Kafka 2.4 and
-    /// later; give a number for older clusters).
-    #[arg(long, env = "TICKPIPE_TOPIC_REPLICATION", default_value_t = -1, allow_negative_numbers = true)]
-    pub replication: i32,
-}
-
-/// The `--metrics-addr` value: an address, or `off` for no endpoint.
-pub fn metrics_addr(value: &str) -> Result<Option<SocketAddr>, String> {
-    match value {
-        "off" => Ok(None),
-        a => a
-            .parse::<SocketAddr>()
-            .map(Some)
-            .map_err(|e| format!("--metrics-addr {a:?}: {e}")),
-    }
 }
 
 /// The wall clock in microseconds since the epoch (the unit of every record time).

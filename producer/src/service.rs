@@ -7,14 +7,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tickpipe_schemas::registry::{RegistryClient, RegistryConfig};
+use tickpipe_schemas::registry::RegistryClient;
 use tickpipe_schemas::{Codec, Topic, WriteFraming};
 
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::publish::{Publisher, PublisherConfig};
 use crate::sources::binance::backfill::{self, BackfillJob};
-use crate::sources::{self, stop_pair, SourceError};
+use crate::sources::{stop_pair, SourceError};
 use tickpipe_kafka::{ensure_topics, producer_config_tuned};
 
 /// Why the service could not run.
@@ -53,21 +53,16 @@ struct Running {
 
 /// Sets up topics, registry, publisher and endpoint.
 async fn start(config: &Config, metrics: Metrics) -> Result<Running, ServiceError> {
-    let k = &config.kafka;
-    if k.create_topics {
+    let (k, p) = (&config.kafka, &config.producer);
+    if p.create_topics {
         ensure_topics(&k.brokers, &k.topic_prefix, &Topic::ALL, k.partitions, k.replication)
             .await
             .map_err(|e| ServiceError::Kafka(e.to_string()))?;
     }
-    let codec = match &config.schema_registry {
+    let codec = match config.schema_registry.config() {
         None => Codec::new(WriteFraming::SingleObject),
         Some(r) => {
-            let client = RegistryClient::new(RegistryConfig {
-                username: r.username.clone(),
-                password: r.password.as_ref().map(|p| p.expose().to_owned()),
-                ..RegistryConfig::new(r.url.clone())
-            })
-            .map_err(|e| ServiceError::Registry(e.to_string()))?;
+            let client = RegistryClient::new(r).map_err(|e| ServiceError::Registry(e.to_string()))?;
             let codec = Codec::new(WriteFraming::Confluent);
             for t in Topic::ALL {
                 let schema = t.schema();
@@ -85,23 +80,23 @@ async fn start(config: &Config, metrics: Metrics) -> Result<Running, ServiceErro
     let kafka = producer_config_tuned(
         &k.brokers,
         &[
-            ("compression.type", k.compression.clone()),
-            ("linger.ms", k.linger_ms.to_string()),
-            ("message.timeout.ms", k.message_timeout_ms.to_string()),
+            ("compression.type", p.compression.clone()),
+            ("linger.ms", p.linger_ms.to_string()),
+            ("message.timeout.ms", p.message_timeout_ms.to_string()),
         ],
     );
     let publisher = Publisher::new(
         &PublisherConfig {
             kafka,
             topic_prefix: k.topic_prefix.clone(),
-            max_in_flight: k.max_in_flight.max(1),
+            max_in_flight: p.max_in_flight.max(1),
         },
         codec,
         metrics.clone(),
     )
     .map_err(|e| ServiceError::Kafka(e.to_string()))?;
     let ready = Arc::new(AtomicBool::new(true));
-    if let Some(addr) = tickpipe_ops::metrics_addr(&config.metrics_addr).map_err(ServiceError::Config)? {
+    if let Some(addr) = tickpipe_ops::metrics_addr(&config.producer.metrics_addr).map_err(ServiceError::Config)? {
         tickpipe_ops::serve(
             addr,
             metrics.registry.clone(),
@@ -126,24 +121,25 @@ async fn start(config: &Config, metrics: Metrics) -> Result<Running, ServiceErro
 /// Resolves `auto`: live Binance (and CoinCap when a key is set) if Binance's
 /// REST answers `ping` within 3 s, else the simulator.
 pub async fn resolve_auto(config: &mut Config) {
-    if !config.sources.iter().any(|s| s == "auto") {
+    let sources = &mut config.sources;
+    if !sources.names.iter().any(|s| s == "auto") {
         return;
     }
-    let url = format!("{}/api/v3/ping", config.binance.rest_url.trim_end_matches('/'));
+    let url = format!("{}/api/v3/ping", sources.binance.rest_url.trim_end_matches('/'));
     let live = match reqwest::Client::builder().timeout(Duration::from_secs(3)).build() {
         Ok(c) => c.get(&url).send().await.is_ok_and(|r| r.status().is_success()),
         Err(_) => false,
     };
-    config.sources.retain(|s| s != "auto");
+    sources.names.retain(|s| s != "auto");
     if live {
         tracing::info!("Binance answers: running the live sources");
-        config.sources.push("binance".into());
-        if config.coincap.api_key.is_some() {
-            config.sources.push("coincap".into());
+        sources.names.push("binance".into());
+        if sources.coincap.api_key.is_some() {
+            sources.names.push("coincap".into());
         }
     } else {
         tracing::info!("Binance does not answer: running the built-in market simulator");
-        config.sources.push("simulator".into());
+        sources.names.push("simulator".into());
     }
 }
 
@@ -155,8 +151,10 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<Summary, ServiceError> {
     resolve_auto(&mut config).await;
-    config.enable_sources().map_err(ServiceError::Config)?;
-    let built = sources::build(&config).map_err(|e| ServiceError::Config(e.to_string()))?;
+    let built = config
+        .sources
+        .build()
+        .map_err(|e| ServiceError::Config(e.to_string()))?;
     if built.is_empty() {
         return Err(ServiceError::Config("no source is enabled".into()));
     }
@@ -240,7 +238,7 @@ pub async fn run_backfill(
         handle.stop();
     });
     let published = tokio::select! {
-        done = backfill::run(&job, &config.binance, &running.publisher, stop) => {
+        done = backfill::run(&job, &config.sources.binance, &running.publisher, stop) => {
             done.map_err(|source| ServiceError::Source {
                 name: "binance-backfill",
                 source,

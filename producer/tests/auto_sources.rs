@@ -2,18 +2,19 @@
 //! when Binance's REST answers `ping`, the built-in simulator when it does not
 //! (no internet, a refused connection, a restricted location's 451).
 
-use tickpipe_producer::config::{Config, Secret};
+use tickpipe_ops::Secret;
+use tickpipe_producer::config::Config;
 use tickpipe_producer::service::resolve_auto;
 use tickpipe_testkit::exchange::{BinanceScript, FakeBinance, RestFault};
 use tickpipe_testkit::stack;
 
 async fn resolved(rest_url: String, coincap_key: Option<&str>) -> Vec<String> {
     let mut config = Config::default();
-    assert_eq!(config.sources, ["auto"], "auto is the default");
-    config.binance.rest_url = rest_url;
-    config.coincap.api_key = coincap_key.map(Secret::new);
+    assert_eq!(config.sources.names, ["auto"], "auto is the default");
+    config.sources.binance.rest_url = rest_url;
+    config.sources.coincap.api_key = coincap_key.map(Secret::new);
     resolve_auto(&mut config).await;
-    config.sources
+    config.sources.names
 }
 
 #[tokio::test]
@@ -47,11 +48,9 @@ async fn the_simulator_when_binance_does_not_answer() {
 
 #[tokio::test]
 async fn named_sources_are_left_alone() {
-    let mut config = Config {
-        sources: vec!["replay".into()],
-        ..Config::default()
-    };
-    config.binance.rest_url = format!("http://{}", stack::free_loopback_addr());
+    let mut config = Config::default();
+    config.sources.names = vec!["replay".into()];
+    config.sources.binance.rest_url = format!("http://{}", stack::free_loopback_addr());
     resolve_auto(&mut config).await;
-    assert_eq!(config.sources, ["replay"]);
+    assert_eq!(config.sources.names, ["replay"]);
 }

@@ -54,14 +54,12 @@ fn klines() -> Option<Vec<serde_json::Value>> {
 }
 
 fn setup(prefix: &str, fake: &FakeBinance) -> (Config, BackfillJob) {
-    let mut c = Config {
-        metrics_addr: "off".into(),
-        ..Config::default()
-    };
+    let mut c = Config::default();
+    c.producer.metrics_addr = "off".into();
     c.kafka.brokers = stack::kafka_brokers();
     c.kafka.topic_prefix = prefix.into();
     c.kafka.partitions = 1;
-    c.binance.rest_url = fake.rest_url();
+    c.sources.binance.rest_url = fake.rest_url();
     let job = BackfillJob {
         symbols: vec!["btcusdt".into()],
         intervals: vec!["1d".into()],
@@ -205,7 +203,7 @@ async fn outages_are_reported_as_gaps_across_runs_and_never_filled() {
     assert_eq!(newest(&before), (open(&rows[cut - 1]) + 3_599_999) as f64 / 1e3);
 
     let second = FakeBinance::start(serve(&rows)).await;
-    config.binance.rest_url = second.rest_url();
+    config.sources.binance.rest_url = second.rest_url();
     let after = Metrics::new();
     let n2 = service::run_backfill(config, job.clone(), after.clone(), std::future::pending())
         .await
@@ -262,7 +260,7 @@ async fn an_outage_ends_a_single_run_and_the_daily_mode_repeats_it() {
 
     let single = FakeBinance::start(with_outage(&rows, 1, ATTEMPTS)).await;
     let (mut config, mut job) = setup(&prefix, &single);
-    config.binance.max_backoff_ms = 20;
+    config.sources.binance.max_backoff_ms = 20;
     let metrics = Metrics::new();
     let err = service::run_backfill(config.clone(), job.clone(), metrics.clone(), std::future::pending())
         .await
@@ -274,7 +272,7 @@ async fn an_outage_ends_a_single_run_and_the_daily_mode_repeats_it() {
 
     // The daily job resumes after the first page, right into the outage.
     let daily = FakeBinance::start(with_outage(&rows, 0, ATTEMPTS)).await;
-    config.binance.rest_url = daily.rest_url();
+    config.sources.binance.rest_url = daily.rest_url();
     job.every = Some(Duration::from_secs(24 * 3600));
     let metrics = Metrics::new();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
@@ -312,7 +310,7 @@ async fn a_stop_during_an_outage_is_a_clean_stop() {
     let fake = FakeBinance::start(with_outage(&rows, 0, u32::MAX)).await;
     let prefix = format!("{}.", stack::unique_name("backfill_stop"));
     let (mut config, mut job) = setup(&prefix, &fake);
-    config.binance.max_backoff_ms = 20;
+    config.sources.binance.max_backoff_ms = 20;
     job.every = Some(Duration::from_secs(24 * 3600));
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let running = tokio::spawn(service::run_backfill(config, job.clone(), Metrics::new(), async {
@@ -358,7 +356,7 @@ async fn a_page_kafka_refuses_is_published_again_not_skipped() {
     }
     let (mut config, job) = setup(&prefix, &fake);
     config.kafka.brokers = cluster.bootstrap_servers();
-    config.kafka.create_topics = false;
+    config.producer.create_topics = false;
     // The first produce request is refused as too large: a permanent error.
     cluster.request_errors(
         RDKafkaApiKey::Produce,

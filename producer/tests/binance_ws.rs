@@ -42,10 +42,10 @@ fn trades_among(messages: &[String], range: Range<usize>) -> u64 {
 fn live_config(name: &str, fake: &FakeBinance) -> (String, Config) {
     let prefix = format!("{}.", stack::unique_name(name));
     let mut config = common::local_config("binance", &prefix);
-    config.binance.ws_url = fake.ws_url();
-    config.binance.rest_url = fake.rest_url();
-    config.binance.symbols = vec!["BTCUSDT".into()];
-    config.binance.streams = vec!["trade".into()];
+    config.sources.binance.ws_url = fake.ws_url();
+    config.sources.binance.rest_url = fake.rest_url();
+    config.sources.binance.symbols = vec!["BTCUSDT".into()];
+    config.sources.binance.streams = vec!["trade".into()];
     (prefix, config)
 }
 
@@ -191,7 +191,7 @@ async fn every_trade_id_exactly_once_through_disconnects_gaps_and_rollover() {
     let fake = FakeBinance::start(script).await;
 
     let (prefix, mut config) = live_config("binance_ws", &fake);
-    config.binance.watchdog_secs = 1;
+    config.sources.binance.watchdog_secs = 1;
     let metrics = publish_every_id_once(config, &prefix, &recorded).await;
 
     // What happened on the way, as the metrics tell it.
@@ -249,7 +249,7 @@ async fn a_repair_that_cannot_finish_gives_way_to_the_live_stream() {
     };
     let fake = FakeBinance::start(script).await;
     let (prefix, mut config) = live_config("binance_budget", &fake);
-    config.binance.repair_budget_secs = 2;
+    config.sources.binance.repair_budget_secs = 2;
     let producer = Producer::start(config);
     let expected = recorded.len() as u64 - lost;
     producer
@@ -295,7 +295,7 @@ async fn trades_a_full_repair_queue_does_not_hold_come_back_with_the_next_repair
     .without_trades("BTCUSDT", first + 1000..=first + 1099);
     let fake = FakeBinance::start(script).await;
     let (prefix, mut config) = live_config("binance_queue", &fake);
-    config.binance.repair_queue = 300;
+    config.sources.binance.repair_queue = 300;
     let metrics = publish_every_id_once(config, &prefix, &recorded).await;
     assert_eq!(total(&metrics.unrepaired), 0);
     assert!(total(&metrics.gaps) >= 2, "the withheld ids, then the trades not held");
@@ -330,8 +330,8 @@ async fn trades_left_to_a_repair_at_a_stop_are_counted_as_unrepaired() {
     .without_trades("BTCUSDT", withheld.clone());
     let fake = FakeBinance::start(script).await;
     let (prefix, mut config) = live_config("binance_stop_full", &fake);
-    config.binance.repair_queue = 300;
-    config.binance.repair_budget_secs = 90;
+    config.sources.binance.repair_queue = 300;
+    config.sources.binance.repair_budget_secs = 90;
     let producer = Producer::start(config);
     producer.wait_received(recorded.len() as u64 - 100).await;
     assert_eq!(total(&producer.metrics.unrepaired), 0, "the repair still waits");
@@ -465,8 +465,8 @@ async fn a_repair_holds_up_only_its_own_symbol() {
     .without_trades("BTCUSDT", withheld.clone());
     let fake = FakeBinance::start(script).await;
     let (prefix, mut config) = live_config("binance_lanes", &fake);
-    config.binance.symbols = vec!["BTCUSDT".into(), "ETHUSDT".into()];
-    config.binance.repair_budget_secs = 90;
+    config.sources.binance.symbols = vec!["BTCUSDT".into(), "ETHUSDT".into()];
+    config.sources.binance.repair_budget_secs = 90;
     let producer = Producer::start(config);
 
     // Every ETHUSDT trade and the BTCUSDT ones before the gap, while the

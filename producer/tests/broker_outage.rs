@@ -27,17 +27,15 @@ async fn a_broker_outage_loses_nothing_and_memory_stays_bounded() {
     }
     const TRADES: u64 = 60_000;
     const BOUND: usize = 2_000;
-    let mut config = Config {
-        sources: vec!["simulator".into()],
-        metrics_addr: "off".into(),
-        ..Config::default()
-    };
+    let mut config = Config::default();
+    config.sources.names = vec!["simulator".into()];
+    config.producer.metrics_addr = "off".into();
     config.kafka.brokers = brokers.clone();
-    config.kafka.create_topics = false;
-    config.kafka.max_in_flight = BOUND;
-    config.simulator.rate = 0.0;
-    config.simulator.max_trades = Some(TRADES);
-    config.simulator.start_ms = Some(1_767_225_600_000);
+    config.producer.create_topics = false;
+    config.producer.max_in_flight = BOUND;
+    config.sources.simulator.rate = 0.0;
+    config.sources.simulator.max_trades = Some(TRADES);
+    config.sources.simulator.start_ms = Some(1_767_225_600_000);
     let metrics = Metrics::new();
     let run = tokio::spawn(service::run(config, metrics.clone(), std::future::pending()));
 
@@ -110,13 +108,11 @@ async fn a_fatal_kafka_error_fails_readiness_and_stops_the_producer_with_an_erro
         &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_CLUSTER_AUTHORIZATION_FAILED; 8],
     );
     let addr = tickpipe_testkit::stack::free_loopback_addr();
-    let mut config = Config {
-        sources: vec!["simulator".into()],
-        metrics_addr: addr.to_string(),
-        ..Config::default()
-    };
+    let mut config = Config::default();
+    config.sources.names = vec!["simulator".into()];
+    config.producer.metrics_addr = addr.to_string();
     config.kafka.brokers = cluster.bootstrap_servers();
-    config.kafka.create_topics = false;
+    config.producer.create_topics = false;
     let run = tokio::spawn(service::run(config, Metrics::new(), std::future::pending()));
     let readyz = || async move {
         reqwest::get(format!("http://{addr}/readyz"))

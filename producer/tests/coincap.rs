@@ -6,7 +6,8 @@ mod common;
 
 use std::time::Duration;
 
-use tickpipe_producer::config::{Config, Secret};
+use tickpipe_ops::Secret;
+use tickpipe_producer::config::Config;
 use tickpipe_producer::metrics::Metrics;
 use tickpipe_producer::service::{self, ServiceError};
 use tickpipe_schemas::{Asset, Exchange, Market, Price};
@@ -19,11 +20,11 @@ use tickpipe_testkit::kafka::read_topic;
 fn config(prefix: &str, fake: &FakeCoinCap, key: &str) -> Config {
     let mut c = common::local_config("coincap", prefix);
     c.kafka.partitions = 1;
-    c.coincap.rest_url = fake.rest_url();
-    c.coincap.ws_url = fake.ws_url();
-    c.coincap.api_key = Some(Secret::new(key));
-    c.coincap.page_size = 50;
-    c.coincap.price_assets = vec!["bitcoin".into(), "ethereum".into()];
+    c.sources.coincap.rest_url = fake.rest_url();
+    c.sources.coincap.ws_url = fake.ws_url();
+    c.sources.coincap.api_key = Some(Secret::new(key));
+    c.sources.coincap.page_size = 50;
+    c.sources.coincap.price_assets = vec!["bitcoin".into(), "ethereum".into()];
     c
 }
 

@@ -57,7 +57,7 @@ fn a_property_from_the_environment_wins_over_the_producers_own_tuning() {
     let dir = std::env::temp_dir().join(format!("tickpipe-props-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");
     let config = dir.join("producer.toml");
-    std::fs::write(&config, "[kafka]\ncreate_topics = false\n").expect("config file");
+    std::fs::write(&config, "[producer]\ncreate_topics = false\n").expect("config file");
     let mut child = Command::new(env!("CARGO_BIN_EXE_producer"))
         .arg("--config")
         .arg(&config)

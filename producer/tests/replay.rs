@@ -15,7 +15,7 @@ use tickpipe_testkit::{real, stack};
 fn replay_config(prefix: &str, files: Vec<PathBuf>) -> Config {
     let mut c = common::local_config("replay", prefix);
     c.kafka.partitions = 2;
-    c.replay.files = files;
+    c.sources.replay.files = files;
     c
 }
 

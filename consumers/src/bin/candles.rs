@@ -4,11 +4,10 @@
 use std::time::Duration;
 
 use clap::Parser;
-use tickpipe_consumers::args::ValidationArgs;
 use tickpipe_consumers::candles::service::{rebaseline, run, ServiceConfig};
 use tickpipe_consumers::candles::{CandleConfig, Interval};
 use tickpipe_consumers::ops::config::ConfigArg;
-use tickpipe_consumers::ops::{self, KafkaArgs};
+use tickpipe_consumers::ops::{self, KafkaArgs, ValidationArgs};
 
 /// Builds OHLCV candles from trades in event time and publishes them.
 #[derive(Debug, Parser)]

@@ -1,14 +1,13 @@
 //! Sources: each turns one upstream (an exchange API, files, the simulator)
 //! into [`Item`](crate::item::Item)s for the publisher. Every source has the
 //! same shape (a config section, a pure parser, the I/O around it) and is
-//! registered in one list, [`build`].
+//! registered in one list, `sources!` below.
 
 use std::future::Future;
 use std::pin::Pin;
 
 use tokio::sync::watch;
 
-use crate::config::Config;
 use crate::publish::Publisher;
 
 pub mod backoff;
@@ -94,23 +93,81 @@ impl Stop {
     }
 }
 
-/// Every source kind, in one list: its name and how it is built from the
-/// configuration (`None` when it is not enabled).
-type Builder = fn(&Config) -> Result<Option<Box<dyn Source>>, SourceError>;
-pub const SOURCES: &[(&str, Builder)] = &[
-    ("binance", binance::build),
-    ("coincap", coincap::build),
-    ("replay", replay::build),
-    ("simulator", simulator::build),
-];
+/// A source's section of the configuration: its flags (named
+/// `--<source>-...`, `TICKPIPE_<SOURCE>_...`, `[<source>]` in the file) and
+/// how the source is built from them.
+pub trait SourceConfig: clap::Args + clap::FromArgMatches + Clone + Default {
+    /// Its name in `--sources`.
+    const NAME: &'static str;
+    /// The source, or what is wrong with its settings.
+    fn build(&self) -> Result<Box<dyn Source>, SourceError>;
+}
 
-/// The enabled sources.
-pub fn build(config: &Config) -> Result<Vec<Box<dyn Source>>, SourceError> {
-    let mut out = Vec::new();
-    for (_, build) in SOURCES {
-        if let Some(s) = build(config)? {
-            out.push(s);
+/// Declares [`Sources`]: which sources run and every source's section, from
+/// one list of `field: section type`.
+macro_rules! sources {
+    ($($field:ident: $section:ty),* $(,)?) => {
+        /// Which sources run, and each one's settings.
+        #[derive(Debug, Clone, clap::Args)]
+        pub struct Sources {
+            /// Sources, comma-separated: auto, binance, coincap, replay, simulator
+            /// (auto: live Binance, and CoinCap when a key is set, if Binance
+            /// answers; otherwise the simulator).
+            #[arg(
+                long = "sources",
+                id = "sources",
+                env = "TICKPIPE_PRODUCER_SOURCES",
+                value_delimiter = ',',
+                default_value = "auto"
+            )]
+            pub names: Vec<String>,
+            $(
+                #[command(flatten, next_help_heading = <$section as SourceConfig>::NAME)]
+                pub $field: $section,
+            )*
         }
+
+        impl Sources {
+            /// Every source's name.
+            pub const NAMES: &[&str] = &[$(<$section as SourceConfig>::NAME),*];
+
+            /// The named sources, each once; `auto` must have been resolved
+            /// (`service::resolve_auto`).
+            pub fn build(&self) -> Result<Vec<Box<dyn Source>>, SourceError> {
+                let mut built = Vec::new();
+                let mut seen = Vec::new();
+                for name in &self.names {
+                    let name = name.trim();
+                    if name == "auto" || seen.contains(&name) {
+                        continue;
+                    }
+                    seen.push(name);
+                    $(
+                        if name == <$section as SourceConfig>::NAME {
+                            built.push(self.$field.build()?);
+                            continue;
+                        }
+                    )*
+                    return Err(SourceError::User(format!(
+                        "unknown source {name:?}: choose from auto, {}",
+                        Self::NAMES.join(", ")
+                    )));
+                }
+                Ok(built)
+            }
+        }
+    };
+}
+
+sources! {
+    binance: binance::BinanceConfig,
+    coincap: coincap::CoinCapConfig,
+    replay: replay::ReplayConfig,
+    simulator: simulator::SimulatorConfig,
+}
+
+impl Default for Sources {
+    fn default() -> Self {
+        tickpipe_ops::config::defaults()
     }
-    Ok(out)
 }

@@ -13,64 +13,69 @@ use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::time::Duration;
 
-use serde::Deserialize;
 use tickpipe_schemas::validate::Rules;
 use tickpipe_schemas::{AnyRecord, Micros, Source as RecordSource};
 use tokio::sync::mpsc;
 
 use super::binance::parse::{self, Origin, WsEvent};
-use super::{Source, SourceError, Stop};
-use crate::config::Config;
+use super::{Source, SourceConfig, SourceError, Stop};
 use crate::item::{now_micros, Item, Reject};
 use crate::publish::Publisher;
 
 const COMPONENT: &str = "replay";
 
-/// The `[replay]` section.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct ReplayConfig {
-    /// Files to publish, in order. Empty: the source is off.
-    pub files: Vec<PathBuf>,
-    /// Recorded pace times this factor; 0 = as fast as possible.
-    pub speed: f64,
-    /// Venue carried in records.
-    pub venue: String,
-    /// Symbol of CSV files whose name does not start with it.
-    pub symbol: Option<String>,
-    /// Interval of kline CSV files whose name does not say it.
-    pub interval: Option<String>,
-}
-
-impl Default for ReplayConfig {
-    fn default() -> Self {
-        ReplayConfig {
-            files: Vec::new(),
-            speed: 0.0,
-            venue: "binance".into(),
-            symbol: None,
-            interval: None,
-        }
+tickpipe_ops::section! {
+    /// The `[replay]` section: recorded files published as if live.
+    pub struct ReplayConfig in "replay" {
+        /// Files to publish, in order (.csv or .gz), comma-separated; `producer
+        /// replay FILE...` gives them as arguments.
+        files: Vec<PathBuf> [value_delimiter = ','],
+        /// Recorded pace times this factor, or "max" for as fast as possible.
+        speed: f64 [alias = "speed", default_value = "max", value_parser = parse_speed],
+        /// Venue carried in the records.
+        venue: String [alias = "venue", default_value = "binance"],
+        /// Symbol of CSV files whose name does not start with it.
+        symbol: Option<String> [],
+        /// Interval of kline CSV files whose name does not say it.
+        interval: Option<String> [],
     }
 }
 
-pub fn build(config: &Config) -> Result<Option<Box<dyn Source>>, SourceError> {
-    let c = &config.replay;
-    if c.files.is_empty() {
-        return Ok(None);
+/// A `--replay-speed`: `max` (0, as fast as possible) or a positive factor.
+fn parse_speed(s: &str) -> Result<f64, String> {
+    if s == "max" {
+        return Ok(0.0);
     }
-    if !(c.speed >= 0.0 && c.speed.is_finite()) {
-        return Err(SourceError::User(format!(
-            "replay speed must be 0 (as fast as possible) or positive, got {}",
-            c.speed
-        )));
+    match s.parse::<f64>() {
+        Ok(f) if f >= 0.0 && f.is_finite() => Ok(f),
+        _ => Err(format!(
+            "{s:?}: a factor such as 1 or 10 (0: as fast as possible), or max"
+        )),
     }
-    for f in &c.files {
-        if !f.is_file() {
-            return Err(SourceError::User(format!("replay file {} does not exist", f.display())));
+}
+
+impl SourceConfig for ReplayConfig {
+    const NAME: &'static str = "replay";
+
+    fn build(&self) -> Result<Box<dyn Source>, SourceError> {
+        if self.files.is_empty() {
+            return Err(SourceError::User(
+                "the replay source needs files: producer replay FILE..., or --replay-files".into(),
+            ));
         }
+        if !(self.speed >= 0.0 && self.speed.is_finite()) {
+            return Err(SourceError::User(format!(
+                "replay speed must be 0 (as fast as possible) or positive, got {}",
+                self.speed
+            )));
+        }
+        for f in &self.files {
+            if !f.is_file() {
+                return Err(SourceError::User(format!("replay file {} does not exist", f.display())));
+            }
+        }
+        Ok(Box::new(Replay { config: self.clone() }))
     }
-    Ok(Some(Box::new(Replay { config: c.clone() })))
 }
 
 pub struct Replay {
@@ -190,7 +195,7 @@ fn detect(path: &Path, line: &str, c: &ReplayConfig) -> Result<Format, SourceErr
                 .interval
                 .clone()
                 .or(name_kind)
-                .ok_or_else(|| SourceError::User(format!("{}: set replay.interval for this klines file", path.display())))?;
+                .ok_or_else(|| SourceError::User(format!("{}: set --replay-interval for this klines file", path.display())))?;
             Ok(Format::Klines { symbol, interval })
         }
         n => Err(SourceError::User(format!(

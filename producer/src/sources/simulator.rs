@@ -16,69 +16,55 @@ use std::time::Duration;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rust_decimal::Decimal;
-use serde::Deserialize;
 use tickpipe_schemas::{
     AnyRecord, Asset, Candle, CandleOrigin, Exchange, Market as MarketRecord, Micros, Price, Rate, RateType,
     Source as RecordSource, Trade, TradeKind,
 };
 
-use super::{Source, SourceError, Stop};
-use crate::config::Config;
+use super::{Source, SourceConfig, SourceError, Stop};
 use crate::item::{now_micros, Item};
 use crate::publish::Publisher;
 
 const COMPONENT: &str = "simulator";
 
-/// The `[simulator]` section.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct SimulatorConfig {
-    pub enabled: bool,
-    /// The same seed gives the same market.
-    pub seed: u64,
-    /// Trades per second over all symbols; 0 = as fast as possible.
-    pub rate: f64,
-    /// Symbols traded (quote asset USDT).
-    pub symbols: Vec<String>,
-    /// Venue carried in records and keys.
-    pub venue: String,
-    /// Virtual start time in ms since the epoch; default: now.
-    pub start_ms: Option<i64>,
-    /// Kline interval, in seconds.
-    pub kline_secs: i64,
-    /// Virtual seconds between CoinCap-shaped updates.
-    pub coincap_every_secs: i64,
-    /// Stop after this many trades (then the source ends); default: never.
-    pub max_trades: Option<u64>,
+tickpipe_ops::section! {
+    /// The `[simulator]` section: a seeded market of every entity, for demos and
+    /// load, when no exchange is reachable.
+    pub struct SimulatorConfig in "simulator" {
+        /// Simulator seed: the same seed gives the same market.
+        seed: u64 [default_value_t = 42],
+        /// Simulated trades per second over all symbols; 0 = as fast as possible.
+        rate: f64 [default_value_t = 50.0],
+        /// Symbols traded (quote asset USDT), comma-separated.
+        symbols: Vec<String> [value_delimiter = ',', default_value = "BTCUSDT,ETHUSDT,AAVEUSDT"],
+        /// Venue carried in records and keys.
+        venue: String [default_value = "simulator"],
+        /// Virtual start time in ms since the epoch [default: now].
+        start_ms: Option<i64> [],
+        /// Kline interval, in seconds.
+        kline_secs: i64 [default_value_t = 60],
+        /// Virtual seconds between CoinCap-shaped updates.
+        coincap_every_secs: i64 [default_value_t = 10],
+        /// Stop after this many trades (then the source ends) [default: never].
+        max_trades: Option<u64> [],
+    }
 }
 
-impl Default for SimulatorConfig {
-    fn default() -> Self {
-        SimulatorConfig {
-            enabled: false,
-            seed: 42,
-            rate: 50.0,
-            symbols: ["BTCUSDT", "ETHUSDT", "AAVEUSDT"].map(String::from).into(),
-            venue: "simulator".into(),
-            start_ms: None,
-            kline_secs: 60,
-            coincap_every_secs: 10,
-            max_trades: None,
+impl SourceConfig for SimulatorConfig {
+    const NAME: &'static str = "simulator";
+
+    fn build(&self) -> Result<Box<dyn Source>, SourceError> {
+        if self.symbols.is_empty()
+            || self.kline_secs < 1
+            || self.coincap_every_secs < 1
+            || !(self.rate >= 0.0 && self.rate.is_finite())
+        {
+            return Err(SourceError::User(
+                "[simulator] needs symbols, kline_secs >= 1, coincap_every_secs >= 1 and a rate >= 0".into(),
+            ));
         }
+        Ok(Box::new(Simulator { config: self.clone() }))
     }
-}
-
-pub fn build(config: &Config) -> Result<Option<Box<dyn Source>>, SourceError> {
-    let c = &config.simulator;
-    if !c.enabled {
-        return Ok(None);
-    }
-    if c.symbols.is_empty() || c.kline_secs < 1 || c.coincap_every_secs < 1 || !(c.rate >= 0.0 && c.rate.is_finite()) {
-        return Err(SourceError::User(
-            "[simulator] needs symbols, kline_secs >= 1, coincap_every_secs >= 1 and a rate >= 0".into(),
-        ));
-    }
-    Ok(Some(Box::new(Simulator { config: c.clone() })))
 }
 
 pub struct Simulator {
@@ -492,7 +478,6 @@ mod tests {
 
     fn config() -> SimulatorConfig {
         SimulatorConfig {
-            enabled: true,
             rate: 20.0,
             max_trades: Some(5000),
             ..SimulatorConfig::default()

@@ -13,11 +13,9 @@ use tickpipe_testkit::stack;
 /// The producer with `source` alone, publishing to the local broker under
 /// `prefix`, without a metrics endpoint.
 pub fn local_config(source: &str, prefix: &str) -> Config {
-    let mut c = Config {
-        sources: vec![source.into()],
-        metrics_addr: "off".into(),
-        ..Config::default()
-    };
+    let mut c = Config::default();
+    c.sources.names = vec![source.into()];
+    c.producer.metrics_addr = "off".into();
     c.kafka.brokers = stack::kafka_brokers();
     c.kafka.topic_prefix = prefix.into();
     c

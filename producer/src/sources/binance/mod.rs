@@ -26,7 +26,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
-use serde::Deserialize;
 use tickpipe_schemas::{Source as RecordSource, Stage, Trade, TradeKind};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
@@ -36,8 +35,7 @@ use self::parse::{Origin, RestAggTrade, RestTrade, WsEvent};
 use self::rest::BinanceRest;
 use self::sequencer::{ClosedKlines, Order, Sequencer};
 use super::backoff::{AttemptLimit, Backoff};
-use super::{Source, SourceError, Stop};
-use crate::config::Config;
+use super::{Source, SourceConfig, SourceError, Stop};
 use crate::item::{now_micros, rules_now, Item, Reject};
 use crate::publish::Publisher;
 
@@ -55,65 +53,46 @@ use socket::connection;
 
 const COMPONENT: &str = "binance-ws";
 
-/// The `[binance]` section.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct BinanceConfig {
-    /// Run the live WebSocket source.
-    pub enabled: bool,
-    /// WebSocket base; the source appends `/stream?streams=...`.
-    pub ws_url: String,
-    /// REST base for gap repair and backfill (`historicalTrades` is not served by
-    /// the market-data-only host).
-    pub rest_url: String,
-    /// The venue name carried in records and keys.
-    pub venue: String,
-    /// Symbols (any case; stream names are lowercased, records uppercase).
-    pub symbols: Vec<String>,
-    /// Streams per symbol: `trade`, `aggTrade`, `kline_<interval>`.
-    pub streams: Vec<String>,
-    /// Replace a connection after this long (Binance closes them at 24 h).
-    pub rollover_secs: u64,
-    /// A connection silent (no data, no ping) for this long is reopened.
-    pub watchdog_secs: u64,
-    /// Most connection attempts per 5 minutes (Binance allows 300 per IP).
-    pub max_connects_per_5min: usize,
-    /// Longest wait between reconnection attempts, and between retries of a
-    /// failing REST call.
-    pub max_backoff_ms: u64,
-    /// The REST weight limit per minute (Binance: 6,000).
-    pub weight_limit: u32,
-    /// Fill trade-id gaps over REST.
-    pub gap_repair: bool,
-    /// Most seconds per minute that gap repairs may hold up the live trades
-    /// of one symbol (queued meanwhile; a rate limit's `Retry-After` can be
-    /// long). What is not repaired within the budget is counted in
-    /// `tickpipe_producer_trades_unrepaired_total`.
-    pub repair_budget_secs: u64,
-    /// Most trades of one symbol held while a repair runs (about a minute of
-    /// BTCUSDT at its busiest, a few MB); newer ones are not held but fetched
-    /// by the symbol's next repair, once the queue has room again.
-    pub repair_queue: usize,
-}
-
-impl Default for BinanceConfig {
-    fn default() -> Self {
-        BinanceConfig {
-            enabled: false,
-            ws_url: "wss://data-stream.binance.vision".into(),
-            rest_url: "https://api.binance.com".into(),
-            venue: "binance".into(),
-            symbols: ["BTCUSDT", "AAVEUSDT", "STXUSDT", "ARBUSDT"].map(String::from).into(),
-            streams: ["trade", "kline_1m"].map(String::from).into(),
-            rollover_secs: 23 * 3600,
-            watchdog_secs: 60,
-            max_connects_per_5min: 300,
-            max_backoff_ms: 30_000,
-            weight_limit: 6000,
-            gap_repair: true,
-            repair_budget_secs: 30,
-            repair_queue: 20_000,
-        }
+tickpipe_ops::section! {
+    /// The `[binance]` section: the live WebSocket source, gap repair, and the
+    /// REST client the klines backfill shares.
+    pub struct BinanceConfig in "binance" {
+        /// Binance WebSocket base; the source appends `/stream?streams=...`.
+        ws_url: String [default_value = "wss://data-stream.binance.vision"],
+        /// Binance REST base, for gap repair and backfill (`historicalTrades` is
+        /// not served by the market-data-only host).
+        rest_url: String [default_value = "https://api.binance.com"],
+        /// The venue name carried in records and keys.
+        venue: String [default_value = "binance"],
+        /// Symbols, comma-separated (any case; stream names are lowercased,
+        /// records uppercase).
+        symbols: Vec<String> [
+            visible_alias = "symbols", value_delimiter = ',', default_value = "BTCUSDT,AAVEUSDT,STXUSDT,ARBUSDT"
+        ],
+        /// Streams per symbol, comma-separated: trade, aggTrade, kline_<interval>.
+        streams: Vec<String> [visible_alias = "streams", value_delimiter = ',', default_value = "trade,kline_1m"],
+        /// Seconds after which a connection is replaced (Binance closes them at 24 h).
+        rollover_secs: u64 [visible_alias = "rollover-secs", default_value_t = 23 * 3600],
+        /// Seconds of silence (no data, no ping) after which a connection is reopened.
+        watchdog_secs: u64 [visible_alias = "watchdog-secs", default_value_t = 60],
+        /// Most connection attempts per 5 minutes (Binance allows 300 per IP).
+        max_connects_per_5min: usize [default_value_t = 300],
+        /// Longest wait between reconnection attempts, and between retries of a
+        /// failing REST call, in ms.
+        max_backoff_ms: u64 [default_value_t = 30_000],
+        /// The REST weight limit per minute (Binance: 6,000).
+        weight_limit: u32 [default_value_t = 6000],
+        /// Fill trade-id gaps over REST.
+        gap_repair: bool [default_value_t = true, action = clap::ArgAction::Set],
+        /// Most seconds per minute that gap repairs may hold up the live trades
+        /// of one symbol (queued meanwhile; a rate limit's `Retry-After` can be
+        /// long). What is not repaired within the budget is counted in
+        /// `tickpipe_producer_trades_unrepaired_total`.
+        repair_budget_secs: u64 [default_value_t = 30],
+        /// Most trades of one symbol held while a repair runs (about a minute of
+        /// BTCUSDT at its busiest, a few MB); newer ones are not held but fetched
+        /// by the symbol's next repair, once the queue has room again.
+        repair_queue: usize [default_value_t = 20_000],
     }
 }
 
@@ -134,24 +113,24 @@ impl BinanceConfig {
     }
 }
 
-pub fn build(config: &Config) -> Result<Option<Box<dyn Source>>, SourceError> {
-    let c = &config.binance;
-    if !c.enabled {
-        return Ok(None);
-    }
-    if c.symbols.is_empty() || c.streams.is_empty() {
-        return Err(SourceError::User(
-            "[binance] needs at least one symbol and one stream".into(),
-        ));
-    }
-    for s in &c.streams {
-        if !(s == "trade" || s == "aggTrade" || s.starts_with("kline_")) {
-            return Err(SourceError::User(format!(
-                "[binance] streams: {s:?} is not one of trade, aggTrade, kline_<interval>"
-            )));
+impl SourceConfig for BinanceConfig {
+    const NAME: &'static str = "binance";
+
+    fn build(&self) -> Result<Box<dyn Source>, SourceError> {
+        if self.symbols.is_empty() || self.streams.is_empty() {
+            return Err(SourceError::User(
+                "[binance] needs at least one symbol and one stream".into(),
+            ));
         }
+        for s in &self.streams {
+            if !(s == "trade" || s == "aggTrade" || s.starts_with("kline_")) {
+                return Err(SourceError::User(format!(
+                    "[binance] streams: {s:?} is not one of trade, aggTrade, kline_<interval>"
+                )));
+            }
+        }
+        Ok(Box::new(BinanceWs { config: self.clone() }))
     }
-    Ok(Some(Box::new(BinanceWs { config: c.clone() })))
 }
 
 /// The live WebSocket source.

@@ -8,14 +8,13 @@ use std::pin::Pin;
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use serde::Deserialize;
+use tickpipe_ops::Secret;
 use tickpipe_schemas::Source as RecordSource;
 use tokio_tungstenite::tungstenite::Message;
 
 use self::parse::{Entity, EnvelopeError, Times};
 use super::backoff::Backoff;
-use super::{Source, SourceError, Stop};
-use crate::config::{Config, Secret};
+use super::{Source, SourceConfig, SourceError, Stop};
 use crate::item::{now_micros, rules_now, Item, Reject};
 use crate::publish::Publisher;
 
@@ -24,68 +23,49 @@ pub mod parse;
 const REST: &str = "coincap-rest";
 const WS: &str = "coincap-ws";
 
-/// The `[coincap]` section.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct CoinCapConfig {
-    /// Poll the REST API.
-    pub enabled: bool,
-    /// REST base, e.g. `https://rest.coincap.io/v3`.
-    pub rest_url: String,
-    /// WebSocket base; the source appends `/prices?assets=...`.
-    pub ws_url: String,
-    /// The API key (sent as a bearer token; never logged).
-    pub api_key: Option<Secret>,
-    /// Seconds between polls, per entity.
-    pub assets_every_secs: u64,
-    pub rates_every_secs: u64,
-    pub exchanges_every_secs: u64,
-    pub markets_every_secs: u64,
-    /// Rows per page (CoinCap allows up to 2,000; each 2,500 bytes costs a credit).
-    pub page_size: u32,
-    /// Most pages per poll.
-    pub max_pages: u32,
-    /// Stream live prices over the WebSocket.
-    pub prices: bool,
-    /// Assets whose prices are streamed (`ALL` for every one).
-    pub price_assets: Vec<String>,
-    /// Longest wait after a failure.
-    pub max_backoff_ms: u64,
+tickpipe_ops::section! {
+    /// The `[coincap]` section: assets, rates, exchanges and markets polled over
+    /// REST, prices streamed over the WebSocket.
+    pub struct CoinCapConfig in "coincap" {
+        /// CoinCap v3 REST base.
+        rest_url: String [default_value = "https://rest.coincap.io/v3"],
+        /// CoinCap WebSocket base; the source appends `/prices?assets=...`.
+        ws_url: String [default_value = "wss://wss.coincap.io"],
+        /// CoinCap API key, sent as a bearer token (never printed).
+        api_key: Option<Secret> [hide_env_values = true],
+        /// Seconds between polls of assets.
+        assets_every_secs: u64 [default_value_t = 60],
+        /// Seconds between polls of rates.
+        rates_every_secs: u64 [default_value_t = 60],
+        /// Seconds between polls of exchanges.
+        exchanges_every_secs: u64 [default_value_t = 300],
+        /// Seconds between polls of markets.
+        markets_every_secs: u64 [default_value_t = 300],
+        /// Rows per page (CoinCap allows up to 2,000; each 2,500 bytes costs a credit).
+        page_size: u32 [default_value_t = 2000],
+        /// Most pages per poll.
+        max_pages: u32 [default_value_t = 5],
+        /// Stream live prices over the WebSocket.
+        prices: bool [default_value_t = true, action = clap::ArgAction::Set],
+        /// Assets whose prices are streamed, comma-separated (`ALL` for every one).
+        price_assets: Vec<String> [value_delimiter = ',', default_value = "bitcoin,ethereum,aave,stacks,arbitrum"],
+        /// Longest wait after a failure, in ms.
+        max_backoff_ms: u64 [default_value_t = 60_000],
+    }
 }
 
-impl Default for CoinCapConfig {
-    fn default() -> Self {
-        CoinCapConfig {
-            enabled: false,
-            rest_url: "https://rest.coincap.io/v3".into(),
-            ws_url: "wss://wss.coincap.io".into(),
-            api_key: None,
-            assets_every_secs: 60,
-            rates_every_secs: 60,
-            exchanges_every_secs: 300,
-            markets_every_secs: 300,
-            page_size: 2000,
-            max_pages: 5,
-            prices: true,
-            price_assets: ["bitcoin", "ethereum", "aave", "stacks", "arbitrum"]
-                .map(String::from)
-                .into(),
-            max_backoff_ms: 60_000,
+impl SourceConfig for CoinCapConfig {
+    const NAME: &'static str = "coincap";
+
+    fn build(&self) -> Result<Box<dyn Source>, SourceError> {
+        if self.api_key.is_none() {
+            return Err(SourceError::User(
+                "CoinCap v3 needs an API key: set TICKPIPE_COINCAP_API_KEY (or [coincap] api_key in the config file)"
+                    .into(),
+            ));
         }
+        Ok(Box::new(CoinCap { config: self.clone() }))
     }
-}
-
-pub fn build(config: &Config) -> Result<Option<Box<dyn Source>>, SourceError> {
-    let c = &config.coincap;
-    if !c.enabled {
-        return Ok(None);
-    }
-    if c.api_key.is_none() {
-        return Err(SourceError::User(
-            "CoinCap v3 needs an API key: set TICKPIPE_COINCAP_API_KEY (or coincap.api_key in the config file)".into(),
-        ));
-    }
-    Ok(Some(Box::new(CoinCap { config: c.clone() })))
 }
 
 pub struct CoinCap {
