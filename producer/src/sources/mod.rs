@@ -38,21 +38,20 @@ pub enum SourceError {
     Internal(String),
 }
 
-/// A source: runs until its input ends (files) or it is stopped (live feeds).
+/// A source ready to run (a checked [`SourceConfig`]): runs until its input
+/// ends (files) or it is stopped (live feeds).
 pub trait Source: Send {
-    /// Its name in logs and metric labels.
+    /// Its name in logs and errors.
     fn name(&self) -> &'static str;
+    /// True when the source ends by itself (replay); the service then exits
+    /// when every source has ended.
+    fn finite(&self) -> bool;
     /// Publishes everything it reads through `publisher` until done or stopped.
     fn run(
         self: Box<Self>,
         publisher: Publisher,
         stop: Stop,
     ) -> Pin<Box<dyn Future<Output = Result<(), SourceError>> + Send>>;
-    /// True when the source ends by itself (replay); the service then exits when
-    /// every source has ended.
-    fn finite(&self) -> bool {
-        false
-    }
 }
 
 /// The stop signal every source watches.
@@ -93,14 +92,41 @@ impl Stop {
     }
 }
 
-/// A source's section of the configuration: its flags (named
-/// `--<source>-...`, `TICKPIPE_<SOURCE>_...`, `[<source>]` in the file) and
-/// how the source is built from them.
-pub trait SourceConfig: clap::Args + clap::FromArgMatches + Clone + Default {
+/// A source's section of the configuration (its flags, named `--<source>-...`,
+/// `TICKPIPE_<SOURCE>_...`, `[<source>]` in the file; `tickpipe_ops::section!`)
+/// and the source itself.
+pub trait SourceConfig: clap::Args + clap::FromArgMatches + Clone + Default + Send + 'static {
     /// Its name in `--sources`.
     const NAME: &'static str;
-    /// The source, or what is wrong with its settings.
-    fn build(&self) -> Result<Box<dyn Source>, SourceError>;
+    /// What is wrong with the settings, found before anything starts.
+    fn check(&self) -> Result<(), SourceError>;
+    /// True when the source ends by itself.
+    fn finite(&self) -> bool {
+        false
+    }
+    /// Publishes everything it reads through `publisher` until done or stopped.
+    fn run(self, publisher: Publisher, stop: Stop) -> impl Future<Output = Result<(), SourceError>> + Send + 'static;
+}
+
+/// A checked section, as the [`Source`] the service runs.
+struct Checked<C>(C);
+
+impl<C: SourceConfig> Source for Checked<C> {
+    fn name(&self) -> &'static str {
+        C::NAME
+    }
+
+    fn finite(&self) -> bool {
+        self.0.finite()
+    }
+
+    fn run(
+        self: Box<Self>,
+        publisher: Publisher,
+        stop: Stop,
+    ) -> Pin<Box<dyn Future<Output = Result<(), SourceError>> + Send>> {
+        Box::pin(self.0.run(publisher, stop))
+    }
 }
 
 /// Declares [`Sources`]: which sources run and every source's section, from
@@ -134,7 +160,7 @@ macro_rules! sources {
             /// The named sources, each once; `auto` must have been resolved
             /// (`service::resolve_auto`).
             pub fn build(&self) -> Result<Vec<Box<dyn Source>>, SourceError> {
-                let mut built = Vec::new();
+                let mut built: Vec<Box<dyn Source>> = Vec::new();
                 let mut seen = Vec::new();
                 for name in &self.names {
                     let name = name.trim();
@@ -144,7 +170,8 @@ macro_rules! sources {
                     seen.push(name);
                     $(
                         if name == <$section as SourceConfig>::NAME {
-                            built.push(self.$field.build()?);
+                            self.$field.check()?;
+                            built.push(Box::new(Checked(self.$field.clone())));
                             continue;
                         }
                     )*

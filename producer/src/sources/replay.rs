@@ -7,10 +7,9 @@
 //! Reading and parsing run on their own thread, publishing on the runtime, so
 //! the two overlap on a two-core machine.
 
-use std::future::Future;
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::pin::Pin;
+
 use std::time::Duration;
 
 use tickpipe_schemas::validate::Rules;
@@ -18,7 +17,7 @@ use tickpipe_schemas::{AnyRecord, Micros, Source as RecordSource};
 use tokio::sync::mpsc;
 
 use super::binance::parse::{self, Origin, WsEvent};
-use super::{Source, SourceConfig, SourceError, Stop};
+use super::{SourceConfig, SourceError, Stop};
 use crate::item::{now_micros, Item, Reject};
 use crate::publish::Publisher;
 
@@ -57,7 +56,7 @@ fn parse_speed(s: &str) -> Result<f64, String> {
 impl SourceConfig for ReplayConfig {
     const NAME: &'static str = "replay";
 
-    fn build(&self) -> Result<Box<dyn Source>, SourceError> {
+    fn check(&self) -> Result<(), SourceError> {
         if self.files.is_empty() {
             return Err(SourceError::User(
                 "the replay source needs files: producer replay FILE..., or --replay-files".into(),
@@ -74,75 +73,59 @@ impl SourceConfig for ReplayConfig {
                 return Err(SourceError::User(format!("replay file {} does not exist", f.display())));
             }
         }
-        Ok(Box::new(Replay { config: self.clone() }))
-    }
-}
-
-pub struct Replay {
-    config: ReplayConfig,
-}
-
-impl Source for Replay {
-    fn name(&self) -> &'static str {
-        COMPONENT
+        Ok(())
     }
 
     fn finite(&self) -> bool {
         true
     }
 
-    fn run(
-        self: Box<Self>,
-        publisher: Publisher,
-        mut stop: Stop,
-    ) -> Pin<Box<dyn Future<Output = Result<(), SourceError>> + Send>> {
-        Box::pin(async move {
-            let config = self.config;
-            let speed = config.speed;
-            let (tx, mut rx) = mpsc::channel::<Vec<Item>>(QUEUED_BATCHES);
-            let metrics = publisher.metrics().clone();
-            let reader = std::thread::Builder::new()
-                .name("replay-reader".into())
-                .spawn(move || -> Result<(), SourceError> {
-                    for f in &config.files {
-                        read_file(f, &config, &metrics, &tx)?;
-                    }
-                    Ok(())
-                })
-                .map_err(|e| SourceError::Io(format!("cannot start the replay reader: {e}")))?;
-            let start = tokio::time::Instant::now();
-            let mut first: Option<Micros> = None;
-            'batches: while let Some(batch) = rx.recv().await {
+    async fn run(self, publisher: Publisher, mut stop: Stop) -> Result<(), SourceError> {
+        let config = self;
+        let speed = config.speed;
+        let (tx, mut rx) = mpsc::channel::<Vec<Item>>(QUEUED_BATCHES);
+        let metrics = publisher.metrics().clone();
+        let reader = std::thread::Builder::new()
+            .name("replay-reader".into())
+            .spawn(move || -> Result<(), SourceError> {
+                for f in &config.files {
+                    read_file(f, &config, &metrics, &tx)?;
+                }
+                Ok(())
+            })
+            .map_err(|e| SourceError::Io(format!("cannot start the replay reader: {e}")))?;
+        let start = tokio::time::Instant::now();
+        let mut first: Option<Micros> = None;
+        'batches: while let Some(batch) = rx.recv().await {
+            if stop.is_stopped() {
+                break;
+            }
+            if speed == 0.0 {
+                publisher.publish_batch(batch).await;
+                continue;
+            }
+            for item in batch {
                 if stop.is_stopped() {
-                    break;
+                    break 'batches;
                 }
-                if speed == 0.0 {
-                    publisher.publish_batch(batch).await;
-                    continue;
-                }
-                for item in batch {
-                    if stop.is_stopped() {
-                        break 'batches;
-                    }
-                    if speed > 0.0 {
-                        if let Some(t) = event_time(&item) {
-                            let t0 = *first.get_or_insert(t);
-                            let due = start + Duration::from_micros(((t - t0).max(0) as f64 / speed) as u64);
-                            tokio::select! {
-                                _ = tokio::time::sleep_until(due) => {}
-                                _ = stop.wait() => break 'batches,
-                            }
+                if speed > 0.0 {
+                    if let Some(t) = event_time(&item) {
+                        let t0 = *first.get_or_insert(t);
+                        let due = start + Duration::from_micros(((t - t0).max(0) as f64 / speed) as u64);
+                        tokio::select! {
+                            _ = tokio::time::sleep_until(due) => {}
+                            _ = stop.wait() => break 'batches,
                         }
                     }
-                    publisher.publish(item).await;
                 }
+                publisher.publish(item).await;
             }
-            drop(rx);
-            match tokio::task::spawn_blocking(move || reader.join()).await {
-                Ok(Ok(r)) => r,
-                _ => Err(SourceError::Io("the replay reader panicked".into())),
-            }
-        })
+        }
+        drop(rx);
+        match tokio::task::spawn_blocking(move || reader.join()).await {
+            Ok(Ok(r)) => r,
+            _ => Err(SourceError::Io("the replay reader panicked".into())),
+        }
     }
 }
 

@@ -9,8 +9,7 @@
 //! generator.
 
 use std::collections::BTreeMap;
-use std::future::Future;
-use std::pin::Pin;
+
 use std::time::Duration;
 
 use rand::rngs::StdRng;
@@ -21,7 +20,7 @@ use tickpipe_schemas::{
     Source as RecordSource, Trade, TradeKind,
 };
 
-use super::{Source, SourceConfig, SourceError, Stop};
+use super::{SourceConfig, SourceError, Stop};
 use crate::item::{now_micros, Item};
 use crate::publish::Publisher;
 
@@ -53,7 +52,7 @@ tickpipe_ops::section! {
 impl SourceConfig for SimulatorConfig {
     const NAME: &'static str = "simulator";
 
-    fn build(&self) -> Result<Box<dyn Source>, SourceError> {
+    fn check(&self) -> Result<(), SourceError> {
         if self.symbols.is_empty()
             || self.kline_secs < 1
             || self.coincap_every_secs < 1
@@ -63,62 +62,46 @@ impl SourceConfig for SimulatorConfig {
                 "[simulator] needs symbols, kline_secs >= 1, coincap_every_secs >= 1 and a rate >= 0".into(),
             ));
         }
-        Ok(Box::new(Simulator { config: self.clone() }))
-    }
-}
-
-pub struct Simulator {
-    config: SimulatorConfig,
-}
-
-impl Source for Simulator {
-    fn name(&self) -> &'static str {
-        COMPONENT
+        Ok(())
     }
 
     fn finite(&self) -> bool {
-        self.config.max_trades.is_some()
+        self.max_trades.is_some()
     }
 
-    fn run(
-        self: Box<Self>,
-        publisher: Publisher,
-        stop: Stop,
-    ) -> Pin<Box<dyn Future<Output = Result<(), SourceError>> + Send>> {
-        Box::pin(async move {
-            let c = self.config;
-            let start = c.start_ms.map(|ms| ms * 1000).unwrap_or_else(now_micros);
-            let market = Market::new(&c, start);
-            let wall0 = tokio::time::Instant::now();
-            let received = publisher.metrics().received.with_label_values(&[COMPONENT]);
-            for mut item in market {
-                if stop.is_stopped() {
-                    break;
-                }
-                if let Item::Record(AnyRecord::Trade(t)) = &item {
-                    let due = if c.rate > 0.0 {
-                        Some(wall0 + Duration::from_micros((t.event_time - start).max(0) as u64))
-                    } else {
-                        // Flat out, virtual time must not run ahead of the wall
-                        // clock: the consumers refuse event times more than
-                        // `--max-ahead-ms` ahead of theirs.
-                        let ahead = t.event_time - now_micros();
-                        (ahead > 1_000_000).then(|| tokio::time::Instant::now() + Duration::from_micros(ahead as u64))
-                    };
-                    if let Some(due) = due {
-                        let mut stop = stop.clone();
-                        tokio::select! {
-                            _ = tokio::time::sleep_until(due) => {}
-                            _ = stop.wait() => break,
-                        }
+    async fn run(self, publisher: Publisher, stop: Stop) -> Result<(), SourceError> {
+        let c = self;
+        let start = c.start_ms.map(|ms| ms * 1000).unwrap_or_else(now_micros);
+        let market = Market::new(&c, start);
+        let wall0 = tokio::time::Instant::now();
+        let received = publisher.metrics().received.with_label_values(&[COMPONENT]);
+        for mut item in market {
+            if stop.is_stopped() {
+                break;
+            }
+            if let Item::Record(AnyRecord::Trade(t)) = &item {
+                let due = if c.rate > 0.0 {
+                    Some(wall0 + Duration::from_micros((t.event_time - start).max(0) as u64))
+                } else {
+                    // Flat out, virtual time must not run ahead of the wall
+                    // clock: the consumers refuse event times more than
+                    // `--max-ahead-ms` ahead of theirs.
+                    let ahead = t.event_time - now_micros();
+                    (ahead > 1_000_000).then(|| tokio::time::Instant::now() + Duration::from_micros(ahead as u64))
+                };
+                if let Some(due) = due {
+                    let mut stop = stop.clone();
+                    tokio::select! {
+                        _ = tokio::time::sleep_until(due) => {}
+                        _ = stop.wait() => break,
                     }
                 }
-                received.inc();
-                set_ingest(&mut item, now_micros());
-                publisher.publish(item).await;
             }
-            Ok(())
-        })
+            received.inc();
+            set_ingest(&mut item, now_micros());
+            publisher.publish(item).await;
+        }
+        Ok(())
     }
 }
 

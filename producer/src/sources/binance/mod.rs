@@ -21,7 +21,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
-use std::pin::Pin;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -35,7 +35,7 @@ use self::parse::{Origin, RestAggTrade, RestTrade, WsEvent};
 use self::rest::BinanceRest;
 use self::sequencer::{ClosedKlines, Order, Sequencer};
 use super::backoff::{AttemptLimit, Backoff};
-use super::{Source, SourceConfig, SourceError, Stop};
+use super::{SourceConfig, SourceError, Stop};
 use crate::item::{now_micros, rules_now, Item, Reject};
 use crate::publish::Publisher;
 
@@ -116,7 +116,7 @@ impl BinanceConfig {
 impl SourceConfig for BinanceConfig {
     const NAME: &'static str = "binance";
 
-    fn build(&self) -> Result<Box<dyn Source>, SourceError> {
+    fn check(&self) -> Result<(), SourceError> {
         if self.symbols.is_empty() || self.streams.is_empty() {
             return Err(SourceError::User(
                 "[binance] needs at least one symbol and one stream".into(),
@@ -129,26 +129,11 @@ impl SourceConfig for BinanceConfig {
                 )));
             }
         }
-        Ok(Box::new(BinanceWs { config: self.clone() }))
-    }
-}
-
-/// The live WebSocket source.
-pub struct BinanceWs {
-    config: BinanceConfig,
-}
-
-impl Source for BinanceWs {
-    fn name(&self) -> &'static str {
-        COMPONENT
+        Ok(())
     }
 
-    fn run(
-        self: Box<Self>,
-        publisher: Publisher,
-        stop: Stop,
-    ) -> Pin<Box<dyn Future<Output = Result<(), SourceError>> + Send>> {
-        Box::pin(run_ws(self.config, publisher, stop))
+    fn run(self, publisher: Publisher, stop: Stop) -> impl Future<Output = Result<(), SourceError>> + Send + 'static {
+        run_ws(self, publisher, stop)
     }
 }
 

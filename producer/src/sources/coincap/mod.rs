@@ -3,8 +3,6 @@
 //! first assets poll). A 401 stops the source with the variable to set; a 429
 //! backs off; the retired v2 deprecation answer is a clear error.
 
-use std::future::Future;
-use std::pin::Pin;
 use std::time::Duration;
 
 use futures_util::StreamExt;
@@ -14,7 +12,7 @@ use tokio_tungstenite::tungstenite::Message;
 
 use self::parse::{Entity, EnvelopeError, Times};
 use super::backoff::Backoff;
-use super::{Source, SourceConfig, SourceError, Stop};
+use super::{SourceConfig, SourceError, Stop};
 use crate::item::{now_micros, rules_now, Item, Reject};
 use crate::publish::Publisher;
 
@@ -57,58 +55,42 @@ tickpipe_ops::section! {
 impl SourceConfig for CoinCapConfig {
     const NAME: &'static str = "coincap";
 
-    fn build(&self) -> Result<Box<dyn Source>, SourceError> {
+    fn check(&self) -> Result<(), SourceError> {
         if self.api_key.is_none() {
             return Err(SourceError::User(
                 "CoinCap v3 needs an API key: set TICKPIPE_COINCAP_API_KEY (or [coincap] api_key in the config file)"
                     .into(),
             ));
         }
-        Ok(Box::new(CoinCap { config: self.clone() }))
-    }
-}
-
-pub struct CoinCap {
-    config: CoinCapConfig,
-}
-
-impl Source for CoinCap {
-    fn name(&self) -> &'static str {
-        REST
+        Ok(())
     }
 
-    fn run(
-        self: Box<Self>,
-        publisher: Publisher,
-        stop: Stop,
-    ) -> Pin<Box<dyn Future<Output = Result<(), SourceError>> + Send>> {
-        Box::pin(async move {
-            let c = self.config;
-            let http = reqwest::Client::builder()
-                .timeout(Duration::from_secs(30))
-                .build()
-                .map_err(|e| SourceError::User(format!("cannot build an HTTP client: {e}")))?;
-            let mut tasks = tokio::task::JoinSet::new();
-            for entity in Entity::ALL {
-                tasks.spawn(poll(entity, c.clone(), http.clone(), publisher.clone(), stop.clone()));
-            }
-            if c.prices {
-                tasks.spawn(prices(c.clone(), publisher.clone(), stop.clone()));
-            }
-            // The first error (a wrong key, a retired API) stops the whole source.
-            while let Some(r) = tasks.join_next().await {
-                match r {
-                    Ok(Ok(())) => {}
-                    Ok(Err(e)) => {
-                        tasks.abort_all();
-                        return Err(e);
-                    }
-                    Err(e) if e.is_cancelled() => {}
-                    Err(e) => return Err(SourceError::Io(format!("CoinCap task failed: {e}"))),
+    async fn run(self, publisher: Publisher, stop: Stop) -> Result<(), SourceError> {
+        let c = self;
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(30))
+            .build()
+            .map_err(|e| SourceError::User(format!("cannot build an HTTP client: {e}")))?;
+        let mut tasks = tokio::task::JoinSet::new();
+        for entity in Entity::ALL {
+            tasks.spawn(poll(entity, c.clone(), http.clone(), publisher.clone(), stop.clone()));
+        }
+        if c.prices {
+            tasks.spawn(prices(c.clone(), publisher.clone(), stop.clone()));
+        }
+        // The first error (a wrong key, a retired API) stops the whole source.
+        while let Some(r) = tasks.join_next().await {
+            match r {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    tasks.abort_all();
+                    return Err(e);
                 }
+                Err(e) if e.is_cancelled() => {}
+                Err(e) => return Err(SourceError::Io(format!("CoinCap task failed: {e}"))),
             }
-            Ok(())
-        })
+        }
+        Ok(())
     }
 }
 
