@@ -12,17 +12,17 @@ pub fn entity_topics(names: &[String]) -> Result<Vec<Topic>, String> {
 }
 
 /// Declares the flags every sink binary takes, their environment variables
-/// named after the binary (`TICKPIPE_<SINK>_GROUP`, ...), with its defaults;
+/// named after the binary (`TICKPIPE_<SINK>_GROUP`, ...), with its defaults
+/// (a [`crate::sink::SinkDefaults`]);
 /// `settings` turns them into the runtime's [`crate::sink::SinkSettings`].
 #[macro_export]
 macro_rules! sink_args {
-    (
-        $name:ident, env = $env:literal, group = $group:literal, batch_max = $batch_max:literal,
-        batch_wait_ms = $batch_wait:literal, max_backoff_ms = $backoff:literal, metrics_addr = $metrics:literal
-    ) => {
+    ($name:ident, env = $env:literal, defaults = $defaults:expr) => {
         /// The flags every sink takes.
         #[derive(Debug, Clone, clap::Args)]
         pub struct $name {
+            #[command(flatten)]
+            pub config: $crate::ops::config::ConfigArg,
             #[command(flatten)]
             pub kafka: $crate::ops::KafkaArgs,
             #[command(flatten)]
@@ -36,16 +36,16 @@ macro_rules! sink_args {
                             )]
             pub topics: Vec<String>,
             /// Consumer group; where this sink's positions are kept.
-            #[arg(long, env = concat!("TICKPIPE_", $env, "_GROUP"), default_value = $group)]
+            #[arg(long, env = concat!("TICKPIPE_", $env, "_GROUP"), default_value = $defaults.group)]
             pub group: String,
             /// Most records per batch.
-            #[arg(long, env = concat!("TICKPIPE_", $env, "_BATCH_MAX"), default_value_t = $batch_max)]
+            #[arg(long, env = concat!("TICKPIPE_", $env, "_BATCH_MAX"), default_value_t = $defaults.batch_max)]
             pub batch_max: usize,
             /// Longest wait for a batch to fill, in ms.
-            #[arg(long, env = concat!("TICKPIPE_", $env, "_BATCH_WAIT_MS"), default_value_t = $batch_wait)]
+            #[arg(long, env = concat!("TICKPIPE_", $env, "_BATCH_WAIT_MS"), default_value_t = $defaults.batch_wait_ms)]
             pub batch_wait_ms: u64,
             /// Longest pause between retries of a failed write, in ms.
-            #[arg(long, env = concat!("TICKPIPE_", $env, "_MAX_BACKOFF_MS"), default_value_t = $backoff)]
+            #[arg(long, env = concat!("TICKPIPE_", $env, "_MAX_BACKOFF_MS"), default_value_t = $defaults.max_backoff_ms)]
             pub max_backoff_ms: u64,
             /// Milliseconds the group waits for a silent member before moving its partitions.
             #[arg(long, env = concat!("TICKPIPE_", $env, "_SESSION_TIMEOUT_MS"), default_value_t = 10_000)]
@@ -57,7 +57,7 @@ macro_rules! sink_args {
             #[command(flatten)]
             pub registry: $crate::ops::RegistryArgs,
             /// Address of /metrics, /healthz and /readyz ("off" to disable).
-            #[arg(long, env = concat!("TICKPIPE_", $env, "_METRICS_ADDR"), default_value = $metrics)]
+            #[arg(long, env = concat!("TICKPIPE_", $env, "_METRICS_ADDR"), default_value = $defaults.metrics_addr)]
             pub metrics_addr: String,
         }
 

@@ -77,6 +77,25 @@ pub fn now_micros() -> i64 {
         .unwrap_or(0)
 }
 
+/// Why a binary could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot install the SIGTERM handler: {0}")]
+    Signal(#[from] std::io::Error),
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
+}
+
+/// What every binary does first, in this order: installs the SIGTERM handler
+/// (so that a stop during start-up is clean too), sets up logging, and parses
+/// its flags over the configuration file (`config::parse`). Returns the
+/// future that resolves on SIGTERM or Ctrl-C, and the flags.
+pub fn start<T: clap::Parser>() -> Result<(impl std::future::Future<Output = ()> + Send + 'static, T), StartError> {
+    let shutdown = shutdown_signal()?;
+    init_logging();
+    Ok((shutdown, config::parse()?))
+}
+
 /// Installs the SIGTERM handler now (so a SIGTERM during start-up is a clean stop
 /// too) and returns a future that resolves on SIGTERM or Ctrl-C.
 pub fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()> + Send + 'static> {

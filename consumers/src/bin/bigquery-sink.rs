@@ -9,16 +9,11 @@ use tickpipe_consumers::bq::client::{Auth, Endpoint};
 use tickpipe_consumers::bq::schema::DecimalColumns;
 use tickpipe_consumers::bq::sink::{run, BqSinkConfig};
 use tickpipe_consumers::ops;
-use tickpipe_consumers::ops::config::ConfigArg;
 
 tickpipe_consumers::sink_args!(
     SinkArgs,
     env = "BIGQUERY_SINK",
-    group = "tickpipe-bigquery-sink",
-    batch_max = 10_000,
-    batch_wait_ms = 500,
-    max_backoff_ms = 10_000,
-    metrics_addr = "127.0.0.1:9105"
+    defaults = tickpipe_consumers::bq::sink::DEFAULTS
 );
 
 /// Writes every entity topic into BigQuery: an append-only table per entity,
@@ -26,8 +21,6 @@ tickpipe_consumers::sink_args!(
 #[derive(Debug, Parser)]
 #[command(version, after_help = tickpipe_kafka::PROPERTIES_HELP)]
 struct Args {
-    #[command(flatten)]
-    config: ConfigArg,
     #[command(flatten)]
     sink: SinkArgs,
     /// Google Cloud project of the dataset.
@@ -67,10 +60,7 @@ struct Args {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    // Installed before anything else, so a SIGTERM during start-up is a clean stop too.
-    let shutdown = ops::shutdown_signal()?;
-    ops::init_logging();
-    let args: Args = ops::config::parse()?;
+    let (shutdown, args) = ops::start::<Args>()?;
     let endpoint = match (&args.emulator, args.credentials) {
         (Some(url), None) => Endpoint {
             api_url: url.clone(),

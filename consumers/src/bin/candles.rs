@@ -77,9 +77,7 @@ struct Args {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let shutdown = ops::shutdown_signal()?;
-    ops::init_logging();
-    let args: Args = ops::config::parse()?;
+    let (shutdown, args) = ops::start::<Args>()?;
     args.validation.apply();
     let metrics_addr = ops::metrics_addr(&args.metrics_addr).map_err(anyhow::Error::msg)?;
     let config = ServiceConfig {

@@ -3,17 +3,12 @@
 
 use clap::Parser;
 use tickpipe_consumers::ops;
-use tickpipe_consumers::ops::config::ConfigArg;
 use tickpipe_consumers::pg::sink::{rebaseline, run, SinkConfig};
 
 tickpipe_consumers::sink_args!(
     SinkArgs,
     env = "POSTGRES_SINK",
-    group = "tickpipe-postgres-sink",
-    batch_max = 20_000,
-    batch_wait_ms = 200,
-    max_backoff_ms = 5_000,
-    metrics_addr = "127.0.0.1:9104"
+    defaults = tickpipe_consumers::pg::sink::DEFAULTS
 );
 
 /// Writes every entity topic into PostgreSQL: current state, SCD2 asset
@@ -23,8 +18,6 @@ tickpipe_consumers::sink_args!(
 #[derive(Debug, Parser)]
 #[command(version, after_help = tickpipe_kafka::PROPERTIES_HELP)]
 struct Args {
-    #[command(flatten)]
-    config: ConfigArg,
     #[command(flatten)]
     sink: SinkArgs,
     /// PostgreSQL connection (URL or key=value string, as libpq takes them).
@@ -51,10 +44,7 @@ struct Args {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    // Installed before anything else, so a SIGTERM during start-up is a clean stop too.
-    let shutdown = ops::shutdown_signal()?;
-    ops::init_logging();
-    let args: Args = ops::config::parse()?;
+    let (shutdown, args) = ops::start::<Args>()?;
     let config = SinkConfig {
         sink: args.sink.settings().map_err(anyhow::Error::msg)?,
         postgres_url: args.postgres_url,

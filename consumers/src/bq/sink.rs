@@ -26,8 +26,17 @@ use super::tables::prepare_tables;
 use super::COMPONENT;
 use crate::decode::{Item, Reject};
 pub use crate::sink::SinkError;
-use crate::sink::{fatal, target, Failure, Opening, Out, Resume, Sink, SinkSettings, Written};
+use crate::sink::{fatal, target, Failure, Opening, Out, Resume, Sink, SinkDefaults, SinkSettings, Written};
 use tickpipe_schemas::AnyRecord;
+
+/// The `bigquery-sink` binary's defaults.
+pub const DEFAULTS: SinkDefaults = SinkDefaults {
+    group: "tickpipe-bigquery-sink",
+    batch_max: 10_000,
+    batch_wait_ms: 500,
+    max_backoff_ms: 10_000,
+    metrics_addr: "127.0.0.1:9105",
+};
 
 /// Everything the sink needs.
 #[derive(Debug, Clone)]

@@ -16,7 +16,16 @@ pub use super::writer::{write_batch, WriteError};
 use super::COMPONENT;
 use crate::decode::Item;
 pub use crate::sink::SinkError;
-use crate::sink::{Failure, Opening, Out, Resume, Sink, Written};
+use crate::sink::{Failure, Opening, Out, Resume, Sink, SinkDefaults, Written};
+
+/// The `postgres-sink` binary's defaults.
+pub const DEFAULTS: SinkDefaults = SinkDefaults {
+    group: "tickpipe-postgres-sink",
+    batch_max: 20_000,
+    batch_wait_ms: 200,
+    max_backoff_ms: 5_000,
+    metrics_addr: "127.0.0.1:9104",
+};
 
 /// PostgreSQL as a sink.
 struct Postgres {

@@ -44,6 +44,16 @@ pub use metrics::SinkMetrics;
 use crate::decode::{reject_letter, Item, Reject};
 use consumer::{spawn_consumer, ConsumerSettings};
 
+/// A sink's defaults for the flags every sink takes (`sink_args!`).
+#[derive(Debug, Clone, Copy)]
+pub struct SinkDefaults {
+    pub group: &'static str,
+    pub batch_max: usize,
+    pub batch_wait_ms: u64,
+    pub max_backoff_ms: u64,
+    pub metrics_addr: &'static str,
+}
+
 /// What every sink is configured with: where it reads, how it batches and
 /// retries, where it reports.
 #[derive(Debug, Clone)]

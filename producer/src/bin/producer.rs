@@ -76,9 +76,7 @@ struct ReplayArgs {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let shutdown = tickpipe_ops::shutdown_signal()?;
-    tickpipe_ops::init_logging();
-    let cli: Cli = tickpipe_ops::config::parse()?;
+    let (shutdown, cli) = tickpipe_ops::start::<Cli>()?;
     cli.validation.apply();
     let mut config = cli.config;
     let metrics = Metrics::new();
