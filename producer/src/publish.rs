@@ -22,6 +22,7 @@ use rdkafka::ClientContext;
 use tickpipe_schemas::{AnyRecord, Codec, DeadLetter, Origin, Stage, Topic};
 use tokio::sync::{Notify, Semaphore, TryAcquireError};
 
+use crate::events::{DeliveryFailed, DeliveryRetried};
 use crate::item::{now_micros, Item, Reject};
 use crate::metrics::Metrics;
 
@@ -106,13 +107,11 @@ impl ProducerContext for Context {
                     )
                 );
                 if permanent || meta.attempts >= MAX_REDELIVERIES {
-                    tracing::error!(topic, error = %e, "record could not be delivered");
-                    self.metrics.delivery_failures.with_label_values(&[topic]).inc();
+                    DeliveryFailed { topic, error: &e }.emit(&self.metrics);
                     self.release();
                     return;
                 }
-                tracing::warn!(topic, error = %e, "delivery failed, enqueueing again");
-                self.metrics.delivery_retries.with_label_values(&[topic]).inc();
+                DeliveryRetried { topic, error: &e }.emit(&self.metrics);
                 let again = Redelivery {
                     topic: meta.topic,
                     key: m.key().map(<[u8]>::to_vec),
@@ -121,7 +120,8 @@ impl ProducerContext for Context {
                     attempts: meta.attempts + 1,
                 };
                 if self.redeliver.send(again).is_err() {
-                    self.metrics.delivery_failures.with_label_values(&[topic]).inc();
+                    let error = "the publisher stopped before the record could be enqueued again";
+                    DeliveryFailed { topic, error: &error }.emit(&self.metrics);
                     self.release();
                 }
             }

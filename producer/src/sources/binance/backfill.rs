@@ -39,6 +39,7 @@ use super::super::backoff::Backoff;
 use super::parse::{self, Origin};
 use super::rest::BinanceRest;
 use super::BinanceConfig;
+use crate::events::{BackfillFailed, KlinesMissing};
 use crate::item::{now_micros, rules_now, Item, Reject};
 use crate::publish::Publisher;
 use crate::sources::{SourceError, Stop};
@@ -177,12 +178,12 @@ pub async fn run(
                 match result {
                     Ok(()) => {}
                     Err(SourceError::Unavailable(e)) if job.every.is_some() => {
-                        publisher
-                            .metrics()
-                            .backfill_failures
-                            .with_label_values(&[symbol.as_str(), interval])
-                            .inc();
-                        tracing::warn!(symbol, interval, error = %e, "backfill failed; it is repeated from its checkpoint");
+                        BackfillFailed {
+                            symbol: symbol.as_str(),
+                            interval,
+                            error: &e,
+                        }
+                        .emit(publisher.metrics());
                         failed += 1;
                     }
                     Err(e) => return Err(e),
@@ -305,15 +306,14 @@ async fn one(
                     }
                     if let Some(at) = expected.filter(|at| c.open_time > *at) {
                         gaps += 1;
-                        publisher.metrics().kline_gaps.with_label_values(&labels).inc();
-                        tracing::warn!(
+                        KlinesMissing {
                             symbol,
                             interval,
-                            from = %utc(at),
-                            to = %utc(c.open_time),
-                            missing_hours = (c.open_time - at) as f64 / 3.6e9,
-                            "no klines from the exchange for this span (an outage); none are invented"
-                        );
+                            from: utc(at),
+                            to: utc(c.open_time),
+                            missing_hours: (c.open_time - at) as f64 / 3.6e9,
+                        }
+                        .emit(publisher.metrics());
                     }
                     expected = Some(c.close_time + 1000);
                     page_next = c.close_time + 1000;

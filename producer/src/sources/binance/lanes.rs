@@ -2,7 +2,7 @@
 //! `trades` holds every id exactly once; a repair holds up only its own lane.
 
 use super::*;
-use crate::events::TradesUnrepaired;
+use crate::events::{TradeGap, TradesUnrepaired};
 
 /// A live trade on its way to its lane, with the frame it came in (for dead
 /// letters) and, for a trade Binance excludes, why.
@@ -170,8 +170,12 @@ pub(super) async fn sequence_trade(
             return;
         }
         Order::Gap { from, to } => {
-            metrics.gaps.with_label_values(&[&t.symbol]).inc();
-            tracing::info!(symbol = %t.symbol, from, to, "trade-id gap: repairing over REST");
+            TradeGap {
+                symbol: &t.symbol,
+                from,
+                to,
+            }
+            .emit(metrics);
             let (filled, skipped) = match repair {
                 Some((rest, budget)) => {
                     let started = Instant::now();

@@ -11,6 +11,7 @@ use reqwest::StatusCode;
 
 use super::super::backoff::Backoff;
 use super::super::{SourceError, Stop};
+use crate::events::RateLimited;
 use crate::metrics::Metrics;
 
 fn now_millis() -> u64 {
@@ -168,17 +169,13 @@ impl BinanceRest {
                             Err(e) => format!("reading the answer: {e}"),
                         },
                         StatusCode::TOO_MANY_REQUESTS | StatusCode::IM_A_TEAPOT => {
-                            self.metrics
-                                .rest_requests
-                                .with_label_values(&[api, "rate_limited"])
-                                .inc();
                             let wait = rate_limit_wait(retry_after);
-                            tracing::warn!(
+                            RateLimited {
                                 api,
-                                status = status.as_u16(),
-                                retry_after_s = wait.as_secs(),
-                                "Binance rate limit: pausing every request"
-                            );
+                                status: status.as_u16(),
+                                wait,
+                            }
+                            .emit(&self.metrics);
                             self.state.lock().unwrap_or_else(|e| e.into_inner()).blocked_until =
                                 Some(Instant::now() + wait);
                             attempts -= 1;
