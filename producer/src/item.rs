@@ -53,6 +53,11 @@ impl Reject {
 }
 
 impl Item {
+    /// Input that did not parse: a parse-stage reject carrying `raw`.
+    pub fn unparsed(component: &'static str, source: Source, raw: &[u8], reason: impl Into<String>) -> Item {
+        Item::Reject(Reject::parse(component, source, raw, reason))
+    }
+
     /// The entity topic the item is published to.
     pub fn topic(&self) -> Topic {
         match self {

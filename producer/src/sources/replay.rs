@@ -18,7 +18,7 @@ use tokio::sync::mpsc;
 
 use super::binance::parse::{self, Origin, WsEvent};
 use super::{SourceConfig, SourceError, Stop};
-use crate::item::{now_micros, Item, Reject};
+use crate::item::{now_micros, Item};
 use crate::publish::Publisher;
 
 const COMPONENT: &str = "replay";
@@ -391,12 +391,7 @@ fn read_file(
                     path.display(),
                     prefix.len()
                 );
-                batch.push(Item::Reject(Reject::parse(
-                    COMPONENT,
-                    RecordSource::Replay,
-                    &prefix,
-                    reason,
-                )));
+                batch.push(Item::unparsed(COMPONENT, RecordSource::Replay, &prefix, reason));
                 continue;
             }
         };
@@ -410,12 +405,7 @@ fn read_file(
             Err(e) => {
                 received.pending += 1;
                 let reason = format!("{}:{n}: not UTF-8 ({e})", path.display());
-                batch.push(Item::Reject(Reject::parse(
-                    COMPONENT,
-                    RecordSource::Replay,
-                    bytes,
-                    reason,
-                )));
+                batch.push(Item::unparsed(COMPONENT, RecordSource::Replay, bytes, reason));
                 continue;
             }
         };
@@ -524,12 +514,12 @@ fn row(text: &str, path: &Path, n: u64, f: impl FnOnce(&[&str]) -> Result<Item, 
 }
 
 fn reject(text: &str, reason: String, path: &Path, n: u64) -> Item {
-    Item::Reject(Reject::parse(
+    Item::unparsed(
         COMPONENT,
         RecordSource::Replay,
         text.as_bytes(),
         format!("{}:{n}: {reason}", path.display()),
-    ))
+    )
 }
 
 #[cfg(test)]

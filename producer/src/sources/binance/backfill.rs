@@ -40,7 +40,7 @@ use super::parse::{self, Origin};
 use super::rest::BinanceRest;
 use super::BinanceConfig;
 use crate::events::{BackfillFailed, KlinesMissing};
-use crate::item::{now_micros, rules_now, Item, Reject};
+use crate::item::{now_micros, rules_now, Item};
 use crate::publish::Publisher;
 use crate::sources::{SourceError, Stop};
 
@@ -273,12 +273,12 @@ async fn one(
             Ok(r) => r,
             Err(e) => {
                 publisher
-                    .publish(Item::Reject(Reject::parse(
+                    .publish(Item::unparsed(
                         COMPONENT,
                         RecordSource::Binance,
                         &body,
                         format!("klines answer is not a list: {e}"),
-                    )))
+                    ))
                     .await;
                 return Err(SourceError::External(format!(
                     "Binance klines for {symbol} {interval}: unreadable answer ({e})"
@@ -326,12 +326,7 @@ async fn one(
                 Ok(None) => {}
                 Err(reason) => {
                     publisher
-                        .publish(Item::Reject(Reject::parse(
-                            COMPONENT,
-                            RecordSource::Binance,
-                            raw.as_bytes(),
-                            reason,
-                        )))
+                        .publish(Item::unparsed(COMPONENT, RecordSource::Binance, raw.as_bytes(), reason))
                         .await
                 }
             }

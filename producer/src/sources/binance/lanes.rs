@@ -203,7 +203,7 @@ pub(super) async fn sequence_trade(
     seq.advance(t.trade_id);
     let raw = raw.as_bytes();
     let item = match excluded {
-        Some(reason) => Item::Reject(Reject::parse(COMPONENT, RecordSource::Binance, raw, reason)),
+        Some(reason) => Item::unparsed(COMPONENT, RecordSource::Binance, raw, reason),
         None => Item::from(t).validated(&rules_now(), COMPONENT, raw),
     };
     publisher.publish(item).await;

@@ -315,12 +315,7 @@ async fn run_ws(config: BinanceConfig, publisher: Publisher, mut stop: Stop) -> 
                 match parsed {
                     Err(reason) => {
                         publisher
-                            .publish(Item::Reject(Reject::parse(
-                                COMPONENT,
-                                RecordSource::Binance,
-                                raw.as_bytes(),
-                                reason,
-                            )))
+                            .publish(Item::unparsed(COMPONENT, RecordSource::Binance, raw.as_bytes(), reason))
                             .await;
                     }
                     Ok(WsEvent::Trade(t)) => {

@@ -165,11 +165,6 @@ pub(super) async fn fill_gap(
 
 pub(super) async fn publish_bad_page(publisher: &Publisher, body: &[u8], reason: String) {
     publisher
-        .publish(Item::Reject(Reject::parse(
-            "binance-rest",
-            RecordSource::Binance,
-            body,
-            reason,
-        )))
+        .publish(Item::unparsed("binance-rest", RecordSource::Binance, body, reason))
         .await;
 }

@@ -13,7 +13,7 @@ use tokio_tungstenite::tungstenite::Message;
 use self::parse::{Entity, EnvelopeError, Times};
 use super::backoff::Backoff;
 use super::{SourceConfig, SourceError, Stop};
-use crate::item::{now_micros, rules_now, Item, Reject};
+use crate::item::{now_micros, rules_now, Item};
 use crate::publish::Publisher;
 
 pub mod parse;
@@ -207,12 +207,7 @@ async fn poll_once(
             Err(e @ EnvelopeError::Deprecated(_)) => return Err(Failure::Fatal(SourceError::External(e.to_string()))),
             Err(e) => {
                 publisher
-                    .publish(Item::Reject(Reject::parse(
-                        REST,
-                        RecordSource::Coincap,
-                        &body,
-                        e.to_string(),
-                    )))
+                    .publish(Item::unparsed(REST, RecordSource::Coincap, &body, e.to_string()))
                     .await;
                 return Err(Failure::Retry(e.to_string(), None));
             }
@@ -234,7 +229,7 @@ async fn poll_once(
             let raw = row.to_string().into_bytes();
             let item = match parsed {
                 Ok(item) => item.validated(&rules, REST, &raw),
-                Err(reason) => Item::Reject(Reject::parse(REST, RecordSource::Coincap, &raw, reason)),
+                Err(reason) => Item::unparsed(REST, RecordSource::Coincap, &raw, reason),
             };
             publisher.publish(item).await;
         }
@@ -304,12 +299,7 @@ async fn prices(c: CoinCapConfig, publisher: Publisher, mut stop: Stop) -> Resul
                 }
                 Err(reason) => {
                     publisher
-                        .publish(Item::Reject(Reject::parse(
-                            WS,
-                            RecordSource::Coincap,
-                            text.as_bytes(),
-                            reason,
-                        )))
+                        .publish(Item::unparsed(WS, RecordSource::Coincap, text.as_bytes(), reason))
                         .await
                 }
                 Ok(prices) => {
@@ -317,9 +307,7 @@ async fn prices(c: CoinCapConfig, publisher: Publisher, mut stop: Stop) -> Resul
                     for p in prices {
                         let item = match p {
                             Ok(p) => Item::from(p).validated(&rules, WS, text.as_bytes()),
-                            Err(reason) => {
-                                Item::Reject(Reject::parse(WS, RecordSource::Coincap, text.as_bytes(), reason))
-                            }
+                            Err(reason) => Item::unparsed(WS, RecordSource::Coincap, text.as_bytes(), reason),
                         };
                         publisher.publish(item).await;
                     }
