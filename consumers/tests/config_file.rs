@@ -5,8 +5,7 @@
 //! `TICKPIPE_LIBRDKAFKA_*` variables.
 
 use std::path::PathBuf;
-use std::process::{Command, Output};
-
+use tickpipe_testkit::binary::{failure_stderr, help_of, run};
 use tickpipe_testkit::stack::unique_name;
 
 const BINARIES: [(&str, &str, &str); 3] = [
@@ -19,27 +18,6 @@ fn write(text: &str) -> PathBuf {
     let path = std::env::temp_dir().join(format!("{}.toml", unique_name("tickpipe-config")));
     std::fs::write(&path, text).expect("write the file");
     path
-}
-
-/// Runs `bin` with no TICKPIPE_ variable from the test's environment.
-fn run(bin: &str, args: &[&str], env: &[(&str, &str)]) -> Output {
-    let mut c = Command::new(bin);
-    for (k, _) in std::env::vars() {
-        if k.starts_with("TICKPIPE_") {
-            c.env_remove(k);
-        }
-    }
-    c.args(args).envs(env.iter().copied()).output().expect("run the binary")
-}
-
-/// The `--help` paragraph of `flag`.
-fn help_of(help: &str, flag: &str) -> String {
-    let start = help
-        .find(&format!("      {flag} "))
-        .unwrap_or_else(|| panic!("{flag} in {help}"));
-    let rest = &help[start..];
-    let end = rest[8..].find("\n      --").map_or(rest.len(), |i| i + 8);
-    rest[..end].to_owned()
 }
 
 #[test]
@@ -123,12 +101,7 @@ fn refused_by_librdkafka(args: &[&str], env: &[(&str, &str)]) -> String {
     let mut all_env = vec![("RUST_LOG", "off")];
     all_env.extend_from_slice(env);
     let out = run(env!("CARGO_BIN_EXE_candles"), &all_args, &all_env);
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(
-        !out.status.success(),
-        "candles started with an invalid property: {stderr}"
-    );
-    stderr
+    failure_stderr(&out, "candles started with an invalid property")
 }
 
 #[test]

@@ -5,8 +5,9 @@
 //! names no flag stops it with the key; a secret never shows.
 
 use std::path::PathBuf;
-use std::process::{Command, Output};
+use std::process::Output;
 
+use tickpipe_testkit::binary::{self, help_of};
 use tickpipe_testkit::stack::unique_name;
 
 const PRODUCER: &str = env!("CARGO_BIN_EXE_producer");
@@ -17,25 +18,9 @@ fn write(text: &str) -> PathBuf {
     path
 }
 
-/// Runs the producer with no TICKPIPE_ variable from the test's environment.
+/// Runs the producer with `args` and no TICKPIPE_ variable from the test's environment.
 fn run(args: &[&str]) -> Output {
-    let mut c = Command::new(PRODUCER);
-    for (k, _) in std::env::vars() {
-        if k.starts_with("TICKPIPE_") {
-            c.env_remove(k);
-        }
-    }
-    c.args(args).output().expect("run the producer")
-}
-
-/// The `--help` paragraph of `flag`.
-fn help_of(help: &str, flag: &str) -> String {
-    let start = help
-        .find(&format!("      {flag} "))
-        .unwrap_or_else(|| panic!("{flag} in {help}"));
-    let rest = &help[start..];
-    let end = rest[8..].find("\n      --").map_or(rest.len(), |i| i + 8);
-    rest[..end].to_owned()
+    binary::run(PRODUCER, args, &[])
 }
 
 #[test]

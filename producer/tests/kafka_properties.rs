@@ -7,9 +7,11 @@
 
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
+
+use tickpipe_testkit::binary::failure_stderr;
 
 /// Runs the producer's simulator with `config` and `env` against a closed
 /// loopback port, where an invalid librdkafka property must stop it before any
@@ -26,12 +28,25 @@ fn refused_by_librdkafka(config: Option<&Path>, env: &[(&str, &OsStr)]) -> Strin
         .envs(env.iter().copied())
         .output()
         .expect("producer binary");
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    failure_stderr(&out, "the producer started with an invalid property")
+}
+
+/// Asserts that the error in `stderr` names `property` and its `value`.
+fn assert_names(stderr: &str, property: &str, value: &str) {
     assert!(
-        !out.status.success(),
-        "the producer started with an invalid property: {stderr}"
+        stderr.contains(property) && stderr.contains(value),
+        "the error names the property and its value: {stderr}"
     );
-    stderr
+}
+
+/// A directory of this test process's own, `tickpipe-<name>-<pid>`, and in it
+/// `producer.toml` holding `text`.
+fn config_in_temp_dir(name: &str, text: &str) -> (PathBuf, PathBuf) {
+    let dir = std::env::temp_dir().join(format!("tickpipe-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let config = dir.join("producer.toml");
+    std::fs::write(&config, text).expect("config file");
+    (dir, config)
 }
 
 #[test]
@@ -44,20 +59,14 @@ fn a_property_from_the_environment_reaches_librdkafka() {
             ("TICKPIPE_LIBRDKAFKA_CLIENT_ID", OsStr::from_bytes(b"\xff\xfe")),
         ],
     );
-    assert!(
-        stderr.contains("security.protocol") && stderr.contains("no-such-protocol"),
-        "the error names the property and its value: {stderr}"
-    );
+    assert_names(&stderr, "security.protocol", "no-such-protocol");
 }
 
 #[test]
 fn a_property_from_the_environment_wins_over_the_producers_own_tuning() {
     // Topics are not created, so the first Kafka client is the publishing
     // producer, whose compression is also the producer's own setting (lz4).
-    let dir = std::env::temp_dir().join(format!("tickpipe-props-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    let config = dir.join("producer.toml");
-    std::fs::write(&config, "[producer]\ncreate_topics = false\n").expect("config file");
+    let (dir, config) = config_in_temp_dir("props", "[producer]\ncreate_topics = false\n");
     let mut child = Command::new(env!("CARGO_BIN_EXE_producer"))
         .arg("--config")
         .arg(&config)
@@ -91,22 +100,15 @@ fn a_property_from_the_environment_wins_over_the_producers_own_tuning() {
         status.is_some_and(|s| !s.success()),
         "the producer replaced the property with its own setting and started: {stderr}"
     );
-    assert!(
-        stderr.contains("compression.type") && stderr.contains("no-such-codec"),
-        "the error names the property and its value: {stderr}"
-    );
+    assert_names(&stderr, "compression.type", "no-such-codec");
 }
 
 #[test]
 fn the_config_files_librdkafka_table_reaches_librdkafka_under_the_environment() {
-    let dir = std::env::temp_dir().join(format!("tickpipe-file-props-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    let config = dir.join("producer.toml");
-    std::fs::write(
-        &config,
+    let (dir, config) = config_in_temp_dir(
+        "file-props",
         "[librdkafka]\nsecurity.protocol = \"from-the-file\"\nsasl.password = \"hunter2\"\n",
-    )
-    .expect("config file");
+    );
     let stderr = refused_by_librdkafka(Some(&config), &[]);
     assert!(
         stderr.contains("security.protocol") && stderr.contains("from-the-file"),

@@ -14,6 +14,7 @@
 //!   and the real-data folder; a private PostgreSQL server (optionally TLS).
 //! - [`tls`]: a throwaway certificate authority and a TLS-terminating proxy.
 
+pub mod binary;
 pub mod cluster;
 pub mod exchange;
 pub mod hostile;
