@@ -53,6 +53,15 @@ fn klines() -> Option<Vec<serde_json::Value>> {
     )
 }
 
+/// A fake serving `rows` as BTCUSDT's `interval` klines, with `rest_faults`.
+fn serving(interval: &str, rows: Vec<serde_json::Value>, rest_faults: Vec<RestFault>) -> BinanceScript {
+    BinanceScript {
+        rest_faults,
+        klines: BTreeMap::from([(("BTCUSDT".to_owned(), interval.to_owned()), rows)]),
+        ..BinanceScript::default()
+    }
+}
+
 fn setup(prefix: &str, fake: &FakeBinance) -> (Config, BackfillJob) {
     let mut c = Config::default();
     c.producer.metrics_addr = "off".into();
@@ -75,18 +84,12 @@ async fn history_in_pages_resumes_without_repeating() {
     let Some(rows) = klines() else { return };
     let n = rows.len();
     assert!(n > 1000, "needs more than one page");
-    let script = BinanceScript {
-        messages: Vec::new(),
-        faults: Vec::new(),
-        rate: 0,
-        rest_faults: vec![RestFault::TooMany {
-            path: "/api/v3/klines".into(),
-            times: 1,
-            retry_after_secs: 1,
-        }],
-        klines: BTreeMap::from([(("BTCUSDT".to_owned(), "1d".to_owned()), rows)]),
-        skip_trades: Vec::new(),
+    let too_many = RestFault::TooMany {
+        path: "/api/v3/klines".into(),
+        times: 1,
+        retry_after_secs: 1,
     };
+    let script = serving("1d", rows, vec![too_many]);
     let fake = FakeBinance::start(script).await;
     let prefix = format!("{}.", stack::unique_name("backfill"));
     let (config, job) = setup(&prefix, &fake);
@@ -129,16 +132,12 @@ async fn history_in_pages_resumes_without_repeating() {
 #[tokio::test]
 async fn a_restricted_location_is_a_clear_error() {
     let script = BinanceScript {
-        messages: Vec::new(),
-        faults: Vec::new(),
-        rate: 0,
         rest_faults: vec![RestFault::Status {
             path: "/api/v3/klines".into(),
             status: 451,
             body: r#"{"code":0,"msg":"Service unavailable from a restricted location according to 'b. Eligibility' in https://www.binance.com/en/terms."}"#.into(),
         }],
-        klines: BTreeMap::new(),
-        skip_trades: Vec::new(),
+        ..BinanceScript::default()
     };
     let fake = FakeBinance::start(script).await;
     let prefix = format!("{}.", stack::unique_name("backfill451"));
@@ -184,10 +183,7 @@ async fn outages_are_reported_as_gaps_across_runs_and_never_filled() {
     let cut = (1..rows.len())
         .find(|&i| open(&rows[i]) - open(&rows[i - 1]) > 3_600_000)
         .expect("an outage in the data");
-    let serve = |rows: &[serde_json::Value]| BinanceScript {
-        klines: BTreeMap::from([(("BTCUSDT".to_owned(), "1h".to_owned()), rows.to_vec())]),
-        ..BinanceScript::default()
-    };
+    let serve = |rows: &[serde_json::Value]| serving("1h", rows.to_vec(), Vec::new());
     let prefix = format!("{}.", stack::unique_name("backfill_gaps"));
     let first = FakeBinance::start(serve(&rows[..cut])).await;
     let (mut config, mut job) = setup(&prefix, &first);
@@ -236,15 +232,12 @@ const ATTEMPTS: u32 = 8;
 
 /// Klines served with an outage that starts after `after` answers.
 fn with_outage(rows: &[serde_json::Value], after: u32, times: u32) -> BinanceScript {
-    BinanceScript {
-        rest_faults: vec![RestFault::Outage {
-            path: "/api/v3/klines".into(),
-            after,
-            times,
-        }],
-        klines: BTreeMap::from([(("BTCUSDT".to_owned(), "1d".to_owned()), rows.to_vec())]),
-        ..BinanceScript::default()
-    }
+    let outage = RestFault::Outage {
+        path: "/api/v3/klines".into(),
+        after,
+        times,
+    };
+    serving("1d", rows.to_vec(), vec![outage])
 }
 
 /// An outage longer than a call's retries, after the first page: a single run
@@ -340,15 +333,7 @@ async fn a_page_kafka_refuses_is_published_again_not_skipped() {
 
     let Some(rows) = klines() else { return };
     let n = rows.len();
-    let script = BinanceScript {
-        messages: Vec::new(),
-        faults: Vec::new(),
-        rate: 0,
-        rest_faults: Vec::new(),
-        klines: BTreeMap::from([(("BTCUSDT".to_owned(), "1d".to_owned()), rows)]),
-        skip_trades: Vec::new(),
-    };
-    let fake = FakeBinance::start(script).await;
+    let fake = FakeBinance::start(serving("1d", rows, Vec::new())).await;
     let cluster = MockCluster::new(1).expect("mock cluster");
     let prefix = format!("{}.", stack::unique_name("backfill_refused"));
     for t in Topic::ALL {

@@ -10,7 +10,7 @@
 
 mod common;
 
-use std::ops::Range;
+use std::ops::{Range, RangeInclusive};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -57,6 +57,20 @@ fn repair_refused_for_100_s() -> RestFault {
         times: 1,
         retry_after_secs: 100,
     }
+}
+
+/// The capture's `messages` with `faults`, BTCUSDT's `withheld` ids never on
+/// the socket, and a repair endpoint that refuses for 100 s
+/// ([`repair_refused_for_100_s`]).
+fn repair_refused(messages: Vec<String>, faults: Vec<WsFault>, withheld: RangeInclusive<i64>) -> BinanceScript {
+    BinanceScript {
+        messages,
+        faults,
+        rate: 0,
+        rest_faults: vec![repair_refused_for_100_s()],
+        ..BinanceScript::default()
+    }
+    .without_trades("BTCUSDT", withheld)
 }
 
 /// The trade frames of the capture.
@@ -321,14 +335,7 @@ async fn trades_left_to_a_repair_at_a_stop_are_counted_as_unrepaired() {
     assert_eq!(recorded.len() as i64, last - first + 1, "the recording has no gaps");
     let messages = trade_frames(&file);
     let withheld = first + 1000..=first + 1099;
-    let script = BinanceScript {
-        messages,
-        rate: 0,
-        rest_faults: vec![repair_refused_for_100_s()],
-        ..BinanceScript::default()
-    }
-    .without_trades("BTCUSDT", withheld.clone());
-    let fake = FakeBinance::start(script).await;
+    let fake = FakeBinance::start(repair_refused(messages, Vec::new(), withheld.clone())).await;
     let (prefix, mut config) = live_config("binance_stop_full", &fake);
     config.sources.binance.repair_queue = 300;
     config.sources.binance.repair_budget_secs = 90;
@@ -452,18 +459,11 @@ async fn a_repair_holds_up_only_its_own_symbol() {
         .filter(|&i| is_trade(&messages[i]))
         .nth(6000)
         .expect("6,000 trades after the gap");
-    let script = BinanceScript {
-        messages,
-        faults: vec![WsFault::Ping {
-            at: ping_at,
-            payload: b"lanes".to_vec(),
-        }],
-        rate: 0,
-        rest_faults: vec![repair_refused_for_100_s()],
-        ..BinanceScript::default()
-    }
-    .without_trades("BTCUSDT", withheld.clone());
-    let fake = FakeBinance::start(script).await;
+    let ping = WsFault::Ping {
+        at: ping_at,
+        payload: b"lanes".to_vec(),
+    };
+    let fake = FakeBinance::start(repair_refused(messages, vec![ping], withheld.clone())).await;
     let (prefix, mut config) = live_config("binance_lanes", &fake);
     config.sources.binance.symbols = vec!["BTCUSDT".into(), "ETHUSDT".into()];
     config.sources.binance.repair_budget_secs = 90;

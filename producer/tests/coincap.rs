@@ -28,6 +28,17 @@ fn config(prefix: &str, fake: &FakeCoinCap, key: &str) -> Config {
     c
 }
 
+/// The error a producer with `key` stops with against a fake CoinCap playing
+/// `script`, under a fresh prefix named after `name`; panics with `why` if it
+/// does not stop with one.
+async fn fatal_error(script: CoinCapScript, name: &str, key: &str, why: &str) -> ServiceError {
+    let fake = FakeCoinCap::start(script).await;
+    let prefix = format!("{}.", stack::unique_name(name));
+    service::run(config(&prefix, &fake, key), Metrics::new(), std::future::pending())
+        .await
+        .expect_err(why)
+}
+
 fn script() -> Option<CoinCapScript> {
     let dir = stack::real_data("coincap_v2")?;
     let (assets, rates, exchanges, markets) = coincap_v2_lists(&dir);
@@ -129,15 +140,8 @@ async fn the_recorded_lists_become_records_and_dead_letters() {
 #[tokio::test]
 async fn a_wrong_key_stops_with_the_variable_to_set() {
     let Some(script) = script() else { return };
-    let fake = FakeCoinCap::start(CoinCapScript { too_many: 0, ..script }).await;
-    let prefix = format!("{}.", stack::unique_name("coincap_key"));
-    let err = service::run(
-        config(&prefix, &fake, "wrong-key"),
-        Metrics::new(),
-        std::future::pending(),
-    )
-    .await
-    .expect_err("a 401 is fatal");
+    let script = CoinCapScript { too_many: 0, ..script };
+    let err = fatal_error(script, "coincap_key", "wrong-key", "a 401 is fatal").await;
     assert!(matches!(err, ServiceError::Source { .. }), "{err}");
     let msg = err.to_string();
     assert!(msg.contains("TICKPIPE_COINCAP_API_KEY"), "{msg}");
@@ -147,19 +151,11 @@ async fn a_wrong_key_stops_with_the_variable_to_set() {
 #[tokio::test]
 async fn the_retired_v2_api_is_named() {
     let Some(script) = script() else { return };
-    let fake = FakeCoinCap::start(CoinCapScript {
+    let script = CoinCapScript {
         deprecated: true,
         too_many: 0,
         ..script
-    })
-    .await;
-    let prefix = format!("{}.", stack::unique_name("coincap_v2"));
-    let err = service::run(
-        config(&prefix, &fake, "right-key"),
-        Metrics::new(),
-        std::future::pending(),
-    )
-    .await
-    .expect_err("the deprecation notice is fatal");
+    };
+    let err = fatal_error(script, "coincap_v2", "right-key", "the deprecation notice is fatal").await;
     assert!(err.to_string().contains("retired CoinCap v2"), "{err}");
 }
