@@ -14,7 +14,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde_json::json;
 use tickpipe_consumers::bq::client::{Auth, BigQuery, Endpoint};
 use tickpipe_consumers::bq::prepare_tables;
-use tickpipe_consumers::bq::schema::{table_spec, DecimalColumns, LATEST_CANDLES};
+use tickpipe_consumers::bq::schema::{table_spec, DecimalColumns, TableSpec, LATEST_CANDLES};
 use tickpipe_consumers::bq::sink::{run, BqSinkConfig};
 use tickpipe_consumers::sink::SinkSettings;
 use tickpipe_kafka::{ensure_topics, producer_config};
@@ -113,19 +113,27 @@ fn identities(trades: &[Trade]) -> BTreeSet<(String, i64, String, String)> {
         .collect()
 }
 
+/// The rows `sql` answers, a NULL as empty text; panics with `what` on an error.
+async fn text_rows(bq: &BigQuery, sql: &str, what: &str) -> Vec<Vec<String>> {
+    bq.query(sql)
+        .await
+        .expect(what)
+        .into_iter()
+        .map(|r| r.into_iter().map(Option::unwrap_or_default).collect())
+        .collect()
+}
+
 async fn stored_trades(bq: &BigQuery, dataset: &str, from: &str) -> Vec<(String, i64, String, String)> {
     let project = stack::bigquery_project();
-    bq.query(&format!(
-        "SELECT symbol, trade_id, price, quantity FROM `{project}.{dataset}.{from}`"
-    ))
-    .await
-    .expect("query the trades")
-    .into_iter()
-    .map(|r| {
-        let cell = |i: usize| r.get(i).cloned().flatten().unwrap_or_default();
-        (cell(0), cell(1).parse().unwrap_or(-1), cell(2), cell(3))
-    })
-    .collect()
+    let sql = format!("SELECT symbol, trade_id, price, quantity FROM `{project}.{dataset}.{from}`");
+    text_rows(bq, &sql, "query the trades")
+        .await
+        .into_iter()
+        .map(|r| {
+            let cell = |i: usize| r.get(i).cloned().unwrap_or_default();
+            (cell(0), cell(1).parse().unwrap_or(-1), cell(2), cell(3))
+        })
+        .collect()
 }
 
 /// Fresh topics (all entities, 3 partitions) under a prefix, and a dataset
@@ -242,13 +250,15 @@ async fn a_recording_arrives_exactly_and_refused_rows_become_dead_letters() {
         want.difference(&stored).count()
     );
     // The same through BigQuery's own arithmetic: counts and id sums per symbol.
-    let per_symbol = bq
-        .query(&format!(
+    let per_symbol = text_rows(
+        &bq,
+        &format!(
             "SELECT symbol, COUNT(*), SUM(trade_id) FROM {} GROUP BY symbol ORDER BY symbol",
             view("trades")
-        ))
-        .await
-        .expect("aggregate");
+        ),
+        "aggregate",
+    )
+    .await;
     let mut expected: BTreeMap<String, (i64, i64)> = BTreeMap::new();
     for t in &trades {
         let e = expected.entry(t.symbol.clone()).or_default();
@@ -258,23 +268,24 @@ async fn a_recording_arrives_exactly_and_refused_rows_become_dead_letters() {
     let got: BTreeMap<String, (i64, i64)> = per_symbol
         .iter()
         .map(|r| {
-            let n = |i: usize| r[i].as_deref().and_then(|v| v.parse().ok()).unwrap_or(-1);
-            (r[0].clone().unwrap_or_default(), (n(1), n(2)))
+            let n = |i: usize| r[i].parse().unwrap_or(-1);
+            (r[0].clone(), (n(1), n(2)))
         })
         .collect();
     assert_eq!(got, expected);
 
-    let rejects = bq
-        .query(&format!(
+    let rejects: Vec<(String, String)> = text_rows(
+        &bq,
+        &format!(
             "SELECT stage, error FROM {} WHERE component = 'bigquery-sink' ORDER BY stage, error",
             view("dead_letters")
-        ))
-        .await
-        .expect("dead letters");
-    let rejects: Vec<(String, String)> = rejects
-        .into_iter()
-        .map(|r| (r[0].clone().unwrap_or_default(), r[1].clone().unwrap_or_default()))
-        .collect();
+        ),
+        "dead letters",
+    )
+    .await
+    .into_iter()
+    .map(|r| (r[0].clone(), r[1].clone()))
+    .collect();
     assert_eq!(
         rejects.iter().map(|r| r.0.as_str()).collect::<Vec<_>>(),
         ["decode", "validate", "validate"],
@@ -287,17 +298,17 @@ async fn a_recording_arrives_exactly_and_refused_rows_become_dead_letters() {
         "{rejects:?}"
     );
     assert!(rejects[2].1.contains("price"), "{rejects:?}");
-    let kept = bq
-        .query(&format!(
+    let kept = text_rows(
+        &bq,
+        &format!(
             "SELECT error FROM {} WHERE component = 'candles' ORDER BY error",
             view("dead_letters")
-        ))
-        .await
-        .expect("letters");
+        ),
+        "letters",
+    )
+    .await;
     assert_eq!(
-        kept.into_iter()
-            .map(|r| r[0].clone().unwrap_or_default())
-            .collect::<Vec<_>>(),
+        kept.into_iter().map(|r| r[0].clone()).collect::<Vec<_>>(),
         ["late", "late too"]
     );
 }
@@ -359,16 +370,8 @@ async fn candles_latest_holds_the_newest_version_of_each_candle() {
     let _ = stop.send(());
     sink.await.expect("join").expect("the sink stops cleanly");
 
-    let rows = bq
-        .query(&format!(
-            "SELECT origin, close, trade_count, closed FROM `{project}.{dataset}.{LATEST_CANDLES}`"
-        ))
-        .await
-        .expect("query candles_latest");
-    let mut got: Vec<Vec<String>> = rows
-        .into_iter()
-        .map(|r| r.into_iter().map(Option::unwrap_or_default).collect())
-        .collect();
+    let latest = format!("SELECT origin, close, trade_count, closed FROM `{project}.{dataset}.{LATEST_CANDLES}`");
+    let mut got = text_rows(&bq, &latest, "query candles_latest").await;
     got.sort();
     assert_eq!(
         got,
@@ -526,24 +529,30 @@ async fn sigkill_while_streaming_leaves_the_view_exact() {
     eprintln!("{kills} kills: {copies} raw rows for {total} trades");
 }
 
+/// Creates `spec`'s raw table (`prices_raw`, …) in `dataset` with `spec`'s
+/// columns, as another version of the sink would have; panics with `what`.
+async fn create_raw_table(bq: &BigQuery, dataset: &str, spec: &TableSpec, what: &str) {
+    let project = stack::bigquery_project();
+    bq.create_table(
+        dataset,
+        &json!({
+            "tableReference": {"projectId": project, "datasetId": dataset, "tableId": spec.table},
+            "schema": {"fields": spec.fields},
+        }),
+    )
+    .await
+    .expect(what);
+}
+
 #[tokio::test]
 async fn tables_gain_new_columns_and_refuse_changed_ones() {
     let bq = client().await;
     let dataset = stack::unique_name("bqschema");
     bq.ensure_dataset(&dataset, "US").await.expect("dataset");
-    let project = stack::bigquery_project();
     // An older prices table, without a column the records now have.
     let mut older = table_spec(Topic::Prices, DecimalColumns::String);
     older.fields.retain(|f| f.name != "ingest_time");
-    bq.create_table(
-        &dataset,
-        &json!({
-            "tableReference": {"projectId": project, "datasetId": dataset, "tableId": "prices_raw"},
-            "schema": {"fields": older.fields},
-        }),
-    )
-    .await
-    .expect("create the older table");
+    create_raw_table(&bq, &dataset, &older, "create the older table").await;
     prepare_tables(&bq, &dataset, "US", &[Topic::Prices], DecimalColumns::String)
         .await
         .expect("a new column is added");
@@ -566,15 +575,7 @@ async fn tables_gain_new_columns_and_refuse_changed_ones() {
             f.kind = "INTEGER".into();
         }
     }
-    bq.create_table(
-        &dataset,
-        &json!({
-            "tableReference": {"projectId": project, "datasetId": dataset, "tableId": "rates_raw"},
-            "schema": {"fields": changed.fields},
-        }),
-    )
-    .await
-    .expect("create the changed table");
+    create_raw_table(&bq, &dataset, &changed, "create the changed table").await;
     let err = prepare_tables(&bq, &dataset, "US", &[Topic::Rates], DecimalColumns::String)
         .await
         .expect_err("an incompatible table is refused")

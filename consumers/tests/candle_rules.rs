@@ -11,15 +11,31 @@ fn dec(s: &str) -> Decimal {
     Decimal::from_str(s).unwrap()
 }
 
-/// A trade of `symbol` at `secs` seconds: id, price, quantity, taker sold?
-fn t(symbol: &str, secs: f64, id: i64, price: &str, qty: &str, buyer_is_maker: bool) -> Trade {
+/// A trade written `<symbol> <second> #<id> <price>`, then `x<quantity>`
+/// unless it is 1 and `sold` if the taker sold (the buyer was the maker):
+/// `A 0.5 #2 12 x2 sold`.
+fn trade(text: &str) -> Trade {
+    let words: Vec<&str> = text.split_whitespace().collect();
+    let [symbol, secs, id, price, rest @ ..] = words.as_slice() else {
+        panic!("not a trade: {text:?}")
+    };
+    let secs: f64 = secs.parse().unwrap_or_else(|_| panic!("second in {text:?}"));
+    let id = id.strip_prefix('#').and_then(|i| i.parse().ok());
+    let (mut quantity, mut buyer_is_maker) = ("1", false);
+    for word in rest {
+        match (word.strip_prefix('x'), *word) {
+            (Some(q), _) => quantity = q,
+            (None, "sold") => buyer_is_maker = true,
+            _ => panic!("{word:?} in {text:?}"),
+        }
+    }
     Trade {
         venue: "binance".into(),
-        symbol: symbol.into(),
+        symbol: (*symbol).into(),
         kind: TradeKind::Trade,
-        trade_id: id,
+        trade_id: id.unwrap_or_else(|| panic!("#id in {text:?}")),
         price: dec(price),
-        quantity: dec(qty),
+        quantity: dec(quantity),
         buyer_is_maker,
         first_trade_id: None,
         last_trade_id: None,
@@ -53,10 +69,15 @@ fn short(c: &Candle) -> (String, i64, String, String, String, String, String, i6
     )
 }
 
-/// Feeds `trades` in order and compares every output with `expected`, written
-/// as in [`rendered`].
-fn check(config: CandleConfig, trades: &[Trade], expected: &[&str]) {
-    assert_eq!(rendered(config, trades), expected);
+/// The trades written as in [`trade`].
+fn trades(texts: &[&str]) -> Vec<Trade> {
+    texts.iter().map(|t| trade(t)).collect()
+}
+
+/// Feeds `trades` (written as in [`trade`]) in order and compares every
+/// output with `expected`, written as in [`rendered`].
+fn check(config: CandleConfig, trades: &[&str], expected: &[&str]) {
+    assert_eq!(rendered(config, &self::trades(trades)), expected);
 }
 
 /// Every output of `trades` fed in order: candles in `short` form,
@@ -87,12 +108,7 @@ fn rendered(config: CandleConfig, trades: &[Trade]) -> Vec<String> {
 fn a_window_closes_when_a_later_trade_arrives_and_gaps_are_filled() {
     check(
         cfg(&["1s"], 0, true),
-        &[
-            t("A", 0.1, 1, "10", "1", false),
-            t("A", 0.5, 2, "12", "2", true),
-            t("A", 0.9, 3, "11", "1", false),
-            t("A", 3.2, 4, "9", "1", false),
-        ],
+        &["A 0.1 #1 10", "A 0.5 #2 12 x2 sold", "A 0.9 #3 11", "A 3.2 #4 9"],
         &[
             "1s 0 10 12 10 11 v4 n3",
             "1s 1 11 11 11 11 v0 n0",
@@ -106,7 +122,7 @@ fn a_window_closes_when_a_later_trade_arrives_and_gaps_are_filled() {
 fn without_filling_empty_windows_are_skipped() {
     check(
         cfg(&["1s"], 0, false),
-        &[t("A", 0.1, 1, "10", "1", false), t("A", 3.2, 2, "9", "1", false)],
+        &["A 0.1 #1 10", "A 3.2 #2 9"],
         &["1s 0 10 10 10 10 v1 n1", "1s 3 9 9 9 9 v1 n1 open"],
     );
 }
@@ -116,12 +132,12 @@ fn a_late_trade_within_the_lateness_corrects_the_candle() {
     check(
         cfg(&["1s"], 2, true),
         &[
-            t("A", 0.5, 2, "12", "1", false),
-            t("A", 1.1, 3, "13", "1", false),
+            "A 0.5 #2 12",
+            "A 1.1 #3 13",
             // Earlier than trade 2 by event time, arriving after the window
             // was published: it becomes the open, and the candle is published again.
-            t("A", 0.2, 1, "10", "1", false),
-            t("A", 2.5, 4, "14", "1", false),
+            "A 0.2 #1 10",
+            "A 2.5 #4 14",
         ],
         &[
             "1s 0 12 12 12 12 v1 n1",
@@ -136,11 +152,7 @@ fn a_late_trade_within_the_lateness_corrects_the_candle() {
 fn a_trade_behind_the_watermark_is_late() {
     check(
         cfg(&["1s", "1m"], 1, true),
-        &[
-            t("A", 0.5, 1, "10", "1", false),
-            t("A", 5.0, 2, "11", "1", false),
-            t("A", 0.7, 3, "99", "1", false),
-        ],
+        &["A 0.5 #1 10", "A 5.0 #2 11", "A 0.7 #3 99"],
         // The 1s window of second 0 is final (watermark 4 s); the 1m window is not.
         &[
             "1s 0 10 10 10 10 v1 n1",
@@ -160,11 +172,7 @@ fn a_trade_in_an_empty_window_behind_the_watermark_is_late() {
     // Second 2 never had a trade (filled or not), but the watermark (4 s) has
     // passed its end: the trade is late, not a new candle for a final window.
     for fill in [false, true] {
-        let trades = [
-            t("A", 0.5, 1, "10", "1", false),
-            t("A", 5.0, 2, "11", "1", false),
-            t("A", 2.5, 3, "99", "1", false),
-        ];
+        let trades = trades(&["A 0.5 #1 10", "A 5.0 #2 11", "A 2.5 #3 99"]);
         let mut out = rendered(cfg(&["1s"], 1, fill), &trades);
         // The empty candles of seconds 1 to 4, when filling.
         out.retain(|o| !o.ends_with(" n0"));
@@ -181,14 +189,14 @@ fn a_late_trade_that_changes_a_close_publishes_the_empty_candles_after_it_again(
     check(
         cfg(&["1s"], 5, true),
         &[
-            t("A", 0.5, 1, "10", "1", false),
-            t("A", 3.2, 2, "9", "1", false),
+            "A 0.5 #1 10",
+            "A 3.2 #2 9",
             // Later than trade 1 in window 0: the new close, which the empty
             // windows 1 and 2 carry.
-            t("A", 0.8, 3, "11", "1", false),
+            "A 0.8 #3 11",
             // Earlier than both: a new open and low, the close stays, and so
             // do the empty candles.
-            t("A", 0.1, 4, "8", "1", false),
+            "A 0.1 #4 8",
         ],
         &[
             "1s 0 10 10 10 10 v1 n1",
@@ -207,11 +215,7 @@ fn a_late_trade_that_changes_a_close_publishes_the_empty_candles_after_it_again(
 fn a_late_trade_in_an_empty_window_makes_it_a_candle_and_carries_its_close_on() {
     check(
         cfg(&["1s"], 5, true),
-        &[
-            t("A", 0.5, 1, "10", "1", false),
-            t("A", 4.2, 2, "9", "1", false),
-            t("A", 2.5, 3, "12", "1", false),
-        ],
+        &["A 0.5 #1 10", "A 4.2 #2 9", "A 2.5 #3 12"],
         &[
             "1s 0 10 10 10 10 v1 n1",
             "1s 1 10 10 10 10 v0 n0",
@@ -228,12 +232,7 @@ fn a_late_trade_in_an_empty_window_makes_it_a_candle_and_carries_its_close_on() 
 fn symbols_are_independent_and_bad_prices_are_refused() {
     check(
         cfg(&["1s"], 0, true),
-        &[
-            t("A", 0.1, 1, "10", "1", false),
-            t("B", 0.2, 1, "20", "1", false),
-            t("B", 0.3, 2, "0", "1", false),
-            t("A", 1.5, 2, "11", "1", false),
-        ],
+        &["A 0.1 #1 10", "B 0.2 #1 20", "B 0.3 #2 0", "A 1.5 #2 11"],
         &[
             "invalid 2",
             "1s 0 10 10 10 10 v1 n1",
@@ -245,10 +244,10 @@ fn symbols_are_independent_and_bad_prices_are_refused() {
 
 #[test]
 fn sums_are_exact_and_taker_volumes_follow_the_maker_flag() {
-    let trades = [
-        t("A", 0.1, 1, "0.1", "0.3", false), // taker bought
-        t("A", 0.2, 2, "0.2", "0.7", true),  // taker sold
-    ];
+    let trades = trades(&[
+        "A 0.1 #1 0.1 x0.3",      // taker bought
+        "A 0.2 #2 0.2 x0.7 sold", // taker sold
+    ]);
     let mut b = CandleBuilder::new(cfg(&["1m"], 0, true));
     let mut out = Vec::new();
     for tr in &trades {
@@ -275,11 +274,7 @@ fn a_gap_longer_than_the_fill_limit_is_not_filled() {
     config.max_fill = 2;
     check(
         config,
-        &[
-            t("A", 0.1, 1, "10", "1", false),
-            t("A", 2.5, 2, "11", "1", false),
-            t("A", 9.5, 3, "12", "1", false),
-        ],
+        &["A 0.1 #1 10", "A 2.5 #2 11", "A 9.5 #3 12"],
         &[
             "1s 0 10 10 10 10 v1 n1",
             "1s 1 10 10 10 10 v0 n0",
@@ -299,12 +294,7 @@ fn a_late_trade_in_an_unfilled_gap_fills_the_sides_within_the_limit() {
     // close of second 0 although that window is final by then.
     check(
         config.clone(),
-        &[
-            t("A", 0.5, 1, "10", "1", false),
-            t("A", 5.5, 2, "11", "1", false),
-            t("A", 6.5, 3, "12", "1", false),
-            t("A", 3.2, 4, "13", "1", false),
-        ],
+        &["A 0.5 #1 10", "A 5.5 #2 11", "A 6.5 #3 12", "A 3.2 #4 13"],
         &[
             "1s 0 10 10 10 10 v1 n1",
             "1s 5 11 11 11 11 v1 n1",
@@ -319,11 +309,7 @@ fn a_late_trade_in_an_unfilled_gap_fills_the_sides_within_the_limit() {
     // gap to the next window is filled.
     check(
         config,
-        &[
-            t("A", 5.5, 1, "11", "1", false),
-            t("A", 6.5, 2, "12", "1", false),
-            t("A", 3.5, 3, "13", "1", false),
-        ],
+        &["A 5.5 #1 11", "A 6.5 #2 12", "A 3.5 #3 13"],
         &[
             "1s 5 11 11 11 11 v1 n1",
             "1s 3 13 13 13 13 v1 n1",
@@ -339,7 +325,7 @@ fn sums_beyond_28_digits_are_reported_not_rounded() {
     // significant digits.
     check(
         cfg(&["1s"], 0, true),
-        &[t("A", 0.1, 1, "99", "9999999999.999999999999999999", false)],
+        &["A 0.1 #1 99 x9999999999.999999999999999999"],
         &["unrepresentable binance:A 1s 0"],
     );
 }
@@ -348,17 +334,13 @@ fn sums_beyond_28_digits_are_reported_not_rounded() {
 fn a_lateness_raised_at_a_restore_reopens_no_final_window() {
     let mut b = CandleBuilder::new(cfg(&["1s"], 1, true));
     let mut out = Vec::new();
-    for tr in [
-        t("A", 0.5, 1, "10", "1", false),
-        t("A", 0.7, 2, "11", "1", false),
-        t("A", 3.5, 3, "12", "1", false),
-    ] {
+    for tr in trades(&["A 0.5 #1 10", "A 0.7 #2 11", "A 3.5 #3 12"]) {
         b.push(&tr, &mut out);
     }
     // Window 0 is final (watermark 2.5 s); with a lateness of 5 s it would not be.
     let mut b = CandleBuilder::restore(cfg(&["1s"], 5, true), &b.snapshot()).unwrap();
     let mut out = Vec::new();
-    b.push(&t("A", 0.9, 4, "9", "1", false), &mut out);
+    b.push(&trade("A 0.9 #4 9"), &mut out);
     let out: Vec<Output> = out.into_iter().map(|o| b.resolve(o)).collect();
     assert!(
         matches!(out.as_slice(), [Output::Late { trade, .. }] if trade.trade_id == 4),
@@ -369,14 +351,14 @@ fn a_lateness_raised_at_a_restore_reopens_no_final_window() {
 
 #[test]
 fn a_restored_snapshot_continues_exactly() {
-    let trades = [
-        t("A", 0.5, 1, "10", "1", false),
-        t("B", 0.6, 1, "20", "1", false),
-        t("A", 1.5, 2, "11", "2", true),
-        t("A", 1.7, 3, "9", "1", false),
-        t("B", 2.1, 2, "21", "1", false),
-        t("A", 4.2, 4, "12", "1", false),
-    ];
+    let trades = trades(&[
+        "A 0.5 #1 10",
+        "B 0.6 #1 20",
+        "A 1.5 #2 11 x2 sold",
+        "A 1.7 #3 9",
+        "B 2.1 #2 21",
+        "A 4.2 #4 12",
+    ]);
     let config = || cfg(&["1s", "1m"], 1, true);
     let whole = aggregate(&trades, config());
     for cut in 0..trades.len() {

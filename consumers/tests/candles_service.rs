@@ -3,7 +3,7 @@
 //! SIGKILL at any moment neither drops nor double-counts a trade, and a
 //! standby takes over from an active instance that dies.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::process::{Child, Command};
 use std::time::Duration;
@@ -11,8 +11,9 @@ use std::time::Duration;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::Message;
-use tickpipe_consumers::candles::service::{rebaseline, run, ServiceConfig};
+use tickpipe_consumers::candles::service::{rebaseline, run, ServiceConfig, ServiceError};
 use tickpipe_consumers::candles::{state, CandleBuilder, CandleConfig, Output};
+use tickpipe_consumers::ops::now_micros;
 use tickpipe_kafka::consumer_config;
 use tickpipe_kafka::{ensure_topics, ensure_topics_configured, producer_config};
 use tickpipe_schemas::{Candle, Codec, Record, Topic, Trade, WriteFraming};
@@ -36,6 +37,23 @@ fn trades() -> Option<Vec<Trade>> {
     Some(real::agg_trades_csv(
         &dir.join("XRPETH-aggTrades-2019-10-11_2019-10-13.csv"),
         "XRPETH",
+    ))
+}
+
+/// What a test on the recorded trades starts with: the trades, the candles
+/// the pure builder makes of them, the local broker and a fresh topic prefix.
+type Recorded = (Vec<Trade>, BTreeMap<Key, Candle>, String, String);
+
+/// The [`Recorded`] start of the test `name` (its prefix named after it);
+/// `None` (said loudly) without the data.
+fn recorded(name: &str) -> Option<Recorded> {
+    let trades = trades()?;
+    let expected = expected(&trades);
+    Some((
+        trades,
+        expected,
+        stack::kafka_brokers(),
+        format!("{}.", stack::unique_name(name)),
     ))
 }
 
@@ -177,20 +195,16 @@ fn service_config(prefix: &str, group: &str) -> ServiceConfig {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn publishes_what_the_pure_builder_makes() {
-    let Some(trades) = trades() else { return };
-    let expected = expected(&trades);
-    let brokers = stack::kafka_brokers();
-    let prefix = format!("{}.", stack::unique_name("candles"));
+    let Some((trades, expected, brokers, prefix)) = recorded("candles") else {
+        return;
+    };
     // One trade stamped 23 hours ahead of this clock (another writer's clock
     // or unit gone wrong) is a dead letter: it moves no watermark, or every
     // window up to then would close at once and every later trade of its
     // symbol would be late.
     let mut published = trades.clone();
     let mut ahead = trades[trades.len() / 2].clone();
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_micros() as i64;
+    let now = now_micros();
     ahead.event_time = now + 23 * 3_600_000_000;
     published.insert(trades.len() / 2 + 1, ahead);
     publish_trades(&brokers, &prefix, &published).await;
@@ -215,11 +229,7 @@ async fn publishes_what_the_pure_builder_makes() {
         "{:?}",
         records.iter().map(|r| &r.0).collect::<Vec<_>>()
     );
-    let mut reader = state::Reader::default();
-    for (key, value) in &records {
-        reader.record(key, Some(value));
-    }
-    let (states, orphans) = reader.finish(&state_topic).expect("state");
+    let (states, orphans) = read_states(&state_topic, &records);
     assert!(orphans.is_empty());
     assert_eq!(states.len(), 1, "{:?}", states.keys());
     let stored = states.values().next().expect("one state");
@@ -238,28 +248,18 @@ async fn a_state_topic_made_without_compaction_is_altered_to_compact() {
     let topic = format!("{}.candles-state", stack::unique_name("candles_policy"));
     // Made by hand (or by an older release): snapshots would expire with
     // retention, and a restart would then count trades again.
-    ensure_topics_configured(
-        &brokers,
-        std::slice::from_ref(&topic),
-        3,
-        1,
-        &[("retention.ms", "86400000")],
-    )
-    .await
-    .expect("create");
+    configure_topic(&brokers, &topic, &[("retention.ms", "86400000")], "create").await;
     assert_ne!(
         topic_config(&brokers, &topic, "cleanup.policy").await.as_deref(),
         Some("compact")
     );
-    ensure_topics_configured(
+    configure_topic(
         &brokers,
-        std::slice::from_ref(&topic),
-        3,
-        1,
+        &topic,
         &[("cleanup.policy", "compact")],
+        "the broker alters the topic's configuration",
     )
-    .await
-    .expect("the broker alters the topic's configuration");
+    .await;
     // Compacted, the topic's own retention kept. (The controller takes the
     // change; a broker describes it once its metadata caught up.)
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
@@ -274,6 +274,24 @@ async fn a_state_topic_made_without_compaction_is_altered_to_compact() {
         topic_config(&brokers, &topic, "retention.ms").await.as_deref(),
         Some("86400000")
     );
+}
+
+/// Creates `topic` (3 partitions) with `config`, or alters it to that;
+/// panics with `what`.
+async fn configure_topic(brokers: &str, topic: &str, config: &[(&str, &str)], what: &str) {
+    ensure_topics_configured(brokers, &[topic.to_owned()], 3, 1, config)
+        .await
+        .expect(what);
+}
+
+/// The states stored in `records` of the state topic `topic`, and the
+/// orphaned records' keys.
+fn read_states(topic: &str, records: &[(Vec<u8>, Vec<u8>)]) -> (HashMap<i32, state::Stored>, Vec<String>) {
+    let mut reader = state::Reader::default();
+    for (key, value) in records {
+        reader.record(key, Some(value));
+    }
+    reader.finish(topic).expect("state")
 }
 
 /// The sum of a topic's partition ends: how many records were ever written.
@@ -295,19 +313,16 @@ fn topic_end(brokers: &str, topic: &str) -> i64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_broker_compacts_the_state_topic_and_a_restart_restores_from_what_is_left() {
-    let Some(trades) = trades() else { return };
-    let expected = expected(&trades);
-    let brokers = stack::kafka_brokers();
-    let prefix = format!("{}.", stack::unique_name("candles_compacted"));
+    let Some((trades, expected, brokers, prefix)) = recorded("candles_compacted") else {
+        return;
+    };
     let state_topic = format!("{prefix}candles-state");
     // Segments that roll after 100 ms and a cleaner that takes any dirty
     // share, tombstones included: the broker compacts what the service writes
     // within the test (the local stack's cleaner looks every second).
-    ensure_topics_configured(
+    configure_topic(
         &brokers,
-        std::slice::from_ref(&state_topic),
-        3,
-        1,
+        &state_topic,
         &[
             ("cleanup.policy", "compact"),
             ("segment.ms", "100"),
@@ -315,9 +330,9 @@ async fn the_broker_compacts_the_state_topic_and_a_restart_restores_from_what_is
             ("min.compaction.lag.ms", "0"),
             ("delete.retention.ms", "0"),
         ],
+        "state topic",
     )
-    .await
-    .expect("state topic");
+    .await;
     let mut config = service_config(&prefix, "candles-compacted");
     config.state_interval = Duration::from_millis(20);
 
@@ -325,10 +340,7 @@ async fn the_broker_compacts_the_state_topic_and_a_restart_restores_from_what_is
     // stored and its segment old enough to roll: many snapshots, over many
     // segments.
     let half = trades.len() / 2;
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let service = tokio::spawn(run(config.clone(), async {
-        let _ = stopped.await;
-    }));
+    let service = Running::start(config.clone());
     for part in trades[..half].chunks(half / 10 + 1) {
         let before = topic_end(&brokers, &state_topic);
         let published = std::time::Instant::now();
@@ -339,8 +351,7 @@ async fn the_broker_compacts_the_state_topic_and_a_restart_restores_from_what_is
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
-    stop.send(()).unwrap();
-    service.await.unwrap().unwrap();
+    service.stop().await.unwrap();
     let written = topic_end(&brokers, &state_topic);
 
     // The broker removes superseded heads, chunks and tombstones.
@@ -363,18 +374,49 @@ async fn the_broker_compacts_the_state_topic_and_a_restart_restores_from_what_is
     run_until_complete(config, &expected).await.check(&expected);
 }
 
+/// The service running in this process until [`Running::stop`].
+struct Running {
+    stop: tokio::sync::oneshot::Sender<()>,
+    service: tokio::task::JoinHandle<Result<(), ServiceError>>,
+}
+
+impl Running {
+    fn start(config: ServiceConfig) -> Running {
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let service = tokio::spawn(run(config, async {
+            let _ = stopped.await;
+        }));
+        Running { stop, service }
+    }
+
+    /// Starts it serving its metrics on a fresh loopback address, returned too.
+    fn start_with_metrics(mut config: ServiceConfig) -> (Running, SocketAddr) {
+        let metrics = stack::free_loopback_addr();
+        config.metrics_addr = Some(metrics);
+        (Running::start(config), metrics)
+    }
+
+    /// Stops it; how its run ended.
+    async fn stop(self) -> Result<(), ServiceError> {
+        self.stop.send(()).unwrap();
+        self.service.await.unwrap()
+    }
+}
+
 /// Runs the service in this process until every expected candle is on the
 /// candles topic, then stops it; returns what was read.
 async fn run_until_complete(config: ServiceConfig, expected: &BTreeMap<Key, Candle>) -> CandleReader {
     let mut reader = CandleReader::new(&config.brokers, &config.topic_prefix);
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let service = tokio::spawn(run(config, async {
-        let _ = stopped.await;
-    }));
+    let service = Running::start(config);
     reader.read_until(120, "all candles", |r| r.complete(expected)).await;
-    stop.send(()).unwrap();
-    service.await.unwrap().unwrap();
+    service.stop().await.unwrap();
     reader
+}
+
+/// Now, and the start of the minute an hour ago (µs).
+fn now_and_the_minute_an_hour_ago() -> (i64, i64) {
+    let now = now_micros();
+    (now, (now - 3_600_000_000) / 60_000_000 * 60_000_000)
 }
 
 /// The broker's `cleanup.policy` of a topic.
@@ -439,10 +481,9 @@ fn spawn_instance(prefix: &str, metrics: Option<SocketAddr>, id: &str, transacti
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_at_any_moment_loses_and_double_counts_nothing() {
-    let Some(trades) = trades() else { return };
-    let expected = expected(&trades);
-    let brokers = stack::kafka_brokers();
-    let prefix = format!("{}.", stack::unique_name("candles_kill"));
+    let Some((trades, expected, brokers, prefix)) = recorded("candles_kill") else {
+        return;
+    };
     // Two thirds of the trades first: the kills happen while they are consumed.
     // The rest arrives before the last run, which therefore has work to do when
     // it gets SIGTERM.
@@ -537,25 +578,11 @@ async fn a_stored_position_above_the_partition_end_is_refused_until_a_tombstone_
     let prefix = format!("{}.", stack::unique_name("candles_recreated"));
     // Ten trades of one symbol (so on one partition) in one minute an hour
     // ago, then one in the next minute that closes it.
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_micros() as i64;
-    let minute = (now - 3_600_000_000) / 60_000_000 * 60_000_000;
+    let (now, minute) = now_and_the_minute_an_hour_ago();
     let trades: Vec<Trade> = (0..11)
-        .map(|i| Trade {
-            venue: "binance".into(),
-            symbol: "BTCUSDT".into(),
-            kind: tickpipe_schemas::TradeKind::Trade,
-            trade_id: i,
-            price: tickpipe_schemas::Decimal::new(68_000 + i, 0),
-            quantity: tickpipe_schemas::Decimal::new(1, 3),
-            buyer_is_maker: false,
-            first_trade_id: None,
-            last_trade_id: None,
-            source: tickpipe_schemas::Source::Replay,
-            event_time: minute + i * 6_000_000 + 1,
-            ingest_time: now,
+        .map(|i| {
+            let price = tickpipe_schemas::Decimal::new(68_000 + i, 0);
+            replayed_trade("BTCUSDT".into(), i, price, minute + i * 6_000_000 + 1, now)
         })
         .collect();
     publish_trades(&brokers, &prefix, &trades).await;
@@ -577,15 +604,13 @@ async fn a_stored_position_above_the_partition_end_is_refused_until_a_tombstone_
     // The state says that partition was read up to 6,106: the topic was
     // recreated since.
     let state_topic = format!("{prefix}candles-state");
-    ensure_topics_configured(
+    configure_topic(
         &brokers,
-        std::slice::from_ref(&state_topic),
-        3,
-        1,
+        &state_topic,
         &[("cleanup.policy", "compact")],
+        "the state topic",
     )
-    .await
-    .unwrap();
+    .await;
     let producer: FutureProducer = producer_config(&brokers).create().unwrap();
     let mut value = 6106_i64.to_be_bytes().to_vec();
     value.extend(CandleBuilder::new(candle_config()).snapshot());
@@ -598,27 +623,16 @@ async fn a_stored_position_above_the_partition_end_is_refused_until_a_tombstone_
         .await
         .unwrap();
 
-    let metrics = stack::free_loopback_addr();
-    let mut config = service_config(&prefix, "candles-recreated");
-    config.metrics_addr = Some(metrics);
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let service = tokio::spawn(run(config.clone(), async {
-        let _ = stopped.await;
-    }));
+    let config = service_config(&prefix, "candles-recreated");
+    let (service, metrics) = Running::start_with_metrics(config.clone());
     wait_metric(metrics, "tickpipe_candles_refused_partitions 1", 60).await;
     wait_metric(metrics, "tickpipe_candles_trades_in_total 0", 60).await;
-    stop.send(()).unwrap();
-    service.await.unwrap().unwrap();
+    service.stop().await.unwrap();
 
     // The re-baseline the error names (`--rebaseline <p>`): a tombstone for
     // the partition's state.
     rebaseline(&config, &[partition]).await.expect("re-baseline");
-    let metrics = stack::free_loopback_addr();
-    config.metrics_addr = Some(metrics);
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let service = tokio::spawn(run(config, async {
-        let _ = stopped.await;
-    }));
+    let (service, metrics) = Running::start_with_metrics(config);
     wait_metric(metrics, "tickpipe_candles_refused_partitions 0", 60).await;
     wait_metric(
         metrics,
@@ -632,26 +646,40 @@ async fn a_stored_position_above_the_partition_end_is_refused_until_a_tombstone_
             r.latest.values().any(|c| c.interval == "1m" && c.trade_count == 10)
         })
         .await;
-    stop.send(()).unwrap();
-    service.await.unwrap().unwrap();
+    service.stop().await.unwrap();
+}
+
+/// A replayed Binance trade of `symbol`: `id`, 0.001 at `price`, the taker
+/// bought.
+fn replayed_trade(
+    symbol: String,
+    id: i64,
+    price: tickpipe_schemas::Decimal,
+    event_time: i64,
+    ingest_time: i64,
+) -> Trade {
+    Trade {
+        venue: "binance".into(),
+        symbol,
+        kind: tickpipe_schemas::TradeKind::Trade,
+        trade_id: id,
+        price,
+        quantity: tickpipe_schemas::Decimal::new(1, 3),
+        buyer_is_maker: false,
+        first_trade_id: None,
+        last_trade_id: None,
+        source: tickpipe_schemas::Source::Replay,
+        event_time,
+        ingest_time,
+    }
 }
 
 /// One trade of each symbol `SYM0000USDT`..., at `t` plus its index in µs.
 fn one_trade_each(symbols: usize, t: i64, id: i64) -> Vec<Trade> {
     (0..symbols)
-        .map(|s| Trade {
-            venue: "binance".into(),
-            symbol: format!("SYM{s:04}USDT"),
-            kind: tickpipe_schemas::TradeKind::Trade,
-            trade_id: id,
-            price: tickpipe_schemas::Decimal::new(100 + s as i64, 2),
-            quantity: tickpipe_schemas::Decimal::new(1, 3),
-            buyer_is_maker: false,
-            first_trade_id: None,
-            last_trade_id: None,
-            source: tickpipe_schemas::Source::Replay,
-            event_time: t + s as i64,
-            ingest_time: t,
+        .map(|s| {
+            let price = tickpipe_schemas::Decimal::new(100 + s as i64, 2);
+            replayed_trade(format!("SYM{s:04}USDT"), id, price, t + s as i64, t)
         })
         .collect()
 }
@@ -660,34 +688,20 @@ fn one_trade_each(symbols: usize, t: i64, id: i64) -> Vec<Trade> {
 async fn the_state_of_5000_symbols_is_stored_in_chunks_and_restored() {
     let brokers = stack::kafka_brokers();
     let prefix = format!("{}.", stack::unique_name("candles_5000"));
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_micros() as i64;
-    let minute = (now - 3_600_000_000) / 60_000_000 * 60_000_000;
+    let (_, minute) = now_and_the_minute_an_hour_ago();
     // One trades partition: all 5,000 symbols in one builder's state.
     ensure_topics(&brokers, &prefix, &Topic::ALL, 1, 1).await.unwrap();
     publish_trades(&brokers, &prefix, &one_trade_each(5_000, minute, 1)).await;
 
     // The first run holds one open window per symbol and interval, and stores
     // them when it stops: megabytes, more than one Kafka message may carry.
-    let mut config = service_config(&prefix, "candles-5000");
-    let metrics = stack::free_loopback_addr();
-    config.metrics_addr = Some(metrics);
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let service = tokio::spawn(run(config.clone(), async {
-        let _ = stopped.await;
-    }));
+    let config = service_config(&prefix, "candles-5000");
+    let (service, metrics) = Running::start_with_metrics(config.clone());
     wait_metric(metrics, "tickpipe_candles_trades_in_total 5000", 60).await;
-    stop.send(()).unwrap();
-    service.await.unwrap().expect("the state of 5,000 symbols is stored");
+    service.stop().await.expect("the state of 5,000 symbols is stored");
     let state_topic = format!("{prefix}candles-state");
-    let mut reader = state::Reader::default();
     let records = kafka::read_topic(&brokers, &state_topic);
-    for (key, value) in &records {
-        reader.record(key, Some(value));
-    }
-    let (states, _) = reader.finish(&state_topic).expect("state");
+    let (states, _) = read_states(&state_topic, &records);
     assert_eq!(states.len(), 1, "one trades partition");
     assert_eq!(states.values().map(|s| s.next).sum::<i64>(), 5_000);
     let largest = states.values().map(|s| s.snapshot.len()).max().unwrap_or(0);
@@ -701,16 +715,10 @@ async fn the_state_of_5000_symbols_is_stored_in_chunks_and_restored() {
     // each symbol in the next minute closes the first minute's candle, which
     // holds the trade only the restored state knows.
     publish_trades(&brokers, &prefix, &one_trade_each(5_000, minute + 60_000_000, 2)).await;
-    let metrics = stack::free_loopback_addr();
-    config.metrics_addr = Some(metrics);
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let service = tokio::spawn(run(config, async {
-        let _ = stopped.await;
-    }));
+    let (service, metrics) = Running::start_with_metrics(config);
     wait_metric(metrics, "tickpipe_candles_trades_in_total 5000", 60).await;
     wait_metric(metrics, "tickpipe_candles_candles_out_total{interval=\"1m\"} 5000", 60).await;
-    stop.send(()).unwrap();
-    service.await.unwrap().unwrap();
+    service.stop().await.unwrap();
     let codec = Codec::new(WriteFraming::SingleObject);
     let firsts: BTreeSet<String> = kafka::read_topic(&brokers, &Topic::Candles.name(&prefix))
         .iter()
@@ -750,10 +758,9 @@ async fn trades_in(addr: SocketAddr) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_standby_takes_over_when_the_active_instance_dies() {
-    let Some(trades) = trades() else { return };
-    let expected = expected(&trades);
-    let brokers = stack::kafka_brokers();
-    let prefix = format!("{}.", stack::unique_name("candles_standby"));
+    let Some((trades, expected, brokers, prefix)) = recorded("candles_standby") else {
+        return;
+    };
     let half = trades.len() / 2;
     publish_trades(&brokers, &prefix, &trades[..half]).await;
     let (at_a, at_b) = (stack::free_loopback_addr(), stack::free_loopback_addr());
@@ -784,11 +791,10 @@ async fn a_standby_takes_over_when_the_active_instance_dies() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn in_transactions_sigkills_leave_no_candle_twice_for_committed_readers() {
-    let Some(trades) = trades() else { return };
-    let expected = expected(&trades);
+    let Some((trades, expected, brokers, prefix)) = recorded("candles_txn") else {
+        return;
+    };
     let records = expected_records(&trades);
-    let brokers = stack::kafka_brokers();
-    let prefix = format!("{}.", stack::unique_name("candles_txn"));
     publish_trades(&brokers, &prefix, &trades).await;
     // The reader is read_committed, as every consumer of ours.
     let mut reader = CandleReader::new(&brokers, &prefix);

@@ -9,18 +9,18 @@
 
 mod common;
 
-use common::{bq_count, pg_count as count};
+use common::{bq_count, pg_count as count, quiet_service, Fresh};
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::time::Duration;
 
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use tickpipe_consumers::bq::client::{Auth, BigQuery, Endpoint};
 use tickpipe_consumers::candles::{CandleBuilder, CandleConfig, Output};
 use tickpipe_consumers::ops::now_micros;
-use tickpipe_kafka::{ensure_topics, producer_config};
+use tickpipe_kafka::producer_config;
 use tickpipe_schemas::decimal::put_unscaled;
 use tickpipe_schemas::field::AvroField;
 use tickpipe_schemas::{
@@ -62,47 +62,38 @@ impl Setup {
         let metrics = stack::free_loopback_addr();
         let log = std::env::temp_dir().join(format!("{}.log", stack::unique_name(name)));
         let log = std::fs::File::create(log).expect("log file");
-        let mut cmd = Command::new(stack::workspace_binary(name));
-        cmd.env("TICKPIPE_KAFKA_BROKERS", stack::kafka_brokers())
-            .env("TICKPIPE_TOPIC_PREFIX", &self.prefix)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(log);
-        match name {
-            "candles" => cmd
-                .env("TICKPIPE_CANDLES_GROUP", format!("{}candles", self.prefix))
-                .env("TICKPIPE_CANDLES_INTERVALS", "1m,5m")
-                .env("TICKPIPE_CANDLES_ALLOWED_LATENESS_MS", "0")
-                .env("TICKPIPE_CANDLES_BATCH_MAX", "2000")
-                .env("TICKPIPE_CANDLES_BATCH_WAIT_MS", "20")
-                .env("TICKPIPE_CANDLES_STATE_INTERVAL_MS", "300")
-                // Restarted at once after a kill: the same id takes the lease back.
-                .env("TICKPIPE_CANDLES_INSTANCE_ID", "hostile")
-                .env("TICKPIPE_CANDLES_METRICS_ADDR", metrics.to_string()),
-            "postgres-sink" => cmd
-                .env("TICKPIPE_POSTGRES_URL", &self.url)
-                .env("TICKPIPE_POSTGRES_SINK_GROUP", format!("{}pg", self.prefix))
-                .env("TICKPIPE_POSTGRES_SINK_BATCH_MAX", "2000")
-                .env("TICKPIPE_POSTGRES_SINK_BATCH_WAIT_MS", "20")
-                .env(
-                    "TICKPIPE_POSTGRES_SINK_SESSION_TIMEOUT_MS",
-                    SESSION_TIMEOUT.as_millis().to_string(),
-                )
-                .env("TICKPIPE_POSTGRES_SINK_METRICS_ADDR", metrics.to_string()),
-            "bigquery-sink" => cmd
-                .env("TICKPIPE_BIGQUERY_EMULATOR", stack::bigquery_rest_url())
-                .env("TICKPIPE_BIGQUERY_PROJECT", stack::bigquery_project())
-                .env("TICKPIPE_BIGQUERY_DATASET", &self.dataset)
-                .env("TICKPIPE_BIGQUERY_SINK_GROUP", format!("{}bq", self.prefix))
-                .env("TICKPIPE_BIGQUERY_SINK_BATCH_MAX", "5000")
-                .env("TICKPIPE_BIGQUERY_SINK_BATCH_WAIT_MS", "50")
-                .env(
-                    "TICKPIPE_BIGQUERY_SINK_SESSION_TIMEOUT_MS",
-                    SESSION_TIMEOUT.as_millis().to_string(),
-                )
-                .env("TICKPIPE_BIGQUERY_SINK_METRICS_ADDR", metrics.to_string()),
+        let mut cmd = quiet_service(stack::workspace_binary(name), &stack::kafka_brokers(), &self.prefix);
+        cmd.stderr(log);
+        // The variables of `name`'s flags start with `var`; its group ends in `group`.
+        let (var, group, batch_max, batch_wait_ms) = match name {
+            "candles" => ("TICKPIPE_CANDLES", "candles", "2000", "20"),
+            "postgres-sink" => ("TICKPIPE_POSTGRES_SINK", "pg", "2000", "20"),
+            "bigquery-sink" => ("TICKPIPE_BIGQUERY_SINK", "bq", "5000", "50"),
             other => panic!("no service {other}"),
         };
+        cmd.env(format!("{var}_GROUP"), format!("{}{group}", self.prefix))
+            .env(format!("{var}_BATCH_MAX"), batch_max)
+            .env(format!("{var}_BATCH_WAIT_MS"), batch_wait_ms)
+            .env(format!("{var}_METRICS_ADDR"), metrics.to_string());
+        if name == "candles" {
+            cmd.env("TICKPIPE_CANDLES_INTERVALS", "1m,5m")
+                .env("TICKPIPE_CANDLES_ALLOWED_LATENESS_MS", "0")
+                .env("TICKPIPE_CANDLES_STATE_INTERVAL_MS", "300")
+                // Restarted at once after a kill: the same id takes the lease back.
+                .env("TICKPIPE_CANDLES_INSTANCE_ID", "hostile");
+        } else {
+            cmd.env(
+                format!("{var}_SESSION_TIMEOUT_MS"),
+                SESSION_TIMEOUT.as_millis().to_string(),
+            );
+        }
+        if name == "postgres-sink" {
+            cmd.env("TICKPIPE_POSTGRES_URL", &self.url);
+        } else if name == "bigquery-sink" {
+            cmd.env("TICKPIPE_BIGQUERY_EMULATOR", stack::bigquery_rest_url())
+                .env("TICKPIPE_BIGQUERY_PROJECT", stack::bigquery_project())
+                .env("TICKPIPE_BIGQUERY_DATASET", &self.dataset);
+        }
         Service {
             name,
             child: cmd.spawn().unwrap_or_else(|e| panic!("{name} starts: {e}")),
@@ -512,12 +503,7 @@ fn candle_config() -> CandleConfig {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hostile_corpus_under_sigkill_loses_nothing_duplicates_nothing_and_letters_every_bad_record() {
-    let brokers = stack::kafka_brokers();
-    let prefix = format!("{}.", stack::unique_name("hostile"));
-    ensure_topics(&brokers, &prefix, &Topic::ALL, 3, 1)
-        .await
-        .unwrap_or_else(|e| panic!("is the broker up (make stack-up)? {e}"));
-    let url = stack::fresh_database("hostile").await;
+    let Fresh { brokers, prefix, url } = Fresh::create("hostile").await;
     let (pg, conn) = tokio_postgres::connect(&url, NoTls).await.expect("postgres");
     tokio::spawn(conn);
     let setup = Setup {
@@ -621,16 +607,11 @@ async fn a_hostile_corpus_under_sigkill_loses_nothing_duplicates_nothing_and_let
     // Then the producer replays the last REPLAYED trades (the newest of each
     // symbol, so none is late), with its own bad lines.
     let (capture, replay_bad) = replay_file(&trades[PUBLISHED..]);
-    let replay = Command::new(stack::workspace_binary("producer"))
+    let replay = quiet_service(stack::workspace_binary("producer"), &brokers, &prefix)
         .args(["replay", "--venue", "binance"])
         .arg(&capture)
-        .env("TICKPIPE_KAFKA_BROKERS", &brokers)
-        .env("TICKPIPE_TOPIC_PREFIX", &prefix)
         .env("TICKPIPE_TOPIC_PARTITIONS", "3")
         .env("TICKPIPE_PRODUCER_METRICS_ADDR", "off")
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
         .spawn()
         .expect("the producer starts");
     let status = tokio::task::spawn_blocking(move || {

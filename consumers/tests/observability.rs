@@ -9,10 +9,12 @@
 //! `deploy/local/prometheus.sh` (the Makefile exports its directory as
 //! `TICKPIPE_PROMETHEUS_BIN`).
 
+mod common;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
 
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -29,6 +31,8 @@ use tickpipe_producer::metrics::Metrics;
 use tickpipe_schemas::Topic;
 use tickpipe_testkit::stack;
 use tokio_postgres::NoTls;
+
+use common::Fresh;
 
 fn repo() -> PathBuf {
     PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
@@ -128,6 +132,18 @@ fn simulator_config(prefix: &str, metrics: SocketAddr) -> Config {
     c
 }
 
+/// A sink's settings for `topics` under `prefix`, in the group `<prefix><group>`,
+/// serving metrics on `metrics`: batches of 1,000, backoffs up to 1 s, a 6 s session.
+fn sink_settings(brokers: &str, prefix: &str, topics: &[Topic], group: &str, metrics: SocketAddr) -> SinkSettings {
+    SinkSettings {
+        batch_max: 1000,
+        max_backoff: Duration::from_secs(1),
+        session_timeout: Duration::from_secs(6),
+        metrics_addr: Some(metrics),
+        ..SinkSettings::new(brokers, prefix, topics, &format!("{prefix}{group}"))
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_services_export_exactly_the_metrics_contract() {
     let contract = contract();
@@ -156,12 +172,7 @@ async fn the_services_export_exactly_the_metrics_contract() {
         }
     }
 
-    let brokers = stack::kafka_brokers();
-    let prefix = format!("{}.", stack::unique_name("contract"));
-    ensure_topics(&brokers, &prefix, &Topic::ALL, 3, 1)
-        .await
-        .unwrap_or_else(|e| panic!("is the broker up (make stack-up)? {e}"));
-    let url = stack::fresh_database("contract").await;
+    let Fresh { brokers, prefix, url } = Fresh::create("contract").await;
     let addrs: BTreeMap<&str, SocketAddr> = [
         ("producer", stack::free_loopback_addr()),
         ("candles", stack::free_loopback_addr()),
@@ -205,12 +216,8 @@ async fn the_services_export_exactly_the_metrics_contract() {
     let pg = tokio::spawn(tickpipe_consumers::pg::sink::run(
         SinkConfig {
             sink: SinkSettings {
-                batch_max: 1000,
                 batch_wait: Duration::from_millis(100),
-                max_backoff: Duration::from_secs(1),
-                session_timeout: Duration::from_secs(6),
-                metrics_addr: Some(addrs["postgres_sink"]),
-                ..SinkSettings::new(&brokers, &prefix, &Topic::ALL, &format!("{prefix}pg"))
+                ..sink_settings(&brokers, &prefix, &Topic::ALL, "pg", addrs["postgres_sink"])
             },
             postgres_url: url,
             pool_size: 2,
@@ -219,18 +226,13 @@ async fn the_services_export_exactly_the_metrics_contract() {
     ));
     let bq = tokio::spawn(tickpipe_consumers::bq::sink::run(
         BqSinkConfig {
-            sink: SinkSettings {
-                batch_max: 1000,
-                max_backoff: Duration::from_secs(1),
-                session_timeout: Duration::from_secs(6),
-                metrics_addr: Some(addrs["bigquery_sink"]),
-                ..SinkSettings::new(
-                    &brokers,
-                    &prefix,
-                    &[Topic::Trades, Topic::DeadLetters],
-                    &format!("{prefix}bq"),
-                )
-            },
+            sink: sink_settings(
+                &brokers,
+                &prefix,
+                &[Topic::Trades, Topic::DeadLetters],
+                "bq",
+                addrs["bigquery_sink"],
+            ),
             endpoint: Endpoint {
                 api_url: stack::bigquery_rest_url(),
                 project: stack::bigquery_project(),
@@ -369,6 +371,16 @@ fn names_in(expr: &str) -> Vec<String> {
     out
 }
 
+/// Panics with `what` and the output of a run that failed.
+fn assert_success(out: &Output, what: &str) {
+    assert!(
+        out.status.success(),
+        "{what}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 #[test]
 fn promtool_accepts_the_config_rules_and_every_dashboard_expression() {
     let promtool = tool("promtool");
@@ -382,12 +394,7 @@ fn promtool_accepts_the_config_rules_and_every_dashboard_expression() {
             .current_dir(&dir)
             .output()
             .expect("promtool");
-        assert!(
-            out.status.success(),
-            "promtool {args:?}: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        assert_success(&out, &format!("promtool {args:?}"));
     }
 
     // Dashboard expressions, as recording rules, so promtool parses each one.
@@ -411,12 +418,7 @@ fn promtool_accepts_the_config_rules_and_every_dashboard_expression() {
         .output()
         .expect("promtool");
     let _ = std::fs::remove_file(&file);
-    assert!(
-        out.status.success(),
-        "a dashboard expression does not parse: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_success(&out, "a dashboard expression does not parse");
 
     // Every metric named is in the contract (histogram series by their family).
     let contract = contract();
@@ -626,12 +628,7 @@ fn the_demo_prometheus_scrapes_what_compose_does_on_loopback() {
         .arg(&config)
         .output()
         .expect("promtool");
-    assert!(
-        check.status.success(),
-        "promtool check config: {}{}",
-        String::from_utf8_lossy(&check.stdout),
-        String::from_utf8_lossy(&check.stderr)
-    );
+    assert_success(&check, "promtool check config");
     let text = std::fs::read_to_string(&config).expect("config");
     let targets: Vec<&str> = text.lines().filter(|l| l.contains("targets:")).collect();
     assert!(

@@ -26,6 +26,7 @@ use tickpipe_schemas::{
 };
 use tickpipe_testkit::stack;
 use tickpipe_testkit::stack::wait_count;
+use tokio_postgres::types::FromSqlOwned;
 use tokio_postgres::{Client, NoTls};
 
 const T0: i64 = 1_741_046_400_000_000; // 2025-03-04T00:00:00Z
@@ -80,6 +81,11 @@ async fn publish(topic: &str, records: &[(String, Vec<u8>)]) {
 }
 
 /// Every trade id in `trades`, in order.
+/// The first column of the one row `sql` answers.
+async fn value<T: FromSqlOwned>(client: &Client, sql: &str) -> T {
+    client.query_one(sql, &[]).await.unwrap().get(0)
+}
+
 async fn trade_ids(client: &Client) -> Vec<i64> {
     client
         .query("SELECT trade_id FROM trades ORDER BY trade_id", &[])
@@ -250,6 +256,11 @@ async fn poison_records_land_in_dead_letters_and_the_rest_is_written() {
     assert_eq!(seen, vec![1, 3, 4, 5, 6, 7]);
 }
 
+/// `t` seconds after [`T0`], in microseconds.
+fn at(t: i64) -> i64 {
+    T0 + t * 1_000_000
+}
+
 fn asset_at(t: i64, price: &str, rank: i32) -> Asset {
     Asset {
         id: "bitcoin".into(),
@@ -266,8 +277,8 @@ fn asset_at(t: i64, price: &str, rank: i32) -> Asset {
         explorer: Some("https://blockchain.info/".into()),
         tokens: BTreeMap::from([("eth".into(), vec!["0xabc".into()])]),
         source: Source::Coincap,
-        event_time: T0 + t * 1_000_000,
-        ingest_time: T0 + t * 1_000_000 + 5,
+        event_time: at(t),
+        ingest_time: at(t) + 5,
     }
 }
 
@@ -279,8 +290,8 @@ fn rate_at(t: i64, usd: &str) -> Rate {
         rate_type: RateType::Fiat,
         rate_usd: dec(usd),
         source: Source::Coincap,
-        event_time: T0 + t * 1_000_000,
-        ingest_time: T0 + t * 1_000_000,
+        event_time: at(t),
+        ingest_time: at(t),
     }
 }
 
@@ -295,8 +306,8 @@ fn exchange_at(t: i64, volume: &str) -> Exchange {
         socket: Some(true),
         exchange_url: None,
         source: Source::Coincap,
-        event_time: T0 + t * 1_000_000,
-        ingest_time: T0 + t * 1_000_000,
+        event_time: at(t),
+        ingest_time: at(t),
     }
 }
 
@@ -314,8 +325,8 @@ fn market_at(t: i64, price: &str) -> Market {
         percent_exchange_volume: None,
         trades_count_24h: Some(1_000_000),
         source: Source::Coincap,
-        event_time: T0 + t * 1_000_000,
-        ingest_time: T0 + t * 1_000_000,
+        event_time: at(t),
+        ingest_time: at(t),
     }
 }
 
@@ -445,30 +456,18 @@ async fn coincap_state_never_regresses_and_asset_history_is_exact() {
             (45, None, dec("120")),
         ]
     );
-    let volume: Decimal = client
-        .query_one("SELECT volume_usd_24h FROM asset_history WHERE valid_to IS NULL", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let volume: Decimal = value(
+        &client,
+        "SELECT volume_usd_24h FROM asset_history WHERE valid_to IS NULL",
+    )
+    .await;
     assert_eq!(volume, dec("1000000.123456789012345678"), "exact to 18 decimals");
 
-    let rate: Decimal = client
-        .query_one("SELECT rate_usd FROM rates", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let rate: Decimal = value(&client, "SELECT rate_usd FROM rates").await;
     assert_eq!(rate, dec("1.05"), "older rates never overwrite a newer one");
-    let volume: Decimal = client
-        .query_one("SELECT volume_usd FROM exchanges", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let volume: Decimal = value(&client, "SELECT volume_usd FROM exchanges").await;
     assert_eq!(volume, dec("500"));
-    let candle: Decimal = client
-        .query_one("SELECT volume FROM candles", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let candle: Decimal = value(&client, "SELECT volume FROM candles").await;
     assert_eq!(candle, dec("6"), "the corrected candle replaces the first version");
 }
 
@@ -511,11 +510,7 @@ async fn confluent_framed_records_decode_with_schemas_from_the_registry() {
     wait_count(&client, "SELECT count(*) FROM dead_letters", 1, 10).await;
     let _ = stop.send(());
     sink.await.unwrap().unwrap();
-    let error: String = client
-        .query_one("SELECT error FROM dead_letters", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let error: String = value(&client, "SELECT error FROM dead_letters").await;
     assert!(error.contains(&format!("schema id {missing}")), "{error}");
     let lookups: Vec<String> = double
         .requests()
@@ -848,14 +843,7 @@ async fn a_registry_outage_shows_on_readyz_and_the_record_is_written_once_it_ans
         assert!(tokio::time::Instant::now() < deadline, "/readyz stays unready");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert_eq!(
-        client
-            .query_one("SELECT count(*) FROM dead_letters", &[])
-            .await
-            .unwrap()
-            .get::<_, i64>(0),
-        0
-    );
+    assert_eq!(value::<i64>(&client, "SELECT count(*) FROM dead_letters").await, 0);
     let _ = stop.send(());
     sink.await.unwrap().unwrap();
 }

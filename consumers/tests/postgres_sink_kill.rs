@@ -7,14 +7,14 @@
 
 mod common;
 
-use common::{recorded_trades, stored_positions};
+use common::{quiet_service, recorded_trades, stored_positions, Fresh};
 use std::collections::BTreeMap;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::Duration;
 
 use rand::{Rng, SeedableRng};
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use tickpipe_kafka::{ensure_topics, producer_config};
+use tickpipe_kafka::producer_config;
 use tickpipe_schemas::{Codec, Record, Topic, WriteFraming};
 use tickpipe_testkit::stack;
 use tokio_postgres::{Client, NoTls};
@@ -31,19 +31,14 @@ impl Drop for Sink {
 
 fn start_sink(url: &str, prefix: &str, group: &str) -> Sink {
     Sink(
-        Command::new(env!("CARGO_BIN_EXE_postgres-sink"))
-            .env("TICKPIPE_KAFKA_BROKERS", stack::kafka_brokers())
+        quiet_service(env!("CARGO_BIN_EXE_postgres-sink"), &stack::kafka_brokers(), prefix)
             .env("TICKPIPE_POSTGRES_URL", url)
-            .env("TICKPIPE_TOPIC_PREFIX", prefix)
             .env("TICKPIPE_POSTGRES_SINK_GROUP", group)
             .env("TICKPIPE_POSTGRES_SINK_TOPICS", "trades")
             .env("TICKPIPE_POSTGRES_SINK_BATCH_MAX", "700")
             .env("TICKPIPE_POSTGRES_SINK_BATCH_WAIT_MS", "20")
             .env("TICKPIPE_POSTGRES_SINK_SESSION_TIMEOUT_MS", "6000")
             .env("TICKPIPE_POSTGRES_SINK_METRICS_ADDR", "off")
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
             .spawn()
             .expect("the postgres-sink binary starts"),
     )
@@ -65,13 +60,8 @@ async fn sigkill_at_random_moments_loses_and_duplicates_nothing() {
     for t in &mut trades {
         t.ingest_time = now;
     }
-    let brokers = stack::kafka_brokers();
-    let prefix = format!("{}.", stack::unique_name("pgsink_kill"));
+    let Fresh { brokers, prefix, url } = Fresh::create("pgsink_kill").await;
     let group = format!("{prefix}sink");
-    ensure_topics(&brokers, &prefix, &Topic::ALL, 3, 1)
-        .await
-        .unwrap_or_else(|e| panic!("is the broker up (make stack-up)? {e}"));
-    let url = stack::fresh_database("pgsink_kill").await;
     let (client, conn) = tokio_postgres::connect(&url, NoTls).await.unwrap();
     tokio::spawn(conn);
 
@@ -80,7 +70,7 @@ async fn sigkill_at_random_moments_loses_and_duplicates_nothing() {
     let topic = Topic::Trades.name(&prefix);
     let publisher = tokio::spawn(async move {
         let codec = Codec::new(WriteFraming::SingleObject);
-        let producer: FutureProducer = producer_config(&stack::kafka_brokers()).create().unwrap();
+        let producer: FutureProducer = producer_config(&brokers).create().unwrap();
         let mut ends: BTreeMap<i32, i64> = BTreeMap::new();
         let mut poison = 0;
         for (n, chunk) in trades.chunks(500).enumerate() {

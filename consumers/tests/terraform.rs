@@ -34,6 +34,17 @@ fn resource<'a>(body: &'a Body, kind: &str, name: &str) -> &'a Block {
         .unwrap_or_else(|| panic!("no resource {kind}.{name}"))
 }
 
+/// The query of `table`'s `view` block, in the project `p` and the dataset `d`.
+fn view_query_of(table: &Body) -> String {
+    table
+        .blocks()
+        .find(|b| b.identifier() == "view")
+        .map(|b| text(attribute(b.body(), "query")))
+        .expect("view block")
+        .replace("${var.project}", "p")
+        .replace("${var.dataset}", "d")
+}
+
 fn attribute<'a>(body: &'a Body, key: &str) -> &'a Expression {
     body.attributes()
         .find(|a| a.key() == key)
@@ -136,39 +147,20 @@ fn terraform_declares_the_tables_the_sink_creates() {
 
     let view = resource(&main, "google_bigquery_table", "view").body();
     assert_eq!(text(attribute(view, "table_id")), "${each.key}");
-    let query = view
-        .blocks()
-        .find(|b| b.identifier() == "view")
-        .map(|b| text(attribute(b.body(), "query")))
-        .expect("view block");
+    let query = view_query_of(view);
     for topic in Topic::ALL {
         let spec = table_spec(topic, DecimalColumns::BigNumeric);
-        let rendered = query
-            .replace("${var.project}", "p")
-            .replace("${var.dataset}", "d")
-            .replace("${each.key}", &spec.view);
+        let rendered = query.replace("${each.key}", &spec.view);
         assert_eq!(rendered, view_query("p", "d", &spec));
     }
     let latest = resource(&main, "google_bigquery_table", "candles_latest").body();
     assert_eq!(text(attribute(latest, "table_id")), LATEST_CANDLES);
-    let query = latest
-        .blocks()
-        .find(|b| b.identifier() == "view")
-        .map(|b| text(attribute(b.body(), "query")))
-        .expect("view block");
-    let rendered = query.replace("${var.project}", "p").replace("${var.dataset}", "d");
     let candles = table_spec(Topic::Candles, DecimalColumns::BigNumeric);
-    assert_eq!(rendered, latest_candles_query("p", "d", &candles));
+    assert_eq!(view_query_of(latest), latest_candles_query("p", "d", &candles));
     let distinct = resource(&main, "google_bigquery_table", "dead_letters_distinct").body();
     assert_eq!(text(attribute(distinct, "table_id")), DISTINCT_LETTERS);
-    let query = distinct
-        .blocks()
-        .find(|b| b.identifier() == "view")
-        .map(|b| text(attribute(b.body(), "query")))
-        .expect("view block");
-    let rendered = query.replace("${var.project}", "p").replace("${var.dataset}", "d");
     let letters = table_spec(Topic::DeadLetters, DecimalColumns::BigNumeric);
-    assert_eq!(rendered, distinct_letters_query("p", "d", &letters));
+    assert_eq!(view_query_of(distinct), distinct_letters_query("p", "d", &letters));
 
     let variables = body("variables.tf");
     let names: Vec<String> = variables

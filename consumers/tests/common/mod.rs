@@ -5,11 +5,14 @@
 #![allow(dead_code)]
 
 use std::collections::BTreeMap;
+use std::ffi::OsStr;
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use tickpipe_consumers::bq::client::BigQuery;
 use tickpipe_consumers::pg::sink::SinkConfig;
 use tickpipe_consumers::sink::SinkSettings;
+use tickpipe_kafka::ensure_topics;
 use tickpipe_schemas::{Topic, Trade};
 use tickpipe_testkit::{real, stack};
 use tokio_postgres::Client;
@@ -26,6 +29,39 @@ pub fn recorded_trades() -> Option<Vec<Trade>> {
             .map(|(t, _)| t),
     );
     Some(trades)
+}
+
+/// A test's own part of the local stack: every topic (3 partitions) under a
+/// fresh prefix named after the test, and a fresh database of the same name.
+pub struct Fresh {
+    pub brokers: String,
+    pub prefix: String,
+    pub url: String,
+}
+
+impl Fresh {
+    /// Creates the topics and the database for the test `name`.
+    pub async fn create(name: &str) -> Fresh {
+        let brokers = stack::kafka_brokers();
+        let prefix = format!("{}.", stack::unique_name(name));
+        ensure_topics(&brokers, &prefix, &Topic::ALL, 3, 1)
+            .await
+            .unwrap_or_else(|e| panic!("is the broker up (make stack-up)? {e}"));
+        let url = stack::fresh_database(name).await;
+        Fresh { brokers, prefix, url }
+    }
+}
+
+/// The command for the service binary `bin` on `brokers` under the topic
+/// `prefix`, logging warnings, its stdout and stderr discarded.
+pub fn quiet_service(bin: impl AsRef<OsStr>, brokers: &str, prefix: &str) -> Command {
+    let mut cmd = Command::new(bin);
+    cmd.env("TICKPIPE_KAFKA_BROKERS", brokers)
+        .env("TICKPIPE_TOPIC_PREFIX", prefix)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    cmd
 }
 
 /// The count `sql` answers in PostgreSQL, 0 while it cannot (no table yet).
