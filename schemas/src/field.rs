@@ -38,105 +38,52 @@ pub enum Value<'a> {
     Map(Vec<(&'a str, Value<'a>)>),
 }
 
-impl AvroField for i64 {
-    #[inline]
-    fn write(&self, out: &mut Vec<u8>) -> Result<(), DecimalError> {
-        wire::put_long(out, *self);
-        Ok(())
-    }
-    #[inline]
-    fn read(r: &mut Reader<'_>) -> Result<Self, WireError> {
-        r.long()
-    }
-    #[inline]
-    fn value(&self) -> Value<'_> {
-        Value::Long(*self)
-    }
+/// The [`AvroField`] of types written as one Avro primitive: how `v` is
+/// appended to `out`, read from `r`, and shown as a [`Value`].
+macro_rules! primitive_fields {
+    ($(
+        $(#[$doc:meta])*
+        $ty:ty => write |$v:ident, $out:ident| $write:expr, read |$r:ident| $read:expr, value $value:expr;
+    )*) => {$(
+        $(#[$doc])*
+        impl AvroField for $ty {
+            #[inline]
+            fn write(&self, $out: &mut Vec<u8>) -> Result<(), DecimalError> {
+                let $v = self;
+                $write;
+                Ok(())
+            }
+            #[inline]
+            fn read($r: &mut Reader<'_>) -> Result<Self, WireError> {
+                $read
+            }
+            #[inline]
+            fn value(&self) -> Value<'_> {
+                let $v = self;
+                $value
+            }
+        }
+    )*};
 }
 
-impl AvroField for i32 {
-    #[inline]
-    fn write(&self, out: &mut Vec<u8>) -> Result<(), DecimalError> {
-        wire::put_long(out, i64::from(*self));
-        Ok(())
-    }
-    #[inline]
-    fn read(r: &mut Reader<'_>) -> Result<Self, WireError> {
-        r.int()
-    }
-    #[inline]
-    fn value(&self) -> Value<'_> {
-        Value::Int(*self)
-    }
-}
-
-impl AvroField for bool {
-    #[inline]
-    fn write(&self, out: &mut Vec<u8>) -> Result<(), DecimalError> {
-        out.push(u8::from(*self));
-        Ok(())
-    }
-    #[inline]
-    fn read(r: &mut Reader<'_>) -> Result<Self, WireError> {
-        r.boolean()
-    }
-    #[inline]
-    fn value(&self) -> Value<'_> {
-        Value::Boolean(*self)
-    }
-}
-
-impl AvroField for String {
-    #[inline]
-    fn write(&self, out: &mut Vec<u8>) -> Result<(), DecimalError> {
-        wire::put_bytes(out, self.as_bytes());
-        Ok(())
-    }
-    #[inline]
-    fn read(r: &mut Reader<'_>) -> Result<Self, WireError> {
-        r.str().map(str::to_owned)
-    }
-    #[inline]
-    fn value(&self) -> Value<'_> {
-        Value::String(self)
-    }
-}
-
-impl AvroField for Vec<u8> {
-    #[inline]
-    fn write(&self, out: &mut Vec<u8>) -> Result<(), DecimalError> {
-        wire::put_bytes(out, self);
-        Ok(())
-    }
-    #[inline]
-    fn read(r: &mut Reader<'_>) -> Result<Self, WireError> {
-        r.bytes().map(<[u8]>::to_vec)
-    }
-    #[inline]
-    fn value(&self) -> Value<'_> {
-        Value::Bytes(self)
-    }
-}
-
-/// `bytes` with logical type `decimal(38, 18)`.
-impl AvroField for Decimal {
-    #[inline]
-    fn write(&self, out: &mut Vec<u8>) -> Result<(), DecimalError> {
-        decimal::put_unscaled(out, decimal::to_unscaled(self)?);
-        Ok(())
-    }
-    #[inline]
-    fn read(r: &mut Reader<'_>) -> Result<Self, WireError> {
-        let start = r.position();
-        let raw = r.bytes()?;
-        decimal::unscaled_from_bytes(raw)
-            .and_then(decimal::from_unscaled)
-            .ok_or_else(|| WireError::invalid(start, "decimal out of range for decimal(38, 18)"))
-    }
-    #[inline]
-    fn value(&self) -> Value<'_> {
-        Value::Decimal(*self)
-    }
+primitive_fields! {
+    i64 => write |v, out| wire::put_long(out, *v), read |r| r.long(), value Value::Long(*v);
+    i32 => write |v, out| wire::put_long(out, i64::from(*v)), read |r| r.int(), value Value::Int(*v);
+    bool => write |v, out| out.push(u8::from(*v)), read |r| r.boolean(), value Value::Boolean(*v);
+    String => write |v, out| wire::put_bytes(out, v.as_bytes()),
+        read |r| r.str().map(str::to_owned),
+        value Value::String(v);
+    Vec<u8> => write |v, out| wire::put_bytes(out, v), read |r| r.bytes().map(<[u8]>::to_vec), value Value::Bytes(v);
+    /// `bytes` with logical type `decimal(38, 18)`.
+    Decimal => write |v, out| decimal::put_unscaled(out, decimal::to_unscaled(v)?),
+        read |r| {
+            let start = r.position();
+            let raw = r.bytes()?;
+            decimal::unscaled_from_bytes(raw)
+                .and_then(decimal::from_unscaled)
+                .ok_or_else(|| WireError::invalid(start, "decimal out of range for decimal(38, 18)"))
+        },
+        value Value::Decimal(*v);
 }
 
 /// The union `["null", T]`: null is branch 0.
@@ -167,32 +114,56 @@ impl<T: AvroField> AvroField for Option<T> {
     }
 }
 
+/// Writes `items` as Avro blocks: one block of them all (none when there are
+/// none), then the terminating 0.
+fn write_blocks<I: ExactSizeIterator>(
+    out: &mut Vec<u8>,
+    items: I,
+    mut write: impl FnMut(I::Item, &mut Vec<u8>) -> Result<(), DecimalError>,
+) -> Result<(), DecimalError> {
+    let n = items.len();
+    if n != 0 {
+        wire::put_long(out, n as i64);
+        for item in items {
+            write(item, out)?;
+        }
+    }
+    out.push(0);
+    Ok(())
+}
+
+/// Reads Avro blocks into `into` up to the terminating 0: `reserve` makes room
+/// for each block's count, `item` reads one item into it.
+fn read_blocks<C>(
+    r: &mut Reader<'_>,
+    mut into: C,
+    reserve: fn(&mut C, usize),
+    mut item: impl FnMut(&mut Reader<'_>, &mut C) -> Result<(), WireError>,
+) -> Result<C, WireError> {
+    loop {
+        let n = r.block_count()?;
+        if n == 0 {
+            return Ok(into);
+        }
+        reserve(&mut into, n);
+        for _ in 0..n {
+            item(r, &mut into)?;
+        }
+    }
+}
+
 impl<T: AvroField> AvroField for Vec<T>
 where
     T: ArrayItem,
 {
     fn write(&self, out: &mut Vec<u8>) -> Result<(), DecimalError> {
-        if !self.is_empty() {
-            wire::put_long(out, self.len() as i64);
-            for item in self {
-                item.write(out)?;
-            }
-        }
-        out.push(0);
-        Ok(())
+        write_blocks(out, self.iter(), T::write)
     }
     fn read(r: &mut Reader<'_>) -> Result<Self, WireError> {
-        let mut items = Vec::new();
-        loop {
-            let n = r.block_count()?;
-            if n == 0 {
-                return Ok(items);
-            }
-            items.reserve(n);
-            for _ in 0..n {
-                items.push(T::read(r)?);
-            }
-        }
+        read_blocks(r, Vec::new(), Vec::reserve, |r, items| {
+            items.push(T::read(r)?);
+            Ok(())
+        })
     }
     #[inline]
     fn value(&self) -> Value<'_> {
@@ -206,29 +177,23 @@ impl ArrayItem for String {}
 
 impl<V: AvroField> AvroField for BTreeMap<String, V> {
     fn write(&self, out: &mut Vec<u8>) -> Result<(), DecimalError> {
-        if !self.is_empty() {
-            wire::put_long(out, self.len() as i64);
-            for (k, v) in self {
-                wire::put_bytes(out, k.as_bytes());
-                v.write(out)?;
-            }
-        }
-        out.push(0);
-        Ok(())
+        write_blocks(out, self.iter(), |(k, v), out| {
+            wire::put_bytes(out, k.as_bytes());
+            v.write(out)
+        })
     }
     fn read(r: &mut Reader<'_>) -> Result<Self, WireError> {
-        let mut map = BTreeMap::new();
-        loop {
-            let n = r.block_count()?;
-            if n == 0 {
-                return Ok(map);
-            }
-            for _ in 0..n {
+        read_blocks(
+            r,
+            BTreeMap::new(),
+            |_, _| {},
+            |r, map| {
                 let k = r.str()?.to_owned();
                 let v = V::read(r)?;
                 map.insert(k, v);
-            }
-        }
+                Ok(())
+            },
+        )
     }
     #[inline]
     fn value(&self) -> Value<'_> {
