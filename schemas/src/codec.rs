@@ -48,31 +48,19 @@ impl Framing {
         match payload {
             [] => Err(DecodeError::Empty),
             [CONFLUENT_MAGIC, rest @ ..] => {
-                if rest.len() < 4 {
-                    return Err(DecodeError::TruncatedHeader {
-                        framing: "Confluent",
-                        len: payload.len(),
-                        need: 5,
-                    });
-                }
-                let (id, body) = rest.split_at(4);
-                let schema_id = u32::from_be_bytes([id[0], id[1], id[2], id[3]]);
-                Ok((Framing::Confluent { schema_id }, body))
+                let (id, body) = header(payload, rest, "Confluent")?;
+                Ok((
+                    Framing::Confluent {
+                        schema_id: u32::from_be_bytes(id),
+                    },
+                    body,
+                ))
             }
             [0xC3, 0x01, rest @ ..] => {
-                if rest.len() < 8 {
-                    return Err(DecodeError::TruncatedHeader {
-                        framing: "single-object",
-                        len: payload.len(),
-                        need: 10,
-                    });
-                }
-                let (fp, body) = rest.split_at(8);
-                let mut le = [0u8; 8];
-                le.copy_from_slice(fp);
+                let (fp, body) = header(payload, rest, "single-object")?;
                 Ok((
                     Framing::SingleObject {
-                        fingerprint: u64::from_le_bytes(le),
+                        fingerprint: u64::from_le_bytes(fp),
                     },
                     body,
                 ))
@@ -91,6 +79,24 @@ impl Framing {
                     .join(" "),
             }),
         }
+    }
+}
+
+/// The `N` header bytes that follow a framing's magic in `payload` (`rest` is
+/// what follows the magic), and the body after them.
+#[inline]
+fn header<'a, const N: usize>(
+    payload: &[u8],
+    rest: &'a [u8],
+    framing: &'static str,
+) -> Result<([u8; N], &'a [u8]), DecodeError> {
+    match rest.split_first_chunk::<N>() {
+        Some((header, body)) => Ok((*header, body)),
+        None => Err(DecodeError::TruncatedHeader {
+            framing,
+            len: payload.len(),
+            need: payload.len() - rest.len() + N,
+        }),
     }
 }
 
