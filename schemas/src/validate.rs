@@ -90,6 +90,25 @@ fn opt(field: &str, v: &Option<Decimal>, f: fn(&str, &Decimal) -> Check) -> Chec
     v.as_ref().map_or(Ok(()), |v| f(field, v))
 }
 
+/// A count or an id, which is never negative.
+fn count(field: &str, v: impl Into<i64>) -> Check {
+    let v = v.into();
+    if v < 0 {
+        Err(format!("{field} must not be negative, got {v}"))
+    } else {
+        Ok(())
+    }
+}
+
+/// A rank, which starts at 1.
+fn rank(v: i32) -> Check {
+    if v < 1 {
+        Err(format!("rank must be at least 1, got {v}"))
+    } else {
+        Ok(())
+    }
+}
+
 /// Longest name (venue, symbol, id, topic) accepted, in bytes. Real ones are
 /// a few dozen bytes (Kafka caps topic names at 249); a longer one is garbage,
 /// and a sink's keys are indexed, where Postgres refuses entries past 2.7 kB.
@@ -143,9 +162,7 @@ impl Rules {
     pub fn trade(&self, t: &Trade) -> Check {
         name("venue", &t.venue)?;
         name("symbol", &t.symbol)?;
-        if t.trade_id < 0 {
-            return Err(format!("trade_id must not be negative, got {}", t.trade_id));
-        }
+        count("trade_id", t.trade_id)?;
         positive("price", &t.price)?;
         positive("quantity", &t.quantity)?;
         if let (Some(first), Some(last)) = (t.first_trade_id, t.last_trade_id) {
@@ -213,9 +230,7 @@ impl Rules {
         ] {
             not_negative(name, v)?;
         }
-        if c.trade_count < 0 {
-            return Err(format!("trade_count must not be negative, got {}", c.trade_count));
-        }
+        count("trade_count", c.trade_count)?;
         self.time("open_time", c.open_time)?;
         // A candle's event time is its close time, which may be ahead of the
         // clock by up to its interval (a `1d` candle opened an hour ago).
@@ -230,9 +245,7 @@ impl Rules {
     pub fn asset(&self, a: &Asset) -> Check {
         name("id", &a.id)?;
         name("symbol", &a.symbol)?;
-        if a.rank < 1 {
-            return Err(format!("rank must be at least 1, got {}", a.rank));
-        }
+        rank(a.rank)?;
         positive("price_usd", &a.price_usd)?;
         not_negative("supply", &a.supply)?;
         opt("max_supply", &a.max_supply, not_negative)?;
@@ -252,12 +265,8 @@ impl Rules {
 
     pub fn exchange(&self, e: &Exchange) -> Check {
         name("exchange_id", &e.exchange_id)?;
-        if e.rank < 1 {
-            return Err(format!("rank must be at least 1, got {}", e.rank));
-        }
-        if e.trading_pairs < 0 {
-            return Err(format!("trading_pairs must not be negative, got {}", e.trading_pairs));
-        }
+        rank(e.rank)?;
+        count("trading_pairs", e.trading_pairs)?;
         opt("percent_total_volume", &e.percent_total_volume, not_negative)?;
         opt("volume_usd", &e.volume_usd, not_negative)?;
         self.times(e.event_time, e.ingest_time)
