@@ -34,6 +34,16 @@ fn evolve(json_text: &str, change: impl FnOnce(&mut serde_json::Value)) -> Strin
     v.to_string()
 }
 
+/// The field list of a record schema's JSON.
+fn fields_mut(schema: &mut serde_json::Value) -> &mut Vec<serde_json::Value> {
+    schema["fields"].as_array_mut().unwrap()
+}
+
+/// The field named `name` of a record schema's JSON.
+fn field_mut<'a>(schema: &'a mut serde_json::Value, name: &str) -> &'a mut serde_json::Value {
+    fields_mut(schema).iter_mut().find(|f| f["name"] == name).unwrap()
+}
+
 fn fields_of(v: &Value) -> &[(String, Value)] {
     match v {
         Value::Record(fields) => fields,
@@ -52,6 +62,25 @@ fn confluent(id: u32, body: &[u8]) -> Vec<u8> {
     [&[0u8][..], &id.to_be_bytes(), body].concat()
 }
 
+/// What the current code reads from `body`, written with the schema `newer`
+/// and framed with the registry id `id` it is known by.
+fn decode_written_with<R: Record>(newer: &str, id: u32, body: &[u8]) -> Result<R, DecodeError> {
+    let codec = Codec::new(WriteFraming::SingleObject);
+    codec.add_registry_schema(id, newer).unwrap();
+    codec.decode::<R>(&confluent(id, body))
+}
+
+/// The sample trade as apache-avro reads it, with `reader` as the reader schema
+/// if there is one.
+fn trade_datum(reader: Option<&Schema>) -> Result<Value, apache_avro::Error> {
+    apache_avro::from_avro_datum(&Trade::compiled().underlying, &mut &body_of(&trade())[..], reader)
+}
+
+/// The sample trade's fields as apache-avro reads them.
+fn trade_fields() -> Vec<(String, Value)> {
+    fields_of(&trade_datum(None).unwrap()).to_vec()
+}
+
 /// The allowed changes of a record's schema, with a label. Removal is offered for
 /// a nullable field that is null in the sample, so the old reader's default
 /// equals the sample's value.
@@ -60,19 +89,13 @@ fn allowed_changes<R: Record>(sample: &R) -> Vec<(String, String)> {
         (
             "add an optional field".to_owned(),
             evolve(R::SCHEMA_JSON, |v| {
-                v["fields"]
-                    .as_array_mut()
-                    .unwrap()
-                    .push(json!({"name": "added_note", "type": ["null", "string"], "default": null}))
+                fields_mut(v).push(json!({"name": "added_note", "type": ["null", "string"], "default": null}))
             }),
         ),
         (
             "add a field with a default".to_owned(),
             evolve(R::SCHEMA_JSON, |v| {
-                v["fields"]
-                    .as_array_mut()
-                    .unwrap()
-                    .insert(1, json!({"name": "added_count", "type": "long", "default": 7}))
+                fields_mut(v).insert(1, json!({"name": "added_count", "type": "long", "default": 7}))
             }),
         ),
     ];
@@ -84,9 +107,7 @@ fn allowed_changes<R: Record>(sample: &R) -> Vec<(String, String)> {
         let name = name.clone();
         out.push((
             format!("remove the optional field {name}"),
-            evolve(R::SCHEMA_JSON, |v| {
-                v["fields"].as_array_mut().unwrap().retain(|f| f["name"] != json!(name))
-            }),
+            evolve(R::SCHEMA_JSON, |v| fields_mut(v).retain(|f| f["name"] != json!(name))),
         ));
     }
     out
@@ -117,10 +138,7 @@ fn check_both_ways<R: Record + PartialEq + std::fmt::Debug>(sample: &R, label: &
 
     // FORWARD: the current code reads what a writer with the new schema wrote.
     let written_by_new = apache_avro::to_avro_datum(&new, as_new).unwrap();
-    let codec = Codec::new(WriteFraming::SingleObject);
-    codec.add_registry_schema(100, newer).unwrap();
-    let read = codec
-        .decode::<R>(&confluent(100, &written_by_new))
+    let read = decode_written_with::<R>(newer, 100, &written_by_new)
         .unwrap_or_else(|e| panic!("{}: {label}: the current code cannot read new data: {e}", R::NAME));
     assert_eq!(&read, sample, "{}: {label}", R::NAME);
 }
@@ -157,26 +175,18 @@ fn allowed_changes_work_both_ways_for_every_record() {
 #[test]
 fn a_new_source_symbol_reads_as_unknown_in_old_code() {
     let newer = evolve(Trade::SCHEMA_JSON, |v| {
-        let source = v["fields"]
+        field_mut(v, "source")["type"]["symbols"]
             .as_array_mut()
             .unwrap()
-            .iter_mut()
-            .find(|f| f["name"] == "source")
-            .unwrap();
-        source["type"]["symbols"].as_array_mut().unwrap().push(json!("kraken"));
+            .push(json!("kraken"));
     });
     let new = generic(&newer);
-    let mut fields = fields_of(
-        &apache_avro::from_avro_datum(&Trade::compiled().underlying, &mut &body_of(&trade())[..], None).unwrap(),
-    )
-    .to_vec();
+    let mut fields = trade_fields();
     let kraken = Source::SYMBOLS.len() as u32;
     fields.iter_mut().find(|(n, _)| n == "source").unwrap().1 = Value::Enum(kraken, "kraken".into());
     let written = apache_avro::to_avro_datum(&new, Value::Record(fields)).unwrap();
 
-    let codec = Codec::new(WriteFraming::SingleObject);
-    codec.add_registry_schema(5, &newer).unwrap();
-    let read = codec.decode::<Trade>(&confluent(5, &written)).unwrap();
+    let read = decode_written_with::<Trade>(&newer, 5, &written).unwrap();
     assert_eq!(
         read,
         Trade {
@@ -189,29 +199,21 @@ fn a_new_source_symbol_reads_as_unknown_in_old_code() {
 #[test]
 fn a_required_field_without_default_breaks_backward() {
     let newer = evolve(Trade::SCHEMA_JSON, |v| {
-        v["fields"]
-            .as_array_mut()
-            .unwrap()
-            .push(json!({"name": "fee", "type": "string"}))
+        fields_mut(v).push(json!({"name": "fee", "type": "string"}))
     });
-    let new = generic(&newer);
-    let err = apache_avro::from_avro_datum(&Trade::compiled().underlying, &mut &body_of(&trade())[..], Some(&new))
-        .unwrap_err();
+    let err = trade_datum(Some(&generic(&newer))).unwrap_err();
     assert!(err.to_string().contains("fee"), "{err}");
 }
 
 #[test]
 fn removing_a_required_field_breaks_forward_with_a_clear_error() {
     let newer = evolve(Trade::SCHEMA_JSON, |v| {
-        v["fields"].as_array_mut().unwrap().retain(|f| f["name"] != "quantity")
+        fields_mut(v).retain(|f| f["name"] != "quantity")
     });
     let new = generic(&newer);
-    let as_new =
-        apache_avro::from_avro_datum(&Trade::compiled().underlying, &mut &body_of(&trade())[..], Some(&new)).unwrap();
+    let as_new = trade_datum(Some(&new)).unwrap();
     let written = apache_avro::to_avro_datum(&new, as_new).unwrap();
-    let codec = Codec::new(WriteFraming::SingleObject);
-    codec.add_registry_schema(6, &newer).unwrap();
-    match codec.decode::<Trade>(&confluent(6, &written)) {
+    match decode_written_with::<Trade>(&newer, 6, &written) {
         Err(e @ DecodeError::Resolution { .. }) => assert!(e.to_string().contains("quantity"), "{e}"),
         other => panic!("expected a resolution error, got {other:?}"),
     }
@@ -219,28 +221,14 @@ fn removing_a_required_field_breaks_forward_with_a_clear_error() {
 
 #[test]
 fn changing_a_field_type_breaks_both_ways() {
-    let newer = evolve(Trade::SCHEMA_JSON, |v| {
-        v["fields"]
-            .as_array_mut()
-            .unwrap()
-            .iter_mut()
-            .find(|f| f["name"] == "symbol")
-            .unwrap()["type"] = json!("long")
-    });
+    let newer = evolve(Trade::SCHEMA_JSON, |v| field_mut(v, "symbol")["type"] = json!("long"));
     let new = generic(&newer);
-    assert!(
-        apache_avro::from_avro_datum(&Trade::compiled().underlying, &mut &body_of(&trade())[..], Some(&new)).is_err()
-    );
-    let mut fields = fields_of(
-        &apache_avro::from_avro_datum(&Trade::compiled().underlying, &mut &body_of(&trade())[..], None).unwrap(),
-    )
-    .to_vec();
+    assert!(trade_datum(Some(&new)).is_err());
+    let mut fields = trade_fields();
     fields.iter_mut().find(|(n, _)| n == "symbol").unwrap().1 = Value::Long(1);
     let written = apache_avro::to_avro_datum(&new, Value::Record(fields)).unwrap();
-    let codec = Codec::new(WriteFraming::SingleObject);
-    codec.add_registry_schema(9, &newer).unwrap();
     assert!(matches!(
-        codec.decode::<Trade>(&confluent(9, &written)),
+        decode_written_with::<Trade>(&newer, 9, &written),
         Err(DecodeError::Resolution { .. })
     ));
 }
@@ -265,7 +253,7 @@ async fn the_registry_accepts_allowed_changes_and_refuses_breaking_ones_under_fu
         c.register(&subject, Trade::SCHEMA_JSON).await.unwrap();
     }
     let breaking = evolve(Trade::SCHEMA_JSON, |v| {
-        v["fields"].as_array_mut().unwrap().retain(|f| f["name"] != "quantity")
+        fields_mut(v).retain(|f| f["name"] != "quantity")
     });
     assert!(matches!(
         c.register(&subject, &breaking).await,
@@ -276,16 +264,9 @@ async fn the_registry_accepts_allowed_changes_and_refuses_breaking_ones_under_fu
 #[test]
 fn a_changed_decimal_scale_is_refused_not_misread() {
     let newer = evolve(Trade::SCHEMA_JSON, |v| {
-        v["fields"]
-            .as_array_mut()
-            .unwrap()
-            .iter_mut()
-            .find(|f| f["name"] == "price")
-            .unwrap()["type"]["scale"] = json!(8)
+        field_mut(v, "price")["type"]["scale"] = json!(8)
     });
-    let codec = Codec::new(WriteFraming::SingleObject);
-    codec.add_registry_schema(11, &newer).unwrap();
-    match codec.decode::<Trade>(&confluent(11, &body_of(&trade()))) {
+    match decode_written_with::<Trade>(&newer, 11, &body_of(&trade())) {
         Err(e @ DecodeError::Resolution { .. }) => {
             assert!(
                 e.to_string()
