@@ -20,14 +20,16 @@ pub(crate) struct CoinCapShared {
 /// A CoinCap v3 impersonator: REST on one loopback port, the price WebSocket on
 /// another. Dropping it stops both.
 pub struct FakeCoinCap {
-    /// Where the REST server listens.
-    pub(crate) rest_addr: SocketAddr,
-    /// Where the WebSocket server listens.
-    pub(crate) ws_addr: SocketAddr,
     /// State shared with the server tasks, read by the accessors.
     pub(crate) shared: Arc<CoinCapShared>,
-    /// Dropping it shuts the REST server down gracefully.
-    pub(crate) _stop_rest: oneshot::Sender<()>,
+    /// The REST and WebSocket servers.
+    pub(crate) servers: Servers,
+}
+
+impl Owner for CoinCapShared {
+    fn owned(&self) -> &Owned {
+        &self.owned
+    }
 }
 
 impl Drop for FakeCoinCap {
@@ -46,37 +48,19 @@ impl FakeCoinCap {
             ws_connections: Mutex::new(0),
             owned: Owned::default(),
         });
-        let (rest_listener, rest_addr) = bind().await;
-        let (ws_listener, ws_addr) = bind().await;
-        let (stop_rest, stop) = oneshot::channel();
-        serve(
-            rest_listener,
-            Router::new().fallback(coincap_rest).with_state(shared.clone()),
-            stop,
-        );
-        let s = shared.clone();
-        shared.owned.spawn(async move {
-            while let Ok((tcp, _)) = ws_listener.accept().await {
-                let conn = coincap_prices(tcp, s.clone());
-                s.owned.spawn(conn);
-            }
-        });
-        FakeCoinCap {
-            rest_addr,
-            ws_addr,
-            shared,
-            _stop_rest: stop_rest,
-        }
+        let app = Router::new().fallback(coincap_rest).with_state(shared.clone());
+        let servers = Servers::start(&shared, app, coincap_prices).await;
+        FakeCoinCap { shared, servers }
     }
 
     /// `http://127.0.0.1:PORT/v3`; clients append `/assets` etc.
     pub fn rest_url(&self) -> String {
-        format!("http://{}/v3", self.rest_addr)
+        format!("{}/v3", self.servers.rest_url())
     }
 
     /// `ws://127.0.0.1:PORT`; clients append `/prices?assets=…&apiKey=…`.
     pub fn ws_url(&self) -> String {
-        format!("ws://{}", self.ws_addr)
+        self.servers.ws_url()
     }
 
     /// Every REST request so far, in arrival order, keys redacted.

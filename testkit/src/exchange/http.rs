@@ -147,6 +147,64 @@ impl Answer {
     }
 }
 
+/// The state a fake shares with its tasks, which it owns.
+pub(crate) trait Owner: Send + Sync + 'static {
+    /// The fake's tasks and connections.
+    fn owned(&self) -> &Owned;
+}
+
+/// A fake's two loopback servers: REST, shut down gracefully when this is
+/// dropped, and WebSocket, whose connections are tasks the fake owns.
+pub(crate) struct Servers {
+    /// Where the REST server listens.
+    rest_addr: SocketAddr,
+    /// Where the WebSocket server listens.
+    ws_addr: SocketAddr,
+    /// Dropping it shuts the REST server down gracefully.
+    _stop_rest: oneshot::Sender<()>,
+}
+
+impl Servers {
+    /// Serves `rest` on a free port, and on another every WebSocket connection
+    /// with `connection`, each as a task `shared` owns.
+    pub(crate) async fn start<S, F>(
+        shared: &Arc<S>,
+        rest: Router,
+        connection: impl Fn(TcpStream, Arc<S>) -> F + Send + 'static,
+    ) -> Servers
+    where
+        S: Owner,
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let (rest_listener, rest_addr) = bind().await;
+        let (ws_listener, ws_addr) = bind().await;
+        let (stop_rest, stop) = oneshot::channel();
+        serve(rest_listener, rest, stop);
+        let s = shared.clone();
+        shared.owned().spawn(async move {
+            while let Ok((tcp, _)) = ws_listener.accept().await {
+                let conn = connection(tcp, s.clone());
+                s.owned().spawn(conn);
+            }
+        });
+        Servers {
+            rest_addr,
+            ws_addr,
+            _stop_rest: stop_rest,
+        }
+    }
+
+    /// `http://127.0.0.1:PORT`.
+    pub(crate) fn rest_url(&self) -> String {
+        format!("http://{}", self.rest_addr)
+    }
+
+    /// `ws://127.0.0.1:PORT`.
+    pub(crate) fn ws_url(&self) -> String {
+        format!("ws://{}", self.ws_addr)
+    }
+}
+
 /// Binds a loopback listener on a free port; failing is a broken test machine.
 pub(crate) async fn bind() -> (TcpListener, SocketAddr) {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind 127.0.0.1:0");

@@ -151,14 +151,10 @@ pub(crate) fn prepare(script: &BinanceScript) -> Replay {
 /// A Binance impersonator: a WebSocket server and a REST server on two loopback
 /// ports, replaying one [`BinanceScript`]. Dropping it stops both.
 pub struct FakeBinance {
-    /// Where the WebSocket server listens.
-    ws_addr: SocketAddr,
-    /// Where the REST server listens.
-    rest_addr: SocketAddr,
     /// State shared with the server tasks, read by the accessors.
     shared: Arc<BinanceShared>,
-    /// Dropping it shuts the REST server down gracefully.
-    _stop_rest: oneshot::Sender<()>,
+    /// The WebSocket and REST servers.
+    servers: Servers,
 }
 
 impl Drop for FakeBinance {
@@ -183,41 +179,24 @@ impl FakeBinance {
             rest: Mutex::new(RestState::default()),
             owned: Owned::default(),
         });
-        let (ws_listener, ws_addr) = bind().await;
-        let (rest_listener, rest_addr) = bind().await;
-        let s = shared.clone();
-        shared.owned.spawn(async move {
-            while let Ok((tcp, _)) = ws_listener.accept().await {
-                let conn = binance_connection(tcp, s.clone());
-                s.owned.spawn(conn);
-            }
-        });
-        shared
-            .owned
-            .spawn(broadcast(script.clone(), replay.clone(), shared.clone()));
         let app = Router::new().fallback(binance_rest).with_state(Arc::new(BinanceRest {
-            script,
-            replay,
+            script: script.clone(),
+            replay: replay.clone(),
             shared: shared.clone(),
         }));
-        let (stop_rest, stop) = oneshot::channel();
-        serve(rest_listener, app, stop);
-        FakeBinance {
-            ws_addr,
-            rest_addr,
-            shared,
-            _stop_rest: stop_rest,
-        }
+        let servers = Servers::start(&shared, app, binance_connection).await;
+        shared.owned.spawn(broadcast(script, replay, shared.clone()));
+        FakeBinance { shared, servers }
     }
 
     /// `ws://127.0.0.1:PORT`; clients append `/stream?streams=…` or `/ws/<stream>`.
     pub fn ws_url(&self) -> String {
-        format!("ws://{}", self.ws_addr)
+        self.servers.ws_url()
     }
 
     /// `http://127.0.0.1:PORT`; clients append `/api/v3/…`.
     pub fn rest_url(&self) -> String {
-        format!("http://{}", self.rest_addr)
+        self.servers.rest_url()
     }
 
     /// WebSocket connection attempts so far, refused ones included.

@@ -70,6 +70,12 @@ pub(crate) struct BinanceShared {
     pub(crate) owned: Owned,
 }
 
+impl Owner for BinanceShared {
+    fn owned(&self) -> &Owned {
+        &self.owned
+    }
+}
+
 impl BinanceShared {
     /// Waits until at least one connection is subscribed.
     pub(crate) async fn wait_subscriber(&self) {
