@@ -44,6 +44,18 @@ fn encoded_long(s: impl Strategy<Value = i64> + 'static) -> BoxedStrategy<Vec<u8
     .boxed()
 }
 
+/// Avro `bytes` (a length, then the bytes) of each value of `s`: strings and
+/// decimals are written so too.
+fn encoded_bytes<T: AsRef<[u8]> + std::fmt::Debug>(s: impl Strategy<Value = T> + 'static) -> BoxedStrategy<Vec<u8>> {
+    s.prop_map(|b| {
+        let b = b.as_ref();
+        let mut out = Vec::with_capacity(b.len() + 3);
+        put_bytes(&mut out, b);
+        out
+    })
+    .boxed()
+}
+
 fn edge_longs() -> impl Strategy<Value = i64> {
     prop::sample::select(vec![
         i64::MIN,
@@ -101,13 +113,7 @@ fn any_text() -> impl Strategy<Value = String> {
 }
 
 fn string_strategy() -> BoxedStrategy<Vec<u8>> {
-    any_text()
-        .prop_map(|s| {
-            let mut out = Vec::with_capacity(s.len() + 2);
-            put_bytes(&mut out, s.as_bytes());
-            out
-        })
-        .boxed()
+    encoded_bytes(any_text())
 }
 
 /// The fewest two's-complement bytes of `v`, as Avro decimals are written.
@@ -127,7 +133,7 @@ fn minimal_be(v: i128) -> Vec<u8> {
 
 fn decimal_strategy() -> BoxedStrategy<Vec<u8>> {
     let max38 = 10_i128.pow(38) - 1;
-    prop_oneof![
+    encoded_bytes(prop_oneof![
         // Plausible prices and quantities: up to 10^12 with at most 8
         // fractional digits, as exchanges send them.
         12 => (1_i128..1_000_000_000_000, 10_u32..=18).prop_map(|(m, k)| minimal_be(m * 10_i128.pow(k))),
@@ -135,26 +141,14 @@ fn decimal_strategy() -> BoxedStrategy<Vec<u8>> {
         2 => prop::sample::select(vec![0, 1, -1, max38, -max38, max38 + 1, i128::MAX, i128::MIN]).prop_map(minimal_be),
         1 => any::<i128>().prop_map(minimal_be),
         1 => prop::collection::vec(any::<u8>(), 0..20),
-    ]
-    .prop_map(|unscaled| {
-        let mut out = Vec::with_capacity(unscaled.len() + 2);
-        put_bytes(&mut out, &unscaled);
-        out
-    })
-    .boxed()
+    ])
 }
 
 fn bytes_strategy() -> BoxedStrategy<Vec<u8>> {
-    prop_oneof![
+    encoded_bytes(prop_oneof![
         4 => prop::collection::vec(any::<u8>(), 0..64),
         1 => prop::collection::vec(any::<u8>(), 1_000..3_000),
-    ]
-    .prop_map(|b| {
-        let mut out = Vec::with_capacity(b.len() + 3);
-        put_bytes(&mut out, &b);
-        out
-    })
-    .boxed()
+    ])
 }
 
 /// An index into `n` choices, and sometimes one past them (a writer that does
