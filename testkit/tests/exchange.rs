@@ -439,6 +439,13 @@ async fn get(url: String) -> (u16, reqwest::header::HeaderMap, Value) {
     (status, headers, serde_json::from_str(&text).unwrap_or(Value::Null))
 }
 
+/// GETs `url` and expects Binance's refusal of a bad request: a 400 with the
+/// error `code`.
+async fn refused(url: String, code: i64) {
+    let (status, _, body) = get(url.clone()).await;
+    assert_eq!((status, body["code"].as_i64()), (400, Some(code)), "{url}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rest_endpoints_answer_like_binance() {
     let Some(klines) = adabtc_klines() else { return };
@@ -468,14 +475,10 @@ async fn rest_endpoints_answer_like_binance() {
     assert_eq!(body, Value::Array(klines[1..4].to_vec()));
     let (_, _, body) = get(format!("{base}/klines?symbol=ADABTC&interval=1m&limit=2")).await;
     assert_eq!(body, Value::Array(klines[klines.len() - 2..].to_vec()));
-    let (status, _, body) = get(format!("{base}/klines?symbol=ADABTC&interval=1m&limit=1001")).await;
-    assert_eq!((status, body["code"].as_i64()), (400, Some(-1130)));
-    let (status, _, body) = get(format!("{base}/klines?symbol=ADABTC&interval=7m")).await;
-    assert_eq!((status, body["code"].as_i64()), (400, Some(-1120)));
-    let (status, _, body) = get(format!("{base}/klines?interval=1m")).await;
-    assert_eq!((status, body["code"].as_i64()), (400, Some(-1102)));
-    let (status, _, body) = get(format!("{base}/klines?symbol=NOPE&interval=1m")).await;
-    assert_eq!((status, body["code"].as_i64()), (400, Some(-1121)));
+    refused(format!("{base}/klines?symbol=ADABTC&interval=1m&limit=1001"), -1130).await;
+    refused(format!("{base}/klines?symbol=ADABTC&interval=7m"), -1120).await;
+    refused(format!("{base}/klines?interval=1m"), -1102).await;
+    refused(format!("{base}/klines?symbol=NOPE&interval=1m"), -1121).await;
 
     // aggTrades from the recorded @aggTrade messages.
     let (status, _, body) = get(format!("{base}/aggTrades?symbol=SUSHIUSDT&limit=1000")).await;
@@ -500,10 +503,12 @@ async fn rest_endpoints_answer_like_binance() {
     assert!(body
         .as_array()
         .is_some_and(|r| !r.is_empty() && r.iter().all(|r| r["T"] == t)));
-    let (status, _, body) = get(format!("{base}/aggTrades?symbol=SUSHIUSDT&startTime=0&endTime=3600001")).await;
-    assert_eq!((status, body["code"].as_i64()), (400, Some(-1127)));
-    let (status, _, body) = get(format!("{base}/aggTrades?symbol=SUSHIUSDT&fromId=x")).await;
-    assert_eq!((status, body["code"].as_i64()), (400, Some(-1100)));
+    refused(
+        format!("{base}/aggTrades?symbol=SUSHIUSDT&startTime=0&endTime=3600001"),
+        -1127,
+    )
+    .await;
+    refused(format!("{base}/aggTrades?symbol=SUSHIUSDT&fromId=x"), -1100).await;
 
     // exchangeInfo: the weight limit and the symbols, all trading.
     let (status, headers, body) = get(format!("{base}/exchangeInfo")).await;
