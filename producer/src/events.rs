@@ -33,32 +33,26 @@ impl TradesUnrepaired<'_> {
     }
 }
 
-/// A record Kafka did not take for good (too large, invalid, or failing
-/// through every redelivery): counted in
+/// A record Kafka did not acknowledge. Enqueued `again`: counted in
+/// `tickpipe_producer_delivery_retries_total`, logged as a warning. Given up
+/// (too large, invalid, or failing through every redelivery): counted in
 /// `tickpipe_producer_delivery_failures_total`, logged as an error.
-pub struct DeliveryFailed<'a> {
+pub struct Undelivered<'a> {
     pub topic: &'a str,
     pub error: &'a dyn std::fmt::Display,
+    pub again: bool,
 }
 
-impl DeliveryFailed<'_> {
+impl Undelivered<'_> {
     pub fn emit(&self, metrics: &Metrics) {
-        metrics.delivery_failures.with_label_values(&[self.topic]).inc();
-        tracing::error!(topic = self.topic, error = %self.error, "record could not be delivered");
-    }
-}
-
-/// A failed delivery enqueued again: counted in
-/// `tickpipe_producer_delivery_retries_total`, logged as a warning.
-pub struct DeliveryRetried<'a> {
-    pub topic: &'a str,
-    pub error: &'a dyn std::fmt::Display,
-}
-
-impl DeliveryRetried<'_> {
-    pub fn emit(&self, metrics: &Metrics) {
-        metrics.delivery_retries.with_label_values(&[self.topic]).inc();
-        tracing::warn!(topic = self.topic, error = %self.error, "delivery failed, enqueueing again");
+        let (topic, error) = (self.topic, self.error);
+        if self.again {
+            metrics.delivery_retries.with_label_values(&[topic]).inc();
+            tracing::warn!(topic, error = %error, "delivery failed, enqueueing again");
+        } else {
+            metrics.delivery_failures.with_label_values(&[topic]).inc();
+            tracing::error!(topic, error = %error, "record could not be delivered");
+        }
     }
 }
 

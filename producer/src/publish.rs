@@ -22,7 +22,7 @@ use rdkafka::ClientContext;
 use tickpipe_schemas::{AnyRecord, Codec, DeadLetter, Origin, Stage, Topic};
 use tokio::sync::{Notify, Semaphore, TryAcquireError};
 
-use crate::events::{DeliveryFailed, DeliveryRetried};
+use crate::events::Undelivered;
 use crate::item::{now_micros, Item, Reject};
 use crate::metrics::Metrics;
 
@@ -107,11 +107,21 @@ impl ProducerContext for Context {
                     )
                 );
                 if permanent || meta.attempts >= MAX_REDELIVERIES {
-                    DeliveryFailed { topic, error: &e }.emit(&self.metrics);
+                    Undelivered {
+                        topic,
+                        error: &e,
+                        again: false,
+                    }
+                    .emit(&self.metrics);
                     self.release();
                     return;
                 }
-                DeliveryRetried { topic, error: &e }.emit(&self.metrics);
+                Undelivered {
+                    topic,
+                    error: &e,
+                    again: true,
+                }
+                .emit(&self.metrics);
                 let again = Redelivery {
                     topic: meta.topic,
                     key: m.key().map(<[u8]>::to_vec),
@@ -121,7 +131,12 @@ impl ProducerContext for Context {
                 };
                 if self.redeliver.send(again).is_err() {
                     let error = "the publisher stopped before the record could be enqueued again";
-                    DeliveryFailed { topic, error: &error }.emit(&self.metrics);
+                    Undelivered {
+                        topic,
+                        error: &error,
+                        again: false,
+                    }
+                    .emit(&self.metrics);
                     self.release();
                 }
             }
