@@ -23,6 +23,8 @@ use tickpipe_consumers::bq::schema::DecimalColumns;
 use tickpipe_consumers::bq::sink::BqSinkConfig;
 use tickpipe_consumers::candles::aggregate::CandleConfig;
 use tickpipe_consumers::candles::service::ServiceConfig;
+use tickpipe_consumers::lake::sink::LakeSinkConfig;
+use tickpipe_consumers::lake::store::Target;
 use tickpipe_consumers::pg::sink::SinkConfig;
 use tickpipe_consumers::sink::SinkSettings;
 use tickpipe_kafka::ensure_topics;
@@ -154,7 +156,8 @@ async fn the_services_export_exactly_the_metrics_contract() {
                 "tickpipe_producer_",
                 "tickpipe_candles_",
                 "tickpipe_postgres_sink_",
-                "tickpipe_bigquery_sink_"
+                "tickpipe_bigquery_sink_",
+                "tickpipe_lake_sink_"
             ]
             .iter()
             .any(|p| name.starts_with(p)),
@@ -178,6 +181,7 @@ async fn the_services_export_exactly_the_metrics_contract() {
         ("candles", stack::free_loopback_addr()),
         ("postgres_sink", stack::free_loopback_addr()),
         ("bigquery_sink", stack::free_loopback_addr()),
+        ("lake_sink", stack::free_loopback_addr()),
     ]
     .into();
 
@@ -245,6 +249,23 @@ async fn the_services_export_exactly_the_metrics_contract() {
         },
         until_stopped(stopped.clone()),
     ));
+    let lake_dir = std::env::temp_dir().join(stack::unique_name("contract-lake"));
+    let lake = tokio::spawn(tickpipe_consumers::lake::sink::run(
+        LakeSinkConfig {
+            file_max_age: Duration::from_secs(1),
+            ..LakeSinkConfig::new(
+                sink_settings(
+                    &brokers,
+                    &prefix,
+                    &[Topic::Trades, Topic::DeadLetters],
+                    "lake",
+                    addrs["lake_sink"],
+                ),
+                Target::Local(lake_dir.clone()),
+            )
+        },
+        until_stopped(stopped.clone()),
+    ));
     // A record nobody can decode, so that every consumer rejects something.
     let kafka: FutureProducer = producer_config_for(&brokers);
     kafka
@@ -279,6 +300,15 @@ async fn the_services_export_exactly_the_metrics_contract() {
         "tickpipe_bigquery_sink_consumer_lag_records",
         "tickpipe_bigquery_sink_rows_written_total",
         "tickpipe_bigquery_sink_bytes_written_total",
+        "tickpipe_lake_sink_records_consumed_total",
+        "tickpipe_lake_sink_refused_partitions",
+        "tickpipe_lake_sink_records_written_total",
+        "tickpipe_lake_sink_records_rejected_total",
+        "tickpipe_lake_sink_end_to_end_latency_seconds",
+        "tickpipe_lake_sink_consumer_lag_records",
+        "tickpipe_lake_sink_files_written_total",
+        "tickpipe_lake_sink_bytes_written_total",
+        "tickpipe_lake_sink_rows_written_total",
     ];
     let expected: BTreeSet<&str> = contract
         .iter()
@@ -316,6 +346,8 @@ async fn the_services_export_exactly_the_metrics_contract() {
     candles.await.expect("join").expect("candles");
     pg.await.expect("join").expect("postgres-sink");
     bq.await.expect("join").expect("bigquery-sink");
+    lake.await.expect("join").expect("lake-sink");
+    let _ = std::fs::remove_dir_all(&lake_dir);
 
     for (name, got) in &exported {
         let Some(want) = contract.get(name) else {

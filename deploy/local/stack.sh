@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # The local stack without Docker: Apache Kafka (KRaft), a Schema Registry
-# (Apicurio), PostgreSQL and the BigQuery emulator, installed into a cache and started idempotently.
+# (Apicurio), PostgreSQL, the BigQuery emulator, and the object stores of the
+# data-lake sink, S3 (moto) and GCS (fake-gcs-server), installed into a cache
+# and started idempotently.
 #
-#   deploy/local/stack.sh up [kafka|registry|postgres|bigquery ...]   install if needed, start, wait until healthy
-#   deploy/local/stack.sh down [kafka|registry|postgres|bigquery ...] stop what this script started
+#   deploy/local/stack.sh up [kafka|registry|postgres|bigquery|s3|gcs ...]   install if needed, start, wait until healthy
+#   deploy/local/stack.sh down [kafka|registry|postgres|bigquery|s3|gcs ...] stop what this script started
 #   deploy/local/stack.sh status                             one line per service
 #   deploy/local/stack.sh env                                export lines for the running stack
 #   deploy/local/stack.sh kafka-home                         install Apache Kafka if needed and print its folder (tests' own brokers)
+#   deploy/local/stack.sh lake-python                        install the lake Python (DuckDB, pyarrow) if needed and print it
 #
 # Installs are cached in $TICKPIPE_CACHE (default ~/.cache/tickpipe), shared by
 # every checkout on the machine; runtime state (pids, logs, a private Postgres)
@@ -31,6 +34,13 @@ BQ_VERSION=1.4.0
 BQ_REST_PORT="${TICKPIPE_BQ_REST_PORT:-9050}"
 BQ_GRPC_PORT="${TICKPIPE_BQ_GRPC_PORT:-9060}"
 BQ_PROJECT="${TICKPIPE_BIGQUERY_PROJECT:-tickpipe-local}"
+MOTO_VERSION=5.2.6
+S3_PORT="${TICKPIPE_S3_PORT:-9000}"
+FAKE_GCS_VERSION=1.56.1
+GCS_PORT="${TICKPIPE_GCS_PORT:-4443}"
+# The lake Python's DuckDB is the series bqemulator runs (see install_bqemulator).
+LAKE_DUCKDB_VERSION=1.5
+LAKE_PYARROW_VERSION=26.0.1
 
 mkdir -p "$CACHE" "$STATE/logs" "$STATE/run"
 
@@ -356,9 +366,121 @@ bigquery_up() {
 
 bigquery_down() { stop_daemon bqemulator; }
 
+# ---------------------------------------------------------------- S3 (moto)
+
+# moto's server from PyPI (Apache-2.0; MinIO is AGPL): S3 in memory, for as long
+# as the process lives, path-style (http://127.0.0.1:9000/<bucket>/<key>).
+# It takes any access key and secret (it checks no signature) and any region,
+# but wants requests signed: unsigned reads of an object are refused (403).
+moto_venv() { echo "$CACHE/moto-$MOTO_VERSION"; }
+s3_url() { echo "http://127.0.0.1:$S3_PORT"; }
+
+install_moto() {
+  local venv; venv=$(moto_venv)
+  [[ -x $venv/bin/moto_server ]] && return 0
+  say "installing moto $MOTO_VERSION into $venv (first run only)"
+  rm -rf "$venv.partial"
+  python3 -m venv "$venv.partial" || die "python3 -m venv failed; install python3-venv"
+  "$venv.partial/bin/pip" install -q "moto[server]==$MOTO_VERSION" >"$STATE/logs/moto-install.log" 2>&1 \
+    || die "pip install moto failed; see $STATE/logs/moto-install.log"
+  rm -rf "$venv"
+  mv "$venv.partial" "$venv"
+  # A venv is not relocatable: rewrite the paths baked into its scripts.
+  grep -rl "$venv.partial" "$venv/bin" | xargs -r sed -i "s#$venv.partial#$venv#g"
+}
+
+# S3's ListBuckets, which moto answers without a signature.
+s3_ready() { curl -fsS -o /dev/null "$(s3_url)/" 2>/dev/null; }
+
+s3_up() {
+  install_lake_python
+  if pid_alive "$STATE/run/moto.pid" && s3_ready; then
+    say "s3 (moto) already running on $(s3_url)"; return 0
+  fi
+  if s3_ready; then say "s3: using the server already on $(s3_url)"; return 0; fi
+  install_moto
+  start_daemon moto "$(moto_venv)/bin/moto_server" -H 127.0.0.1 -p "$S3_PORT"
+  wait_for "s3 (moto $MOTO_VERSION) on $(s3_url)" 60 s3_ready \
+    || { tail -20 "$STATE/logs/moto.log" >&2; die "moto did not start; see $STATE/logs/moto.log"; }
+}
+
+s3_down() { stop_daemon moto; }
+
+# ---------------------------------------------------------------- GCS (fake-gcs-server)
+
+# fake-gcs-server (BSD-2-Clause), built once from the Go module proxy (its go.mod
+# wants Go 1.26; an older go fetches that toolchain). It serves the JSON API
+# (/storage/v1, uploads under /upload/storage/v1, ifGenerationMatch honored) and,
+# of the XML API, GET, HEAD, DELETE and the list of /<bucket>[/<object>] when the
+# Host header is -public-host; not the XML API's plain PUT (400 "invalid
+# uploadType", fsouza/fake-gcs-server#331), which is how object_store uploads.
+# Buckets are created (POST /storage/v1/b) before any upload. Objects in memory,
+# for as long as the process lives; no token is checked.
+fake_gcs_home() { echo "$CACHE/fake-gcs-server-$FAKE_GCS_VERSION"; }
+gcs_url() { echo "http://127.0.0.1:$GCS_PORT"; }
+
+install_fake_gcs() {
+  local home; home=$(fake_gcs_home)
+  [[ -x $home/fake-gcs-server ]] && return 0
+  command -v go >/dev/null || die "Go is needed to build fake-gcs-server from the Go module proxy; install a Go toolchain"
+  say "building fake-gcs-server $FAKE_GCS_VERSION into $home (first run only; log: $STATE/logs/fake-gcs-install.log)"
+  local tmp="$home.partial"
+  rm -rf "$tmp" && mkdir -p "$tmp"
+  if ! GOBIN="$tmp" go install "github.com/fsouza/fake-gcs-server@v$FAKE_GCS_VERSION" \
+      >"$STATE/logs/fake-gcs-install.log" 2>&1; then
+    tail -20 "$STATE/logs/fake-gcs-install.log" >&2
+    die "building fake-gcs-server failed; see $STATE/logs/fake-gcs-install.log"
+  fi
+  rm -rf "$home"
+  mv "$tmp" "$home"
+}
+
+gcs_ready() { curl -fsS -o /dev/null "$(gcs_url)/storage/v1/b" 2>/dev/null; }
+
+gcs_up() {
+  install_lake_python
+  if pid_alive "$STATE/run/fake-gcs.pid" && gcs_ready; then
+    say "gcs (fake-gcs-server) already running on $(gcs_url)"; return 0
+  fi
+  if gcs_ready; then say "gcs: using the server already on $(gcs_url)"; return 0; fi
+  install_fake_gcs
+  start_daemon fake-gcs "$(fake_gcs_home)/fake-gcs-server" -scheme http -host 127.0.0.1 -port "$GCS_PORT" \
+    -backend memory -public-host "127.0.0.1:$GCS_PORT" -external-url "$(gcs_url)" -log-level warn
+  wait_for "gcs (fake-gcs-server $FAKE_GCS_VERSION) on $(gcs_url)" 60 gcs_ready \
+    || { tail -20 "$STATE/logs/fake-gcs.log" >&2; die "fake-gcs-server did not start; see $STATE/logs/fake-gcs.log"; }
+}
+
+gcs_down() { stop_daemon fake-gcs; }
+
+# ---------------------------------------------------------------- lake Python
+
+# A Python with DuckDB and pyarrow, with which the data-lake sink's tests read
+# back the Parquet files it wrote. Not a service: `up s3` and `up gcs` install
+# it (the slow part, once), so `env`, which prints it, finds it in place; `env`
+# and `lake-python` install it too where it is still missing, saying so on stderr.
+lake_venv() { echo "$CACHE/lake-py-$LAKE_DUCKDB_VERSION-$LAKE_PYARROW_VERSION"; }
+lake_python() { echo "$(lake_venv)/bin/python"; }
+
+install_lake_python() {
+  local venv; venv=$(lake_venv)
+  [[ -x $venv/bin/python ]] && return 0
+  say "installing duckdb $LAKE_DUCKDB_VERSION and pyarrow $LAKE_PYARROW_VERSION into $venv (first run only)"
+  rm -rf "$venv.partial"
+  python3 -m venv "$venv.partial" || die "python3 -m venv failed; install python3-venv"
+  "$venv.partial/bin/pip" install -q "duckdb==$LAKE_DUCKDB_VERSION.*" "pyarrow==$LAKE_PYARROW_VERSION" \
+      >"$STATE/logs/lake-python-install.log" 2>&1 \
+    || die "pip install duckdb pyarrow failed; see $STATE/logs/lake-python-install.log"
+  rm -rf "$venv"
+  mv "$venv.partial" "$venv"
+  # A venv is not relocatable: rewrite the paths baked into its scripts.
+  grep -rl "$venv.partial" "$venv/bin" | xargs -r sed -i "s#$venv.partial#$venv#g"
+}
+
 # ---------------------------------------------------------------- commands
 
-services() { if (($#)); then echo "$@"; else echo kafka registry postgres bigquery; fi; }
+# gcs is not started by default: no test uses it yet (object_store uploads with
+# the XML API's PUT, which fake-gcs-server does not serve).
+services() { if (($#)); then echo "$@"; else echo kafka registry postgres bigquery s3; fi; }
 
 cmd=${1:-}; shift || true
 case $cmd in
@@ -369,8 +491,13 @@ case $cmd in
     registry_ready && echo "registry  up   $(registry_url)" || echo "registry  down"
     url=$(postgres_url); port=${url##*:}; port=${port%%/*}
     pg_ready "$port" && echo "postgres  up   $url" || echo "postgres  down"
-    bq_ready && echo "bigquery  up   http://127.0.0.1:$BQ_REST_PORT (grpc $BQ_GRPC_PORT)" || echo "bigquery  down" ;;
+    bq_ready && echo "bigquery  up   http://127.0.0.1:$BQ_REST_PORT (grpc $BQ_GRPC_PORT)" || echo "bigquery  down"
+    s3_ready && echo "s3        up   $(s3_url)" || echo "s3        down"
+    gcs_ready && echo "gcs       up   $(gcs_url)" || echo "gcs       down" ;;
   env)
+    # A no-op after `up` (see install_lake_python); first, so that a failed
+    # install prints no export line.
+    install_lake_python
     echo "export TICKPIPE_KAFKA_BROKERS=127.0.0.1:$KAFKA_PORT"
     echo "export TICKPIPE_POSTGRES_URL=$(postgres_url)"
     # Not TICKPIPE_SCHEMA_REGISTRY_URL: that would switch every service a test
@@ -379,11 +506,17 @@ case $cmd in
     echo "export TICKPIPE_BIGQUERY_REST=http://127.0.0.1:$BQ_REST_PORT"
     echo "export TICKPIPE_BIGQUERY_GRPC=127.0.0.1:$BQ_GRPC_PORT"
     echo "export TICKPIPE_BIGQUERY_PROJECT=$BQ_PROJECT"
+    # Path-style; moto takes any access key and secret, fake-gcs-server no token.
+    echo "export TICKPIPE_S3_ENDPOINT=$(s3_url)"
+    echo "export TICKPIPE_GCS_ENDPOINT=$(gcs_url)"
+    # The data-lake sink's tests read the Parquet files back with it.
+    echo "export TICKPIPE_LAKE_PYTHON=$(lake_python)"
     # Tests that start brokers of their own (behind a TLS proxy, a three-node
     # cluster) run these jars.
     echo "export TICKPIPE_KAFKA_HOME=$(kafka_home)" ;;
   # Tests that start brokers of their own need the jars even where Docker runs
   # the shared one.
   kafka-home) install_kafka; kafka_home ;;
-  *) sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2 ;;
+  lake-python) install_lake_python; lake_python ;;
+  *) sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2 ;;
 esac

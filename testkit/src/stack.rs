@@ -106,6 +106,22 @@ pub fn bigquery_project() -> String {
     var("TICKPIPE_BIGQUERY_PROJECT", "tickpipe-local")
 }
 
+/// The S3-compatible server of the local stack (moto), for the lake tests.
+pub fn s3_endpoint() -> String {
+    var("TICKPIPE_S3_ENDPOINT", "http://127.0.0.1:9000")
+}
+
+/// The Google Cloud Storage emulator of the local stack (fake-gcs-server).
+pub fn gcs_endpoint() -> String {
+    var("TICKPIPE_GCS_ENDPOINT", "http://127.0.0.1:4443")
+}
+
+/// A Python interpreter with DuckDB and pyarrow, which read the lake in the
+/// tests and the benchmark.
+pub fn lake_python() -> PathBuf {
+    PathBuf::from(var("TICKPIPE_LAKE_PYTHON", "python3"))
+}
+
 /// The Python interpreter of the project's interop virtualenv.
 pub fn interop_python() -> PathBuf {
     PathBuf::from(var("TICKPIPE_INTEROP_PYTHON", "python3"))

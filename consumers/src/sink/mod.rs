@@ -198,6 +198,19 @@ pub trait Sink: Send + Sync + Sized {
     /// Writes one batch: its records, and its rejects through `out.letters`.
     fn write(&self, batch: &[Item], out: &Out<'_>) -> impl Future<Output = Result<Written, Failure>> + Send;
 
+    /// Whether it holds records back across batches (a sink that gathers
+    /// them into files), to be written by [`Sink::flush`].
+    const HOLDS_BACK: bool = false;
+
+    /// Writes what the sink holds back: called every second when it
+    /// [holds back](Sink::HOLDS_BACK), and with `all` once the last batch is
+    /// written when the sink stops. Its `next` offsets are committed like a
+    /// batch's.
+    fn flush(&self, all: bool, out: &Out<'_>) -> impl Future<Output = Result<Written, Failure>> + Send {
+        let _ = (all, out);
+        async { Ok(Written::default()) }
+    }
+
     /// Whether the target answers, asked between batches now and then so that
     /// `/readyz` tells an outage while nothing is written; `None`: not known.
     fn probe(&self) -> impl Future<Output = Option<bool>> + Send {
@@ -332,6 +345,9 @@ pub fn fatal(e: impl std::error::Error + Send + Sync + 'static) -> Failure {
 /// How often an idle sink asks its target whether it answers.
 const PROBE_EVERY: Duration = Duration::from_secs(5);
 
+/// How often a sink is asked to write what it holds back ([`Sink::flush`]).
+const FLUSH_EVERY: Duration = Duration::from_secs(1);
+
 /// Runs a sink until `shutdown` resolves, then writes the batch in hand and
 /// returns. `open` starts the sink (connects, prepares its tables) once the
 /// operations endpoint answers; a shutdown meanwhile returns at once.
@@ -416,6 +432,8 @@ where
     // target is asked now and then, so that `/readyz` tells an outage.
     let mut probe = tokio::time::interval(PROBE_EVERY);
     probe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut flush = tokio::time::interval(FLUSH_EVERY);
+    flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let begin_stop = || {
         tracing::info!("{name}: stopping");
         stop.store(true, Ordering::Relaxed);
@@ -428,6 +446,19 @@ where
                 continue;
             }
             b = batches.recv() => match b { Some(b) => b, None => break },
+            _ = flush.tick(), if S::HOLDS_BACK && !stopping => {
+                let started = Instant::now();
+                let flushed = watching(out.retrying("flush", || sink.flush(false, &out)), &mut shutdown, &stop, name);
+                match flushed.await {
+                    Ok(w) => hand_back(&metrics, &[], &w, started, &commits_tx),
+                    Err(e) => {
+                        stop.store(true, Ordering::Relaxed);
+                        result = Err(e);
+                        break;
+                    }
+                }
+                continue;
+            }
             _ = probe.tick() => {
                 let up = match tokio::time::timeout(PROBE_EVERY, sink.probe()).await {
                     Ok(None) => continue,
@@ -445,30 +476,27 @@ where
         let started = Instant::now();
         // The shutdown is watched while the batch is written, so that retries
         // know the sink is stopping.
-        let written = {
-            let write = out.retrying("write", || sink.write(&batch, &out));
-            let mut write = std::pin::pin!(write);
-            loop {
-                tokio::select! {
-                    w = &mut write => break w,
-                    _ = &mut shutdown, if !stop.load(Ordering::Relaxed) => begin_stop(),
-                }
-            }
-        };
-        match written {
-            Ok(w) => {
-                record(&metrics, &batch, &w, started.elapsed());
-                let mut tpl = TopicPartitionList::new();
-                for ((topic, partition), next) in &w.next {
-                    let _ = tpl.add_partition_offset(topic, *partition, Offset::Offset(*next));
-                }
-                let _ = commits_tx.send(tpl);
-            }
+        let written = watching(
+            out.retrying("write", || sink.write(&batch, &out)),
+            &mut shutdown,
+            &stop,
+            name,
+        );
+        match written.await {
+            Ok(w) => hand_back(&metrics, &batch, &w, started, &commits_tx),
             Err(e) => {
                 stop.store(true, Ordering::Relaxed);
                 result = Err(e);
                 break;
             }
+        }
+    }
+    // What the sink holds back is written before the last commits.
+    if result.is_ok() && S::HOLDS_BACK {
+        let started = Instant::now();
+        match out.retrying("flush", || sink.flush(true, &out)).await {
+            Ok(w) => hand_back(&metrics, &[], &w, started, &commits_tx),
+            Err(e) => result = Err(e),
         }
     }
     drop(batches);
@@ -496,10 +524,52 @@ async fn sink_topics(settings: &SinkSettings) -> Result<(HashMap<String, Topic>,
     Ok((topic_of, dead_topic))
 }
 
-/// The core metrics of a written batch.
+/// Runs `work` while watching `shutdown`, which sets `stop` (so that retries
+/// know the sink is stopping) but does not interrupt the work.
+async fn watching<T>(
+    work: impl Future<Output = T>,
+    shutdown: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
+    stop: &AtomicBool,
+    name: &str,
+) -> T {
+    let mut work = std::pin::pin!(work);
+    loop {
+        tokio::select! {
+            done = &mut work => return done,
+            _ = shutdown.as_mut(), if !stop.load(Ordering::Relaxed) => {
+                tracing::info!("{name}: stopping");
+                stop.store(true, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+/// Records what a write or flush did in the metrics and hands its next
+/// offsets to the consumer thread for commit.
+fn hand_back(
+    metrics: &SinkMetrics,
+    batch: &[Item],
+    w: &Written,
+    started: Instant,
+    commits: &std::sync::mpsc::Sender<TopicPartitionList>,
+) {
+    record(metrics, batch, w, started.elapsed());
+    if w.next.is_empty() {
+        return;
+    }
+    let mut tpl = TopicPartitionList::new();
+    for ((topic, partition), next) in &w.next {
+        let _ = tpl.add_partition_offset(topic, *partition, Offset::Offset(*next));
+    }
+    let _ = commits.send(tpl);
+}
+
+/// The core metrics of a written batch (or of a flush, with no batch).
 fn record(m: &SinkMetrics, batch: &[Item], w: &Written, took: Duration) {
-    m.batch_size.observe(batch.len() as f64);
-    m.write_seconds.observe(took.as_secs_f64());
+    if !batch.is_empty() {
+        m.batch_size.observe(batch.len() as f64);
+        m.write_seconds.observe(took.as_secs_f64());
+    }
     for (topic, n) in &w.written {
         m.written.with_label_values(&[topic.as_str()]).inc_by(*n);
     }
