@@ -35,7 +35,7 @@ demo-status: ## which pipeline services run
 	$(DEMO) status
 producer: ## start the producer in the background (live sources when Binance answers, else the simulator)
 	$(DEMO) up producer
-consumers: ## start candles, postgres-sink and bigquery-sink in the background
+consumers: ## start candles, postgres-sink, bigquery-sink and lake-sink in the background
 	$(DEMO) up consumers
 
 .PHONY: lint

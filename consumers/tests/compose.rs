@@ -52,7 +52,7 @@ fn variables_read() -> BTreeSet<String> {
     }
     // Flags declared through a macro name their variables with `concat!`:
     // the binaries' own help lists every flag's variable.
-    for binary in ["producer", "candles", "postgres-sink", "bigquery-sink"] {
+    for binary in ["producer", "candles", "postgres-sink", "bigquery-sink", "lake-sink"] {
         let help = std::process::Command::new(tickpipe_testkit::stack::workspace_binary(binary))
             .arg("--help")
             .output()
@@ -107,6 +107,7 @@ fn compose_services_are_complete_and_consistent() {
         "candles",
         "postgres-sink",
         "bigquery-sink",
+        "lake-sink",
         "backfill",
     ] {
         assert!(names.contains(wanted), "no service {wanted}");
@@ -217,6 +218,7 @@ fn compose_services_are_complete_and_consistent() {
                 Some("candles") => "TICKPIPE_CANDLES_METRICS_ADDR",
                 Some("postgres-sink") => "TICKPIPE_POSTGRES_SINK_METRICS_ADDR",
                 Some("bigquery-sink") => "TICKPIPE_BIGQUERY_SINK_METRICS_ADDR",
+                Some("lake-sink") => "TICKPIPE_LAKE_SINK_METRICS_ADDR",
                 other => panic!("{name}: unknown target {other:?}"),
             };
             let addr = env.get(var).unwrap_or_else(|| panic!("{name}: {var} unset"));

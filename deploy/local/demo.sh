@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole pipeline on this machine, no Docker: the local stack, then the
-# producer, the candles aggregator and both sinks in the background.
+# producer, the candles aggregator and the three sinks in the background.
 #
 #   deploy/local/demo.sh up [producer|consumers|prometheus ...]  start (all when none named)
 #   deploy/local/demo.sh watch [seconds]              print progress every 5 s (default 60 s)
@@ -8,10 +8,11 @@
 #   deploy/local/demo.sh status                       one line per service
 #   deploy/local/demo.sh prometheus-config <dir>      write the demo's Prometheus configuration
 #
-# Prometheus (Debian's package) scrapes the four services on 127.0.0.1:9090
+# Prometheus (Debian's package) scrapes the five services on 127.0.0.1:9090
 # with the alert rules of deploy/prometheus; Grafana comes with docker compose.
 # The services use the stack's addresses (deploy/local/stack.sh env), a database
-# `tickpipe` on its PostgreSQL and a dataset `tickpipe` in the BigQuery emulator.
+# `tickpipe` on its PostgreSQL, a dataset `tickpipe` in the BigQuery emulator
+# and the lake in <repo>/.local/lake (files rolled over every 30 s).
 # Environment variables the services read (README) pass through, e.g.
 # TICKPIPE_PRODUCER_SOURCES=simulator to skip the probe of Binance.
 # Pids and logs: $TICKPIPE_STATE/demo (default <repo>/.local/demo).
@@ -36,6 +37,8 @@ stack_env() {
   export TICKPIPE_POSTGRES_URL="${TICKPIPE_POSTGRES_URL%/*}/$DATABASE"
   export TICKPIPE_BIGQUERY_EMULATOR="${TICKPIPE_BIGQUERY_EMULATOR:-$TICKPIPE_BIGQUERY_REST}"
   export TICKPIPE_BIGQUERY_DATASET="${TICKPIPE_BIGQUERY_DATASET:-tickpipe}"
+  export TICKPIPE_LAKE_SINK_TARGET="${TICKPIPE_LAKE_SINK_TARGET:-$ROOT/.local/lake}"
+  export TICKPIPE_LAKE_SINK_FILE_MAX_SECS="${TICKPIPE_LAKE_SINK_FILE_MAX_SECS:-30}"
 }
 
 start() {
@@ -78,6 +81,9 @@ scrape_configs:
   - job_name: bigquery-sink
     static_configs:
       - targets: ["127.0.0.1:9105"]
+  - job_name: lake-sink
+    static_configs:
+      - targets: ["127.0.0.1:9107"]
 EOF
 }
 
@@ -128,7 +134,8 @@ up() {
         start candles candles
         start postgres-sink postgres-sink
         start bigquery-sink bigquery-sink
-        healthy candles 9103; healthy postgres-sink 9104; healthy bigquery-sink 9105 ;;
+        start lake-sink lake-sink
+        healthy candles 9103; healthy postgres-sink 9104; healthy bigquery-sink 9105; healthy lake-sink 9107 ;;
       prometheus) start_prometheus ;;
       *) die "unknown part $part (producer, consumers or prometheus)" ;;
     esac
@@ -152,20 +159,22 @@ bq_rows() {
 watch() {
   stack_env
   local until=$((SECONDS + ${1:-60}))
-  printf '%8s %12s %10s %10s %10s %10s %12s\n' time published pg-trades pg-candles pg-assets bq-trades dead-letters
+  printf '%8s %12s %10s %10s %10s %10s %10s %12s\n' time published pg-trades pg-candles pg-assets bq-trades lake-rows dead-letters
   while :; do
-    printf '%7ss %12s %10s %10s %10s %10s %12s\n' "$SECONDS" \
+    printf '%7ss %12s %10s %10s %10s %10s %10s %12s\n' "$SECONDS" \
       "$(metric 9101 tickpipe_producer_records_published_total)" \
-      "$(rows trades)" "$(rows candles)" "$(rows assets)" "$(bq_rows trades)" "$(rows dead_letters)"
+      "$(rows trades)" "$(rows candles)" "$(rows assets)" "$(bq_rows trades)" \
+      "$(metric 9107 tickpipe_lake_sink_rows_written_total)" "$(rows dead_letters)"
     ((SECONDS < until)) || break
     sleep 5
   done
   say "still running; query Postgres with: psql $TICKPIPE_POSTGRES_URL"
+  say "the lake's files: $TICKPIPE_LAKE_SINK_TARGET/raw/<entity>/venue=<venue>/date=<day>/"
   say "stop with: make demo-stop"
 }
 
 down() {
-  for name in prometheus bigquery-sink postgres-sink candles producer; do
+  for name in prometheus lake-sink bigquery-sink postgres-sink candles producer; do
     local pidf="$STATE/$name.pid"
     if pid_alive "$pidf"; then
       kill -TERM "$(cat "$pidf")"
@@ -179,7 +188,7 @@ down() {
 }
 
 status() {
-  for name in producer candles postgres-sink bigquery-sink prometheus; do
+  for name in producer candles postgres-sink bigquery-sink lake-sink prometheus; do
     if pid_alive "$STATE/$name.pid"; then echo "$name up (pid $(cat "$STATE/$name.pid"))"; else echo "$name down"; fi
   done
 }
