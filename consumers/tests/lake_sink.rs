@@ -1,6 +1,8 @@
 //! `lake-sink` against the real broker and real stores: a recording streamed
 //! into a local folder and into S3 (the moto server), read back with DuckDB
-//! and compared row for row with what was produced; poison in the dead letters; a restart that writes
+//! and compared row for row with what was produced; recordings replayed by the
+//! producer, the same in the lake as in PostgreSQL (trades row for row, the
+//! newest version of each candle); poison in the dead letters; a restart that writes
 //! nothing twice; SIGKILL at random moments during a load of a million
 //! records, after which the lake holds every record exactly once and every
 //! file it lists is whole.
@@ -526,4 +528,142 @@ fn assert_lake_holds_each_once(dir: &Path, trades: &[Trade]) {
     assert_eq!(cell(row, 3), ids.to_string(), "sum of ids");
     let quantity: Decimal = trades.iter().map(|t| t.quantity).sum();
     assert_eq!(decimal(&cell(row, 4)), quantity.normalize(), "sum of quantities");
+}
+
+/// The rows `sql` answers in PostgreSQL, every value as text.
+async fn pg_rows(client: &tokio_postgres::Client, sql: &str) -> Vec<Vec<Option<String>>> {
+    client
+        .simple_query(sql)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+        .into_iter()
+        .filter_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => {
+                Some((0..r.len()).map(|i| r.get(i).map(str::to_owned)).collect())
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+/// Rows as PostgreSQL's text and DuckDB's (through Python) compare: decimals
+/// as normalised numbers, booleans as `true` and `false`, NULL as empty.
+fn normalised(rows: Vec<Vec<Option<String>>>) -> BTreeSet<Vec<String>> {
+    rows.into_iter()
+        .map(|r| {
+            r.into_iter()
+                .map(|c| {
+                    let c = c.unwrap_or_default();
+                    match c.as_str() {
+                        "t" | "True" => return "true".to_owned(),
+                        "f" | "False" => return "false".to_owned(),
+                        _ => {}
+                    }
+                    match Decimal::from_str_exact(&c) {
+                        Ok(d) if c.contains('.') => d.normalize().to_string(),
+                        _ => c,
+                    }
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// Fails with the first rows that only one side has.
+fn assert_same(what: &str, pg: &BTreeSet<Vec<String>>, lake: &BTreeSet<Vec<String>>) {
+    assert!(
+        pg == lake,
+        "{what}: {} rows, {} in the lake; only in PostgreSQL: {:?}; only in the lake: {:?}",
+        pg.len(),
+        lake.len(),
+        pg.difference(lake).next(),
+        lake.difference(pg).next()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recordings_replayed_through_the_producer_read_the_same_in_the_lake_as_in_postgres() {
+    let Some(xrp) = stack::real_data("binance_spot_xrpeth_2019-10-11") else {
+        return;
+    };
+    let Some(klines) = stack::real_data("binance_vision_format_samples") else {
+        return;
+    };
+    let common::Fresh { brokers, prefix, url } = common::Fresh::create("lakepg").await;
+    let replay = common::quiet_service(stack::workspace_binary("producer"), &brokers, &prefix)
+        .args(["--metrics-addr", "off", "replay"])
+        .arg(xrp.join("XRPETH-aggTrades-2019-10-11_2019-10-13.csv"))
+        .args(["ADABTC-1m-2021-11-27.csv", "ADABTC-1m-2021-11-28.csv"].map(|f| klines.join(f)))
+        .status()
+        .expect("producer replay");
+    assert!(replay.success(), "producer replay: {replay}");
+    let trades = kafka::read_topic(&brokers, &Topic::Trades.name(&prefix)).len();
+    let candles = kafka::read_topic(&brokers, &Topic::Candles.name(&prefix)).len();
+    assert!(
+        trades > 10_000 && candles >= 20,
+        "{trades} trades, {candles} candles replayed"
+    );
+
+    let topics = [Topic::Trades, Topic::Candles];
+    let dir = tempdir("lake-pg");
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let until = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let pg = tokio::spawn(tickpipe_consumers::pg::sink::run(
+        common::quick_pg_config(&prefix, &topics, &url),
+        until(stopped.clone()),
+    ));
+    let lake = tokio::spawn(run(
+        LakeSinkConfig {
+            sink: common::quick_settings(&prefix, &topics, &format!("{prefix}lake")),
+            ..quick_config(&prefix, &dir)
+        },
+        until(stopped.clone()),
+    ));
+    let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .expect("postgres");
+    tokio::spawn(connection);
+    let d = dir.clone();
+    tokio::task::spawn_blocking(move || wait_for_rows(&d, trades, 300))
+        .await
+        .expect("join");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    while common::pg_count(&client, "SELECT count(*) FROM trades").await < trades as i64 {
+        assert!(tokio::time::Instant::now() < deadline, "postgres-sink is behind");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let _ = stop.send(true);
+    pg.await.expect("join").expect("postgres-sink");
+    lake.await.expect("join").expect("lake-sink");
+
+    // Trades, row for row.
+    let lake_trades = raw_trades(&dir);
+    let columns = "venue, symbol, kind, trade_id, price, quantity, buyer_is_maker, first_trade_id, last_trade_id";
+    let in_pg = normalised(pg_rows(&client, &format!("SELECT {columns} FROM trades")).await);
+    let in_lake = normalised(duckdb(&format!("SELECT {columns} FROM {lake_trades}")));
+    assert_eq!(in_pg.len(), trades);
+    assert_same("trades", &in_pg, &in_lake);
+    // DuckDB's sums equal PostgreSQL's.
+    let sums = "SELECT symbol, count(*), sum(trade_id), sum(price), sum(quantity) FROM";
+    let pg_sums = normalised(pg_rows(&client, &format!("{sums} trades GROUP BY symbol")).await);
+    let lake_sums = normalised(duckdb(&format!("{sums} {lake_trades} GROUP BY symbol")));
+    assert_same("sums per symbol", &pg_sums, &lake_sums);
+
+    // Candles: the lake keeps every version; its newest per candle is
+    // PostgreSQL's row.
+    let columns = "venue, symbol, \"interval\", origin, open, high, low, close, volume, quote_volume, \
+                   trade_count, taker_buy_base_volume, taker_buy_quote_volume, closed";
+    let in_pg = normalised(pg_rows(&client, &format!("SELECT {columns} FROM candles")).await);
+    let newest = format!(
+        "SELECT {columns} FROM (SELECT *, row_number() OVER (PARTITION BY venue, symbol, \"interval\", origin, \
+         open_time ORDER BY kafka_offset DESC) AS version FROM read_parquet('{}/raw/candles/*/*/*.parquet', \
+         hive_partitioning = true)) WHERE version = 1",
+        dir.display()
+    );
+    let in_lake = normalised(duckdb(&newest));
+    assert_eq!(in_pg.len(), candles, "one version of each candle replayed");
+    assert_same("newest candles", &in_pg, &in_lake);
+    let _ = std::fs::remove_dir_all(&dir);
 }
