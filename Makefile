@@ -55,4 +55,5 @@ bench: stack-up ## print the benchmark figures (ratios against baselines run alo
 	eval "$$($(STACK) env)"; cargo bench --locked -p tickpipe-consumers --bench postgres_sink
 	eval "$$($(STACK) env)"; TICKPIPE_KAFKA_HOME="$$($(STACK) kafka-home)" cargo bench --locked -p tickpipe-consumers --bench postgres_sink_group
 	eval "$$($(STACK) env)"; cargo bench --locked -p tickpipe-consumers --bench bigquery_sink
+	eval "$$($(STACK) env)"; TICKPIPE_INTEROP_PYTHON="$$(deploy/local/python-env.sh)" cargo bench --locked -p tickpipe-consumers --bench lake_sink
 	eval "$$($(STACK) env)"; cargo bench --locked -p tickpipe-producer --bench replay
