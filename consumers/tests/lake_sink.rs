@@ -2,10 +2,11 @@
 //! into a local folder and into S3 (the moto server), read back with DuckDB
 //! and compared row for row with what was produced; recordings replayed by the
 //! producer, the same in the lake as in PostgreSQL (trades row for row, the
-//! newest version of each candle); poison in the dead letters; a restart that writes
-//! nothing twice; SIGKILL at random moments during a load of a million
-//! records, after which the lake holds every record exactly once and every
-//! file it lists is whole.
+//! newest version of each candle); poison in the dead letters; a restart that
+//! writes nothing twice; a store that refuses (not ready, retried, then the
+//! files); SIGKILL at random moments during a load of a million records, after
+//! which the lake holds every record exactly once and every file it lists is
+//! whole.
 
 mod common;
 
@@ -295,10 +296,7 @@ async fn a_recording_lands_once_per_offset_across_a_restart_and_poison_becomes_a
     let _ = stop.send(());
     sink.await.expect("join").expect("the sink stops cleanly");
 
-    assert!(
-        after_first > 0 && after_first < trades.len(),
-        "the first run wrote part: {after_first}"
-    );
+    assert!(after_first > 0, "the first run wrote files before it stopped");
     let files = assert_lake_holds(&dir, &trades);
     assert!(files > 10, "files roll over by size: {files}");
 
@@ -382,8 +380,7 @@ async fn wait_for_filed(store: &dyn ObjectStore, want: usize, secs: u64) {
             .filter_map(|o| o.location.filename().and_then(FileName::parse))
             .map(|f| f.last - f.first + 1)
             .sum();
-        // Offsets in a file's range that are not trades (the poison) count
-        // too, so the names can only over-count; the rows are checked after.
+        // The names count offsets; the rows themselves are checked after.
         if rows as usize >= want {
             return;
         }
@@ -467,7 +464,7 @@ async fn sigkill_at_random_moments_during_a_million_records_loses_nothing_and_du
     while kills < 12 {
         let mut sink = lake_sink(&prefix, &target, &env);
         let wait = rng.random_range(500..4_000);
-        std::thread::sleep(Duration::from_millis(wait));
+        tokio::time::sleep(Duration::from_millis(wait)).await;
         sink.0.kill().expect("SIGKILL");
         sink.0.wait().expect("wait");
         kills += 1;
@@ -494,7 +491,9 @@ async fn sigkill_at_random_moments_during_a_million_records_loses_nothing_and_du
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// Every Parquet file under `dir` reads to its end.
+/// Every Parquet file under `dir` reads to its end (DuckDB fails on a
+/// partial file), is named as the sink names them, and holds no more rows
+/// than its name's offsets.
 fn assert_every_file_reads(dir: &Path) {
     if !dir.join("raw/trades").is_dir() {
         return;
@@ -507,7 +506,8 @@ fn assert_every_file_reads(dir: &Path) {
         let name = PathBuf::from(cell(&r, 0));
         let name = name.file_name().and_then(|n| n.to_str()).expect("a name");
         let f = FileName::parse(name).unwrap_or_else(|| panic!("{name}: not a lake file"));
-        assert!(f.last >= f.first);
+        let rows: i64 = cell(&r, 1).parse().expect("a count");
+        assert!(rows >= 1 && rows <= f.last - f.first + 1, "{name}: {rows} rows");
     }
 }
 
@@ -665,5 +665,98 @@ async fn recordings_replayed_through_the_producer_read_the_same_in_the_lake_as_i
     let in_lake = normalised(duckdb(&newest));
     assert_eq!(in_pg.len(), candles, "one version of each candle replayed");
     assert_same("newest candles", &in_pg, &in_lake);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The status `/readyz` answers at `addr`, 0 while nothing answers.
+async fn readyz(addr: std::net::SocketAddr) -> u16 {
+    reqwest::get(format!("http://{addr}/readyz"))
+        .await
+        .map(|r| r.status().as_u16())
+        .unwrap_or(0)
+}
+
+/// Waits until `/readyz` at `addr` answers `want`.
+async fn wait_for_readyz(addr: std::net::SocketAddr, want: u16, secs: u64) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+    loop {
+        let got = readyz(addr).await;
+        if got == want {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "/readyz answered {got}, want {want}, after {secs} s"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_that_refuses_shows_on_readyz_and_the_files_come_once_it_answers() {
+    let Some(trades) = common::recorded_trades() else {
+        return;
+    };
+    let trades = &trades[..2_000];
+    let prefix = setup("lakeoutage").await;
+    publish(&Topic::Trades.name(&prefix), &encoded(trades)).await;
+    // The bucket does not exist yet: every listing and upload is refused.
+    let s3 = stack::s3_endpoint();
+    let bucket = stack::unique_name("later").replace('_', "-");
+    let metrics = stack::free_loopback_addr();
+    let addr = metrics.to_string();
+    let env = [
+        ("AWS_ENDPOINT", s3.as_str()),
+        ("AWS_ALLOW_HTTP", "true"),
+        ("AWS_ACCESS_KEY_ID", "tickpipe"),
+        ("AWS_SECRET_ACCESS_KEY", "tickpipe"),
+        ("AWS_REGION", "us-east-1"),
+        ("TICKPIPE_LAKE_SINK_METRICS_ADDR", addr.as_str()),
+        ("TICKPIPE_LAKE_SINK_MAX_BACKOFF_MS", "300"),
+    ];
+    let sink = lake_sink(&prefix, &format!("s3://{bucket}/lake"), &env);
+    // The refusals are counted as upload retries, and meanwhile the sink is
+    // not ready.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let retried = stack::scrape(metrics)
+            .await
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix("tickpipe_lake_sink_upload_retries_total ")?
+                    .parse::<f64>()
+                    .ok()
+            })
+            .unwrap_or(0.0);
+        if retried >= 2.0 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no upload retried after 60 s");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(readyz(metrics).await, 503, "/readyz while the store refuses");
+
+    let made = reqwest::Client::new()
+        .put(format!("{s3}/{bucket}"))
+        .send()
+        .await
+        .expect("the S3 server");
+    assert!(made.status().is_success(), "create bucket: {}", made.status());
+    wait_for_readyz(metrics, 200, 60).await;
+    let store = AmazonS3Builder::new()
+        .with_endpoint(&s3)
+        .with_allow_http(true)
+        .with_bucket_name(&bucket)
+        .with_access_key_id("tickpipe")
+        .with_secret_access_key("tickpipe")
+        .with_region("us-east-1")
+        .build()
+        .expect("s3 client");
+    let store = object_store::prefix::PrefixStore::new(store, "lake");
+    wait_for_filed(&store, trades.len(), 120).await;
+    terminate(sink);
+    let dir = tempdir("lake-outage");
+    download(&store, &dir).await;
+    assert_lake_holds(&dir, trades);
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -31,7 +31,7 @@ struct Args {
     #[arg(long, env = "TICKPIPE_LAKE_SINK_TARGET", default_value = ".local/lake")]
     target: Target,
     /// A file is written once its records take this many MiB (as encoded in
-    /// Kafka; the Parquet file is several times smaller).
+    /// Kafka; the Parquet file is several times smaller); at most 1024.
     #[arg(long, env = "TICKPIPE_LAKE_SINK_FILE_MAX_MIB", default_value_t = 64)]
     file_max_mib: usize,
     /// A file is written once its oldest record has waited this many seconds.
@@ -47,9 +47,9 @@ struct Args {
 async fn main() -> anyhow::Result<()> {
     let (shutdown, args) = ops::start::<Args>()?;
     let config = LakeSinkConfig {
-        file_max_bytes: args.file_max_mib << 20,
+        file_max_bytes: args.file_max_mib.saturating_mul(1 << 20),
         file_max_age: Duration::from_secs(args.file_max_secs),
-        buffer_max_bytes: args.buffer_max_mib << 20,
+        buffer_max_bytes: args.buffer_max_mib.saturating_mul(1 << 20),
         ..LakeSinkConfig::new(args.sink.settings().map_err(anyhow::Error::msg)?, args.target)
     };
     run(config, shutdown).await?;

@@ -308,6 +308,7 @@ mod tests {
     use arrow_array::Array;
     use bytes::Bytes;
     use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+    use proptest::strategy::Strategy;
     use tickpipe_schemas::{Asset, Decimal, Source, Trade, TradeKind};
 
     use super::*;
@@ -453,6 +454,34 @@ mod tests {
             .as_primitive::<Decimal128Type>();
         assert_eq!(market_cap.value_as_string(0), "10.000000000000000000");
         assert!(back.column_by_name("max_supply").expect("column").is_null(0));
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(200))]
+
+        /// Any record of any entity at the edges of its schema either does
+        /// not fit (and becomes a dead letter) or becomes a file that reads
+        /// back as one row.
+        #[test]
+        fn any_record_that_fits_reads_back_from_its_file(
+            (topic, body) in (0..Topic::ALL.len()).prop_flat_map(|i| {
+                (proptest::strategy::Just(Topic::ALL[i]), tickpipe_testkit::hostile::any_body(Topic::ALL[i]))
+            })
+        ) {
+            let codec = tickpipe_schemas::Codec::new(tickpipe_schemas::WriteFraming::SingleObject);
+            let payload = tickpipe_testkit::hostile::single_object(topic, &body);
+            let Ok(record) = topic.decode(&codec, &payload) else { return Ok(()) };
+            if fits(&record).is_err() {
+                return Ok(());
+            }
+            let rows = vec![Row { offset: 3, record }];
+            let file = parquet(&batch(&arrow_schema(topic), "t", 1, &rows).expect("a batch"))
+                .expect("a Parquet file");
+            let back = read_back(file);
+            proptest::prop_assert_eq!(back.num_rows(), 1);
+            let offset = back.column_by_name(KAFKA_OFFSET).expect("column").as_primitive::<Int64Type>();
+            proptest::prop_assert_eq!(offset.value(0), 3);
+        }
     }
 
     #[test]

@@ -59,6 +59,10 @@ pub const DEFAULTS: SinkDefaults = SinkDefaults {
     metrics_addr: "127.0.0.1:9107",
 };
 
+/// The largest file size allowed: a file's string columns must stay below
+/// Arrow's 2 GiB per array.
+pub const FILE_MAX_BYTES: usize = 1 << 30;
+
 /// Everything the sink needs.
 #[derive(Debug, Clone)]
 pub struct LakeSinkConfig {
@@ -68,7 +72,8 @@ pub struct LakeSinkConfig {
     /// Where the lake is.
     pub target: Target,
     /// A file is written once its records take this many bytes (as encoded
-    /// in Kafka; the Parquet file is several times smaller).
+    /// in Kafka; the Parquet file is several times smaller); at most
+    /// [`FILE_MAX_BYTES`].
     pub file_max_bytes: usize,
     /// A file is written once its first record has waited this long.
     pub file_max_age: Duration,
@@ -531,7 +536,7 @@ pub async fn run(config: LakeSinkConfig, shutdown: impl Future<Output = ()>) -> 
         Ok(LakeSink {
             store,
             schemas: Topic::ALL.iter().map(|t| (*t, columns::arrow_schema(*t))).collect(),
-            file_max_bytes: config.file_max_bytes.max(1),
+            file_max_bytes: config.file_max_bytes.clamp(1, FILE_MAX_BYTES),
             file_max_age: config.file_max_age,
             buffer_max_bytes: config.buffer_max_bytes,
             state: Mutex::new(State::default()),

@@ -295,8 +295,21 @@ impl Out<'_> {
     /// [`Failure::Again`], after a doubling backoff (up to `max_backoff`, with
     /// `/readyz` not ready) after [`Failure::Outage`], and not at all once the
     /// sink has been stopping for 30 s. Every retry is counted. It ends only
-    /// with the value or the error the sink stops with.
-    pub async fn retrying<T, F, Fut>(&self, what: &str, mut op: F) -> Result<T, SinkError>
+    /// with the value or the error the sink stops with; its success says the
+    /// target answers (`/readyz` ready).
+    pub async fn retrying<T, F, Fut>(&self, what: &str, op: F) -> Result<T, SinkError>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, Failure>>,
+    {
+        self.retry(what, op, true).await
+    }
+
+    /// [`Out::retrying`], with success saying nothing of the target when
+    /// `answers` is false: for a call that may not have reached it (a sink
+    /// that holds records back reaches its target only in the retries of its
+    /// own listings and uploads).
+    async fn retry<T, F, Fut>(&self, what: &str, mut op: F, answers: bool) -> Result<T, SinkError>
     where
         F: FnMut() -> Fut,
         Fut: Future<Output = Result<T, Failure>>,
@@ -307,7 +320,9 @@ impl Out<'_> {
         loop {
             match op().await {
                 Ok(v) => {
-                    self.ready.store(true, Ordering::Relaxed);
+                    if answers {
+                        self.ready.store(true, Ordering::Relaxed);
+                    }
                     return Ok(v);
                 }
                 Err(Failure::Again(why)) => {
@@ -448,7 +463,7 @@ where
             b = batches.recv() => match b { Some(b) => b, None => break },
             _ = flush.tick(), if S::HOLDS_BACK && !stopping => {
                 let started = Instant::now();
-                let flushed = watching(out.retrying("flush", || sink.flush(false, &out)), &mut shutdown, &stop, name);
+                let flushed = watching(out.retry("flush", || sink.flush(false, &out), false), &mut shutdown, &stop, name);
                 match flushed.await {
                     Ok(w) => hand_back(&metrics, &[], &w, started, &commits_tx),
                     Err(e) => {
@@ -477,7 +492,7 @@ where
         // The shutdown is watched while the batch is written, so that retries
         // know the sink is stopping.
         let written = watching(
-            out.retrying("write", || sink.write(&batch, &out)),
+            out.retry("write", || sink.write(&batch, &out), !S::HOLDS_BACK),
             &mut shutdown,
             &stop,
             name,
@@ -493,8 +508,11 @@ where
     }
     // What the sink holds back is written before the last commits.
     if result.is_ok() && S::HOLDS_BACK {
+        // Stopping: an outage is retried for the grace period, then given up
+        // (the records are read again at the next start).
+        stop.store(true, Ordering::Relaxed);
         let started = Instant::now();
-        match out.retrying("flush", || sink.flush(true, &out)).await {
+        match out.retry("flush", || sink.flush(true, &out), false).await {
             Ok(w) => hand_back(&metrics, &[], &w, started, &commits_tx),
             Err(e) => result = Err(e),
         }
