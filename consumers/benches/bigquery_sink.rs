@@ -20,16 +20,7 @@ use tickpipe_testkit::{real, stack};
 
 mod common;
 
-/// CPU seconds (user + system) of a process, from `/proc/<pid>/stat`.
-fn cpu_seconds(pid: &str) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the parenthesised command name; utime and stime are 14 and 15.
-    let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-    let fields: Vec<&str> = after.split_whitespace().collect();
-    let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    // `getconf CLK_TCK` is 100 on Linux.
-    (ticks(11) + ticks(12)) / 100.0
-}
+use common::cpu_seconds;
 
 fn emulator_pid() -> Option<String> {
     let state = std::env::var("TICKPIPE_STATE")

@@ -22,15 +22,6 @@ use tickpipe_testkit::{real, stack};
 
 mod common;
 
-/// CPU seconds (user + system) of this process, from `/proc/self/stat`.
-fn cpu_seconds() -> f64 {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-    let fields: Vec<&str> = after.split_whitespace().collect();
-    let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    (ticks(11) + ticks(12)) / 100.0
-}
-
 /// Bytes and number of the Parquet files under `dir`.
 fn parquet_bytes(dir: &Path) -> (u64, usize) {
     let mut stack = vec![dir.to_owned()];
@@ -80,7 +71,7 @@ async fn main() {
         },
         Target::Local(dir.clone()),
     );
-    let cpu_before = cpu_seconds();
+    let cpu_before = common::cpu_seconds("self");
     let started = Instant::now();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let sink = tokio::spawn(run(config, async {
@@ -101,7 +92,7 @@ async fn main() {
     let _ = stop.send(());
     sink.await.expect("sink task").expect("sink");
     let secs = started.elapsed().as_secs_f64();
-    let cpu = cpu_seconds() - cpu_before;
+    let cpu = common::cpu_seconds("self") - cpu_before;
     let (bytes, files) = parquet_bytes(&dir);
     let _ = std::fs::remove_dir_all(&dir);
 

@@ -336,6 +336,43 @@ async fn download(store: &dyn ObjectStore, dir: &Path) -> usize {
     objects.len()
 }
 
+/// The variables that point the sink at the stack's S3 server (moto takes any
+/// key and secret).
+fn moto_env(s3: &str) -> [(&'static str, &str); 5] {
+    [
+        ("AWS_ENDPOINT", s3),
+        ("AWS_ALLOW_HTTP", "true"),
+        ("AWS_ACCESS_KEY_ID", "tickpipe"),
+        ("AWS_SECRET_ACCESS_KEY", "tickpipe"),
+        ("AWS_REGION", "us-east-1"),
+    ]
+}
+
+/// The lake the sink writes to `s3://<bucket>/lake` on the stack's S3 server,
+/// read with the same credentials as [`moto_env`].
+fn moto_lake(s3: &str, bucket: &str) -> object_store::prefix::PrefixStore<object_store::aws::AmazonS3> {
+    let store = AmazonS3Builder::new()
+        .with_endpoint(s3)
+        .with_allow_http(true)
+        .with_bucket_name(bucket)
+        .with_access_key_id("tickpipe")
+        .with_secret_access_key("tickpipe")
+        .with_region("us-east-1")
+        .build()
+        .expect("s3 client");
+    object_store::prefix::PrefixStore::new(store, "lake")
+}
+
+/// Creates `bucket` on the stack's S3 server.
+async fn create_bucket(s3: &str, bucket: &str) {
+    let made = reqwest::Client::new()
+        .put(format!("{s3}/{bucket}"))
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("the S3 server at {s3} (make stack-up): {e}"));
+    assert!(made.status().is_success(), "create bucket: {}", made.status());
+}
+
 /// The sink process, killed if the test fails before it stops it.
 struct LakeSink(Child);
 
@@ -399,35 +436,13 @@ async fn a_recording_lands_in_s3() {
     };
     let prefix = setup("lakecloud").await;
     publish(&Topic::Trades.name(&prefix), &encoded(&trades)).await;
-    let http = reqwest::Client::new();
     let bucket = stack::unique_name("lake").replace('_', "-");
 
-    // S3: the moto server takes any credentials; the bucket is made first.
+    // The bucket is made first.
     let s3 = stack::s3_endpoint();
-    let made = http
-        .put(format!("{s3}/{bucket}"))
-        .send()
-        .await
-        .unwrap_or_else(|e| panic!("the S3 server at {s3} (make stack-up): {e}"));
-    assert!(made.status().is_success(), "create bucket: {}", made.status());
-    let aws = [
-        ("AWS_ENDPOINT", s3.as_str()),
-        ("AWS_ALLOW_HTTP", "true"),
-        ("AWS_ACCESS_KEY_ID", "tickpipe"),
-        ("AWS_SECRET_ACCESS_KEY", "tickpipe"),
-        ("AWS_REGION", "us-east-1"),
-    ];
-    let sink = lake_sink(&prefix, &format!("s3://{bucket}/lake"), &aws);
-    let store = AmazonS3Builder::new()
-        .with_endpoint(&s3)
-        .with_allow_http(true)
-        .with_bucket_name(&bucket)
-        .with_access_key_id("tickpipe")
-        .with_secret_access_key("tickpipe")
-        .with_region("us-east-1")
-        .build()
-        .expect("s3 client");
-    let store = object_store::prefix::PrefixStore::new(store, "lake");
+    create_bucket(&s3, &bucket).await;
+    let sink = lake_sink(&prefix, &format!("s3://{bucket}/lake"), &moto_env(&s3));
+    let store = moto_lake(&s3, &bucket);
     wait_for_filed(&store, trades.len(), 300).await;
     terminate(sink);
     let dir = tempdir("lake-s3");
@@ -705,15 +720,11 @@ async fn a_store_that_refuses_shows_on_readyz_and_the_files_come_once_it_answers
     let bucket = stack::unique_name("later").replace('_', "-");
     let metrics = stack::free_loopback_addr();
     let addr = metrics.to_string();
-    let env = [
-        ("AWS_ENDPOINT", s3.as_str()),
-        ("AWS_ALLOW_HTTP", "true"),
-        ("AWS_ACCESS_KEY_ID", "tickpipe"),
-        ("AWS_SECRET_ACCESS_KEY", "tickpipe"),
-        ("AWS_REGION", "us-east-1"),
+    let mut env = moto_env(&s3).to_vec();
+    env.extend([
         ("TICKPIPE_LAKE_SINK_METRICS_ADDR", addr.as_str()),
         ("TICKPIPE_LAKE_SINK_MAX_BACKOFF_MS", "300"),
-    ];
+    ]);
     let sink = lake_sink(&prefix, &format!("s3://{bucket}/lake"), &env);
     // The refusals are counted as upload retries, and meanwhile the sink is
     // not ready.
@@ -736,23 +747,9 @@ async fn a_store_that_refuses_shows_on_readyz_and_the_files_come_once_it_answers
     }
     assert_eq!(readyz(metrics).await, 503, "/readyz while the store refuses");
 
-    let made = reqwest::Client::new()
-        .put(format!("{s3}/{bucket}"))
-        .send()
-        .await
-        .expect("the S3 server");
-    assert!(made.status().is_success(), "create bucket: {}", made.status());
+    create_bucket(&s3, &bucket).await;
     wait_for_readyz(metrics, 200, 60).await;
-    let store = AmazonS3Builder::new()
-        .with_endpoint(&s3)
-        .with_allow_http(true)
-        .with_bucket_name(&bucket)
-        .with_access_key_id("tickpipe")
-        .with_secret_access_key("tickpipe")
-        .with_region("us-east-1")
-        .build()
-        .expect("s3 client");
-    let store = object_store::prefix::PrefixStore::new(store, "lake");
+    let store = moto_lake(&s3, &bucket);
     wait_for_filed(&store, trades.len(), 120).await;
     terminate(sink);
     let dir = tempdir("lake-outage");

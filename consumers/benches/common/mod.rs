@@ -1,5 +1,5 @@
-//! What the sink benchmarks share: the topic preload and a timed
-//! postgres-sink run on the exactly-once path.
+//! What the sink benchmarks share: the topic preload, a timed postgres-sink
+//! run on the exactly-once path, and a process's CPU time.
 
 use std::time::{Duration, Instant};
 
@@ -11,6 +11,19 @@ use tickpipe_kafka::send_all;
 use tickpipe_schemas::{Codec, Record, Topic, Trade, WriteFraming};
 use tickpipe_testkit::stack;
 use tokio_postgres::NoTls;
+
+/// CPU seconds (user + system) of a process, from `/proc/<pid>/stat`
+/// (`"self"` for this one).
+#[allow(dead_code)] // not every bench that shares this module measures CPU
+pub fn cpu_seconds(pid: &str) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the parenthesised command name; utime and stime are 14 and 15.
+    let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // `getconf CLK_TCK` is 100 on Linux.
+    (ticks(11) + ticks(12)) / 100.0
+}
 
 /// Publishes the trades to `topic`, every one acknowledged, in chunks.
 pub async fn preload(brokers: &str, topic: &str, trades: &[Trade]) {

@@ -27,7 +27,6 @@ use super::COMPONENT;
 use crate::decode::{Item, Reject};
 pub use crate::sink::SinkError;
 use crate::sink::{fatal, target, Failure, Opening, Out, Resume, Sink, SinkDefaults, SinkSettings, Written};
-use tickpipe_schemas::AnyRecord;
 
 /// The `bigquery-sink` binary's defaults.
 pub const DEFAULTS: SinkDefaults = SinkDefaults {
@@ -219,24 +218,7 @@ impl Sink for BigQuerySink {
             next: Written::next_offsets(batch),
             ..Written::default()
         };
-        let mut letters = Vec::with_capacity(rejects.len());
-        for (i, reject) in &rejects {
-            let item = &batch[*i];
-            written.rejected.push((item.topic.clone(), reject.stage.as_str()));
-            if matches!(&item.body, Ok(AnyRecord::DeadLetter(d)) if d.component == COMPONENT) {
-                tracing::error!(
-                    topic = item.topic,
-                    partition = item.partition,
-                    offset = item.offset,
-                    "bigquery-sink: BigQuery refused one of this sink's own dead letters; it stays in Kafka only: {}",
-                    reject.error
-                );
-                continue;
-            }
-            letters.push(out.letters.letter(item, reject, now));
-        }
-        out.retrying("dead letters", || async { Ok(out.letters.publish(&letters).await?) })
-            .await?;
+        out.reject(batch, &rejects, &mut written, now).await?;
 
         let rejected: HashSet<usize> = rejects.iter().map(|(i, _)| *i).collect();
         for (i, item) in batch.iter().enumerate() {

@@ -17,7 +17,6 @@
 
 use std::fmt::Write as _;
 
-use tickpipe_schemas::field::Value;
 use tickpipe_schemas::{AnyRecord, Topic};
 
 /// The layer of the raw files: every record as consumed.
@@ -34,21 +33,18 @@ pub fn folder(layer: &str, topic: Topic, record: &AnyRecord) -> Result<String, S
         .date_naive();
     let venue = venue(record);
     let mut out = format!("{layer}/{}/venue=", topic.base_name());
-    escape(&venue, &mut out);
+    escape(venue, &mut out);
     let _ = write!(out, "/date={}", day.format("%Y-%m-%d"));
     Ok(out)
 }
 
 /// The record's venue field, or its source where the entity has none.
-pub fn venue(record: &AnyRecord) -> String {
-    record
-        .values()
-        .into_iter()
-        .find_map(|(name, v)| match (name, v) {
-            ("venue", Value::String(s)) => Some(s.to_owned()),
-            _ => None,
-        })
-        .unwrap_or_else(|| record.source().as_str().to_owned())
+pub fn venue(record: &AnyRecord) -> &str {
+    match record {
+        AnyRecord::Trade(t) => &t.venue,
+        AnyRecord::Candle(c) => &c.venue,
+        other => other.source().as_str(),
+    }
 }
 
 /// A partition value as Hive escapes it: bytes other than letters, digits,

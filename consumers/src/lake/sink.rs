@@ -27,7 +27,7 @@
 //! write a file over the same offsets. The `kafka_*` columns identify a row,
 //! so readers that must be exact can keep one row per coordinate.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeSet, HashMap};
 use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -39,7 +39,7 @@ use object_store::{ObjectStore, PutMode, PutOptions, PutPayload};
 use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 use tickpipe_ops::metrics::register;
 use tickpipe_ops::now_micros;
-use tickpipe_schemas::{AnyRecord, Topic};
+use tickpipe_schemas::Topic;
 use tokio::sync::Mutex;
 
 use super::columns::{self, Row};
@@ -333,13 +333,13 @@ impl LakeSink {
         Ok(())
     }
 
-    /// Writes the buffers that `roll` picks, then the commit positions of
+    /// Writes the buffers that `pick` picks, then the commit positions of
     /// their partitions (and of `touched`).
     async fn roll_over(
         &self,
         state: &mut State,
         pick: impl Fn(&State) -> Vec<(Stream, Roll)>,
-        mut touched: BTreeMap<(String, i32), ()>,
+        mut touched: BTreeSet<(String, i32)>,
         out: &Out<'_>,
         written: &mut Written,
     ) -> Result<(), SinkError> {
@@ -350,12 +350,12 @@ impl LakeSink {
             }
             for (stream, roll) in picked {
                 if let Some(buffer) = state.open.remove(&stream) {
-                    touched.insert((stream.topic.clone(), stream.partition), ());
+                    touched.insert((stream.topic.clone(), stream.partition));
                     self.write_file(state, stream, buffer, roll, out, written).await?;
                 }
             }
         }
-        for (topic, partition) in touched.into_keys() {
+        for (topic, partition) in touched {
             if let Some(next) = state.next(&topic, partition) {
                 written.next.insert((topic, partition), next);
             }
@@ -416,7 +416,7 @@ impl Sink for LakeSink {
         let mut state = self.state.lock().await;
         let mut written = Written::default();
         let mut rejects: Vec<(usize, Reject)> = Vec::new();
-        let mut touched = BTreeMap::new();
+        let mut touched = BTreeSet::new();
         for (i, item) in batch.iter().enumerate() {
             let tp = (item.topic.clone(), item.partition);
             if state.seen.get(&tp).is_some_and(|seen| item.offset <= *seen) {
@@ -429,7 +429,7 @@ impl Sink for LakeSink {
                 state.forget(&item.topic, item.partition);
             }
             state.seen.insert(tp.clone(), item.offset);
-            touched.insert(tp, ());
+            touched.insert(tp);
             let record = match &item.body {
                 Ok(record) => record,
                 Err(reject) => {
@@ -483,26 +483,7 @@ impl Sink for LakeSink {
         self.roll_over(&mut state, |s| self.too_big(s), touched, out, &mut written)
             .await?;
 
-        // Rejects go to the dead letters, except a letter of this sink's own
-        // that cannot be written (publishing it again would loop).
-        let mut letters = Vec::with_capacity(rejects.len());
-        for (i, reject) in &rejects {
-            let item = &batch[*i];
-            written.rejected.push((item.topic.clone(), reject.stage.as_str()));
-            if matches!(&item.body, Ok(AnyRecord::DeadLetter(d)) if d.component == COMPONENT) {
-                tracing::error!(
-                    topic = item.topic,
-                    partition = item.partition,
-                    offset = item.offset,
-                    "lake-sink: one of this sink's own dead letters cannot be written; it stays in Kafka only: {}",
-                    reject.error
-                );
-                continue;
-            }
-            letters.push(out.letters.letter(item, reject, now));
-        }
-        out.retrying("dead letters", || async { Ok(out.letters.publish(&letters).await?) })
-            .await?;
+        out.reject(batch, &rejects, &mut written, now).await?;
         Ok(written)
     }
 
@@ -517,7 +498,7 @@ impl Sink for LakeSink {
                 .map(|(s, _)| (s.clone(), if all { Roll::Stop } else { Roll::Age }))
                 .collect()
         };
-        self.roll_over(&mut state, pick, BTreeMap::new(), out, &mut written)
+        self.roll_over(&mut state, pick, BTreeSet::new(), out, &mut written)
             .await?;
         Ok(written)
     }

@@ -35,7 +35,7 @@ use rdkafka::producer::FutureProducer;
 use rdkafka::{Offset, TopicPartitionList};
 use tickpipe_kafka::{ensure_topic_names, future_producer, letter_records, send_letters, TopicError};
 use tickpipe_schemas::registry::RegistryConfig;
-use tickpipe_schemas::{Codec, DeadLetter, EncodeError, Micros, Topic, WriteFraming};
+use tickpipe_schemas::{AnyRecord, Codec, DeadLetter, EncodeError, Micros, Topic, WriteFraming};
 use tokio::sync::mpsc;
 
 pub use consumer::{ConsumeError, Positions, ReadPositions, Resume};
@@ -344,6 +344,40 @@ impl Out<'_> {
                 Err(Failure::Fatal(e)) => return Err(e),
             }
         }
+    }
+}
+
+impl Out<'_> {
+    /// Publishes the dead letters of a batch's rejects (`(index in the batch,
+    /// why)`, each counted in `written.rejected`) and waits until Kafka has
+    /// them. A reject that is one of this sink's own letters is logged and
+    /// stays in Kafka only: publishing it again would loop.
+    pub async fn reject(
+        &self,
+        batch: &[Item],
+        rejects: &[(usize, Reject)],
+        written: &mut Written,
+        now: Micros,
+    ) -> Result<(), SinkError> {
+        let name = self.name;
+        let mut letters = Vec::with_capacity(rejects.len());
+        for (i, reject) in rejects {
+            let item = &batch[*i];
+            written.rejected.push((item.topic.clone(), reject.stage.as_str()));
+            if matches!(&item.body, Ok(AnyRecord::DeadLetter(d)) if d.component == name) {
+                tracing::error!(
+                    topic = item.topic,
+                    partition = item.partition,
+                    offset = item.offset,
+                    "{name}: one of this sink's own dead letters cannot be written; it stays in Kafka only: {}",
+                    reject.error
+                );
+                continue;
+            }
+            letters.push(self.letters.letter(item, reject, now));
+        }
+        self.retrying("dead letters", || async { Ok(self.letters.publish(&letters).await?) })
+            .await
     }
 }
 
