@@ -14,7 +14,7 @@ help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
 
 .PHONY: stack-up stack-down stack-status kafka
-stack-up: ## install (cached) and start Kafka, Schema Registry, PostgreSQL and BigQuery emulator
+stack-up: ## install (cached) and start Kafka, Schema Registry, PostgreSQL, BigQuery emulator and S3 (moto)
 	$(STACK) up
 stack-down: ## stop what stack-up started
 	$(STACK) down
